@@ -1,0 +1,91 @@
+"""The embedded default model, so that every command works offline out of the box.
+
+Until looplm ships a trained tiny model, the default is a tiny RANDOM-weight Ouro-layout
+checkpoint with a byte-level tokenizer. It is written on first use to
+`$LOOPLM_HOME/default-random` (default `~/.cache/looplm`) and loaded through the same
+code path as any HF-layout directory. Its output is noise by design.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from looplm.config import OuroConfig
+from looplm.models.ouro import OuroForCausalLM
+
+DEFAULT_NAME = "default-random-v1"
+DEFAULT_CONFIG = {
+    "architectures": ["OuroForCausalLM"],
+    "model_type": "ouro",
+    "vocab_size": 259,  # the byte-level tokenizer: 3 special ids + 256 bytes
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "total_ut_steps": 4,
+    "early_exit_threshold": 1.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+
+
+def looplm_home() -> Path:
+    return Path(os.environ.get("LOOPLM_HOME", Path.home() / ".cache" / "looplm"))
+
+
+def default_model_dir() -> Path:
+    """Path of the default model, creating it on first use (atomically: no half-written dirs)."""
+    target = looplm_home() / DEFAULT_NAME
+    if (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".default-", dir=target.parent))
+    try:
+        write_random_checkpoint(staging, DEFAULT_CONFIG, seed=0)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_random_checkpoint(path: Path, config: dict, seed: int = 0, with_tokenizer: bool = True) -> None:
+    """Write an HF-layout Ouro checkpoint with random bf16 weights (also used by tests and benches)."""
+    from looplm.tokenizer import byte_level_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = OuroForCausalLM(OuroConfig.from_dict(config))
+    std = 0.02
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std)
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [config.get("eos_token_id", 2)], "pad_token_id": config.get("pad_token_id")})
+    )
+    if with_tokenizer:
+        byte_level_tokenizer().save(path)

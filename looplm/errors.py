@@ -1,0 +1,29 @@
+"""Typed errors raised by the library.
+
+The CLI turns any ``LooplmError`` into one line on stderr and a non-zero exit; the server
+turns it into an HTTP 4xx. Messages name the bad input and, where there is one, the fix.
+"""
+
+
+class LooplmError(Exception):
+    """Base class for every error looplm raises on purpose."""
+
+
+class ConfigError(LooplmError):
+    """config.json (or generation_config.json) is missing, malformed or unsupported."""
+
+
+class CheckpointError(LooplmError):
+    """Weight files are missing, corrupt, truncated or do not match the config."""
+
+
+class TokenizerError(LooplmError):
+    """tokenizer.json / tokenizer_config.json are missing or unusable."""
+
+
+class HubError(LooplmError):
+    """A hub id could not be resolved (offline, not found, no access)."""
+
+
+class GenerationError(LooplmError):
+    """Bad generation arguments: prompt too long, bad sampling values, and so on."""

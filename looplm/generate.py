@@ -1,0 +1,242 @@
+"""Token-level generation: prefill, one-token decode steps, stopping, streaming.
+
+Works on token ids. The tokenizer is touched only to detect `stop` strings.
+
+Layers, bottom up:
+- `decode_tokens` yields the next token of every row, one step at a time, from either the
+  KV cache (prefill once, then one token per step) or full recomputation (`use_cache=False`,
+  what the community "fixed" checkpoint does). Both read the logits of the step that the exit
+  rule picks for the last position, like the reference.
+- `stream_generate` adds stopping (eos ids, stop strings, budget) and yields `StepEvent`s.
+- `generate` collects the new token ids of each row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from looplm.errors import GenerationError
+from looplm.models.ouro import OuroForCausalLM, positions_from_mask
+from looplm.sampling import SamplingParams, sample
+
+
+@dataclass
+class StepEvent:
+    """One decoding step: the token each still-running row produced."""
+
+    index: int  # 0-based position among the new tokens
+    tokens: dict[int, int]  # row -> token id, only rows that were running
+    exit_steps: dict[int, int]  # row -> 1-based UT step whose logits were used
+    finished: dict[int, str] = field(default_factory=dict)  # row -> "stop" | "length", rows that ended here
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def prepare_inputs(
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    attention_mask: torch.Tensor | None,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Accept one prompt, a list of prompts (left-padded here) or a `[B, S]` tensor."""
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+    else:
+        rows = [list(input_ids)] if input_ids and isinstance(input_ids[0], int) else [list(r) for r in input_ids]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise GenerationError("every prompt needs at least one token")
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        if attention_mask is None and any(len(r) < width for r in rows):
+            attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    if ids.numel() == 0 or ids.shape[1] == 0:
+        raise GenerationError("the prompt is empty: give at least one token")
+    if attention_mask is not None:
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+        if attention_mask.shape != ids.shape:
+            raise GenerationError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(ids.shape)}")
+        mask = attention_mask.long()
+        if bool((mask[:, -1] == 0).any()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise GenerationError("attention_mask must be left padding (zeros first, then ones) with a real last token")
+        if bool(mask.all()):
+            attention_mask = None
+    return ids.long(), attention_mask
+
+
+def decode_tokens(
+    model: OuroForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+    exit_threshold: float | None,
+    use_cache: bool,
+    steps: int,
+    stats: GenerationStats,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `(tokens [B], exit_steps [B])` for each new position; the caller feeds nothing back."""
+    device = model.device
+    ids = input_ids.to(device)
+    batch, prompt_len = ids.shape
+    mask = None if attention_mask is None else attention_mask.to(device)
+    positions = positions_from_mask(mask, ids.shape)
+    if positions is None:
+        positions = torch.arange(prompt_len, device=device).expand(batch, prompt_len)
+    cache = model.make_cache(batch, prompt_len + max_new_tokens, steps) if use_cache else None
+
+    start = time.perf_counter()
+    out = model.run_steps(ids, positions, mask, cache, steps)
+    logits, exit_steps = model.exit_logits(out, exit_threshold, position=ids.shape[1] - 1)
+    stats.prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for index in range(max_new_tokens):
+        token = sample(logits[:, -1], sampling, generator)
+        stats.new_tokens += 1
+        stats.decode_s = time.perf_counter() - start
+        yield token, exit_steps[:, -1]
+        if index == max_new_tokens - 1:
+            break
+        next_position = positions[:, -1:] + 1
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
+        if cache is not None:
+            out = model.run_steps(token.unsqueeze(1), next_position, mask, cache, steps)
+            positions = next_position
+            logits, exit_steps = model.exit_logits(out, exit_threshold, position=0)
+        else:  # recompute the whole sequence every token
+            ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
+            positions = torch.cat([positions, next_position], dim=1)
+            out = model.run_steps(ids, positions, mask, None, steps)
+            logits, exit_steps = model.exit_logits(out, exit_threshold, position=ids.shape[1] - 1)
+    stats.decode_s = time.perf_counter() - start
+
+
+def stream_generate(
+    model: OuroForCausalLM,
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    exit_threshold: float | None = None,
+    use_cache: bool = True,
+    stop: str | Sequence[str] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    steps: int | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[StepEvent]:
+    """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
+        raise GenerationError(f"exit_threshold must be in (0, 1], got {exit_threshold!r}")
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    steps = model._resolve_steps(steps)
+    defaults = model.generation_defaults
+    eos = set(defaults.get("eos_token_ids", model.config.eos_token_ids) if eos_token_ids is None else eos_token_ids)
+    pad_id = defaults.get("pad_token_id", model.config.pad_token_id) or 0
+    ids, mask = prepare_inputs(input_ids, attention_mask, pad_id)
+    _check_inputs(model, ids, max_new_tokens)
+    stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
+    if stop_strings and model.tokenizer is None:
+        raise GenerationError("stop strings need a tokenizer, and this model was loaded without one")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    elif not sampling.greedy:
+        generator = torch.Generator(device=model.device)
+        generator.seed()
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = int(ids.shape[1])
+
+    batch = ids.shape[0]
+    running = set(range(batch))
+    produced: list[list[int]] = [[] for _ in range(batch)]
+    with torch.inference_mode():
+        tokens_iter = decode_tokens(
+            model, ids, mask, max_new_tokens, sampling, generator, exit_threshold, use_cache, steps, stats
+        )
+        for index, (tokens, exit_steps) in enumerate(tokens_iter):
+            event = StepEvent(index=index, tokens={}, exit_steps={})
+            for row in sorted(running):
+                token = int(tokens[row])
+                produced[row].append(token)
+                event.tokens[row] = token
+                event.exit_steps[row] = int(exit_steps[row]) + 1
+                if token in eos or _hits_stop(model, produced[row], stop_strings):
+                    event.finished[row] = "stop"
+                elif index == max_new_tokens - 1:
+                    event.finished[row] = "length"
+            running -= set(event.finished)
+            yield event
+            if not running:
+                break
+
+
+def generate(
+    model: OuroForCausalLM,
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    exit_threshold: float | None = None,
+    use_cache: bool = True,
+    stop: str | Sequence[str] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    steps: int | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """The new token ids of each sequence, ending with the eos id or stop-string token that ended it.
+
+    `exit_threshold` picks which UT step's logits each token reads (None: the config's
+    `early_exit_threshold`, evaluated in the model dtype like the reference). `attention_mask`
+    marks left padding; lists of prompts of different lengths are left-padded automatically.
+    """
+    produced: dict[int, list[int]] = {}
+    for event in stream_generate(
+        model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
+        use_cache, stop, attention_mask, steps, eos_token_ids,
+    ):
+        for row, token in event.tokens.items():
+            produced.setdefault(row, []).append(token)
+    return [produced[row] for row in sorted(produced)]
+
+
+def _check_inputs(model: OuroForCausalLM, ids: torch.Tensor, max_new_tokens: int) -> None:
+    config = model.config
+    total = ids.shape[1] + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise GenerationError(
+            f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+            f"{config.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
+        )
+    if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size:
+        raise GenerationError(f"token ids must be in [0, {config.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+
+
+def _hits_stop(model: OuroForCausalLM, produced: list[int], stop_strings: list[str]) -> bool:
+    if not stop_strings:
+        return False
+    # Only the tail can contain a newly completed stop string; decode a bounded window.
+    longest = max(len(s) for s in stop_strings)
+    tail = model.tokenizer.decode(produced[-(longest + 8) :], skip_special_tokens=False)
+    return any(s in tail for s in stop_strings)

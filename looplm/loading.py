@@ -1,0 +1,215 @@
+"""`looplm.load`: an HF-layout directory, a hub id or a .gguf file -> a ready model.
+
+Directory layout: config.json, model.safetensors or sharded model-*.safetensors with
+model.safetensors.index.json, and optionally generation_config.json, tokenizer.json,
+tokenizer_config.json. Only safetensors and GGUF are read: never pickle, never remote code.
+The model is built on the meta device and each weight is read straight into its final
+dtype and place, so peak memory stays close to the weights' size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from looplm.config import OuroConfig, read_json
+from looplm.errors import CheckpointError, ConfigError, HubError
+from looplm.models.ouro import OuroForCausalLM
+from looplm.safetensors_io import TensorEntry, index_file, read_into
+
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffer some exports include
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+
+
+def load(
+    path_or_id: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device = "cpu",
+    steps: int | None = None,
+) -> OuroForCausalLM:
+    """Load a model for inference. `None` loads the embedded default model.
+
+    `steps` overrides the config's `total_ut_steps` (1 to 8).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
+    if path_or_id is None:
+        from looplm.default_model import default_model_dir
+
+        path = default_model_dir()
+    else:
+        path = resolve_path(str(path_or_id))
+    if path.is_file() and path.suffix == ".gguf":
+        model = _load_gguf(path, torch_dtype, device)
+    else:
+        model = _load_directory(path, torch_dtype, device)
+    if steps is not None:
+        model.config = model.config.with_steps(steps)
+    model.source = str(path_or_id) if path_or_id is not None else "default"
+    return model.eval()
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES.values():
+            raise ConfigError(f"dtype {dtype} is not supported (choose bfloat16, float16 or float32)")
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"dtype '{dtype}' is not supported (choose {', '.join(DTYPE_NAMES)})")
+    return DTYPE_NAMES[dtype]
+
+
+def resolve_path(path_or_id: str) -> Path:
+    """A local path if it exists; otherwise an `owner/name` hub id fetched by huggingface_hub."""
+    local = Path(path_or_id).expanduser()
+    if local.exists():
+        return local
+    looks_like_hub_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise CheckpointError(f"{path_or_id}: no such file or directory")
+    return _download_from_hub(path_or_id)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise HubError(f"{repo_id}: huggingface_hub is not installed; download the model and pass its directory") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))
+    except Exception as exc:  # the hub raises many types; all mean "could not get it"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HubError(
+            f"{repo_id}: could not download from the Hugging Face hub ({reason[:160]}); "
+            "if you are offline, download the model elsewhere and pass its local directory with -m PATH"
+        ) from None
+
+
+def _load_directory(path: Path, dtype: torch.dtype, device: torch.device) -> OuroForCausalLM:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
+    config = OuroConfig.from_file(path / "config.json")
+    entries = _index_weights(path)
+    model = _empty_model(config, dtype, device)
+    _fill_weights(model, entries, path)
+    model.tokenizer = _load_tokenizer(path)
+    model.generation_defaults = _generation_defaults(path, config, model.tokenizer)
+    return model
+
+
+def _index_weights(path: Path) -> dict[str, TensorEntry]:
+    index_json = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index_json.exists():
+        weight_map = read_json(index_json).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_json}: missing 'weight_map'")
+        files = sorted(set(weight_map.values()))
+    elif single.exists():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{path}: only pickle weights found ({', '.join(pickles[:3])}); looplm loads safetensors or GGUF "
+                "only, never pickle: convert the checkpoint to safetensors first"
+            )
+        raise CheckpointError(f"{path}: no model.safetensors (or sharded *.safetensors with an index) found")
+    entries: dict[str, TensorEntry] = {}
+    for name in files:
+        for tensor_name, entry in index_file(path / name).items():
+            if tensor_name in entries:
+                raise CheckpointError(f"{path / name}: tensor '{tensor_name}' is also in {entries[tensor_name].path.name}")
+            entries[tensor_name] = entry
+    return entries
+
+
+def _empty_model(config: OuroConfig, dtype: torch.dtype, device: torch.device) -> OuroForCausalLM:
+    with torch.device("meta"):
+        model = OuroForCausalLM(config)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _fill_weights(model: OuroForCausalLM, entries: dict[str, TensorEntry], path: Path) -> None:
+    expected = dict(model.named_parameters())  # tied lm_head is listed once, as the embedding
+    entries = {k: v for k, v in entries.items() if not k.endswith(IGNORED_TENSOR_SUFFIXES)}
+    if model.config.tie_word_embeddings:
+        entries.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(entries))
+    extra = sorted(set(entries) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the weights, e.g. '{missing[0]}'")
+    if extra:
+        raise CheckpointError(
+            f"{entries[extra[0]].path}: {len(extra)} unexpected tensor(s) for this config, e.g. '{extra[0]}'"
+        )
+    with torch.no_grad():
+        for name, param in expected.items():
+            read_into(entries[name], param.data)
+
+
+def _load_tokenizer(path: Path):  # noqa: ANN202 - Tokenizer | None, imported lazily
+    if not (path / "tokenizer.json").exists():
+        return None
+    from looplm.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)
+
+
+def _generation_defaults(path: Path, config: OuroConfig, tokenizer) -> dict:  # noqa: ANN001
+    """Stop ids and sampling defaults from generation_config.json, config.json and the tokenizer.
+
+    Ouro revisions disagree on eos (0 or 2), so every eos id any file lists is a stop id.
+    """
+    gen_file = path / "generation_config.json"
+    raw = read_json(gen_file) if gen_file.exists() else {}
+    eos = set(config.eos_token_ids)
+    gen_eos = raw.get("eos_token_id")
+    if gen_eos is not None:
+        eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+    if tokenizer is not None and tokenizer.eos_id is not None:
+        eos.add(tokenizer.eos_id)
+    defaults: dict = {"eos_token_ids": sorted(eos)}
+    pad = raw.get("pad_token_id", config.pad_token_id)
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_id
+    defaults["pad_token_id"] = pad if pad is not None else (min(eos) if eos else 0)
+    for key in ("temperature", "top_p", "top_k", "max_new_tokens"):
+        if key in raw:
+            defaults[key] = raw[key]
+    return defaults
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> OuroForCausalLM:
+    from looplm.gguf_loader import read_gguf
+
+    checkpoint = read_gguf(path, dtype)
+    config = OuroConfig.from_dict(checkpoint.config, source=str(path))
+    with torch.device("meta"):
+        model = OuroForCausalLM(config)
+    state = {k: v for k, v in checkpoint.state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the metadata ({str(exc).splitlines()[0]})") from None
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model = model.to(device=device, dtype=dtype)
+    model.tokenizer = checkpoint.tokenizer
+    eos = set(config.eos_token_ids)
+    if model.tokenizer is not None and model.tokenizer.eos_id is not None:
+        eos.add(model.tokenizer.eos_id)
+    pad = config.pad_token_id if config.pad_token_id is not None else min(eos, default=0)
+    model.generation_defaults = {"eos_token_ids": sorted(eos), "pad_token_id": pad}
+    return model

@@ -1,0 +1,319 @@
+"""The Ouro looped transformer (and plain Llama, as the one-loop special case).
+
+Ouro is a Qwen2-style decoder whose whole layer stack runs `total_ut_steps` (T) times per
+token with shared weights. After every pass the final norm is applied; that normed state
+feeds the next pass, gives the step's logits through `lm_head`, and is read by the scalar
+exit gate. Layers use sandwich norms (a norm before and after attention and MLP).
+
+Numerics mirror the reference op for op (RMSNorm reduces in fp32 and casts back before the
+weight multiply; RoPE angles in fp32, cos/sin cast to the activation dtype; SDPA attention;
+exit pdf in the gate's dtype), so fp32 and bf16 outputs match it.
+
+A Llama checkpoint (e.g. from GGUF) runs through the same code with T = 1, no `_2` norms
+and no gate.
+
+This file knows nothing about sampling, tokenizers or files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looplm.cache import KVCache
+from looplm.config import OuroConfig
+from looplm.exit import exit_distribution, gather_steps, select_exit_steps
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = x.to(torch.float32)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Cast before the weight product, as the reference does (bit parity in bf16).
+        return self.weight * y.to(dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[B, S, D]` for int positions `[B, S]`: angles in fp32, then cast."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    angles = positions.float().unsqueeze(-1) * inv_freq  # (B, S, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, S, D): rotate-half layout
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[B, H, S, D]`, cos/sin `[B, S, D]`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class AttentionBias:
+    """What SDPA needs: an explicit boolean mask `[B, 1, S_q, S_kv]` (True = attend) or none."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
+
+    @classmethod
+    def build(cls, key_valid: torch.Tensor | None, query_len: int, past_len: int) -> AttentionBias:
+        """`key_valid` `[B, past + S_q]` marks real (non-pad) tokens; None means no padding."""
+        no_padding = key_valid is None or bool(key_valid.all())
+        if no_padding and past_len == 0:
+            return cls(None, is_causal=query_len > 1)
+        if no_padding and query_len == 1:
+            return cls(None, is_causal=False)
+        total = past_len + query_len
+        device = key_valid.device if key_valid is not None else None
+        query_pos = torch.arange(past_len, total, device=device).unsqueeze(1)
+        key_pos = torch.arange(total, device=device).unsqueeze(0)
+        allowed = (key_pos <= query_pos).unsqueeze(0)  # (1, S_q, S_kv)
+        if key_valid is not None:
+            allowed = allowed & key_valid.bool().unsqueeze(1)
+        # A pad query would see no key at all (NaN softmax); let it see itself. Its output is unused.
+        allowed = allowed | (key_pos == query_pos).unsqueeze(0)
+        return cls(allowed.unsqueeze(1), is_causal=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: AttentionBias,
+        cache: KVCache | None,
+        slot: int,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(slot, cache.length, k, v)  # (B, Hkv, past + S, D)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.mask, is_causal=bias.is_causal)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Sandwich-norm layer. Naming trap kept from the checkpoint: `post_attention_layernorm`
+    is the pre-MLP norm, and the `_2` norms wrap the sublayer outputs before the residual add."""
+
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        if config.sandwich_norm:
+            self.input_layernorm_2 = RMSNorm(config.hidden_size, eps)
+            self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps)
+        else:
+            self.input_layernorm_2 = nn.Identity()
+            self.post_attention_layernorm_2 = nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: AttentionBias,
+        cache: KVCache | None,
+        slot: int,
+    ) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, slot)
+        x = x + self.input_layernorm_2(attn)
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + self.post_attention_layernorm_2(mlp)
+
+
+class OuroModel(nn.Module):
+    """Embedding, the shared layer stack, the final norm and the exit gate."""
+
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(config.hidden_size, 1) if config.has_exit_gate else None
+
+
+@dataclass
+class StepOutput:
+    """Per-step results of one forward pass over `steps` UT steps."""
+
+    hidden_states: torch.Tensor  # (T, B, S, hidden): normed state after each step
+    gate_lambda: torch.Tensor  # (T, B, S): sigmoid of the gate, in the model dtype
+    exit_probs: torch.Tensor  # (T, B, S): exit pdf, sums to 1 over T
+    logits: torch.Tensor | None = None  # (T, B, S, vocab) when requested
+
+
+class OuroForCausalLM(nn.Module):
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = OuroModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Filled in by `looplm.load`; the model itself never reads them.
+        self.tokenizer = None
+        self.generation_defaults: dict = {}
+        self.source: str = ""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def make_cache(self, batch_size: int, max_len: int, steps: int | None = None) -> KVCache:
+        steps = steps or self.config.total_ut_steps
+        return KVCache(
+            num_slots=steps * self.config.num_hidden_layers,
+            batch_size=batch_size,
+            num_kv_heads=self.config.num_key_value_heads,
+            max_len=max_len,
+            head_dim=self.config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def run_steps(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        steps: int | None = None,
+    ) -> StepOutput:
+        """Run the stack `steps` times over `input_ids` `[B, S]`.
+
+        `key_valid` `[B, past + S]` marks real tokens (None: no padding). With a cache, the new
+        tokens' K/V go to slot `step * L + layer` after the `cache.length` tokens already there.
+        """
+        steps = steps or self.config.total_ut_steps
+        num_layers = self.config.num_hidden_layers
+        past = cache.length if cache is not None else 0
+        bias = AttentionBias.build(key_valid, input_ids.shape[1], past)
+        h = self.model.embed_tokens(input_ids)  # (B, S, hidden)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        states, gates = [], []
+        for step in range(steps):
+            for index, layer in enumerate(self.model.layers):
+                h = layer(h, cos, sin, bias, cache, slot=step * num_layers + index)
+            h = self.model.norm(h)  # the normed state feeds the next step, the gate and lm_head
+            states.append(h)
+            if self.model.early_exit_gate is not None:
+                gates.append(torch.sigmoid(self.model.early_exit_gate(h).squeeze(-1)))
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        hidden = torch.stack(states)
+        if gates:
+            gate_lambda = torch.stack(gates)
+            exit_probs = exit_distribution(gate_lambda)
+        else:  # no gate (Llama): every token exits at the last step
+            gate_lambda = torch.ones(hidden.shape[:-1], dtype=hidden.dtype, device=hidden.device)
+            exit_probs = torch.zeros_like(gate_lambda)
+            exit_probs[-1] = 1.0
+        return StepOutput(hidden_states=hidden, gate_lambda=gate_lambda, exit_probs=exit_probs)
+
+    def forward_steps(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        steps: int | None = None,
+    ) -> StepOutput:
+        """All per-step logits `[T, B, S, vocab]` and the exit pdf `[T, B, S]`, without a cache."""
+        steps = self._resolve_steps(steps)
+        positions = positions_from_mask(attention_mask, input_ids.shape)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+        key_valid = None if attention_mask is None else attention_mask.bool()
+        out = self.run_steps(input_ids, positions, key_valid, steps=steps)
+        out.logits = self.lm_head(out.hidden_states)
+        return out
+
+    def exit_logits(
+        self,
+        out: StepOutput,
+        exit_threshold: float | None = None,
+        position: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the step each token exits at, and those steps.
+
+        `exit_threshold` None means the config's `early_exit_threshold` (1.0 in Ouro configs),
+        applied with the reference's running-sum rule in the model dtype. `position` restricts
+        the work to one sequence position (decoding needs only the last).
+        """
+        hidden, probs = out.hidden_states, out.exit_probs
+        if position is not None:
+            hidden, probs = hidden[:, :, position : position + 1], probs[:, :, position : position + 1]
+        threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+        exit_steps = select_exit_steps(probs, threshold, self.config.early_exit_step)
+        return self.lm_head(gather_steps(hidden, exit_steps)), exit_steps
+
+    def _resolve_steps(self, steps: int | None) -> int:
+        if steps is None:
+            return self.config.total_ut_steps
+        self.config.with_steps(steps)  # validates the range and warns outside 2-4
+        return steps
+
+    def generate(self, input_ids, max_new_tokens: int, **kwargs):  # noqa: ANN001, ANN201 - see looplm.generate
+        """Generate new tokens; see `looplm.generate.generate` for every argument."""
+        from looplm.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """Left padding: a row's first real token is at position 0 (cumsum(mask) - 1)."""
+    if attention_mask is None:
+        return None
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install looplm on a fresh machine: the pinned CPU torch first (an unpinned torch would pull a
+# multi-GB CUDA build), then the package with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -e '.[dev]'
