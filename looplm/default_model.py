@@ -72,17 +72,17 @@ def write_random_checkpoint(path: Path, config: dict, seed: int = 0, with_tokeni
     from looplm.tokenizer import byte_level_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = OuroForCausalLM(OuroConfig.from_dict(config))
-    std = 0.02
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, std)
-    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    with torch.device("meta"):  # names and shapes only; tensors are made one at a time in bf16
+        shapes = {name: p.shape for name, p in OuroForCausalLM(OuroConfig.from_dict(config)).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            state[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            state[name] = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=generator)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    del state
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(
         json.dumps({"eos_token_id": [config.get("eos_token_id", 2)], "pad_token_id": config.get("pad_token_id")})

@@ -198,11 +198,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> OuroForC
     config = OuroConfig.from_dict(checkpoint.config, source=str(path))
     with torch.device("meta"):
         model = OuroForCausalLM(config)
-    state = {k: v for k, v in checkpoint.state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    state = dict(checkpoint.state_dict)
+    if config.tie_word_embeddings:  # state_dict() of a tied model lists both names
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the metadata ({str(exc).splitlines()[0]})") from None
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:2]) or str(exc)
+        raise CheckpointError(f"{path}: weights do not match the metadata ({detail[:200]})") from None
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(device=device, dtype=dtype)

@@ -1,0 +1,77 @@
+"""Shared fixtures: the golden ouro-tiny fixture and small random checkpoints of any shape."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from looplm.default_model import write_random_checkpoint
+
+FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ouro-tiny"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the embedded default model (created on first use) out of the user's cache."""
+    home = tmp_path_factory.getbasetemp() / "looplm-home"
+    monkeypatch.setenv("LOOPLM_HOME", str(home))
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    if not (FIXTURE_DIR / "model.safetensors").exists():
+        pytest.skip(f"golden fixture not found at {FIXTURE_DIR}")
+    return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def expected(fixture_dir: Path) -> dict:
+    return load_file(str(fixture_dir / "expected.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def expected_meta(fixture_dir: Path) -> dict:
+    return json.loads((fixture_dir / "expected.json").read_text())
+
+
+def small_config(**overrides: object) -> dict:
+    """An Ouro config.json dict for a small random model; override any key."""
+    config = {
+        "architectures": ["OuroForCausalLM"],
+        "model_type": "ouro",
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "max_position_embeddings": 256,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "total_ut_steps": 4,
+        "early_exit_threshold": 1.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path):  # noqa: ANN201
+    """Factory: write a random checkpoint with the given config overrides, return its directory."""
+    counter = iter(range(1000))
+
+    def make(seed: int = 0, **overrides: object) -> Path:
+        path = tmp_path / f"ckpt{next(counter)}"
+        write_random_checkpoint(path, small_config(**overrides), seed=seed)
+        return path
+
+    return make

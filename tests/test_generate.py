@@ -1,0 +1,190 @@
+"""Generation invariants on random models of several shapes (GQA, other step counts, padding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import looplm
+from looplm.errors import ConfigError, GenerationError
+
+
+@pytest.fixture
+def gqa_model(make_checkpoint):  # noqa: ANN001, ANN201
+    path = make_checkpoint(seed=3, num_attention_heads=4, num_key_value_heads=2, total_ut_steps=3, rope_theta=5e5)
+    return looplm.load(path, dtype="float32")
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def test_cache_matches_no_cache(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [17])[0]
+    cached = gqa_model.generate(prompt, 20, use_cache=True, eos_token_ids=[])
+    recomputed = gqa_model.generate(prompt, 20, use_cache=False, eos_token_ids=[])
+    assert cached == recomputed
+    assert len(cached[0]) == 20
+
+
+def test_cache_matches_no_cache_with_threshold(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [9], seed=5)[0]
+    a = gqa_model.generate(prompt, 16, exit_threshold=0.4, eos_token_ids=[])
+    b = gqa_model.generate(prompt, 16, exit_threshold=0.4, use_cache=False, eos_token_ids=[])
+    assert a == b
+
+
+def test_batched_left_padding_equals_solo(gqa_model) -> None:  # noqa: ANN001
+    prompts = random_prompts(300, [5, 19, 11], seed=1)
+    batched = gqa_model.generate(prompts, 12, eos_token_ids=[])
+    solo = [gqa_model.generate(p, 12, eos_token_ids=[])[0] for p in prompts]
+    assert batched == solo
+
+
+def test_batched_no_cache_left_padding_equals_solo(gqa_model) -> None:  # noqa: ANN001
+    prompts = random_prompts(300, [4, 10], seed=2)
+    batched = gqa_model.generate(prompts, 6, use_cache=False, exit_threshold=0.5, eos_token_ids=[])
+    solo = [gqa_model.generate(p, 6, use_cache=False, exit_threshold=0.5, eos_token_ids=[])[0] for p in prompts]
+    assert batched == solo
+
+
+def test_left_padded_forward_matches_unpadded(gqa_model) -> None:  # noqa: ANN001
+    short, long = random_prompts(300, [6, 14], seed=4)
+    ids = torch.tensor([[0] * 8 + short, long])
+    mask = torch.tensor([[0] * 8 + [1] * 6, [1] * 14])
+    with torch.inference_mode():
+        padded = gqa_model.forward_steps(ids, attention_mask=mask)
+        alone = gqa_model.forward_steps(torch.tensor([short]))
+    assert torch.allclose(padded.logits[:, 0, 8:], alone.logits[:, 0], atol=1e-4)
+    assert torch.allclose(padded.exit_probs[:, 0, 8:], alone.exit_probs[:, 0], atol=1e-5)
+    assert torch.isfinite(padded.logits).all()
+
+
+def test_explicit_attention_mask_equals_auto_padding(gqa_model) -> None:  # noqa: ANN001
+    prompts = random_prompts(300, [3, 8], seed=6)
+    ids = torch.tensor([[0] * 5 + prompts[0], prompts[1]])
+    mask = torch.tensor([[0] * 5 + [1] * 3, [1] * 8])
+    assert gqa_model.generate(ids, 5, attention_mask=mask, eos_token_ids=[]) == gqa_model.generate(
+        prompts, 5, eos_token_ids=[]
+    )
+
+
+def test_one_step_is_stack_once_norm_lm_head(make_checkpoint) -> None:  # noqa: ANN001
+    model = looplm.load(make_checkpoint(seed=2), dtype="float32")
+    ids = torch.tensor(random_prompts(300, [10], seed=7))
+    with torch.inference_mode():
+        out = model.forward_steps(ids, steps=1)
+        four = model.forward_steps(ids, steps=4)
+    assert out.logits.shape[0] == 1
+    assert torch.allclose(out.exit_probs, torch.ones_like(out.exit_probs))
+    # the first of four steps is the same computation as a single step
+    assert torch.allclose(four.logits[0], out.logits[0], atol=1e-5)
+    assert not torch.allclose(four.logits[3], out.logits[0], atol=1e-2)
+
+
+def test_steps_change_kv_slots(make_checkpoint) -> None:  # noqa: ANN001
+    model = looplm.load(make_checkpoint(), dtype="float32", steps=3)
+    assert model.config.total_ut_steps == 3
+    assert model.make_cache(1, 8).num_slots == 3 * 2
+    with pytest.warns(UserWarning):
+        assert model.make_cache(1, 8, steps=6).num_slots == 12
+        model.forward_steps(torch.tensor([[5, 6]]), steps=6)
+    with pytest.raises(ConfigError):
+        model.forward_steps(torch.tensor([[5, 6]]), steps=9)
+
+
+def test_threshold_that_never_fires_equals_last_step(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [8], seed=8)[0]
+    default = gqa_model.generate(prompt, 10, eos_token_ids=[])
+    with torch.inference_mode():
+        out = gqa_model.forward_steps(torch.tensor([prompt]))
+        logits, steps = gqa_model.exit_logits(out, 1.0)
+    assert (steps == out.logits.shape[0] - 1).all()  # fp32: 1.0 is never reached early
+    assert torch.equal(logits, out.logits[-1])
+    # greedy default generation == argmax of last-step logits, recomputed by hand
+    ids = list(prompt)
+    for _ in range(10):
+        with torch.inference_mode():
+            ids.append(int(gqa_model.forward_steps(torch.tensor([ids])).logits[-1, 0, -1].argmax()))
+    assert default[0] == ids[len(prompt):]
+
+
+def test_saturated_gate_exits_early_in_bf16_at_threshold_one(make_checkpoint) -> None:  # noqa: ANN001
+    """Reference rule: the exit CDF is summed in the model dtype, so 1.0 can be reached before the
+    last step in bf16 when gates saturate, but not in fp32 (spec 5.3)."""
+    path = make_checkpoint(seed=4)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    weights["model.early_exit_gate.bias"] = torch.full((1,), 5.0, dtype=torch.bfloat16)  # lambda ~ 0.993
+    weights["model.early_exit_gate.weight"].zero_()
+    save_file(weights, str(path / "model.safetensors"))
+    ids = torch.tensor(random_prompts(300, [6], seed=9))
+    # bf16: lambda rounds to 0.9922, so the CDF after two steps is 0.99994, which rounds to 1.0.
+    # fp32: survival after three steps is 3e-7, so the sum stays below 1.0 until the last step.
+    for dtype, expected_step in (("bfloat16", 1), ("float32", 3)):
+        model = looplm.load(path, dtype=dtype)
+        with torch.inference_mode():
+            out = model.forward_steps(ids)
+            _, steps = model.exit_logits(out)
+        assert (steps == expected_step).all(), dtype
+
+
+def test_sampling_is_reproducible_with_seed(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [5])[0]
+    a = gqa_model.generate(prompt, 12, temperature=1.0, top_p=0.9, top_k=50, seed=123, eos_token_ids=[])
+    b = gqa_model.generate(prompt, 12, temperature=1.0, top_p=0.9, top_k=50, seed=123, eos_token_ids=[])
+    c = gqa_model.generate(prompt, 12, temperature=1.0, seed=7, eos_token_ids=[])
+    assert a == b
+    assert a != c
+
+
+def test_top_k_one_is_greedy(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [5])[0]
+    greedy = gqa_model.generate(prompt, 8, eos_token_ids=[])
+    assert gqa_model.generate(prompt, 8, temperature=0.7, top_k=1, seed=3, eos_token_ids=[]) == greedy
+
+
+def test_stops_on_every_eos_id(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [5])[0]
+    free = gqa_model.generate(prompt, 10, eos_token_ids=[])[0]
+    stop_at = free[3]
+    stopped = gqa_model.generate(prompt, 10, eos_token_ids=[9999, stop_at])[0]
+    assert stopped == free[: free.index(stop_at) + 1]
+
+
+def test_stop_string(make_checkpoint) -> None:  # noqa: ANN001
+    model = looplm.load(make_checkpoint(seed=1, vocab_size=259), dtype="float32")
+    prompt = model.tokenizer.encode("abc")
+    free = model.generate(prompt, 12, eos_token_ids=[])[0]
+    text = model.tokenizer.decode(free[:6])
+    needle = text[-2:] if len(text) >= 2 else text
+    stopped = model.generate(prompt, 12, stop=[needle], eos_token_ids=[])[0]
+    assert len(stopped) <= 6 and needle in model.tokenizer.decode(stopped, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_new_tokens": 0},
+        {"temperature": -1.0},
+        {"top_p": 0.0},
+        {"top_k": -2},
+        {"exit_threshold": 1.5},
+        {"max_new_tokens": 300},  # prompt + new tokens > max_position_embeddings (256)
+    ],
+)
+def test_bad_generation_arguments(gqa_model, kwargs) -> None:  # noqa: ANN001
+    args = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(GenerationError):
+        gqa_model.generate([5, 6, 7], **args)
+
+
+def test_bad_prompts(gqa_model) -> None:  # noqa: ANN001
+    with pytest.raises(GenerationError):
+        gqa_model.generate([], 4)
+    with pytest.raises(GenerationError):
+        gqa_model.generate([5, 100000], 4)
+    with pytest.raises(GenerationError):  # right padding is rejected, not silently mis-positioned
+        gqa_model.generate(torch.tensor([[5, 6, 0]]), 4, attention_mask=torch.tensor([[1, 1, 0]]))

@@ -1,0 +1,189 @@
+"""Loader: layouts, dtypes, and one-line errors for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import looplm
+from looplm.errors import CheckpointError, ConfigError, HubError, LooplmError
+
+
+@pytest.fixture
+def ckpt(make_checkpoint) -> Path:  # noqa: ANN001
+    return make_checkpoint(seed=0, num_key_value_heads=2)
+
+
+def assert_one_line(exc: BaseException, *needles: str) -> None:
+    message = str(exc)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", torch.float32])
+def test_loads_every_dtype(ckpt: Path, dtype) -> None:  # noqa: ANN001
+    model = looplm.load(ckpt, dtype=dtype)
+    expected = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    assert all(p.dtype == expected for p in model.parameters())
+    stored = load_file(str(ckpt / "model.safetensors"))
+    name = "model.layers.1.self_attn.k_proj.weight"
+    assert torch.equal(model.state_dict()[name], stored[name].to(expected))
+
+
+def test_sharded_checkpoint(ckpt: Path, tmp_path: Path) -> None:
+    weights = load_file(str(ckpt / "model.safetensors"))
+    sharded = tmp_path / "sharded"
+    shutil.copytree(ckpt, sharded)
+    (sharded / "model.safetensors").unlink()
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, keys in halves.items():
+        save_file({k: weights[k] for k in keys}, str(sharded / file))
+        weight_map.update({k: file for k in keys})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    a, b = looplm.load(ckpt, dtype="float32"), looplm.load(sharded, dtype="float32")
+    ids = torch.tensor([[4, 5, 6, 7]])
+    with torch.inference_mode():
+        assert torch.equal(a.forward_steps(ids).logits, b.forward_steps(ids).logits)
+
+
+def test_generation_config_eos_ids_are_all_stop_ids(ckpt: Path) -> None:
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7], "temperature": 0.7}))
+    model = looplm.load(ckpt)
+    assert set(model.generation_defaults["eos_token_ids"]) >= {0, 2, 7}  # config 2, tokenizer <|im_end|> 2
+    assert model.generation_defaults["temperature"] == 0.7
+
+
+def test_ignores_rotary_inv_freq(ckpt: Path) -> None:
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["model.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(weights, str(ckpt / "model.safetensors"))
+    looplm.load(ckpt)
+
+
+def test_missing_directory() -> None:
+    with pytest.raises(CheckpointError) as info:
+        looplm.load("./no/such/model")
+    assert_one_line(info.value, "no such file or directory")
+
+
+def test_missing_config(ckpt: Path) -> None:
+    (ckpt / "config.json").unlink()
+    with pytest.raises(ConfigError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "config.json", "not found")
+
+
+def test_corrupt_config(ckpt: Path) -> None:
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "config.json", "invalid JSON")
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"model_type": "mamba"}, "not supported"),
+        ({"num_key_value_heads": 3}, "multiple"),
+        ({"hidden_size": -1}, "positive integer"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
+def test_bad_config_values(ckpt: Path, change: dict, needle: str) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(change)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, needle)
+
+
+def test_missing_key_in_config(ckpt: Path) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["hidden_size"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "hidden_size")
+
+
+def test_truncated_safetensors(ckpt: Path) -> None:
+    path = ckpt / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "model.safetensors")
+
+
+def test_garbage_safetensors(ckpt: Path) -> None:
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "model.safetensors", "corrupt")
+
+
+def test_missing_tensor(ckpt: Path) -> None:
+    weights = load_file(str(ckpt / "model.safetensors"))
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "missing", "up_proj")
+
+
+def test_extra_tensor(ckpt: Path) -> None:
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["model.layers.2.mlp.up_proj.weight"] = torch.zeros(2, 2)
+    save_file(weights, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "unexpected", "layers.2")
+
+
+def test_shape_mismatch(ckpt: Path) -> None:
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["model.norm.weight"] = torch.ones(65, dtype=torch.bfloat16)
+    save_file(weights, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "model.norm.weight", "[65]", "[64]")
+
+
+def test_pickle_only_checkpoint_is_refused(ckpt: Path) -> None:
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "pickle", "safetensors")
+
+
+def test_offline_hub_id_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError) as info:
+        looplm.load("ByteDance/Ouro-1.4B-Thinking")
+    assert_one_line(info.value, "ByteDance/Ouro-1.4B-Thinking", "local directory")
+
+
+def test_bad_dtype_and_device(ckpt: Path) -> None:
+    with pytest.raises(ConfigError):
+        looplm.load(ckpt, dtype="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(LooplmError):
+            looplm.load(ckpt, device="cuda")
+
+
+def test_default_model_is_created_once_and_loads() -> None:
+    model = looplm.load()
+    assert model.config.model_type == "ouro" and model.tokenizer is not None
+    again = looplm.load()
+    assert torch.equal(model.lm_head.weight, again.lm_head.weight)
