@@ -36,14 +36,21 @@ class StepEvent:
 
 @dataclass
 class GenerationStats:
+    """Model time only (the caller's work between tokens is not counted)."""
+
     prompt_tokens: int = 0
     new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
+    prefill_s: float = 0.0  # the prompt pass, which also yields the first new token
+    decode_s: float = 0.0  # the one-token passes that yield every later token
 
     @property
     def decode_tok_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+        decoded = self.new_tokens - 1  # the first token came from the prefill
+        return decoded / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
 def prepare_inputs(
@@ -89,7 +96,11 @@ def decode_tokens(
     steps: int,
     stats: GenerationStats,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(tokens [B], exit_steps [B])` for each new position; the caller feeds nothing back."""
+    """Yield `(tokens [B], exit_steps [B])` for each new position; the caller feeds nothing back.
+
+    Inference mode is switched on around each model call only, never across a `yield`, so the
+    caller's own code between tokens keeps its autograd state. `stats` times model work only.
+    """
     device = model.device
     ids = input_ids.to(device)
     batch, prompt_len = ids.shape
@@ -99,31 +110,32 @@ def decode_tokens(
         positions = torch.arange(prompt_len, device=device).expand(batch, prompt_len)
     cache = model.make_cache(batch, prompt_len + max_new_tokens, steps) if use_cache else None
 
+    @torch.inference_mode()
+    def forward(new_ids: torch.Tensor, new_positions: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model.run_steps(new_ids, new_positions, mask, cache, steps)
+        logits, exit_steps = model.exit_logits(out, exit_threshold, position=last)
+        return sample(logits[:, -1], sampling, generator), exit_steps[:, -1]
+
     start = time.perf_counter()
-    out = model.run_steps(ids, positions, mask, cache, steps)
-    logits, exit_steps = model.exit_logits(out, exit_threshold, position=ids.shape[1] - 1)
+    token, exit_step = forward(ids, positions, ids.shape[1] - 1)
     stats.prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for index in range(max_new_tokens):
-        token = sample(logits[:, -1], sampling, generator)
-        stats.new_tokens += 1
-        stats.decode_s = time.perf_counter() - start
-        yield token, exit_steps[:, -1]
-        if index == max_new_tokens - 1:
-            break
+    stats.new_tokens = 1
+    yield token, exit_step
+    for _ in range(max_new_tokens - 1):
+        start = time.perf_counter()
         next_position = positions[:, -1:] + 1
         if mask is not None:
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
         if cache is not None:
-            out = model.run_steps(token.unsqueeze(1), next_position, mask, cache, steps)
             positions = next_position
-            logits, exit_steps = model.exit_logits(out, exit_threshold, position=0)
+            token, exit_step = forward(token.unsqueeze(1), next_position, 0)
         else:  # recompute the whole sequence every token
             ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
             positions = torch.cat([positions, next_position], dim=1)
-            out = model.run_steps(ids, positions, mask, None, steps)
-            logits, exit_steps = model.exit_logits(out, exit_threshold, position=ids.shape[1] - 1)
-    stats.decode_s = time.perf_counter() - start
+            token, exit_step = forward(ids, positions, ids.shape[1] - 1)
+        stats.decode_s += time.perf_counter() - start
+        stats.new_tokens += 1
+        yield token, exit_step
 
 
 def stream_generate(
@@ -148,7 +160,7 @@ def stream_generate(
     if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
         raise GenerationError(f"exit_threshold must be in (0, 1], got {exit_threshold!r}")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    steps = model._resolve_steps(steps)
+    steps = model.resolve_steps(steps)
     defaults = model.generation_defaults
     eos = set(defaults.get("eos_token_ids", model.config.eos_token_ids) if eos_token_ids is None else eos_token_ids)
     pad_id = defaults.get("pad_token_id", model.config.pad_token_id) or 0
@@ -169,25 +181,24 @@ def stream_generate(
     batch = ids.shape[0]
     running = set(range(batch))
     produced: list[list[int]] = [[] for _ in range(batch)]
-    with torch.inference_mode():
-        tokens_iter = decode_tokens(
-            model, ids, mask, max_new_tokens, sampling, generator, exit_threshold, use_cache, steps, stats
-        )
-        for index, (tokens, exit_steps) in enumerate(tokens_iter):
-            event = StepEvent(index=index, tokens={}, exit_steps={})
-            for row in sorted(running):
-                token = int(tokens[row])
-                produced[row].append(token)
-                event.tokens[row] = token
-                event.exit_steps[row] = int(exit_steps[row]) + 1
-                if token in eos or _hits_stop(model, produced[row], stop_strings):
-                    event.finished[row] = "stop"
-                elif index == max_new_tokens - 1:
-                    event.finished[row] = "length"
-            running -= set(event.finished)
-            yield event
-            if not running:
-                break
+    tokens_iter = decode_tokens(
+        model, ids, mask, max_new_tokens, sampling, generator, exit_threshold, use_cache, steps, stats
+    )
+    for index, (tokens, exit_steps) in enumerate(tokens_iter):
+        event = StepEvent(index=index, tokens={}, exit_steps={})
+        for row in sorted(running):
+            token = int(tokens[row])
+            produced[row].append(token)
+            event.tokens[row] = token
+            event.exit_steps[row] = int(exit_steps[row]) + 1
+            if token in eos or _hits_stop(model, produced[row], stop_strings):
+                event.finished[row] = "stop"
+            elif index == max_new_tokens - 1:
+                event.finished[row] = "length"
+        running -= set(event.finished)
+        yield event
+        if not running:
+            break
 
 
 def generate(

@@ -188,3 +188,15 @@ def test_bad_prompts(gqa_model) -> None:  # noqa: ANN001
         gqa_model.generate([5, 100000], 4)
     with pytest.raises(GenerationError):  # right padding is rejected, not silently mis-positioned
         gqa_model.generate(torch.tensor([[5, 6, 0]]), 4, attention_mask=torch.tensor([[1, 1, 0]]))
+
+
+def test_stream_generate_keeps_callers_autograd_state(gqa_model) -> None:  # noqa: ANN001
+    from looplm.generate import GenerationStats, stream_generate
+
+    stats = GenerationStats()
+    events = list(stream_generate(gqa_model, [5, 6, 7], 4, eos_token_ids=[], stats=stats))
+    for _ in stream_generate(gqa_model, [5, 6, 7], 3, eos_token_ids=[]):
+        assert not torch.is_inference_mode_enabled()
+    assert [e.index for e in events] == [0, 1, 2, 3]
+    assert stats.new_tokens == 4 and stats.prompt_tokens == 3 and stats.decode_tok_s > 0
+    assert all(1 <= step <= 3 for e in events for step in e.exit_steps.values())

@@ -11,12 +11,18 @@ import pytest
 
 from looplm.default_model import write_random_checkpoint
 
+# VmHWM is the high-water mark of this process's own memory (ru_maxrss would include the
+# parent's peak, inherited across fork + exec).
 CHILD = """
-import json, resource, sys, torch
+import json, sys, torch
 import looplm
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+before = hwm_kib()
 model = looplm.load(sys.argv[1], dtype=sys.argv[2])
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = hwm_kib()
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"before_kib": before, "peak_kib": after, "weight_bytes": weights}))
 """

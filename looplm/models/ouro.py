@@ -270,7 +270,7 @@ class OuroForCausalLM(nn.Module):
         steps: int | None = None,
     ) -> StepOutput:
         """All per-step logits `[T, B, S, vocab]` and the exit pdf `[T, B, S]`, without a cache."""
-        steps = self._resolve_steps(steps)
+        steps = self.resolve_steps(steps)
         positions = positions_from_mask(attention_mask, input_ids.shape)
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
@@ -298,7 +298,7 @@ class OuroForCausalLM(nn.Module):
         exit_steps = select_exit_steps(probs, threshold, self.config.early_exit_step)
         return self.lm_head(gather_steps(hidden, exit_steps)), exit_steps
 
-    def _resolve_steps(self, steps: int | None) -> int:
+    def resolve_steps(self, steps: int | None) -> int:
         if steps is None:
             return self.config.total_ut_steps
         self.config.with_steps(steps)  # validates the range and warns outside 2-4

@@ -1,0 +1,5 @@
+"""`python -m looplm` runs the command line."""
+
+from looplm.cli import main
+
+main()

@@ -1,0 +1,31 @@
+"""The `looplm` command line: one typer app (`common.app`), one short module per command."""
+
+from typing import Annotated
+
+import typer
+
+from looplm.cli import chat, generate, inspect  # noqa: F401 - importing registers each command
+from looplm.cli.common import app
+
+__all__ = ["app", "main"]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from looplm import __version__
+
+        print(f"looplm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Run looped language models (ByteDance Ouro) in pure PyTorch."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,98 @@
+"""`looplm chat`: a multi-turn REPL over the model's chat template.
+
+Reads one user message per line (from a terminal or piped stdin). `<think>` reasoning is
+streamed dimmed and kept apart from the answer; only answers go back into the history.
+"""
+
+import sys
+from typing import Annotated, Optional
+
+from rich.text import Text
+
+from looplm.cli import common
+from looplm.errors import LooplmError
+from looplm.text import THINK_OPEN, ReasoningStream, render_prompt, stream_text
+from looplm.tokenizer import split_reasoning
+
+HELP = "commands: /reset clears the history, /exit quits (so does Ctrl-D)"
+
+
+@common.app.command()
+def chat(
+    model: common.Model = None,
+    dtype: common.Dtype = "bfloat16",
+    device: common.Device = "auto",
+    steps: common.Steps = None,
+    max_new_tokens: common.MaxNewTokens = 512,
+    temperature: common.Temperature = None,
+    top_p: common.TopP = None,
+    top_k: common.TopK = None,
+    exit_threshold: common.ExitThreshold = None,
+    seed: common.Seed = None,
+    stop: common.Stop = None,
+    system: Annotated[Optional[str], common.option("System prompt.", default_in_help=True)] = None,
+    think: Annotated[bool, common.option("Open a <think> block in the prompt (enable_thinking).", "--think")] = False,
+    hide_think: Annotated[bool, common.option("Do not show <think> reasoning.", "--hide-think")] = False,
+) -> None:
+    """Chat with the model; one message per line, /reset and /exit."""
+    sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
+    lm = common.load_model(model, dtype, device, steps)
+    options = sampling.for_model(lm)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        common.stderr().print(HELP, style="dim")
+    while True:
+        try:
+            line = input(">>> " if interactive else "").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = list(start)
+            common.stderr().print("(history cleared)", style="dim")
+            continue
+        if not line or line.startswith("/"):
+            if line:
+                common.stderr().print(f"unknown command {line}; {HELP}", style="dim")
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = _stream_reply(lm, history, options, think, hide_think)
+        except LooplmError as exc:  # e.g. the history outgrew the context: the REPL goes on
+            common.stderr().print(f"error: {common.one_line(exc)} (/reset starts over)")
+            reply = None
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            sys.stdout.write("\n")
+            reply = None
+        if reply is None:
+            history.pop()
+        else:
+            history.append({"role": "assistant", "content": split_reasoning(reply)[1]})
+
+
+def _stream_reply(lm, history: list[dict], options: dict, think: bool, hide_think: bool) -> str:  # noqa: ANN001
+    """Print the reply as it streams (reasoning dim, then a blank line, then the answer); return its text."""
+    out = common.stdout()
+    opens_reasoning = render_prompt(lm, history, think).rstrip().endswith(THINK_OPEN)
+    splitter = ReasoningStream(in_reasoning=opens_reasoning)
+    parts, section = [], None  # section: is the text being shown reasoning (True) or answer (False)
+    for chunk in stream_text(lm, history, enable_thinking=think, **options):
+        parts.append(chunk.text)
+        pieces = splitter.feed(chunk.text) + (splitter.flush() if chunk.finish_reason else [])
+        for is_reasoning, text in pieces:
+            if is_reasoning and hide_think:
+                continue
+            if section != is_reasoning:  # a new section starts apart, without the tags' own newlines
+                text = text.lstrip()
+                if not text:
+                    continue
+                if section is not None:
+                    out.print("\n")
+                section = is_reasoning
+            out.print(Text(text, style="dim" if is_reasoning else ""), end="")
+    out.print()
+    text = "".join(parts)
+    return THINK_OPEN + text if opens_reasoning else text

@@ -1,0 +1,154 @@
+"""The typer app, the options every command shares, model loading and error handling.
+
+Error contract: a `LooplmError` (bad input, bad files) is one line on stderr, "error: ...",
+and exit code 1; Ctrl-C exits 130 without a message; any other exception is a bug and keeps
+its full traceback (typer's pretty exceptions are off).
+"""
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from looplm.errors import LooplmError
+
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def stderr() -> Console:
+    # Built per call: the console then writes to whatever sys.stderr is now (CliRunner swaps it).
+    return Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+
+
+def stdout() -> Console:
+    return Console(markup=False, highlight=False, soft_wrap=True)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"warning: {one_line(message)}", file=sys.stderr)
+
+
+class LooplmGroup(TyperGroup):
+    """Runs every subcommand under the error contract above."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        try:
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line  # library warnings as one line too
+                return super().invoke(ctx)
+        except LooplmError as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            raise typer.Exit(EXIT_ERROR) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+app = typer.Typer(
+    cls=LooplmGroup,
+    help="Run looped language models (ByteDance Ouro) in pure PyTorch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# -- options shared by every command that loads a model ---------------------------------------
+
+
+def option(help: str, *names: str, default_in_help: bool = False):  # noqa: A002, ANN201
+    """A typer option whose help text states its default itself when `default_in_help`."""
+    return typer.Option(*names, help=help, show_default=not default_in_help)
+
+
+Model = Annotated[Optional[str], option(
+    "Model directory, hub id (owner/name) or .gguf file (default: the embedded tiny random model).",
+    "--model", "-m", default_in_help=True,
+)]
+Dtype = Annotated[str, option("Weight dtype: bfloat16, float16 or float32.")]
+Device = Annotated[str, option("cpu, cuda, cuda:N, or auto (cuda when available).")]
+Steps = Annotated[Optional[int], option(
+    "Recurrent (UT) steps per token, 1-8 (default: the config's).", default_in_help=True
+)]
+
+# -- sampling options shared by generate and chat ----------------------------------------------
+
+MaxNewTokens = Annotated[int, option("Most new tokens per reply.")]
+Temperature = Annotated[Optional[float], option(
+    "0 = greedy (default: the model's generation config, else 0).", default_in_help=True
+)]
+TopP = Annotated[Optional[float], option(
+    "Nucleus sampling mass (default: the model's, else 1.0).", default_in_help=True
+)]
+TopK = Annotated[Optional[int], option(
+    "Sample among the k likeliest tokens, 0 = all (default: the model's, else 0).", default_in_help=True
+)]
+ExitThreshold = Annotated[Optional[float], option(
+    "Exit at the first UT step whose cumulative exit probability reaches this, in (0, 1] (default: the config's).",
+    default_in_help=True,
+)]
+Seed = Annotated[Optional[int], option("Random seed for sampling (reproducible output).", default_in_help=True)]
+Stop = Annotated[Optional[list[str]], option(
+    "Stop string (repeatable); it is not printed.", "--stop", default_in_help=True
+)]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int
+    temperature: Optional[float]
+    top_p: Optional[float]
+    top_k: Optional[int]
+    exit_threshold: Optional[float]
+    seed: Optional[int]
+    stop: Optional[list[str]]
+
+    def __post_init__(self) -> None:
+        # Fail before loading a model, which can take a while; the library checks again.
+        from looplm.errors import GenerationError
+        from looplm.sampling import SamplingParams
+
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.exit_threshold is not None and not 0.0 < self.exit_threshold <= 1.0:
+            raise GenerationError(f"--exit-threshold must be in (0, 1], got {self.exit_threshold}")
+        SamplingParams(self.temperature or 0.0, 1.0 if self.top_p is None else self.top_p, self.top_k or 0)
+
+    def for_model(self, model) -> dict:  # noqa: ANN001
+        """`stream_text` keyword arguments; unset sampling values come from the model's generation config."""
+        defaults = getattr(model, "generation_defaults", {}) or {}
+
+        def pick(value, key: str, fallback):  # noqa: ANN001, ANN202
+            return value if value is not None else defaults.get(key, fallback)
+
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": pick(self.temperature, "temperature", 0.0),
+            "top_p": pick(self.top_p, "top_p", 1.0),
+            "top_k": pick(self.top_k, "top_k", 0),
+            "exit_threshold": self.exit_threshold,
+            "seed": self.seed,
+            "stop": list(self.stop or []),
+        }
+
+
+def load_model(model: Optional[str], dtype: str, device: str, steps: Optional[int]):  # noqa: ANN201
+    """`looplm.load` with the CLI's device default and a spinner on an interactive stderr."""
+    import torch
+
+    from looplm import load
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    console = stderr()
+    if not console.is_terminal:
+        return load(model, dtype=dtype, device=device, steps=steps)
+    with console.status(f"loading {model or 'the default model'}", spinner="dots"):
+        return load(model, dtype=dtype, device=device, steps=steps)

@@ -1,0 +1,61 @@
+"""`looplm generate PROMPT`: stream a completion to stdout (or print one JSON object)."""
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from looplm.cli import common
+from looplm.text import stream_text
+
+
+@common.app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text; '-' reads it from stdin.", show_default=False)],
+    model: common.Model = None,
+    dtype: common.Dtype = "bfloat16",
+    device: common.Device = "auto",
+    steps: common.Steps = None,
+    max_new_tokens: common.MaxNewTokens = 128,
+    temperature: common.Temperature = None,
+    top_p: common.TopP = None,
+    top_k: common.TopK = None,
+    exit_threshold: common.ExitThreshold = None,
+    seed: common.Seed = None,
+    stop: common.Stop = None,
+    chat: Annotated[bool, common.option("Send the prompt as one user message via the chat template", "--chat")] = False,
+    as_json: Annotated[bool, common.option("Print one JSON object (ids, text, timings).", "--json")] = False,
+) -> None:
+    """Generate a completion for PROMPT and stream it to stdout; timings go to stderr."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
+    lm = common.load_model(model, dtype, device, steps)
+    request = [{"role": "user", "content": prompt}] if chat else prompt
+    text = []
+    for chunk in stream_text(lm, request, **sampling.for_model(lm)):
+        text.append(chunk.text)
+        if not as_json:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    stats = chunk.stats
+    if as_json:
+        print(json.dumps({
+            "model": lm.source,
+            "text": "".join(text),
+            "finish_reason": chunk.finish_reason,
+            "prompt_ids": chunk.prompt_ids,
+            "new_ids": chunk.token_ids,
+            "usage": {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens},
+            "timings": {"prefill_s": stats.prefill_s, "decode_s": stats.decode_s, "decode_tok_s": stats.decode_tok_s},
+            "mean_exit_step": chunk.mean_exit_step,
+        }))
+        return
+    sys.stdout.write("\n")
+    common.stderr().print(
+        f"{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s * 1000:.1f} ms | "
+        f"{stats.new_tokens} new tokens, {stats.decode_tok_s:.1f} tok/s | "
+        f"mean exit step {chunk.mean_exit_step or 0:.2f} | finish: {chunk.finish_reason}",
+        style="dim",
+    )

@@ -1,0 +1,106 @@
+"""`looplm inspect`: config, parameter count, memory estimates, tokenizer and tensors of a model."""
+
+import dataclasses
+import json
+from typing import Annotated, Optional
+
+from rich.table import Table
+
+from looplm.cli import common
+
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}  # weights only: scales not counted
+TENSORS_SHOWN = 20
+
+
+def summary(lm) -> dict:  # noqa: ANN001
+    config = lm.config
+    params = sum(p.numel() for p in lm.parameters())  # a tied lm_head is counted once
+    dtype_bytes = lm.dtype.itemsize
+    # K and V, for every (UT step, layer) slot.
+    kv_per_token = 2 * config.num_kv_slots * config.num_key_value_heads * config.head_dim * dtype_bytes
+    tok = lm.tokenizer
+    return {
+        "model": lm.source,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": str(lm.device),
+        "parameters": params,
+        "weight_bytes": {name: int(params * size) for name, size in BYTES_PER_PARAM.items()},
+        "kv_bytes_per_token": kv_per_token,
+        "kv_bytes_full_context": kv_per_token * config.max_position_embeddings,
+        "kv_slots": config.num_kv_slots,
+        "stop_ids": list(lm.generation_defaults.get("eos_token_ids", config.eos_token_ids)),
+        "pad_id": lm.generation_defaults.get("pad_token_id", config.pad_token_id),
+        "tokenizer": None if tok is None else {
+            "vocab_size": tok.vocab_size, "bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token,
+            "special_ids": len(tok.special_ids),
+            "chat_template": "model's own" if tok.chat_template else "ChatML (built-in)",
+        },
+        "tensors": [
+            {"name": name, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+            for name, p in lm.named_parameters()
+        ],
+    }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(title: str, rows: list[tuple], headers: tuple = ("", "")) -> Table:
+    table = Table(title=title, title_justify="left", show_header=bool(headers[0]), header_style="bold")
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    return table
+
+
+@common.app.command()
+def inspect(
+    model: common.Model = None,
+    dtype: common.Dtype = "bfloat16",
+    device: common.Device = "cpu",
+    steps: common.Steps = None,
+    tensors: Annotated[Optional[bool], common.option(
+        f"List every tensor / none (default: the first {TENSORS_SHOWN}; all with --json).",
+        "--tensors/--no-tensors", default_in_help=True,
+    )] = None,
+    as_json: Annotated[bool, common.option("Print one JSON object.", "--json")] = False,
+) -> None:
+    """Show a model's config, size, KV-cache cost, stop ids, tokenizer and tensors."""
+    info = summary(common.load_model(model, dtype, device, steps))
+    shown = info["tensors"]
+    if tensors is False:
+        shown = []
+    elif tensors is None and not as_json:
+        shown = shown[:TENSORS_SHOWN]
+    if as_json:
+        print(json.dumps({**info, "tensors": shown}))
+        return
+    out = common.stdout()
+    title = f"{info['model']} ({info['dtype']}, {info['device']})"
+    out.print(_table(title, list(info["config"].items()), ("config", "value")))
+    kv_dtype = info["dtype"]
+    out.print(_table("size", [
+        ("parameters", f"{info['parameters']:,}"),
+        *((f"weights {name} (est.)", _size(n)) for name, n in info["weight_bytes"].items()),
+        (f"KV bytes per token ({kv_dtype})", f"{info['kv_bytes_per_token']:,}"),
+        (f"KV at {info['config']['max_position_embeddings']:,} tokens", _size(info["kv_bytes_full_context"])),
+        ("KV slots (steps x layers)", info["kv_slots"]),
+    ]))
+    tok = info["tokenizer"]
+    out.print(_table("tokens", [
+        ("stop ids", ", ".join(map(str, info["stop_ids"])) or "none"),
+        ("pad id", info["pad_id"]),
+        *([(f"tokenizer {k}", v) for k, v in tok.items()] if tok else [("tokenizer", "none (token ids only)")]),
+    ]))
+    if shown:
+        rows = [(t["name"], tuple(t["shape"]), t["dtype"]) for t in shown]
+        out.print(_table("tensors", rows, ("name", "shape", "dtype")))
+    if len(shown) < len(info["tensors"]):
+        out.print(f"{len(info['tensors'])} tensors in all; --tensors lists every one", style="dim")

@@ -1,0 +1,267 @@
+"""Tests for the `looplm` command line (looplm.cli) and the text layer under it (looplm.text).
+
+Most runs go through typer's CliRunner in-process; a few real `python -m looplm` subprocesses
+prove the exit codes and that errors never print a traceback. Everything runs on the embedded
+tiny random model (created once in a temporary LOOPLM_HOME) and the ouro-tiny fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import looplm
+from looplm.cli import app
+from looplm.errors import GenerationError
+from looplm.text import ReasoningStream, TextChunk, _find_stop, _stop_prefix_len, stream_text
+
+OURO_TINY = Path("/work/shared/fixtures/ouro-tiny")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def looplm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private LOOPLM_HOME with the default model written once; one torch thread (tiny model)."""
+    home = tmp_path_factory.mktemp("looplm-home")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOOPLM_HOME", str(home))
+        from looplm.default_model import default_model_dir
+
+        default_model_dir()
+        torch.set_num_threads(1)
+        yield home
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def default_model() -> looplm.models.ouro.OuroForCausalLM:
+    return looplm.load(None, dtype="float32")
+
+
+def invoke(*args: str, input: str | None = None):  # noqa: A002, ANN201
+    return CliRunner().invoke(app, list(args), input=input)
+
+
+def run_module(*args: str, **kwargs) -> subprocess.Popen:  # noqa: ANN003
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "looplm", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def assert_one_line_error(result, *needles: str) -> None:  # noqa: ANN001
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0]
+
+
+# -- generate -----------------------------------------------------------------------------------
+
+
+def test_generate_streams_text_and_timings() -> None:
+    result = invoke("generate", "Hello", "--max-new-tokens", "8")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+    assert "8 new tokens" in result.stderr and "tok/s" in result.stderr
+
+
+def test_generate_json_is_greedy_and_deterministic(default_model) -> None:  # noqa: ANN001
+    runs = [json.loads(invoke("generate", "Hello", "--max-new-tokens", "12", "--json").stdout) for _ in range(2)]
+    first = runs[0]
+    assert first["finish_reason"] == "length" and len(first["new_ids"]) == 12
+    assert first["prompt_ids"] == default_model.tokenizer.encode("Hello")
+    assert first["usage"] == {"prompt_tokens": len(first["prompt_ids"]), "new_tokens": 12}
+    assert set(first["timings"]) == {"prefill_s", "decode_s", "decode_tok_s"}
+    assert 1 <= first["mean_exit_step"] <= default_model.config.total_ut_steps
+    assert first["text"] == default_model.tokenizer.decode(first["new_ids"])
+    assert runs[1]["new_ids"] == first["new_ids"] and runs[1]["text"] == first["text"]
+
+
+def test_generate_seed_is_reproducible() -> None:
+    def sample(seed: str) -> list[int]:
+        args = ["generate", "Hello", "--max-new-tokens", "16", "--temperature", "1.0", "--json", "--seed", seed]
+        return json.loads(invoke(*args).stdout)["new_ids"]
+
+    assert sample("7") == sample("7")
+    assert sample("7") != sample("8")
+
+
+def test_generate_chat_wraps_prompt_in_template(default_model) -> None:  # noqa: ANN001
+    data = json.loads(invoke("generate", "hi", "--chat", "--max-new-tokens", "2", "--json").stdout)
+    rendered = default_model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert data["prompt_ids"] == default_model.tokenizer.encode(rendered)
+
+
+def test_stop_string_is_cut_and_held_back(default_model) -> None:  # noqa: ANN001
+    full = "".join(c.text for c in stream_text(default_model, "The", max_new_tokens=24))
+    # A two-character printable stop string spans two byte tokens, so its first half is held back.
+    k = next(i for i in range(1, len(full) - 1) if full[i : i + 2].isascii() and full[i : i + 2].isprintable())
+    stop = full[k : k + 2]
+    chunks = list(stream_text(default_model, "The", max_new_tokens=24, stop=[stop, "never-seen"]))
+    text = "".join(c.text for c in chunks)
+    assert text == full[: full.index(stop)]
+    assert chunks[-1].finish_reason == "stop" and all(c.finish_reason is None for c in chunks[:-1])
+    assert len(chunks[-1].token_ids) < 24
+    result = invoke("generate", "The", "--max-new-tokens", "24", "--stop", stop, "--json")
+    assert json.loads(result.stdout)["text"] == text
+
+
+def test_unexpected_exception_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("looplm.cli.generate.stream_text", broken)
+    result = invoke("generate", "Hello")
+    assert isinstance(result.exception, RuntimeError)  # not turned into an "error:" line
+    assert "error:" not in result.stderr
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_missing_model_is_one_line_error_in_a_real_process() -> None:
+    proc = run_module("generate", "hi", "-m", "/nonexistent")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert out == b""
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "/nonexistent" in lines[0]
+    assert b"Traceback" not in err
+
+
+def test_ctrl_c_exits_130_quietly_in_a_real_process() -> None:
+    proc = run_module("generate", "hi", "--max-new-tokens", "4000")
+    proc.stdout.read(1)  # generation is under way
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip() == b""
+
+
+def test_corrupt_config_is_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "ouro",\n  oops')
+    assert_one_line_error(invoke("generate", "hi", "-m", str(tmp_path)), "config.json", "invalid JSON")
+    assert_one_line_error(invoke("inspect", "-m", str(tmp_path)), "config.json")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--top-p", "0"], "top_p"),
+        (["--exit-threshold", "1.5"], "exit-threshold"),
+        (["--steps", "9"], "steps"),
+        (["--dtype", "int3"], "dtype"),
+        (["--stop", ""], "stop"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args: list[str], needle: str) -> None:
+    assert_one_line_error(invoke("generate", "hi", *args), needle)
+
+
+def test_model_without_tokenizer_cannot_take_text() -> None:
+    assert_one_line_error(invoke("generate", "hi", "-m", str(OURO_TINY)), "tokenizer")
+    model = looplm.load(OURO_TINY)
+    with pytest.raises(GenerationError, match="no tokenizer"):
+        next(stream_text(model, "hi", max_new_tokens=1))
+
+
+def test_library_warnings_are_one_line() -> None:
+    result = invoke("generate", "hi", "--steps", "6", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr
+    assert any(line.startswith("warning: steps=6 is outside") for line in result.stderr.splitlines())
+
+
+# -- chat ---------------------------------------------------------------------------------------
+
+
+def test_chat_with_piped_input() -> None:
+    result = invoke("chat", "--max-new-tokens", "6", input="hi\n/exit\nnever sent\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() and "Traceback" not in result.output
+    result = invoke("chat", "--max-new-tokens", "4", "--system", "be brief", input="hi\n/reset\n/nope\nagain\n")
+    assert result.exit_code == 0, result.output  # EOF ends the session
+    assert "history cleared" in result.stderr and "unknown command" in result.stderr
+
+
+def test_chat_shows_reasoning_apart_and_keeps_answers_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[dict]] = []
+
+    def fake_stream(model, messages, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append([dict(m) for m in messages])
+        yield TextChunk("<thi")
+        yield TextChunk("nk>\nweighing it</th")
+        yield TextChunk("ink>\n\nfinal answer", finish_reason="stop")
+
+    monkeypatch.setattr("looplm.cli.chat.stream_text", fake_stream)
+    result = invoke("chat", input="q1\nq2\n")
+    assert result.exit_code == 0, result.output
+    assert "<think>" not in result.stdout and "</think>" not in result.stdout
+    assert result.stdout.index("weighing it") < result.stdout.index("final answer")
+    assert "weighing it\n\nfinal answer" in result.stdout  # apart from the answer
+    assert seen[1][-2:] == [{"role": "assistant", "content": "final answer"}, {"role": "user", "content": "q2"}]
+    hidden = invoke("chat", "--hide-think", input="q1\n")
+    assert "final answer" in hidden.stdout and "weighing it" not in hidden.stdout
+
+
+# -- inspect ------------------------------------------------------------------------------------
+
+
+def test_inspect_default_model() -> None:
+    result = invoke("inspect")
+    assert result.exit_code == 0, result.output
+    for needle in ("num_hidden_layers", "KV bytes per token", "parameters", "<|im_end|>", "model.embed_tokens.weight"):
+        assert needle in result.stdout
+    assert "27 tensors in all" in result.stdout  # first 20 shown by default
+
+
+def test_inspect_ouro_tiny_numbers() -> None:
+    result = invoke("inspect", "-m", str(OURO_TINY))
+    assert result.exit_code == 0, result.output
+    assert "num_hidden_layers" in result.stdout and "2,048" in result.stdout
+    data = json.loads(invoke("inspect", "-m", str(OURO_TINY), "--json").stdout)
+    # 2 (K and V) * 4 steps * 2 layers * 4 kv heads * 16 head_dim * 2 bytes (bf16)
+    assert data["kv_bytes_per_token"] == 2 * 4 * 2 * 4 * 16 * 2 == 2048
+    assert data["kv_bytes_per_token"] == looplm.load(OURO_TINY).make_cache(1, 1).nbytes()
+    assert data["kv_slots"] == 8 and data["stop_ids"] == [0] and data["tokenizer"] is None
+    assert data["config"]["num_hidden_layers"] == 2
+    assert data["parameters"] == data["weight_bytes"]["int8"] == data["weight_bytes"]["bf16"] // 2
+    assert len(data["tensors"]) == 27 and data["tensors"][0]["dtype"] == "bfloat16"
+    steps2 = json.loads(invoke("inspect", "-m", str(OURO_TINY), "--json", "--steps", "2", "--no-tensors").stdout)
+    assert steps2["kv_bytes_per_token"] == 1024 and steps2["kv_slots"] == 4 and steps2["tensors"] == []
+
+
+# -- looplm.text helpers ------------------------------------------------------------------------
+
+
+def test_stop_helpers() -> None:
+    assert _find_stop("abcSTOPxSTO", ["STOP", "cS"]) == 2
+    assert _find_stop("abc", ["x"]) is None
+    assert _stop_prefix_len("hello <|im", ["<|im_end|>"]) == 4
+    assert _stop_prefix_len("hello", ["<|im_end|>"]) == 0
+    assert _stop_prefix_len("ab", ["b", "abc"]) == 2  # a complete stop is found by _find_stop, not held
+
+
+def test_reasoning_stream_handles_split_tags() -> None:
+    stream = ReasoningStream()
+    pieces = []
+    for part in ["pre <th", "ink>deep ", "thought</thi", "nk> answer <", "b>"]:
+        pieces += stream.feed(part)
+    pieces += stream.flush()
+    reasoning = "".join(t for r, t in pieces if r)
+    answer = "".join(t for r, t in pieces if not r)
+    assert reasoning == "deep thought" and answer == "pre  answer <b>"
+    opened = ReasoningStream(in_reasoning=True)
+    assert opened.feed("a</think>b") == [(True, "a"), (False, "b")]
