@@ -200,3 +200,18 @@ def test_stream_generate_keeps_callers_autograd_state(gqa_model) -> None:  # noq
     assert [e.index for e in events] == [0, 1, 2, 3]
     assert stats.new_tokens == 4 and stats.prompt_tokens == 3 and stats.decode_tok_s > 0
     assert all(1 <= step <= 3 for e in events for step in e.exit_steps.values())
+
+
+def test_step_logprobs_match_logits_and_are_differentiable(gqa_model) -> None:  # noqa: ANN001
+    ids = torch.tensor(random_prompts(300, [9, 9], seed=11))
+    targets = torch.roll(ids, -1, dims=1)
+    logprobs = gqa_model.step_logprobs(ids, targets)
+    assert logprobs.shape == (3, 2, 9) and logprobs.requires_grad
+    with torch.inference_mode():
+        logits = gqa_model.forward_steps(ids).logits
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, targets.expand(3, 2, 9).unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs.detach(), expected, atol=1e-5)
+    logprobs[-1].sum().backward()
+    grad = gqa_model.model.layers[0].mlp.up_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert gqa_model.model.early_exit_gate.weight.grad is None  # log-probs do not touch the gate

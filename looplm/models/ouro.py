@@ -298,6 +298,22 @@ class OuroForCausalLM(nn.Module):
         exit_steps = select_exit_steps(probs, threshold, self.config.early_exit_step)
         return self.lm_head(gather_steps(hidden, exit_steps)), exit_steps
 
+    def step_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        target_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        steps: int | None = None,
+    ) -> torch.Tensor:
+        """Per-loop log-probabilities `[T, B, S]` of `target_ids` `[B, S]` (what RLTT rewards).
+
+        Differentiable: call it outside inference mode to train on it. log-softmax runs in fp32.
+        """
+        out = self.forward_steps(input_ids, attention_mask=attention_mask, steps=steps)
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+        index = target_ids.unsqueeze(0).expand(logprobs.shape[0], *target_ids.shape).unsqueeze(-1)
+        return torch.gather(logprobs, -1, index).squeeze(-1)
+
     def resolve_steps(self, steps: int | None) -> int:
         if steps is None:
             return self.config.total_ut_steps
