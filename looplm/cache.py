@@ -1,21 +1,40 @@
-"""Preallocated KV cache with one slot per (UT step, layer).
+"""Preallocated KV caches for looped models.
 
 Ouro runs its layer stack T times per token, and step t's queries attend only to step t's
-keys, so the cache has T*L slots indexed `step * num_layers + layer` (the reference layout).
-Buffers are allocated once for the whole generation, `[slots, B, H_kv, S_max, D]`, and
-written by position: no `torch.cat` per token, and the shapes never change.
-All rows of a batch share one length: prompts are left-padded to a common length.
+keys, so the reference cache has T*L slots indexed `step * num_layers + layer`. Buffers are
+allocated once for the whole generation and written by position: no `torch.cat` per token,
+and the shapes never change. All rows of a batch share one length (prompts are left-padded).
+
+Two modes:
+- `KVCache` (`kv_mode="full"`): the reference layout, `[T*L, B, H_kv, S_max, D]`.
+- `SharedKVCache` (`kv_mode="shared"`): the paper's last-step sharing. Prompt positions keep
+  their per-step entries; each decoded position stores ONE K/V per layer, which every step
+  reads. Each step of a decoded token overwrites that entry, so what stays is the K/V of the
+  last step the token computed. KV growth per decoded token drops by the step count.
+
+`update` returns the keys/values a query must attend to, as a list of `(K, V)` segments in
+position order (one segment for the full cache, two for the shared one).
+`rows` restricts reads and writes to a subset of the batch (rows that exited early stop).
 """
 
 from __future__ import annotations
 
 import torch
 
+Segments = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _select(buffer: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return buffer if rows is None else buffer[rows]
+
 
 class KVCache:
+    mode = "full"
+
     def __init__(
         self,
-        num_slots: int,
+        num_steps: int,
+        num_layers: int,
         batch_size: int,
         num_kv_heads: int,
         max_len: int,
@@ -23,7 +42,8 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (num_slots, batch_size, num_kv_heads, max_len, head_dim)
+        self.num_steps, self.num_layers = num_steps, num_layers
+        shape = (num_steps * num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -36,15 +56,95 @@ class KVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def update(self, slot: int, start: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write key/value `[B, H_kv, S_new, D]` at positions start.. and return the filled views."""
-        end = start + key.shape[2]
+    def bytes_per_decoded_token(self) -> int:
+        """Cache bytes one more decoded token occupies, over the whole batch."""
+        per_slot = self.keys[:, :, :, 0].numel() // self.num_slots * self.keys.element_size()
+        return 2 * self.num_slots * per_slot
+
+    def _check(self, end: int) -> None:
         if end > self.max_len:
             raise IndexError(f"KV cache overflow: writing up to {end} but capacity is {self.max_len}")
-        self.keys[slot, :, :, start:end] = key
-        self.values[slot, :, :, start:end] = value
-        return self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
+
+    def update(
+        self, slot: int, start: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> Segments:
+        """Write key/value `[B, H_kv, S_new, D]` at positions start.. and return what to attend to."""
+        end = start + key.shape[2]
+        self._check(end)
+        if rows is None:
+            self.keys[slot, :, :, start:end] = key
+            self.values[slot, :, :, start:end] = value
+        else:
+            self.keys[slot][rows, :, start:end] = key
+            self.values[slot][rows, :, start:end] = value
+        return [(_select(self.keys[slot], rows)[:, :, :end], _select(self.values[slot], rows)[:, :, :end])]
+
+    def fill_skipped(self, rows: torch.Tensor, exit_step: int, position: int) -> None:
+        """Rows that exited after `exit_step` never computed the deeper steps at `position`:
+        copy their exit step's K/V there, so later tokens attend to something sensible."""
+        if exit_step + 1 >= self.num_steps:
+            return
+        shape = (self.num_steps, self.num_layers, *self.keys.shape[1:])
+        for buffer in (self.keys.view(shape), self.values.view(shape)):
+            buffer[exit_step + 1 :, :, rows, :, position] = buffer[exit_step, :, rows, :, position]
 
     def advance(self, num_tokens: int) -> None:
         """Called once per forward pass, after every slot has been written."""
         self.length += num_tokens
+
+
+class SharedKVCache(KVCache):
+    mode = "shared"
+
+    def __init__(
+        self,
+        num_steps: int,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        prompt_len: int,
+        max_new: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(num_steps, num_layers, batch_size, num_kv_heads, prompt_len, head_dim, dtype, device)
+        self.prompt_len = prompt_len
+        shared = (num_layers, batch_size, num_kv_heads, max_new, head_dim)
+        self.shared_keys = torch.zeros(shared, dtype=dtype, device=device)
+        self.shared_values = torch.zeros(shared, dtype=dtype, device=device)
+        self.max_len = prompt_len + max_new
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.shared_keys.nbytes + self.shared_values.nbytes
+
+    def bytes_per_decoded_token(self) -> int:
+        per_layer = self.shared_keys[:, :, :, 0].numel() // self.num_layers * self.shared_keys.element_size()
+        return 2 * self.num_layers * per_layer
+
+    def update(
+        self, slot: int, start: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> Segments:
+        end = start + key.shape[2]
+        self._check(end)
+        if end <= self.prompt_len:  # prefill: per-step entries, as in the full cache
+            return super().update(slot, start, key, value, rows)
+        if start < self.prompt_len:
+            raise ValueError("a shared-KV forward pass must not straddle the end of the prompt")
+        layer = slot % self.num_layers
+        begin, stop = start - self.prompt_len, end - self.prompt_len
+        if rows is None:
+            self.shared_keys[layer, :, :, begin:stop] = key
+            self.shared_values[layer, :, :, begin:stop] = value
+        else:
+            self.shared_keys[layer][rows, :, begin:stop] = key
+            self.shared_values[layer][rows, :, begin:stop] = value
+        prompt = (_select(self.keys[slot], rows), _select(self.values[slot], rows))
+        decoded = (
+            _select(self.shared_keys[layer], rows)[:, :, :stop],
+            _select(self.shared_values[layer], rows)[:, :, :stop],
+        )
+        return [prompt, decoded]
+
+    def fill_skipped(self, rows: torch.Tensor, exit_step: int, position: int) -> None:
+        """Nothing to fill: the shared entry already holds the last computed step's K/V."""

@@ -20,8 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from looplm.errors import GenerationError
+from looplm.exit import ExitPolicy, make_policy
 from looplm.models.ouro import OuroForCausalLM, positions_from_mask
 from looplm.sampling import SamplingParams, sample
+
+
+KV_MODES = ("full", "shared")
 
 
 @dataclass
@@ -42,6 +46,13 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_s: float = 0.0  # the prompt pass, which also yields the first new token
     decode_s: float = 0.0  # the one-token passes that yield every later token
+    steps_per_token: list[list[int]] = field(default_factory=list)  # per row: 1-based exit step of each token
+    kv_mode: str = "full"
+
+    @property
+    def mean_steps(self) -> float:
+        counts = [n for row in self.steps_per_token for n in row]
+        return sum(counts) / len(counts) if counts else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -91,10 +102,12 @@ def decode_tokens(
     max_new_tokens: int,
     sampling: SamplingParams,
     generator: torch.Generator | None,
-    exit_threshold: float | None,
+    policy: ExitPolicy,
     use_cache: bool,
     steps: int,
     stats: GenerationStats,
+    kv_mode: str = "full",
+    skip_compute: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield `(tokens [B], exit_steps [B])` for each new position; the caller feeds nothing back.
 
@@ -108,16 +121,21 @@ def decode_tokens(
     positions = positions_from_mask(mask, ids.shape)
     if positions is None:
         positions = torch.arange(prompt_len, device=device).expand(batch, prompt_len)
-    cache = model.make_cache(batch, prompt_len + max_new_tokens, steps) if use_cache else None
+    cache = None
+    if use_cache:
+        cache = model.make_cache(batch, prompt_len + max_new_tokens, steps, kv_mode=kv_mode, prompt_len=prompt_len)
 
     @torch.inference_mode()
-    def forward(new_ids: torch.Tensor, new_positions: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model.run_steps(new_ids, new_positions, mask, cache, steps)
-        logits, exit_steps = model.exit_logits(out, exit_threshold, position=last)
-        return sample(logits[:, -1], sampling, generator), exit_steps[:, -1]
+    def forward(new_ids: torch.Tensor, new_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache is not None and cache.length > 0:  # one-token decode step
+            logits, exit_steps = model.decode_step(new_ids, new_positions, mask, cache, steps, policy, skip_compute)
+        else:  # prefill, or full recomputation without a cache: every step runs
+            out = model.run_steps(new_ids, new_positions, mask, cache, steps)
+            logits, exit_steps = model.readout(out, policy, position=-1)
+        return sample(logits, sampling, generator), exit_steps
 
     start = time.perf_counter()
-    token, exit_step = forward(ids, positions, ids.shape[1] - 1)
+    token, exit_step = forward(ids, positions)
     stats.prefill_s = time.perf_counter() - start
     stats.new_tokens = 1
     yield token, exit_step
@@ -128,11 +146,11 @@ def decode_tokens(
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
         if cache is not None:
             positions = next_position
-            token, exit_step = forward(token.unsqueeze(1), next_position, 0)
+            token, exit_step = forward(token.unsqueeze(1), next_position)
         else:  # recompute the whole sequence every token
             ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
             positions = torch.cat([positions, next_position], dim=1)
-            token, exit_step = forward(ids, positions, ids.shape[1] - 1)
+            token, exit_step = forward(ids, positions)
         stats.decode_s += time.perf_counter() - start
         stats.new_tokens += 1
         yield token, exit_step
@@ -153,6 +171,9 @@ def stream_generate(
     steps: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
     stats: GenerationStats | None = None,
+    exit_policy: str | None = None,
+    kv_mode: str = "full",
+    skip_compute: bool = False,
 ) -> Iterator[StepEvent]:
     """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -161,6 +182,11 @@ def stream_generate(
         raise GenerationError(f"exit_threshold must be in (0, 1], got {exit_threshold!r}")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     steps = model.resolve_steps(steps)
+    if kv_mode not in KV_MODES:
+        raise GenerationError(f"kv_mode must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
+    policy = make_policy(
+        exit_policy, exit_threshold, steps, model.config.early_exit_threshold, model.config.early_exit_step
+    )
     defaults = model.generation_defaults
     eos = set(defaults.get("eos_token_ids", model.config.eos_token_ids) if eos_token_ids is None else eos_token_ids)
     pad_id = defaults.get("pad_token_id", model.config.pad_token_id) or 0
@@ -177,12 +203,14 @@ def stream_generate(
         generator.seed()
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = int(ids.shape[1])
+    stats.steps_per_token = [[] for _ in range(ids.shape[0])]
+    stats.kv_mode = kv_mode if use_cache else "none"
 
     batch = ids.shape[0]
     running = set(range(batch))
     produced: list[list[int]] = [[] for _ in range(batch)]
     tokens_iter = decode_tokens(
-        model, ids, mask, max_new_tokens, sampling, generator, exit_threshold, use_cache, steps, stats
+        model, ids, mask, max_new_tokens, sampling, generator, policy, use_cache, steps, stats, kv_mode, skip_compute
     )
     for index, (tokens, exit_steps) in enumerate(tokens_iter):
         event = StepEvent(index=index, tokens={}, exit_steps={})
@@ -191,6 +219,7 @@ def stream_generate(
             produced[row].append(token)
             event.tokens[row] = token
             event.exit_steps[row] = int(exit_steps[row]) + 1
+            stats.steps_per_token[row].append(event.exit_steps[row])
             if token in eos or _hits_stop(model, produced[row], stop_strings):
                 event.finished[row] = "stop"
             elif index == max_new_tokens - 1:
@@ -215,7 +244,11 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     steps: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
-) -> list[list[int]]:
+    exit_policy: str | None = None,
+    kv_mode: str = "full",
+    skip_compute: bool = False,
+    return_stats: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
     """The new token ids of each sequence, ending with the eos id or stop-string token that ended it.
 
     `exit_threshold` picks which UT step's logits each token reads (None: the config's
@@ -223,13 +256,15 @@ def generate(
     marks left padding; lists of prompts of different lengths are left-padded automatically.
     """
     produced: dict[int, list[int]] = {}
+    stats = GenerationStats()
     for event in stream_generate(
         model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
-        use_cache, stop, attention_mask, steps, eos_token_ids,
+        use_cache, stop, attention_mask, steps, eos_token_ids, stats, exit_policy, kv_mode, skip_compute,
     ):
         for row, token in event.tokens.items():
             produced.setdefault(row, []).append(token)
-    return [produced[row] for row in sorted(produced)]
+    ids = [produced[row] for row in sorted(produced)]
+    return (ids, stats) if return_stats else ids
 
 
 def _check_inputs(model: OuroForCausalLM, ids: torch.Tensor, max_new_tokens: int) -> None:

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.cache import KVCache
+from looplm.cache import KVCache, Segments, SharedKVCache
 from looplm.config import OuroConfig
-from looplm.exit import exit_distribution, gather_steps, select_exit_steps
+from looplm.exit import ExitPolicy, StepView, exit_distribution, gather_steps, select_exit_steps
 
 
 class RMSNorm(nn.Module):
@@ -88,6 +88,34 @@ class AttentionBias:
         allowed = allowed | (key_pos == query_pos).unsqueeze(0)
         return cls(allowed.unsqueeze(1), is_causal=False)
 
+    def select(self, rows: torch.Tensor | None) -> AttentionBias:
+        if rows is None or self.mask is None:
+            return self
+        return AttentionBias(self.mask[rows], self.is_causal)
+
+
+def segmented_attention(q: torch.Tensor, segments: Segments, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention over keys split into segments (the shared-KV cache), one softmax over all.
+
+    q `[B, H, S, D]`; each segment `[B, H_kv, S_i, D]`; mask `[B, 1, S, sum S_i]` or None.
+    Softmax runs in fp32; no segment is copied or concatenated.
+    """
+    batch, heads, seq, dim = q.shape
+    kv_heads = segments[0][0].shape[1]
+    groups = heads // kv_heads
+    q = q.reshape(batch, kv_heads, groups * seq, dim)  # query head h = kv_head * groups + g
+    scores = torch.cat([q @ k.transpose(-1, -2) for k, _ in segments], dim=-1).float() * dim**-0.5
+    if mask is not None:
+        mask = mask.unsqueeze(2).expand(batch, 1, groups, seq, mask.shape[-1]).reshape(batch, 1, groups * seq, -1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(q.dtype)
+    out, begin = None, 0
+    for k, v in segments:
+        part = weights[..., begin : begin + k.shape[2]] @ v
+        out = part if out is None else out + part
+        begin += k.shape[2]
+    return out.reshape(batch, heads, seq, dim)
+
 
 class Attention(nn.Module):
     def __init__(self, config: OuroConfig) -> None:
@@ -109,6 +137,7 @@ class Attention(nn.Module):
         bias: AttentionBias,
         cache: KVCache | None,
         slot: int,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
@@ -116,7 +145,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(slot, cache.length, k, v)  # (B, Hkv, past + S, D)
+            segments = cache.update(slot, cache.length, k, v, rows)  # [(B, Hkv, S_i, D), ...]
+            if len(segments) > 1:
+                out = segmented_attention(q, segments, bias.mask)
+                return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+            k, v = segments[0]  # (B, Hkv, past + S, D)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
@@ -163,8 +196,9 @@ class DecoderLayer(nn.Module):
         bias: AttentionBias,
         cache: KVCache | None,
         slot: int,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, slot)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, slot, rows)
         x = x + self.input_layernorm_2(attn)
         mlp = self.mlp(self.post_attention_layernorm(x))
         return x + self.post_attention_layernorm_2(mlp)
@@ -212,17 +246,32 @@ class OuroForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def make_cache(self, batch_size: int, max_len: int, steps: int | None = None) -> KVCache:
+    def make_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        steps: int | None = None,
+        kv_mode: str = "full",
+        prompt_len: int | None = None,
+    ) -> KVCache:
+        """A cache for `max_len` tokens; `kv_mode="shared"` needs the prompt length."""
         steps = steps or self.config.total_ut_steps
-        return KVCache(
-            num_slots=steps * self.config.num_hidden_layers,
+        shape = dict(
+            num_steps=steps,
+            num_layers=self.config.num_hidden_layers,
             batch_size=batch_size,
             num_kv_heads=self.config.num_key_value_heads,
-            max_len=max_len,
             head_dim=self.config.head_dim,
             dtype=self.dtype,
             device=self.device,
         )
+        if kv_mode == "full":
+            return KVCache(max_len=max_len, **shape)
+        if kv_mode == "shared":
+            if prompt_len is None or not 0 < prompt_len <= max_len:
+                raise ValueError(f"kv_mode='shared' needs 0 < prompt_len <= max_len, got {prompt_len}")
+            return SharedKVCache(prompt_len=prompt_len, max_new=max_len - prompt_len, **shape)
+        raise ValueError(f"unknown kv_mode '{kv_mode}' (choose full or shared)")
 
     def run_steps(
         self,
@@ -297,6 +346,90 @@ class OuroForCausalLM(nn.Module):
         threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
         exit_steps = select_exit_steps(probs, threshold, self.config.early_exit_step)
         return self.lm_head(gather_steps(hidden, exit_steps)), exit_steps
+
+    def readout(self, out: StepOutput, policy: ExitPolicy, position: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply an exit policy to every step of one position (all steps were computed).
+
+        Returns the logits `[B, V]` each row reads and its 0-based exit step `[B]`.
+        """
+        hidden = out.hidden_states[:, :, position]  # (T, B, hidden)
+        lambdas = out.gate_lambda[:, :, position] if self.model.early_exit_gate is not None else None
+        steps, batch = hidden.shape[0], hidden.shape[1]
+        rows = torch.arange(batch, device=hidden.device)
+        policy.reset(batch, hidden.dtype, hidden.device)
+        exit_step = torch.full((batch,), steps - 1, dtype=torch.long, device=hidden.device)
+        decided = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
+        per_step_logits = []
+        for step in range(steps):
+            step_logits = self.lm_head(hidden[step]) if policy.needs_logits else None
+            per_step_logits.append(step_logits)
+            lam = None if lambdas is None else lambdas[step]
+            done = policy.exits(StepView(step, steps, rows, batch, lam, step_logits))
+            exit_step = torch.where(done & ~decided, step, exit_step)
+            decided |= done
+        mixed = policy.readout(per_step_logits)
+        if mixed is not None:
+            return mixed, exit_step
+        return self.lm_head(gather_steps(hidden.unsqueeze(2), exit_step.unsqueeze(1)).squeeze(1)), exit_step
+
+    def decode_step(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        cache: KVCache,
+        steps: int,
+        policy: ExitPolicy,
+        skip_compute: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per row `[B, 1]` through up to `steps` UT steps, with a cache.
+
+        After each step the policy says which rows exit; a row reads the logits of its exit step.
+        With `skip_compute` a row that exits stops computing: the active rows are compacted, and
+        the cache fills the (step, layer) slots it skipped (`KVCache.fill_skipped`). Without it,
+        every step runs and only the readout is chosen (the reference's behaviour).
+        Returns logits `[B, V]` and the 0-based exit step of each row `[B]`.
+        """
+        batch, num_layers = token_ids.shape[0], self.config.num_hidden_layers
+        position = cache.length
+        skip = skip_compute and policy.can_skip
+        bias = AttentionBias.build(key_valid, 1, position)
+        h = self.model.embed_tokens(token_ids)  # (B, 1, hidden)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        policy.reset(batch, h.dtype, h.device)
+        rows = torch.arange(batch, device=h.device)
+        subset: torch.Tensor | None = None  # None while every row is still computing
+        exit_step = torch.full((batch,), steps - 1, dtype=torch.long, device=h.device)
+        decided = torch.zeros(batch, dtype=torch.bool, device=h.device)
+        logits = torch.empty(batch, self.config.vocab_size, dtype=h.dtype, device=h.device)
+        per_step_logits = []
+        for step in range(steps):
+            step_bias = bias.select(subset)
+            step_cos, step_sin = (cos, sin) if subset is None else (cos[subset], sin[subset])
+            for index, layer in enumerate(self.model.layers):
+                h = layer(h, step_cos, step_sin, step_bias, cache, step * num_layers + index, subset)
+            h = self.model.norm(h)
+            lam = None
+            if self.model.early_exit_gate is not None:
+                lam = torch.sigmoid(self.model.early_exit_gate(h[:, 0]).squeeze(-1))  # (N,)
+            step_logits = self.lm_head(h[:, 0]) if policy.needs_logits else None
+            per_step_logits.append(step_logits)
+            done = policy.exits(StepView(step, steps, rows, batch, lam, step_logits))
+            first = done & ~decided[rows]
+            if first.any():
+                exiting = rows[first]
+                logits[exiting] = step_logits[first] if step_logits is not None else self.lm_head(h[first, 0])
+                exit_step[exiting] = step
+                decided[exiting] = True
+            if skip and done.any() and step < steps - 1:
+                cache.fill_skipped(rows[done], step, position)
+                rows, h = rows[~done], h[~done]
+                subset = rows
+                if rows.numel() == 0:
+                    break
+        cache.advance(1)
+        mixed = policy.readout(per_step_logits)
+        return (logits if mixed is None else mixed), exit_step
 
     def step_logprobs(
         self,
