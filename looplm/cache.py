@@ -24,6 +24,14 @@ import torch
 Segments = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def kv_bytes_per_token(
+    num_steps: int, num_layers: int, num_kv_heads: int, head_dim: int, element_size: int, kv_mode: str = "full"
+) -> int:
+    """Cache bytes one decoded token adds: K and V for each (step, layer) slot, or per layer if shared."""
+    slots = num_steps * num_layers if kv_mode == "full" else num_layers
+    return 2 * slots * num_kv_heads * head_dim * element_size
+
+
 def _select(buffer: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return buffer if rows is None else buffer[rows]
 

@@ -52,6 +52,9 @@ def stream_text(
     steps: int | None = None,
     stop: str | Sequence[str] | None = None,
     enable_thinking: bool = False,
+    exit_policy: str | None = None,
+    kv_mode: str = "full",
+    skip_compute: bool = False,
 ) -> Iterator[TextChunk]:
     tokenizer = _tokenizer(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -63,7 +66,8 @@ def stream_text(
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     held, new_ids, exit_steps, finish = "", [], [], "length"
     events = stream_generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
-                             stop=stops or None, steps=steps, stats=stats)
+                             stop=stops or None, steps=steps, stats=stats, exit_policy=exit_policy,
+                             kv_mode=kv_mode, skip_compute=skip_compute)
     # closing(): stream_generate holds torch.inference_mode open until it is closed.
     with closing(events):
         for event in events:

@@ -6,11 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from looplm.default_model import write_random_checkpoint
 
 FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ouro-tiny"
+
+# The test models are tiny: a second thread buys nothing, and on a busy machine OpenMP's
+# barrier waits make tiny ops 10-50x slower. Benchmarks use every thread.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -88,6 +88,18 @@ def test_generate_json_is_greedy_and_deterministic(default_model) -> None:  # no
     assert runs[1]["new_ids"] == first["new_ids"] and runs[1]["text"] == first["text"]
 
 
+def test_generate_json_reports_exit_steps_and_kv_mode(default_model) -> None:  # noqa: ANN001
+    args = ["generate", "Hello", "--max-new-tokens", "10", "--json", "--exit-policy", "gate", "--exit-threshold",
+            "0.5", "--skip-compute"]
+    full = json.loads(invoke(*args).stdout)
+    shared = json.loads(invoke(*args, "--kv-mode", "shared").stdout)
+    assert len(full["steps_per_token"]) == 10
+    assert all(1 <= n <= 4 for n in full["steps_per_token"])
+    assert full["mean_steps"] == sum(full["steps_per_token"]) / 10
+    assert full["kv_mode"] == "full" and shared["kv_mode"] == "shared"
+    assert full["kv_bytes_per_token"] == 4 * shared["kv_bytes_per_token"]
+
+
 def test_generate_seed_is_reproducible() -> None:
     def sample(seed: str) -> list[int]:
         args = ["generate", "Hello", "--max-new-tokens", "16", "--temperature", "1.0", "--json", "--seed", seed]
@@ -164,6 +176,8 @@ def test_corrupt_config_is_one_line_error(tmp_path: Path) -> None:
         (["--steps", "9"], "steps"),
         (["--dtype", "int3"], "dtype"),
         (["--stop", ""], "stop"),
+        (["--exit-policy", "sometimes"], "exit-policy"),
+        (["--kv-mode", "half"], "kv-mode"),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], needle: str) -> None:

@@ -30,14 +30,18 @@ def chat(
     exit_threshold: common.ExitThreshold = None,
     seed: common.Seed = None,
     stop: common.Stop = None,
+    exit_policy: common.ExitPolicyName = None,
+    kv_mode: common.KvMode = "full",
+    skip_compute: common.SkipCompute = False,
     system: Annotated[Optional[str], common.option("System prompt.", default_in_help=True)] = None,
     think: Annotated[bool, common.option("Open a <think> block in the prompt (enable_thinking).", "--think")] = False,
     hide_think: Annotated[bool, common.option("Do not show <think> reasoning.", "--hide-think")] = False,
 ) -> None:
     """Chat with the model; one message per line, /reset and /exit."""
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
+    exits = common.ExitOptions(exit_policy, kv_mode, skip_compute)
     lm = common.load_model(model, dtype, device, steps)
-    options = sampling.for_model(lm)
+    options = {**sampling.for_model(lm), **exits.as_kwargs()}
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     interactive = sys.stdin.isatty()

@@ -100,6 +100,36 @@ Stop = Annotated[Optional[list[str]], option(
 )]
 
 
+ExitPolicyName = Annotated[Optional[str], option(
+    "Exit policy: last, gate, confidence, kl, fixed, weighted (default: the reference's gate rule at the "
+    "config's threshold).", "--exit-policy", default_in_help=True,
+)]
+KvMode = Annotated[str, option("KV cache: full (one entry per step and layer) or shared (one per layer for "
+                               "decoded tokens; 1/steps of the memory).", "--kv-mode")]
+SkipCompute = Annotated[bool, option("Stop computing a token's loops once it exits (saves compute).",
+                                     "--skip-compute/--no-skip-compute")]
+
+
+@dataclass(frozen=True)
+class ExitOptions:
+    exit_policy: Optional[str]
+    kv_mode: str
+    skip_compute: bool
+
+    def __post_init__(self) -> None:
+        from looplm.errors import GenerationError
+        from looplm.exit import POLICY_NAMES
+        from looplm.generate import KV_MODES
+
+        if self.exit_policy is not None and self.exit_policy not in POLICY_NAMES:
+            raise GenerationError(f"--exit-policy must be one of {', '.join(POLICY_NAMES)}, got '{self.exit_policy}'")
+        if self.kv_mode not in KV_MODES:
+            raise GenerationError(f"--kv-mode must be one of {', '.join(KV_MODES)}, got '{self.kv_mode}'")
+
+    def as_kwargs(self) -> dict:
+        return {"exit_policy": self.exit_policy, "kv_mode": self.kv_mode, "skip_compute": self.skip_compute}
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     max_new_tokens: int
@@ -137,6 +167,15 @@ class SamplingOptions:
             "seed": self.seed,
             "stop": list(self.stop or []),
         }
+
+
+def kv_bytes(model, kv_mode: str) -> int:  # noqa: ANN001
+    """KV-cache bytes per decoded token of a loaded model in the given mode."""
+    from looplm.cache import kv_bytes_per_token
+
+    config = model.config
+    return kv_bytes_per_token(config.total_ut_steps, config.num_hidden_layers, config.num_key_value_heads,
+                              config.head_dim, model.lm_head.weight.element_size(), kv_mode)
 
 
 def load_model(model: Optional[str], dtype: str, device: str, steps: Optional[int]):  # noqa: ANN201

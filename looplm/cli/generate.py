@@ -24,6 +24,9 @@ def generate(
     exit_threshold: common.ExitThreshold = None,
     seed: common.Seed = None,
     stop: common.Stop = None,
+    exit_policy: common.ExitPolicyName = None,
+    kv_mode: common.KvMode = "full",
+    skip_compute: common.SkipCompute = False,
     chat: Annotated[bool, common.option("Send the prompt as one user message via the chat template", "--chat")] = False,
     as_json: Annotated[bool, common.option("Print one JSON object (ids, text, timings).", "--json")] = False,
 ) -> None:
@@ -31,10 +34,11 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
+    exits = common.ExitOptions(exit_policy, kv_mode, skip_compute)
     lm = common.load_model(model, dtype, device, steps)
     request = [{"role": "user", "content": prompt}] if chat else prompt
     text = []
-    for chunk in stream_text(lm, request, **sampling.for_model(lm)):
+    for chunk in stream_text(lm, request, **sampling.for_model(lm), **exits.as_kwargs()):
         text.append(chunk.text)
         if not as_json:
             sys.stdout.write(chunk.text)
@@ -50,6 +54,11 @@ def generate(
             "usage": {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens},
             "timings": {"prefill_s": stats.prefill_s, "decode_s": stats.decode_s, "decode_tok_s": stats.decode_tok_s},
             "mean_exit_step": chunk.mean_exit_step,
+            "steps_per_token": stats.steps_per_token[0] if stats.steps_per_token else [],
+            "mean_steps": stats.mean_steps,
+            "exit_policy": exit_policy or "default",
+            "kv_mode": kv_mode,
+            "kv_bytes_per_token": common.kv_bytes(lm, kv_mode),
         }))
         return
     sys.stdout.write("\n")

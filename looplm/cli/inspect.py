@@ -15,9 +15,9 @@ TENSORS_SHOWN = 20
 def summary(lm) -> dict:  # noqa: ANN001
     config = lm.config
     params = sum(p.numel() for p in lm.parameters())  # a tied lm_head is counted once
-    dtype_bytes = lm.dtype.itemsize
-    # K and V, for every (UT step, layer) slot.
-    kv_per_token = 2 * config.num_kv_slots * config.num_key_value_heads * config.head_dim * dtype_bytes
+    # K and V, for every (UT step, layer) slot; the shared mode keeps one per layer for decoded tokens.
+    kv_per_token = common.kv_bytes(lm, "full")
+    kv_shared = common.kv_bytes(lm, "shared")
     tok = lm.tokenizer
     return {
         "model": lm.source,
@@ -27,6 +27,7 @@ def summary(lm) -> dict:  # noqa: ANN001
         "parameters": params,
         "weight_bytes": {name: int(params * size) for name, size in BYTES_PER_PARAM.items()},
         "kv_bytes_per_token": kv_per_token,
+        "kv_bytes_per_token_shared": kv_shared,
         "kv_bytes_full_context": kv_per_token * config.max_position_embeddings,
         "kv_slots": config.num_kv_slots,
         "stop_ids": list(lm.generation_defaults.get("eos_token_ids", config.eos_token_ids)),
@@ -90,6 +91,7 @@ def inspect(
         ("parameters", f"{info['parameters']:,}"),
         *((f"weights {name} (est.)", _size(n)) for name, n in info["weight_bytes"].items()),
         (f"KV bytes per token ({kv_dtype})", f"{info['kv_bytes_per_token']:,}"),
+        ("KV bytes per decoded token, --kv-mode shared", f"{info['kv_bytes_per_token_shared']:,}"),
         (f"KV at {info['config']['max_position_embeddings']:,} tokens", _size(info["kv_bytes_full_context"])),
         ("KV slots (steps x layers)", info["kv_slots"]),
     ]))

@@ -1,0 +1,63 @@
+"""`looplm train`: Stage I (LM + exit gate) or Stage II (gate only) training of an Ouro-layout model.
+
+Runs as one process or under `torchrun --nproc-per-node N` (DDP). The work is in `looplm.train`.
+"""
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from looplm.cli import common
+from looplm.errors import LooplmError
+
+
+def _opt(help: str, *names: str):  # noqa: A002, ANN202
+    return typer.Option(*names, help=help)
+
+
+@common.app.command()
+def train(
+    data: Annotated[Path, _opt("Data directory (tokenizer + token files + data.json; see looplm.train.data).")],
+    out: Annotated[Path, _opt("Output directory: HF-layout checkpoint, trainer_state.pt, log and plot.")],
+    model_config: Annotated[Optional[Path], _opt("JSON model config for a new model.")] = None,
+    init_from: Annotated[Optional[Path], _opt("Start from this checkpoint directory instead.")] = None,
+    stage: Annotated[int, _opt("1: LM + gate (expected loss - beta * entropy); 2: gate only, LM frozen.")] = 1,
+    steps: Annotated[int, _opt("Optimizer steps.")] = 100,
+    batch_size: Annotated[int, _opt("Global sequences per optimizer step (all processes).")] = 16,
+    micro_batch: Annotated[int, _opt("Sequences per forward pass per process (0 = all of its share).")] = 0,
+    seq_len: Annotated[int, _opt("Tokens per sequence.")] = 256,
+    lr: Annotated[float, _opt("Peak learning rate.")] = 1e-3,
+    min_lr_ratio: Annotated[float, _opt("Final learning rate as a fraction of the peak (cosine).")] = 0.1,
+    warmup: Annotated[int, _opt("Linear warmup steps.")] = 50,
+    weight_decay: Annotated[float, _opt("AdamW weight decay (matrices only).")] = 0.1,
+    beta: Annotated[float, _opt("Stage I entropy weight.")] = 0.1,
+    bf16: Annotated[bool, _opt("bf16 autocast.", "--bf16/--no-bf16")] = True,
+    grad_checkpointing: Annotated[bool, _opt("Recompute layer activations in backward.", "--grad-checkpointing")] = False,
+    save_every: Annotated[int, _opt("Save a checkpoint every N steps (0 = only at the end).")] = 0,
+    seed: Annotated[int, _opt("Seed for init and data order.")] = 0,
+    resume: Annotated[bool, _opt("Continue from OUT/trainer_state.pt.", "--resume")] = False,
+    device: common.Device = "auto",
+    progress: Annotated[bool, _opt("Show a progress bar.", "--progress/--no-progress")] = True,
+) -> None:
+    """Train an Ouro-architecture model with the LoopLM objective; loss per step goes to OUT/train_log.jsonl."""
+    from looplm.train.trainer import TrainConfig, train as run
+
+    raw = None
+    if model_config is not None:
+        try:
+            raw = json.loads(model_config.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LooplmError(f"{model_config}: cannot read the model config ({exc})") from None
+    config = TrainConfig(
+        data_dir=data, out_dir=out, model_config=raw, init_from=init_from, stage=stage, steps=steps,
+        batch_size=batch_size, micro_batch=micro_batch, seq_len=seq_len, lr=lr, min_lr_ratio=min_lr_ratio,
+        warmup_steps=warmup, weight_decay=weight_decay, beta=beta, bf16=bf16, grad_checkpointing=grad_checkpointing,
+        save_every=save_every, seed=seed, resume=resume, device=device, progress=progress,
+    )
+    if stage not in (1, 2):
+        raise LooplmError(f"--stage must be 1 or 2, got {stage}")
+    final = run(config)
+    if final:
+        common.stderr().print(f"step {final['step']}: loss {final['loss']:.4f}; checkpoint in {out}")
