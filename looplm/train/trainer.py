@@ -1,0 +1,398 @@
+"""The training loop for Ouro-architecture models: Stage I (LM + gate) or Stage II (gate only).
+
+Contract:
+- `TrainConfig` holds every knob; `train(config)` runs the loop and returns the final log row.
+- One optimizer step sees `batch_size` sequences (the *global* batch) of `seq_len` tokens,
+  split evenly over the processes and, inside a process, into micro-batches of `micro_batch`.
+  The data of step s depends only on (seed, s), so a resumed run or an N-process run sees the
+  same global batch as a single-process run; losses are means over all tokens of the batch.
+- Distributed: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DDP, gloo on CPU and
+  nccl on GPU. Only rank 0 writes files.
+- Output directory = an HF-layout checkpoint (`looplm.train.saving`) loadable by `looplm.load`,
+  plus `trainer_state.pt` (fp32 weights, AdamW state, step, RNG) for `resume`, `train_log.jsonl`
+  (one row per step) and `train_loss.png`.
+- AdamW (betas 0.9/0.95), linear warmup then cosine decay to `min_lr_ratio * lr`, gradient
+  clipping at `clip`, bf16 autocast (CPU and CUDA) and optional per-layer activation
+  checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from looplm.config import OuroConfig
+from looplm.errors import LooplmError
+from looplm.models.ouro import OuroForCausalLM
+from looplm.tokenizer import Tokenizer
+from looplm.train.data import TokenBatches
+from looplm.train.objective import per_step_token_loss, stage1_loss, stage2_loss
+from looplm.train.saving import STATE_FILE, save_checkpoint
+
+LOG_FILE, PLOT_FILE = "train_log.jsonl", "train_loss.png"
+
+
+@dataclass
+class TrainConfig:
+    data_dir: Path
+    out_dir: Path
+    model_config: dict | None = None  # config.json dict for a new model (vocab_size defaults to the tokenizer's)
+    init_from: Path | None = None  # or start from this HF-layout checkpoint
+    stage: int = 1  # 1: LM + gate (spec 8.1); 2: gate only, LM frozen (spec 8.2)
+    steps: int = 100  # optimizer steps
+    batch_size: int = 16  # global sequences per optimizer step
+    micro_batch: int = 0  # sequences per forward pass in one process (0: all of this process's share)
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0
+    beta: float = 0.1  # entropy weight of Stage I
+    bf16: bool = True
+    grad_checkpointing: bool = False
+    save_every: int = 0  # 0: save only at the end
+    seed: int = 0
+    resume: bool = False
+    stop_at: int | None = None  # end after this step (checkpoint saved), as if interrupted; --resume continues
+    device: str = "auto"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # recorded in the log header, e.g. a recipe name
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine from `lr` down to `min_lr_ratio * lr` at `steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def init_weights(model: OuroForCausalLM, std: float = 0.02) -> None:
+    """Normal(0, std) matrices, output projections scaled by 1/sqrt(2 * layer passes), gate bias 0, norms 1."""
+    passes = model.config.num_hidden_layers * model.config.total_ut_steps
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.fill_(1.0)
+            elif name.endswith("early_exit_gate.bias"):
+                param.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.normal_(0.0, std / math.sqrt(2 * passes))
+            else:
+                param.normal_(0.0, std)
+
+
+def enable_grad_checkpointing(model: OuroForCausalLM) -> None:
+    """Recompute each decoder layer's activations in backward instead of storing them.
+
+    Done here, by wrapping each layer's forward, so the model file stays free of training flags.
+    """
+    for layer in model.model.layers:
+        plain = layer.forward
+
+        def forward(*args, _plain=plain, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
+class StepLogits(nn.Module):
+    """What DDP wraps: tokens `[B, S]` -> per-step logits `[T, B, S, V]` and gate logits `[T, B, S]`.
+
+    The gate logits are recomputed from the normed per-step states (the model exposes only
+    sigmoid(gate)); Stage II runs the frozen LM without autograd and trains the gate alone.
+    """
+
+    def __init__(self, model: OuroForCausalLM, stage: int) -> None:
+        super().__init__()
+        self.model, self.stage = model, stage
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+        with torch.set_grad_enabled(self.stage == 1 and torch.is_grad_enabled()):
+            out = self.model.run_steps(input_ids, positions)
+            logits = self.model.lm_head(out.hidden_states)  # (T, B, S, V)
+        gate_logits = self.model.model.early_exit_gate(out.hidden_states.detach() if self.stage == 2 else
+                                                       out.hidden_states).squeeze(-1)  # (T, B, S)
+        return logits, gate_logits
+
+
+# -- distributed helpers -------------------------------------------------------------------------
+
+
+def _setup_distributed(device_option: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_option == "auto" else device_option.startswith("cuda")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def _mean_across(value: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world
+    return value
+
+
+# -- model / state -------------------------------------------------------------------------------
+
+
+def _build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[OuroForCausalLM, dict]:
+    if config.init_from is not None:
+        from looplm.loading import load
+
+        model = load(config.init_from, dtype="float32")
+        raw = json.loads((Path(config.init_from) / "config.json").read_text())
+        model.tokenizer = None
+        return model.train(), raw
+    if config.model_config is None:
+        raise LooplmError("give a model config (--model-config) for a new model, or a checkpoint (--init-from)")
+    raw = {"architectures": ["OuroForCausalLM"], "model_type": "ouro", **config.model_config}
+    raw.setdefault("vocab_size", tokenizer.vocab_size)
+    if raw["vocab_size"] < tokenizer.vocab_size:
+        raise LooplmError(f"vocab_size {raw['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    raw.setdefault("eos_token_id", tokenizer.eos_id)
+    raw.setdefault("pad_token_id", tokenizer.pad_id)
+    raw.setdefault("torch_dtype", "bfloat16")
+    model = OuroForCausalLM(OuroConfig.from_dict(raw, source="model config"))
+    init_weights(model)
+    return model, raw
+
+
+def _rng_state() -> dict:
+    # Batches come from their own (seed, step) generator; this covers any other torch randomness.
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _params_for_decay(model: nn.Module) -> list[dict]:
+    """Weight decay on matrices only (not norms, biases or the gate bias)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> dict:
+    rank, world, device = _setup_distributed(config.device)
+    if device.type == "cpu":
+        # Adam's second moments and small gradients go subnormal within a few steps; x86 CPUs then
+        # run those ops ~10x slower. Flushing them to zero changes nothing that matters here.
+        torch.set_flush_denormal(True)
+    try:
+        return _train(config, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    out = Path(config.out_dir)
+    if config.batch_size % world:
+        raise LooplmError(f"batch_size {config.batch_size} is not a multiple of the {world} processes")
+    local_batch = config.batch_size // world
+    micro = config.micro_batch or local_batch
+    if local_batch % micro:
+        raise LooplmError(f"micro_batch {micro} does not divide the per-process batch {local_batch}")
+    accum = local_batch // micro
+
+    tokenizer = Tokenizer.from_dir(config.data_dir)
+    batches = TokenBatches(Path(config.data_dir), config.seq_len, config.seed)
+    torch.manual_seed(config.seed)
+    model, raw_config = _build_model(config, tokenizer)
+    if config.stage == 2:
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("model.early_exit_gate.")
+    model.to(device)
+    if config.grad_checkpointing and config.stage == 1:
+        enable_grad_checkpointing(model)
+    optimizer = torch.optim.AdamW(
+        _params_for_decay(model), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+        foreach=device.type == "cuda",
+    )
+    start_step = 0
+    state_file = out / STATE_FILE
+    if config.resume:
+        if not state_file.exists():
+            raise LooplmError(f"{state_file}: nothing to resume from; drop --resume to start fresh")
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        _set_rng_state(state["rng"])
+    module: nn.Module = StepLogits(model, config.stage)
+    if world > 1:
+        module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:
+            header = {"event": "start", "world_size": world, "config": _jsonable(asdict(config)), "model": raw_config,
+                      "parameters": sum(p.numel() for p in model.parameters())}
+            (out / LOG_FILE).write_text(json.dumps(header) + "\n")
+    progress = _Progress(config.steps, start_step, enabled=config.progress and rank == 0)
+    row: dict = {}
+    started = time.perf_counter()
+    for step in range(start_step, config.steps):
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tokens = batches.global_batch(step, config.batch_size)[rank * local_batch : (rank + 1) * local_batch]
+        sums: dict[str, torch.Tensor] = {}
+        for index in range(accum):
+            chunk = tokens[index * micro : (index + 1) * micro].to(device)
+            inputs, targets = chunk[:, :-1], chunk[:, 1:]
+            # DDP all-reduces only on the last micro-batch; equal-sized micro-batches make the mean exact.
+            sync = index == accum - 1 or world == 1
+            with _maybe_no_sync(module, sync), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                logits, gate_logits = module(inputs)
+                parts = _loss(config, logits, gate_logits, targets)
+            (parts["loss"] / accum).backward()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0) + value.detach().float() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats = {k: _mean_across(v.to(device), world).cpu() for k, v in sums.items()}
+        row = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
+               "tokens": (step + 1) * config.batch_size * config.seq_len,
+               "elapsed_s": round(time.perf_counter() - started, 2)}
+        row.update({k: (v.tolist() if v.dim() else float(v)) for k, v in stats.items()})
+        if rank == 0:
+            with (out / LOG_FILE).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        progress.update(row)
+        last = step + 1 == config.steps or step + 1 == config.stop_at
+        if (config.save_every and (step + 1) % config.save_every == 0) or last:
+            if rank == 0:
+                save_checkpoint(out, model, raw_config, tokenizer, optimizer, step + 1, _rng_state())
+                plot_log(out / LOG_FILE, out / PLOT_FILE)
+            if world > 1:
+                dist.barrier()
+        if last:
+            break
+    progress.close()
+    return row
+
+
+def _loss(config: TrainConfig, logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    if config.stage == 1:
+        result = stage1_loss(logits, gate_logits, targets, beta=config.beta)
+        return {"loss": result.loss, "expected_ce": result.expected_ce, "entropy": result.entropy,
+                "step_ce": result.step_ce, "exit_probs": result.exit_probs}
+    token_loss = per_step_token_loss(logits.detach(), targets)
+    result = stage2_loss(gate_logits, token_loss)
+    return {"loss": result.loss, "step_bce": result.step_bce, "continue_target": result.continue_target,
+            "step_ce": token_loss.mean(dim=(1, 2))}
+
+
+class _maybe_no_sync:
+    """`module.no_sync()` on micro-batches that should not all-reduce yet (DDP only)."""
+
+    def __init__(self, module: nn.Module, sync: bool) -> None:
+        self.ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else None
+
+    def __enter__(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+class _Progress:
+    """A rich progress bar showing the latest loss (rank 0 only)."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=done, info="")
+            self.bar.start()
+
+    def update(self, row: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=row["step"], info=f"loss {row['loss']:.4f} lr {row['lr']:.2e}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _jsonable(value):  # noqa: ANN001, ANN202
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def read_log(path: Path) -> list[dict]:
+    """The per-step rows of a train_log.jsonl (the header line is skipped)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if "step" in r]
+
+
+def plot_log(log: Path, png: Path) -> None:
+    """Loss per step (and each UT step's cross-entropy) to a PNG; skipped with a note if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed; {png.name} not written (pip install matplotlib)")
+        return
+    rows = read_log(log)
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in rows], label="loss", color="black", linewidth=1.2)
+    if "step_ce" in rows[0]:
+        for t in range(len(rows[0]["step_ce"])):
+            ax.plot(steps, [r["step_ce"][t] for r in rows], label=f"CE at UT step {t + 1}", linewidth=0.8, alpha=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats / token")
+    ax.set_title(f"{log.parent.name}: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

