@@ -1,0 +1,122 @@
+"""The held-out arithmetic task: exact-match accuracy of greedy answers, per loop count.
+
+Problems come from `looplm.train.data.arithmetic_problems(held_out=True)`: a hash split that
+training never draws from. The prompt is `<|endoftext|>` + "a+b=" and the answer is read up to
+the first newline. Decoding is greedy and recomputes the whole (short) sequence each token,
+so the exit rule is applied here, explicitly, per token:
+
+- `exit_policy="last"`: run `steps` loops and read the last one's logits (fixed depth).
+- `exit_policy="threshold"`: run `steps` loops and read, per token, the first step whose
+  cumulative exit probability (fp32) reaches `exit_threshold`; `mean_steps` is the average
+  step read over answer tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from looplm.config import MAX_STEPS, MIN_STEPS
+from looplm.errors import LooplmError
+from looplm.exit import gather_steps, threshold_exit_steps
+from looplm.models.ouro import OuroForCausalLM
+from looplm.train.data import END_OF_TEXT, Problem, arithmetic_problems
+
+TASK = "arithmetic"
+
+
+@torch.inference_mode()
+def greedy_answers(
+    model: OuroForCausalLM,
+    prompts: list[list[int]],
+    steps: int,
+    exit_threshold: float | None,
+    max_new_tokens: int,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy continuations of left-padded `prompts`; also the 1-based UT step read for each new token."""
+    pad = model.generation_defaults.get("pad_token_id", 0) or 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    new_ids, new_steps = [], []
+    for _ in range(max_new_tokens):
+        out = model.run_steps(ids, _positions(mask), key_valid=mask.bool(), steps=steps)
+        hidden, probs = out.hidden_states[:, :, -1:], out.exit_probs[:, :, -1:]  # (T, B, 1, H), (T, B, 1)
+        if exit_threshold is None:
+            exit_steps = torch.full(probs.shape[1:], steps - 1, dtype=torch.long, device=ids.device)
+        else:
+            exit_steps = threshold_exit_steps(probs, exit_threshold, cdf_dtype=torch.float32)
+        logits = model.lm_head(gather_steps(hidden, exit_steps))  # (B, 1, V)
+        token = logits[:, -1].argmax(-1)
+        new_ids.append(token)
+        new_steps.append(exit_steps[:, -1] + 1)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    tokens = torch.stack(new_ids, dim=1).tolist()
+    used = torch.stack(new_steps, dim=1).tolist()
+    return tokens, used
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def evaluate_arithmetic(
+    model: OuroForCausalLM,
+    steps_list: list[int],
+    n: int = 500,
+    seed: int = 1234,
+    exit_threshold: float | None = None,
+    batch_size: int = 125,
+    max_digits: int = 3,
+) -> dict:
+    """Exact-match accuracy on `n` held-out problems for each loop count in `steps_list`."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise LooplmError("the arithmetic eval needs the model's tokenizer; this model was loaded without one")
+    problems = arithmetic_problems(n, seed=seed, held_out=True, max_digits=max_digits)
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    prefix = [eot] if eot is not None else []
+    results = []
+    for steps in steps_list:
+        if not isinstance(steps, int) or not MIN_STEPS <= steps <= MAX_STEPS:
+            raise LooplmError(f"steps must be integers from {MIN_STEPS} to {MAX_STEPS}, got {steps!r}")
+        correct, step_sum, step_count = 0, 0, 0
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            prompts = [prefix + tokenizer.encode(p.prompt) for p in chunk]
+            tokens, used = greedy_answers(model, prompts, steps, exit_threshold, max_new_tokens=max_digits + 3)
+            for problem, row, row_steps in zip(chunk, tokens, used):
+                text = tokenizer.decode(row)
+                answer = text.split("\n", 1)[0]
+                correct += answer.strip() == problem.answer
+                kept = _answer_token_count(tokenizer, row)
+                step_sum += sum(row_steps[:kept])
+                step_count += kept
+        results.append({
+            "steps": steps,
+            "exit_policy": "last" if exit_threshold is None else "threshold",
+            "exit_threshold": exit_threshold,
+            "accuracy": correct / len(problems),
+            "mean_steps": step_sum / max(1, step_count),
+            "n": len(problems),
+        })
+    return {"task": TASK, "model": model.source, "results": results}
+
+
+def _answer_token_count(tokenizer, row: list[int]) -> int:  # noqa: ANN001
+    """Tokens up to and including the one that ends the answer line (all if none does)."""
+    for index in range(len(row)):
+        if "\n" in tokenizer.decode(row[: index + 1]):
+            return index + 1
+    return len(row)
+
+
+def format_table(results: dict) -> str:
+    lines = ["| steps | exit policy | accuracy | mean steps | n |", "|---|---|---|---|---|"]
+    for r in results["results"]:
+        policy = r["exit_policy"] if r["exit_threshold"] is None else f"threshold {r['exit_threshold']}"
+        lines.append(f"| {r['steps']} | {policy} | {r['accuracy']:.3f} | {r['mean_steps']:.2f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+__all__ = ["Problem", "TASK", "evaluate_arithmetic", "format_table", "greedy_answers"]
