@@ -164,3 +164,19 @@ def test_shared_kv_batched_equals_solo(model) -> None:  # noqa: ANN001
     batch = prompts([4, 9], seed=10)
     kwargs = dict(kv_mode="shared", exit_policy="gate", exit_threshold=0.5, skip_compute=True, eos_token_ids=[])
     assert model.generate(batch, 8, **kwargs) == [model.generate(p, 8, **kwargs)[0] for p in batch]
+
+
+def test_teacher_forced_decode_matches_full_forward(model) -> None:  # noqa: ANN001
+    """The quality harness's decode path scores exactly what a full forward pass scores."""
+    from looplm.exit_quality import teacher_forced
+
+    ids = prompts([20], seed=12)[0]
+    result = teacher_forced(model, ids, 8, "last", None, "full", False)
+    with torch.inference_mode():
+        logits = model.forward_steps(torch.tensor([ids])).logits[-1, 0]
+    logp = torch.log_softmax(logits.float(), -1)
+    expected = -sum(float(logp[i - 1, ids[i]]) for i in range(8, 20))
+    assert result["tokens"] == 12 and result["steps"] == [4] * 12
+    assert abs(result["nll"] - expected) < 1e-3
+    skipped = teacher_forced(model, ids, 8, "fixed", 1.0, "full", True)
+    assert skipped["steps"][1:] == [1] * 11 and skipped["nll"] != result["nll"]
