@@ -57,6 +57,17 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens stored so far (same in every slot)
 
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, num_steps: int, length: int) -> KVCache:
+        """A full-mode cache over existing buffers `[T*L, B, H_kv, S_max, D]`, e.g. the first B rows
+        of a bigger batch buffer (the server's continuous batching). Nothing is allocated or copied."""
+        assert keys.shape == values.shape and keys.shape[0] % num_steps == 0, (keys.shape, values.shape, num_steps)
+        cache = cls.__new__(cls)
+        cache.num_steps, cache.num_layers = num_steps, keys.shape[0] // num_steps
+        cache.keys, cache.values = keys, values
+        cache.max_len, cache.length = keys.shape[3], length
+        return cache
+
     @property
     def num_slots(self) -> int:
         return self.keys.shape[0]

@@ -1,0 +1,191 @@
+"""One running batch of the server: rows that share a loop configuration and one KV buffer.
+
+Continuous batching with left padding. The batch buffer is `[T*L, B_cap, H_kv, S_cap, D]`
+with one write cursor `length` for all rows. A row's tokens are contiguous: columns
+`[start, length)` of its buffer row, and the key-validity mask `valid` hides everything before
+`start`. RoPE positions are per row (`next_position`), so a row sees exactly what it would see
+alone, only left-padded.
+
+- join: a request is prefilled alone (batch 1), then its n prompt columns are copied to
+  `[length - n, length)` of a free buffer row. If n > length the whole batch first moves right
+  by n - length (more left padding for the others).
+- decode: one token for every row through `model.decode_step`, with the validity mask.
+- leave: the last buffer row moves into the hole (one row copied), and once the leading
+  columns are padding for every row the batch moves left (compaction).
+
+`kv_mode="shared"` is served with the shared mode's semantics on this full layout: after each
+decode step, the K/V of the last step a token computed is copied into every step's slot at
+that position, so every step of a later token reads that one entry, as `SharedKVCache` does.
+It does not save the memory that `SharedKVCache` saves (that cache has one prompt boundary for
+the whole batch, which rows joining at different times do not have).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from looplm.cache import KVCache
+from looplm.exit import ExitPolicy, make_policy
+from looplm.models.ouro import OuroForCausalLM
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What decides which batch a request joins: `decode_step` takes one of each per call."""
+
+    steps: int
+    exit_policy: str | None
+    exit_threshold: float | None
+    kv_mode: str
+    skip_compute: bool
+
+
+class Batch:
+    def __init__(self, model: OuroForCausalLM, loop: LoopConfig, max_width: int) -> None:
+        self.model, self.loop, self.max_width = model, loop, max_width
+        config = model.config
+        self.policy: ExitPolicy = make_policy(
+            loop.exit_policy, loop.exit_threshold, loop.steps, config.early_exit_threshold, config.early_exit_step
+        )
+        self.slots = loop.steps * config.num_hidden_layers
+        self.rows: list = []  # row i of the buffer holds rows[i] (objects with start, next_position, last_token)
+        self.length = 0
+        self.keys = self.values = self.valid = None  # allocated on first join
+        self.prefill_cache: KVCache | None = None
+
+    # -- buffers -------------------------------------------------------------------------------
+
+    def _allocate(self, rows: int, width: int) -> None:
+        """(Re)allocate for at least `rows` x `width`, keeping what is stored."""
+        cap_rows = 0 if self.keys is None else self.keys.shape[1]
+        cap_width = 0 if self.keys is None else self.keys.shape[3]
+        if rows <= cap_rows and width <= cap_width:
+            return
+        new_rows = max(rows, min(2 * cap_rows, rows + 8)) if rows > cap_rows else cap_rows
+        new_width = max(width, min(2 * cap_width, self.max_width)) if width > cap_width else cap_width
+        config = self.model.config
+        shape = (self.slots, new_rows, config.num_key_value_heads, new_width, config.head_dim)
+        keys = torch.zeros(shape, dtype=self.model.dtype, device=self.model.device)
+        values = torch.zeros_like(keys)
+        valid = torch.zeros(new_rows, new_width, dtype=torch.bool, device=self.model.device)
+        if self.keys is not None and self.rows:
+            used, length = len(self.rows), self.length
+            keys[:, :used, :, :length] = self.keys[:, :used, :, :length]
+            values[:, :used, :, :length] = self.values[:, :used, :, :length]
+            valid[:used, :length] = self.valid[:used, :length]
+        self.keys, self.values, self.valid = keys, values, valid
+
+    def _shift(self, offset: int) -> None:
+        """Move every stored column by `offset` (> 0: right, more padding; < 0: left, compaction)."""
+        used, length = len(self.rows), self.length
+        if offset == 0 or used == 0:
+            return
+        src = slice(0, length) if offset > 0 else slice(-offset, length)
+        dst = slice(offset, length + offset) if offset > 0 else slice(0, length + offset)
+        for buffer in (self.keys, self.values):
+            buffer[:, :used, :, dst] = buffer[:, :used, :, src].clone()
+        self.valid[:used, dst] = self.valid[:used, src].clone()
+        if offset > 0:
+            self.valid[:used, :offset] = False
+        for row in self.rows:
+            row.start += offset
+        self.length += offset
+
+    def compact(self) -> None:
+        if self.rows:
+            self._shift(-min(row.start for row in self.rows))
+
+    def width_needed(self, prompt_len: int, remaining: int) -> int:
+        """Buffer columns this batch would need, to the end, with one more row (after compaction).
+
+        A row still to produce `remaining` tokens needs that many more columns."""
+        length = self.length - min((row.start for row in self.rows), default=self.length)
+        return max(length, prompt_len) + max([row.remaining for row in self.rows] + [remaining])
+
+    def fits(self, prompt_len: int, remaining: int) -> bool:
+        return self.width_needed(prompt_len, remaining) <= self.max_width
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+        """Run a prompt alone (batch 1). Returns its last-position logits `[1, V]`, exit step `[1]`, cache."""
+        n = len(prompt_ids)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
+        positions = torch.arange(n, device=ids.device).unsqueeze(0)
+        cache = self.model.make_cache(1, n, self.loop.steps)
+        out = self.model.run_steps(ids, positions, None, cache, self.loop.steps)
+        logits, exit_step = self.model.readout(out, self.policy, position=-1)
+        return logits, exit_step, cache
+
+    def join(self, row, cache: KVCache) -> None:  # noqa: ANN001 - an engine Sequence
+        """Append a prefilled row (its batch-1 cache holds its n prompt tokens)."""
+        n = cache.length
+        self.compact()
+        if not self.rows:
+            self.length = 0
+        width = max(self.length, n) + 1
+        self._allocate(len(self.rows) + 1, width)
+        if n > self.length:  # more left padding for the rows already here
+            if self.rows:
+                self._shift(n - self.length)
+            else:
+                self.length = n
+        index, begin = len(self.rows), self.length - n
+        self.keys[:, index, :, begin : self.length] = cache.keys[:, 0, :, :n]
+        self.values[:, index, :, begin : self.length] = cache.values[:, 0, :, :n]
+        self.valid[index] = False
+        self.valid[index, begin : self.length] = True
+        row.start, row.next_position = begin, n
+        self.rows.append(row)
+
+    def leave(self, row) -> None:  # noqa: ANN001
+        """Drop a row: the last buffer row moves into its place; its cache is freed for reuse."""
+        index = self.rows.index(row)
+        last = len(self.rows) - 1
+        if index != last:
+            for buffer in (self.keys, self.values):
+                buffer[:, index, :, : self.length] = buffer[:, last, :, : self.length]
+            self.valid[index, : self.length] = self.valid[last, : self.length]
+            self.rows[index] = self.rows[last]
+        self.rows.pop()
+        if not self.rows:
+            self.length = 0
+        elif min(r.start for r in self.rows) >= max(32, self.length // 4):
+            self.compact()  # copying costs; only when a good part of the width is padding for all
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for every row. Returns logits `[B, V]` and the 0-based exit step of each row `[B]`."""
+        used, length = len(self.rows), self.length
+        if length + 1 > self.keys.shape[3]:
+            self.compact()
+            length = self.length
+            self._allocate(used, length + 1)
+        self.valid[:used, length] = True
+        key_valid = self.valid[:used, : length + 1]
+        if bool(key_valid.all()):
+            key_valid = None
+        device = self.model.device
+        tokens = torch.tensor([[row.last_token] for row in self.rows], dtype=torch.long, device=device)
+        positions = torch.tensor([[row.next_position] for row in self.rows], dtype=torch.long, device=device)
+        cache = KVCache.over(self.keys[:, :used], self.values[:, :used], self.loop.steps, length)
+        logits, exit_steps = self.model.decode_step(
+            tokens, positions, key_valid, cache, self.loop.steps, self.policy, self.loop.skip_compute
+        )
+        if self.loop.kv_mode == "shared":
+            self._share_last_step(length, exit_steps)
+        self.length = length + 1
+        for row in self.rows:
+            row.next_position += 1
+        return logits, exit_steps
+
+    def _share_last_step(self, column: int, exit_steps: torch.Tensor) -> None:
+        """Shared-KV semantics: every step's slot at `column` gets the last computed step's K/V."""
+        steps, layers = self.loop.steps, self.model.config.num_hidden_layers
+        skipped = self.loop.skip_compute and self.policy.can_skip
+        for buffer in (self.keys, self.values):
+            view = buffer.view(steps, layers, *buffer.shape[1:])  # (T, L, B, H, S, D)
+            for index in range(len(self.rows)):
+                last = int(exit_steps[index]) if skipped else steps - 1
+                view[:, :, index, :, column] = view[last, :, index, :, column].clone()

@@ -1,0 +1,288 @@
+"""The server's engine: one worker thread owns the model and batches every running request.
+
+Works on token ids only; the HTTP side tokenizes, detokenizes and watches for stop strings.
+
+The worker loops:
+1. retire cancelled sequences (their rows leave the batch and the cache is reused);
+2. admit waiting requests: prefill each alone, sample its first token, join it to a batch with
+   the same `LoopConfig` (or start a new batch);
+3. run one decode step for every batch (round-robin over loop configurations), sample each
+   row with its own sampling parameters and generator, hand the tokens over, and retire rows
+   that hit an eos id or their token budget.
+
+Hand-off: `submit` takes a callback that the worker calls with an `Event` for every token and
+once at the end (`done` or `error`). The callback must be thread-safe and must not block (the
+HTTP side uses `loop.call_soon_threadsafe`). The waiting queue is bounded: `submit` raises
+`QueueFull` when it is full. No exception inside a step escapes the worker: the sequences
+involved get an `error` event and the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from looplm.errors import GenerationError
+from looplm.exit import POLICY_NAMES
+from looplm.generate import KV_MODES
+from looplm.models.ouro import OuroForCausalLM
+from looplm.sampling import SamplingParams, sample
+from looplm.server.batch import Batch, LoopConfig
+
+log = logging.getLogger("looplm.server")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at capacity; the HTTP side answers 429."""
+
+
+@dataclass
+class Event:
+    kind: str  # "token" | "done" | "error"
+    token: int | None = None
+    loops: int | None = None  # 1-based UT step the token was read from (with skip_compute: loops run)
+    finish_reason: str | None = None  # on "done": "stop" (eos) | "length"
+    message: str | None = None  # on "error"
+
+
+@dataclass(eq=False)  # identity: a sequence is looked up in lists and sets
+class Sequence:
+    """One generation: a request's parameters plus its row state while it runs."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    loop: LoopConfig
+    sampling: SamplingParams
+    seed: int | None
+    eos_ids: frozenset[int]
+    on_event: Callable[[Event], None]
+    id: int = 0
+    generator: torch.Generator | None = None
+    cancelled: bool = False
+    generated: int = 0
+    start: int = 0  # first buffer column of this row in its batch
+    next_position: int = 0  # RoPE position of the next token fed in
+    last_token: int = 0
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def remaining(self) -> int:
+        return self.max_tokens - self.generated
+
+
+class Engine:
+    def __init__(self, model: OuroForCausalLM, max_context: int = 2048, max_batch: int = 16, max_queue: int = 64) -> None:
+        limit = model.config.max_position_embeddings
+        if not 1 < max_context <= limit:
+            raise GenerationError(f"max_context must be in [2, {limit}] (the model's context), got {max_context}")
+        if max_batch < 1 or max_queue < 1:
+            raise GenerationError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.model, self.max_context, self.max_batch, self.max_queue = model, max_context, max_batch, max_queue
+        self.batches: list[Batch] = []
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._cancelled: set[Sequence] = set()
+        self._wake = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # Counters for /metrics (written by the worker only).
+        self.tokens_total = 0
+        self.loops_total = 0
+        self.prompt_tokens_total = 0
+        self.decode_steps_total = 0
+        self.peak_running = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="looplm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # -- requests (any thread) ------------------------------------------------------------------
+
+    def loop_config(
+        self,
+        loops: int | None = None,
+        exit_policy: str | None = None,
+        exit_threshold: float | None = None,
+        kv_mode: str = "full",
+        skip_compute: bool = False,
+    ) -> LoopConfig:
+        """Check a request's loop options; raises `GenerationError` naming the bad one."""
+        if loops is not None and not 1 <= loops <= 8:
+            raise GenerationError(f"loops must be in [1, 8], got {loops}")
+        if exit_policy is not None and exit_policy not in POLICY_NAMES:
+            raise GenerationError(f"exit_policy must be one of {', '.join(POLICY_NAMES)}, got {exit_policy!r}")
+        if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0 and exit_policy != "kl":
+            raise GenerationError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
+        if exit_threshold is not None and exit_threshold < 0:
+            raise GenerationError(f"exit_threshold must be >= 0, got {exit_threshold}")
+        if kv_mode not in KV_MODES:
+            raise GenerationError(f"kv_mode must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
+        steps = self.model.config.total_ut_steps if loops is None else loops
+        return LoopConfig(steps, exit_policy, exit_threshold, kv_mode, bool(skip_compute))
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len < 1:
+            raise GenerationError("the prompt is empty: give at least one token")
+        if prompt_len + max_tokens > self.max_context:
+            raise GenerationError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the server's context of "
+                f"{self.max_context} tokens; shorten the prompt or lower max_tokens"
+            )
+
+    def submit(self, seq: Sequence) -> Sequence:
+        self.check_length(len(seq.prompt_ids), seq.max_tokens)
+        vocab = self.model.config.vocab_size
+        if min(seq.prompt_ids) < 0 or max(seq.prompt_ids) >= vocab:
+            raise GenerationError(f"token ids must be in [0, {vocab})")
+        if seq.seed is not None:
+            seq.generator = torch.Generator(device=self.model.device).manual_seed(seq.seed)
+        elif not seq.sampling.greedy:
+            seq.generator = torch.Generator(device=self.model.device)
+            seq.generator.seed()
+        with self._wake:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            seq.id = next(self._ids)
+            self._waiting.append(seq)
+            self._wake.notify_all()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence (client gone, or a stop string seen); its row and cache are freed."""
+        with self._wake:
+            if seq.cancelled:
+                return
+            seq.cancelled = True
+            try:
+                self._waiting.remove(seq)
+            except ValueError:
+                self._cancelled.add(seq)
+            self._wake.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(len(batch.rows) for batch in self.batches)
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._waiting and not self._cancelled and not self.running:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    cancelled, self._cancelled = self._cancelled, set()
+                for seq in cancelled:
+                    self._retire(seq)
+                self._admit()
+                for batch in list(self.batches):
+                    if batch.rows:
+                        self._step(batch)
+                self.batches = [batch for batch in self.batches if batch.rows]
+        self._fail_all("the server is shutting down")
+
+    def _admit(self) -> None:
+        while self.running < self.max_batch:
+            with self._wake:
+                if not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+            try:
+                self._prefill_and_join(seq)
+            except Exception as exc:  # a bad request must not take the engine down
+                log.exception("prefill failed")
+                self._emit(seq, Event("error", message=f"prefill failed: {exc}"))
+
+    def _prefill_and_join(self, seq: Sequence) -> None:
+        batch = next((b for b in self.batches if b.loop == seq.loop and b.fits(len(seq.prompt_ids), seq.remaining)),
+                     None)
+        if batch is None:
+            batch = Batch(self.model, seq.loop, self.max_context)
+            self.batches.append(batch)
+        logits, exit_step, cache = batch.prefill(seq.prompt_ids)
+        self.prompt_tokens_total += len(seq.prompt_ids)
+        token = self._sample([seq], logits)[0]
+        if self._deliver(seq, token, int(exit_step[0]) + 1):
+            batch.join(seq, cache)
+            self.peak_running = max(self.peak_running, self.running)
+
+    def _step(self, batch: Batch) -> None:
+        try:
+            logits, exit_steps = batch.decode()
+            tokens = self._sample(batch.rows, logits)
+        except Exception as exc:
+            log.exception("decode step failed")
+            for seq in list(batch.rows):
+                self._emit(seq, Event("error", message=f"decode failed: {exc}"))
+            batch.rows.clear()
+            return
+        self.decode_steps_total += 1
+        for seq, token, exit_step in zip(list(batch.rows), tokens, exit_steps.tolist()):
+            if not self._deliver(seq, token, exit_step + 1):
+                batch.leave(seq)
+
+    def _deliver(self, seq: Sequence, token: int, loops: int) -> bool:
+        """Hand one token over; False when the sequence is finished (or cancelled meanwhile)."""
+        if seq.cancelled:
+            return False
+        seq.generated += 1
+        seq.last_token = token
+        self.tokens_total += 1
+        self.loops_total += loops
+        self._emit(seq, Event("token", token=token, loops=loops))
+        if token in seq.eos_ids or seq.generated >= seq.max_tokens:
+            self._emit(seq, Event("done", finish_reason="stop" if token in seq.eos_ids else "length"))
+            return False
+        return True
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+        greedy = logits.argmax(dim=-1).tolist()
+        return [
+            greedy[i] if seq.sampling.greedy else int(sample(logits[i : i + 1], seq.sampling, seq.generator)[0])
+            for i, seq in enumerate(rows)
+        ]
+
+    def _retire(self, seq: Sequence) -> None:
+        for batch in self.batches:
+            if seq in batch.rows:
+                batch.leave(seq)
+
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # the receiver is gone (e.g. its event loop closed): stop the sequence
+            seq.cancelled = True
+
+    def _fail_all(self, message: str) -> None:
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for seq in waiting + [seq for batch in self.batches for seq in batch.rows]:
+            self._emit(seq, Event("error", message=message))
+        self.batches = []
