@@ -1,0 +1,49 @@
+"""`looplm serve`: the OpenAI-compatible HTTP server (loopback by default)."""
+
+import ipaddress
+from typing import Annotated, Optional
+
+import typer
+
+from looplm.cli import common
+
+
+@common.app.command()
+def serve(
+    model: common.Model = None,
+    dtype: common.Dtype = "bfloat16",
+    device: common.Device = "auto",
+    steps: common.Steps = None,
+    host: Annotated[str, common.option("Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, common.option("TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="LOOPLM_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer KEY' on /v1/* (also read from $LOOPLM_API_KEY).")] = None,
+    max_context: Annotated[int, common.option("Prompt + max_tokens limit per request (capped at the model's "
+                                              "context).")] = 2048,
+    max_batch: Annotated[int, common.option("Most sequences decoding at once (all batches together).")] = 16,
+    max_queue: Annotated[int, common.option("Most requests waiting; more get HTTP 429.")] = 64,
+    served_model_name: Annotated[Optional[str], common.option(
+        "Model id clients pass (default: the model's directory name, or looplm-default).", default_in_help=True
+    )] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming, /metrics)."""
+    import uvicorn
+
+    from looplm.server import build_app
+    from looplm.server import served_model_name as name_for
+
+    if not _is_loopback(host) and not api_key:
+        common.stderr().print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
+    lm = common.load_model(model, dtype, device, steps)
+    app = build_app(lm, served_model_name or name_for(model), api_key, max_context, max_batch, max_queue)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

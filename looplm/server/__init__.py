@@ -1,0 +1,34 @@
+"""OpenAI-compatible serving: `looplm serve`, or `build_app` to mount the API elsewhere (Ray Serve).
+
+Layers: `app.py` (routes) -> `schemas.py` (request bodies) -> `session.py` (one request's
+choices, text deltas) -> `engine.py` (worker thread, continuous batching) -> `batch.py`
+(one batch's KV buffer). `reasoning.py` splits `<think>` text; `metrics.py` renders /metrics.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_MODEL_NAME = "looplm-default"
+
+
+def served_model_name(model: str | None) -> str:
+    """The id clients pass as `model`: the directory or file name, the hub id, or looplm-default."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    path = os.path.normpath(model)
+    return os.path.basename(path) if os.path.exists(path) else model
+
+
+def build_app(model, name: str, api_key: str | None = None, max_context: int = 2048, max_batch: int = 16,  # noqa: ANN001
+              max_queue: int = 64):  # noqa: ANN201
+    """A FastAPI app over a new engine for a loaded model; the engine starts and stops with the app.
+
+    `max_context` is capped at the model's `max_position_embeddings`.
+    """
+    from looplm.server.app import create_app
+    from looplm.server.engine import Engine
+
+    context = min(max_context, model.config.max_position_embeddings)
+    engine = Engine(model, max_context=context, max_batch=max_batch, max_queue=max_queue)
+    return create_app(engine, name, api_key=api_key)

@@ -1,0 +1,295 @@
+"""The OpenAI-compatible HTTP API (FastAPI): routes only.
+
+Routes parse a request into a pydantic schema (`schemas.py`), tokenize it, hand it to a
+`Session` over the shared `Engine`, and write the answer in the OpenAI wire format, whole or
+as server-sent events. Every error is an OpenAI error object with a 4xx status (5xx only for
+a failure inside generation); nothing a client sends can stop the process.
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health,
+GET /metrics (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from looplm.errors import LooplmError
+from looplm.sampling import SamplingParams
+from looplm.server.engine import Engine, QueueFull
+from looplm.server.metrics import Metrics
+from looplm.server.reasoning import Delta, prompt_opens_reasoning
+from looplm.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingOptions, error_body
+from looplm.server.session import EngineFailed, Session
+
+log = logging.getLogger("looplm.server")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, kind, param, code)
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, manage_engine: bool = True) -> FastAPI:
+    """The API over a (possibly not yet started) engine; `manage_engine` starts/stops it with the app."""
+    model = engine.model
+    tokenizer = model.tokenizer
+    defaults = model.generation_defaults or {}
+    eos_ids = frozenset(defaults.get("eos_token_ids", model.config.eos_token_ids))
+    metrics = Metrics()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            engine.start()
+        yield
+        if manage_engine:
+            engine.stop()
+
+    app = FastAPI(title="looplm", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    # -- errors, auth, request counting --------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s", request.url.path, exc_info=exc)
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+
+    app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics)
+
+    # -- plain endpoints ------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, "running": engine.running, "queue_depth": engine.queue_depth}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "looplm",
+                "max_model_len": engine.max_context}
+        return {"object": "list", "data": [card]}
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def parse(request: Request, schema: type[BaseModel]) -> Any:
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        if body.model != model_name:
+            raise ApiError(404, f"model '{body.model}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        return body
+
+    def start_session(body: SamplingOptions, prompts: list[list[int]], split: bool, in_reasoning: bool) -> Session:
+        longest = max(len(p) for p in prompts)
+        max_tokens = body.token_budget or max(1, engine.max_context - longest)
+        try:
+            engine.check_length(longest, max_tokens)
+            loop = engine.loop_config(body.loops, body.exit_policy, body.exit_threshold, body.kv_mode,
+                                      body.skip_compute)
+            sampling = SamplingParams(
+                temperature=body.temperature if body.temperature is not None else defaults.get("temperature", 1.0),
+                top_p=body.top_p if body.top_p is not None else defaults.get("top_p", 1.0),
+                top_k=body.top_k if body.top_k is not None else defaults.get("top_k", 0),
+            )
+            session = Session(engine, tokenizer, eos_ids)
+            session.submit(prompts, body.n, max_tokens, loop, sampling, body.seed, body.stop or [], split, in_reasoning)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), "rate_limit_exceeded", code="queue_full") from None
+        except LooplmError as exc:
+            raise ApiError(400, str(exc)) from None
+        return session
+
+    def encode(text: str, add_special_tokens: bool) -> list[int]:
+        if tokenizer is None:
+            raise ApiError(400, f"model '{model_name}' has no tokenizer, so it cannot take text")
+        return tokenizer.encode(text, add_special_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        if tokenizer is None:
+            raise ApiError(400, f"model '{model_name}' has no tokenizer, so it cannot take text")
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                   enable_thinking=body.thinking())
+        except (ValueError, LooplmError) as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        in_reasoning = body.split_reasoning and prompt_opens_reasoning(prompt)
+        session = start_session(body, [encode(prompt, False)], body.split_reasoning, in_reasoning)
+        reply = Reply("chatcmpl", "chat.completion", model_name)
+        if body.stream:
+            return stream(request, session, reply.chat_chunks(session, body.include_usage))
+        return await respond(request, session, reply, reply.chat_message)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body: CompletionRequest = await parse(request, CompletionRequest)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        session = start_session(body, [encode(t, True) for t in texts], False, False)
+        reply = Reply("cmpl", "text_completion", model_name)
+        if body.stream:
+            return stream(request, session, reply.text_chunks(session, body.include_usage))
+        return await respond(request, session, reply, reply.text_choice)
+
+    def stream(request: Request, session: Session, chunks: AsyncIterator[dict]) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                metrics.record_usage(session.prompt_tokens, session.usage()["completion_tokens"])
+            except EngineFailed as exc:
+                yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+            finally:  # also on client disconnect (the task is cancelled): free the rows
+                session.close()
+            yield "data: [DONE]\n\n"
+
+        # The background task also frees the rows when the client left before the first chunk.
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(session.close),
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def respond(request: Request, session: Session, reply: Reply, make_choice) -> JSONResponse:  # noqa: ANN001
+        parts: dict[int, Any] = {}
+        finish: dict[int, str] = {}
+        try:
+            async for index, delta, reason in session.deltas(request.is_disconnected):
+                part = parts.setdefault(index, Delta())
+                part += delta
+                if reason is not None:
+                    finish[index] = reason
+        except EngineFailed as exc:
+            raise ApiError(500, str(exc), "server_error") from None
+        finally:
+            session.close()
+        if len(finish) < len(session.choices):  # the client went away; nobody reads this
+            return JSONResponse(error_body("client disconnected"), status_code=499)
+        usage = session.usage()
+        metrics.record_usage(usage["prompt_tokens"], usage["completion_tokens"])
+        choices = [make_choice(c.index, parts.get(c.index), finish[c.index], c.text.saw_reasoning)
+                   for c in session.choices]
+        return JSONResponse(reply.whole(choices, usage))
+
+    return app
+
+
+class AuthAndCount:
+    """ASGI middleware: the API key check on /v1/*, and request counts by route and status.
+
+    Plain ASGI rather than `@app.middleware("http")`: that wrapper hides client disconnects
+    from `Request.is_disconnected`, which non-streaming requests poll to cancel their rows.
+    """
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:  # noqa: ANN001
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        if self.api_key:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                self.metrics.record_request(path, 401)
+                body = error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                  "authentication_error", code="invalid_api_key")
+                return await JSONResponse(body, status_code=401)(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.record_request(path, status)
+
+
+class Reply:
+    """OpenAI response objects for one request (ids, timestamps, chunk shapes)."""
+
+    def __init__(self, prefix: str, obj: str, model: str) -> None:
+        self.id, self.object, self.model = f"{prefix}-{uuid.uuid4().hex}", obj, model
+        self.created = int(time.time())
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chat_message(self, index: int, delta, finish: str, saw_reasoning: bool) -> dict:  # noqa: ANN001
+        reasoning = delta.reasoning.strip() if delta is not None else ""
+        content = delta.content if delta is not None else ""
+        if saw_reasoning:
+            content = content.lstrip()
+        message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
+
+    def text_choice(self, index: int, delta, finish: str, saw_reasoning: bool) -> dict:  # noqa: ANN001
+        text = delta.content if delta is not None else ""
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+
+    def whole(self, choices: list[dict], usage: dict) -> dict:
+        return {**self.head(self.object), "choices": choices, "usage": usage}
+
+    async def chat_chunks(self, session: Session, include_usage: bool) -> AsyncIterator[dict]:
+        head = self.head("chat.completion.chunk")
+        for choice in session.choices:
+            yield {**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None, "logprobs": None}]}
+        async for index, delta, reason in session.deltas():
+            body: dict[str, Any] = {}
+            if delta.reasoning:
+                body["reasoning_content"] = delta.reasoning
+            if delta.content:
+                body["content"] = delta.content
+            yield {**head, "choices": [{"index": index, "delta": body, "finish_reason": reason, "logprobs": None}]}
+        if include_usage:
+            yield {**head, "choices": [], "usage": session.usage()}
+
+    async def text_chunks(self, session: Session, include_usage: bool) -> AsyncIterator[dict]:
+        head = self.head(self.object)
+        async for index, delta, reason in session.deltas():
+            yield {**head, "choices": [{"index": index, "text": delta.content, "finish_reason": reason,
+                                        "logprobs": None}]}
+        if include_usage:
+            yield {**head, "choices": [], "usage": session.usage()}

@@ -1,0 +1,131 @@
+"""Request and response bodies of the OpenAI-compatible API (pydantic).
+
+Requests accept the standard OpenAI fields looplm honours, plus the looped-model extras
+(`loops`, `exit_policy`, `exit_threshold`, `kv_mode`, `skip_compute`), which the `openai`
+client sends through `extra_body`. Fields looplm does not know are ignored, as OpenAI-style
+servers do; fields it knows but cannot honour (`logprobs`, `tools`, `n` > 8...) are rejected
+with a 400 rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 8
+
+
+class LoopOptions(BaseModel):
+    """Per-request loop control (looplm extras)."""
+
+    loops: int | None = Field(None, ge=1, le=8, description="UT steps available (default: the model's)")
+    exit_policy: Literal["last", "gate", "confidence", "kl", "fixed", "weighted"] | None = None
+    exit_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    kv_mode: Literal["full", "shared"] = "full"
+    skip_compute: bool = False
+
+
+class SamplingOptions(LoopOptions):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: Any = None
+    tools: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return stops
+
+    @field_validator("logprobs", "tools")
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        if value not in (None, False, 0, []):
+            raise ValueError("is not supported by looplm")
+        return value
+
+    @property
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """Content as one string (the OpenAI list-of-parts form is joined; only text parts)."""
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts are supported")
+                parts.append(part["text"])
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingOptions):
+    messages: list[ChatMessage] = Field(min_length=1)
+    # Put text inside <think>...</think> into `reasoning_content` (False: everything in `content`).
+    split_reasoning: bool = True
+    # Passed to the chat template (opens a <think> block for Thinking templates).
+    enable_thinking: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def thinking(self) -> bool:
+        if self.enable_thinking is not None:
+            return self.enable_thinking
+        return bool((self.chat_template_kwargs or {}).get("enable_thinking", False))
+
+
+class CompletionRequest(SamplingOptions):
+    prompt: str | list[str]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_N:
+            raise ValueError(f"give 1 to {MAX_N} prompts")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported by looplm")
+        return value
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    mean_loops_per_token: float | None = None
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,0 +1,309 @@
+"""The OpenAI-compatible server, end to end on loopback with the official `openai` client.
+
+A real uvicorn server runs in a thread of the test process on a free port. The embedded model
+runs in float32 so that greedy outputs have no bf16 near-ties: a row inside a batch must give
+exactly the tokens it gives alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+import looplm  # noqa: E402
+from looplm.sampling import SamplingParams  # noqa: E402
+from looplm.server import DEFAULT_MODEL_NAME, build_app  # noqa: E402
+from looplm.server.app import create_app  # noqa: E402
+from looplm.server.engine import Engine, Sequence  # noqa: E402
+
+NAME = DEFAULT_MODEL_NAME
+
+
+class ServerThread:
+    """uvicorn on 127.0.0.1, a free port, in a daemon thread."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOOPLM_HOME", str(tmp_path_factory.mktemp("home")))
+        return looplm.load(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server(model):  # noqa: ANN001, ANN201
+    with ServerThread(build_app(model, NAME, max_context=512, max_batch=8)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):  # noqa: ANN001, ANN201
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def engine_of(server):  # noqa: ANN001, ANN201
+    return server.server.config.app.state.engine
+
+
+def chat(client, content: str, **kwargs):  # noqa: ANN001, ANN201
+    return client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": content}], temperature=0, **kwargs
+    )
+
+
+def test_models_health_and_metrics(server, client) -> None:  # noqa: ANN001
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("requests_total", "prompt_tokens_total", "completion_tokens_total", "queue_depth",
+                 "running_sequences", "mean_loops_per_token"):
+        assert f"looplm_{name}" in text
+
+
+def test_chat_matches_library_greedy(client, model) -> None:  # noqa: ANN001
+    reply = chat(client, "What is 2+2?", max_tokens=12, extra_body={"loops": 3})
+    tok = model.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}]))
+    expected = model.generate(ids, 12, steps=3)[0]
+    choice = reply.choices[0]
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.completion_tokens == len(expected)
+    assert reply.usage.model_extra["mean_loops_per_token"] == pytest.approx(3.0)
+    assert choice.message.content == tok.decode(expected)
+    assert choice.finish_reason == ("stop" if expected[-1] in model.config.eos_token_ids else "length")
+
+
+def test_streaming_chat_equals_whole(client) -> None:  # noqa: ANN001
+    whole = chat(client, "Tell me a story", max_tokens=16).choices[0]
+    stream = chat(client, "Tell me a story", max_tokens=16, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.finish_reason]
+    assert chunks[-1].usage.completion_tokens <= 16
+
+
+def test_completions_n_and_stop(client, model) -> None:  # noqa: ANN001
+    reply = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0, n=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.choices[0].text == reply.choices[1].text  # greedy: the same twice
+    text = reply.choices[0].text
+    if len(text) > 3:  # stop at a string the greedy output is known to contain
+        stop = text[2:4]
+        cut = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0, stop=[stop])
+        assert cut.choices[0].text == text[: text.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client) -> None:  # noqa: ANN001
+    a = client.completions.create(model=NAME, prompt="abc", max_tokens=8, temperature=1.0, seed=7)
+    b = client.completions.create(model=NAME, prompt="abc", max_tokens=8, temperature=1.0, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+LOOP_OPTIONS = [
+    {},
+    {"loops": 2},
+    {"exit_policy": "gate", "exit_threshold": 0.5, "skip_compute": True},
+    {"kv_mode": "shared"},
+]
+
+
+def test_eight_concurrent_clients_match_alone(server, client) -> None:  # noqa: ANN001
+    requests = [("x" * (3 + 5 * i) + f" prompt {i}", LOOP_OPTIONS[i % len(LOOP_OPTIONS)]) for i in range(8)]
+
+    def ask(request: tuple[str, dict]) -> tuple[list[str], str]:
+        reply = client.completions.create(model=NAME, prompt=request[0], max_tokens=24, temperature=0,
+                                          extra_body=request[1])
+        return reply.choices[0].text, reply.choices[0].finish_reason
+
+    alone = [ask(r) for r in requests]
+    engine = engine_of(server)
+    engine.peak_running = 0
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, requests))
+    assert together == alone
+    assert engine.peak_running > 1, "the requests never shared a decode step"
+
+
+def test_engine_joins_mid_generation_match_library(model) -> None:  # noqa: ANN001
+    """Rows join a running batch (shorter and longer prompts: padding and shifting) and leave it."""
+    engine = Engine(model, max_context=256, max_batch=8).start()
+    prompts = [[5 + (7 * i + j) % 250 for j in range(n)] for i, n in enumerate([4, 30, 9, 17, 2, 40])]
+    try:
+        for options in LOOP_OPTIONS:
+            loop = engine.loop_config(**options)
+            outputs, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+            for i, prompt in enumerate(prompts):
+                def on_event(event, i=i) -> None:  # noqa: ANN001
+                    if event.kind == "token":
+                        outputs[i].append(event.token)
+                    else:
+                        done[i].set()
+                engine.submit(Sequence(prompt, 6 + 3 * i, loop, SamplingParams(), None, frozenset(), on_event))
+                time.sleep(0.01)  # let earlier rows decode before the next one joins
+            assert all(d.wait(60) for d in done)
+            expected = [model.generate(p, 6 + 3 * i, eos_token_ids=[], steps=loop.steps, exit_policy=loop.exit_policy,
+                                       exit_threshold=loop.exit_threshold, kv_mode=loop.kv_mode,
+                                       skip_compute=loop.skip_compute)[0] for i, p in enumerate(prompts)]
+            assert outputs == expected, options
+        assert engine.running == 0 and engine.peak_running > 1
+    finally:
+        engine.stop()
+
+
+def test_cancel_mid_stream_frees_the_row(server, client) -> None:  # noqa: ANN001
+    engine = engine_of(server)
+    before = engine.tokens_total
+    stream = chat(client, "go on forever", max_tokens=400, stream=True)
+    for _, _ in zip(range(3), stream):
+        pass
+    stream.close()
+    deadline = time.monotonic() + 10
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.running == 0
+    assert engine.tokens_total - before < 400
+    # A non-streaming client that gives up is cancelled too.
+    slow = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=0.2)
+    before = engine.tokens_total
+    with pytest.raises(openai.APITimeoutError):
+        slow.completions.create(model=NAME, prompt="a", max_tokens=500, temperature=0, extra_body={"loops": 8})
+    deadline = time.monotonic() + 10
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.running == 0 and engine.tokens_total - before < 500
+    assert chat(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def scripted(model, script: list[int], prompt_len: int):  # noqa: ANN001, ANN201
+    """The model, but every new token is `script[k]`: the real passes run (cache, batching), the logits are replaced."""
+    readout, decode_step = model.readout, model.decode_step
+
+    def one_hot(indices: list[int]) -> torch.Tensor:
+        logits = torch.full((len(indices), model.config.vocab_size), -1e4)
+        logits[range(len(indices)), [script[min(k, len(script) - 1)] for k in indices]] = 1e4
+        return logits
+
+    def fake_readout(out, policy, position=-1):  # noqa: ANN001, ANN202
+        _, exit_step = readout(out, policy, position)
+        return one_hot([0] * exit_step.shape[0]), exit_step
+
+    def fake_decode_step(token_ids, positions, *args, **kwargs):  # noqa: ANN001, ANN202
+        _, exit_step = decode_step(token_ids, positions, *args, **kwargs)
+        return one_hot([int(p) - prompt_len + 1 for p in positions[:, 0]]), exit_step
+
+    model.readout, model.decode_step = fake_readout, fake_decode_step
+    return model
+
+
+def test_reasoning_split(tmp_path_factory: pytest.TempPathFactory) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOOPLM_HOME", str(tmp_path_factory.mktemp("home")))
+        model = looplm.load(dtype="float32")
+    tok = model.tokenizer
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    prompt_len = len(tok.encode(tok.apply_chat_template(messages)))
+    # Byte-level tokens: every tag is split over several tokens.
+    script = tok.encode("<think>\nTwo and two.\n</think>\n\nIt is 4.") + [tok.eos_id]
+    scripted(model, script, prompt_len)
+    with ServerThread(build_app(model, NAME, max_context=256)) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        whole = client.chat.completions.create(model=NAME, messages=messages, max_tokens=64, temperature=0)
+        message = whole.choices[0].message
+        assert (message.model_extra["reasoning_content"], message.content) == ("Two and two.", "It is 4.")
+        assert whole.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=64, temperature=0,
+                                                      stream=True))
+        deltas = [c.choices[0].delta for c in chunks]
+        reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+        content = "".join(d.content or "" for d in deltas)
+        assert (reasoning, content) == ("\nTwo and two.\n", "\n\nIt is 4.")
+        assert len([d for d in deltas if (d.model_extra or {}).get("reasoning_content")]) > 1  # streamed, not at the end
+        off = client.chat.completions.create(model=NAME, messages=messages, max_tokens=64, temperature=0,
+                                             extra_body={"split_reasoning": False})
+        assert off.choices[0].message.content == "<think>\nTwo and two.\n</think>\n\nIt is 4."
+
+
+BAD_REQUESTS = [
+    ("malformed json", "/v1/chat/completions", b"{not json", 400),
+    ("not an object", "/v1/chat/completions", [1, 2], 400),
+    ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ("no messages", "/v1/chat/completions", {"model": NAME}, 400),
+    ("empty messages", "/v1/chat/completions", {"model": NAME, "messages": []}, 400),
+    ("bad role", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("negative temperature", "/v1/completions", {"model": NAME, "prompt": "a", "temperature": -1}, 400),
+    ("top_p zero", "/v1/completions", {"model": NAME, "prompt": "a", "top_p": 0}, 400),
+    ("max_tokens zero", "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 0}, 400),
+    ("beyond the context", "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 100000}, 400),
+    ("prompt beyond the context", "/v1/completions", {"model": NAME, "prompt": "a" * 600, "max_tokens": 1}, 400),
+    ("loops 9", "/v1/completions", {"model": NAME, "prompt": "a", "loops": 9}, 400),
+    ("unknown exit policy", "/v1/completions", {"model": NAME, "prompt": "a", "exit_policy": "nope"}, 400),
+    ("threshold above 1", "/v1/completions", {"model": NAME, "prompt": "a", "exit_threshold": 1.5}, 400),
+    ("unknown kv_mode", "/v1/completions", {"model": NAME, "prompt": "a", "kv_mode": "half"}, 400),
+    ("n too large", "/v1/completions", {"model": NAME, "prompt": "a", "n": 20}, 400),
+    ("five stop strings", "/v1/completions", {"model": NAME, "prompt": "a", "stop": list("abcde")}, 400),
+    ("logprobs", "/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2}, 400),
+    ("prompt of wrong type", "/v1/completions", {"model": NAME, "prompt": {"x": 1}}, 400),
+    ("unknown route", "/v1/embeddings", {"model": NAME, "input": "a"}, 404),
+]
+
+
+@pytest.mark.parametrize("name,route,body,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors(server, name, route, body, status) -> None:  # noqa: ANN001
+    content = body if isinstance(body, bytes) else None
+    response = httpx.post(server.url + route, content=content, json=None if content else body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+
+
+def test_errors_through_the_client_and_the_server_survives(server, client) -> None:  # noqa: ANN001
+    with pytest.raises(openai.BadRequestError):
+        chat(client, "hi", max_tokens=100000)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="a")
+    assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_full_queue_answers_429_and_api_key(model) -> None:  # noqa: ANN001
+    engine = Engine(model, max_context=64, max_queue=1)  # never started: the queue only fills
+    engine.submit(Sequence([5, 6], 4, engine.loop_config(), SamplingParams(), None, frozenset(), lambda e: None))
+    with ServerThread(create_app(engine, NAME, api_key="secret", manage_engine=False)) as running:
+        body = {"model": NAME, "prompt": "a", "max_tokens": 2}
+        assert httpx.post(running.url + "/v1/completions", json=body).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert httpx.post(running.url + "/v1/completions", json=body, headers=wrong).status_code == 401
+        good = {"Authorization": "Bearer secret"}
+        response = httpx.post(running.url + "/v1/completions", json=body, headers=good)
+        assert response.status_code == 429
+        assert response.json()["error"]["code"] == "queue_full"
+        assert httpx.get(running.url + "/health").status_code == 200  # no key needed outside /v1
