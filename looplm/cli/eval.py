@@ -1,4 +1,7 @@
-"""`looplm eval TASK`: evaluation tasks (for now the held-out arithmetic task) -> results JSON."""
+"""`looplm eval TASK`: benchmark tasks (and the held-out arithmetic task) -> table, results.json, plot.
+
+`looplm eval merge` joins the per-item records of shards. The work is in `looplm.eval.harness`.
+"""
 
 import json
 from pathlib import Path
@@ -47,3 +50,121 @@ def arithmetic(
     common.stdout().print(format_table(results))
     if output is not None:
         output.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size,  # noqa: ANN001
+              output, records, plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution,
+              skip_compute) -> None:
+    from looplm.eval.harness import EvalSettings, parse_policies, parse_shard, plan
+    from looplm.eval.report import plot_results, results_table
+
+    settings = EvalSettings(
+        task=task, steps=parse_steps(steps) if steps else [], limit=limit, batch_size=batch_size,
+        policies=parse_policies(exit_policy, exit_threshold), shard=parse_shard(shard), chat=chat,
+        num_fewshot=num_fewshot, max_new_tokens=max_new_tokens, allow_code_execution=allow_code_execution,
+        skip_compute=skip_compute,
+    )
+    if limit is not None and limit < 1:
+        raise LooplmError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise LooplmError(f"--batch-size must be at least 1, got {batch_size}")
+    plan(settings)  # data and flags are checked before the model loads
+    lm = common.load_model(model, dtype, device, None)
+    settings.steps = settings.steps or list(range(1, lm.config.total_ut_steps + 1))
+    if records is None:
+        suffix = "" if settings.shard is None else f"-shard-{settings.shard[0]}-of-{settings.shard[1]}"
+        records = output.with_suffix(".jsonl") if output else Path(f"looplm-eval-{task}{suffix}.jsonl")
+    results = _with_progress(lambda progress: run_eval(lm, settings, records, progress))
+    common.stdout().print(results_table(results))
+    _write(results, output, plot)
+    common.stderr().print(f"per-item records: {records}")
+
+
+def run_eval(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    from looplm.eval.harness import run_eval as run
+
+    return run(*args, **kwargs)
+
+
+def _with_progress(work):  # noqa: ANN001, ANN202
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=common.stderr(), transient=False) as bar:
+        def start(total: int):  # noqa: ANN202
+            handle = bar.add_task("evaluating", total=total)
+            return lambda done: bar.advance(handle, done)
+
+        return work(start)
+
+
+def _write(results: dict, output: Optional[Path], plot: Optional[Path]) -> None:
+    from looplm.eval.report import plot_results
+
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2) + "\n")
+    plot = plot or (output.with_suffix(".png") if output is not None else None)
+    if plot is not None:
+        plot_results(results, plot)
+
+
+def _task_command(task: str, summary: str):  # noqa: ANN202
+    def command(
+        model: common.Model = None,
+        dtype: common.Dtype = "float32",
+        device: common.Device = "auto",
+        limit: Annotated[Optional[int], typer.Option(help="Evaluate N items, spread evenly over the set.")] = None,
+        steps: Annotated[Optional[str], typer.Option(help="Loop counts, comma-separated (default 1..T).")] = None,
+        exit_policy: Annotated[Optional[str], typer.Option(
+            "--exit-policy", help="Exit policies at the largest loop count, comma-separated, each NAME or "
+            "NAME:THRESHOLD, e.g. gate:0.5,confidence:0.9,weighted.")] = None,
+        exit_threshold: Annotated[Optional[float], typer.Option(
+            help="Threshold for policies given without one.")] = None,
+        batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+        output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results.json here.")] = None,
+        records: Annotated[Optional[Path], typer.Option(
+            help="Per-item JSONL (resumes from it); default: OUTPUT with .jsonl, else ./looplm-eval-TASK.jsonl.")] = None,
+        plot: Annotated[Optional[Path], typer.Option(help="Accuracy-vs-steps PNG (default: OUTPUT with .png).")] = None,
+        shard: Annotated[Optional[str], typer.Option(help="Evaluate shard i of n (i/n): every n-th item from i.")] = None,
+        chat: Annotated[Optional[bool], typer.Option(
+            "--chat/--no-chat", help="Wrap prompts in the chat template (default: yes for generation, no for "
+            "multiple choice).", show_default=False)] = None,
+        num_fewshot: Annotated[int, typer.Option(help="Few-shot examples (gsm8k: from the train split).")] = 0,
+        max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation budget (default: per task).")] = None,
+        allow_code_execution: Annotated[bool, typer.Option(help="Run model-written code (humaneval).")] = False,
+        skip_compute: Annotated[bool, typer.Option(help="Generation: exited tokens run no further loops.")] = False,
+    ) -> None:
+        _run_task(task, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size, output, records,
+                  plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution, skip_compute)
+
+    command.__doc__ = summary
+    eval_app.command(name=task)(command)
+
+
+for _name, _summary in (
+    ("gsm8k", "GSM8K test: greedy chat answers, \\boxed{} / #### extraction, math-verify equivalence."),
+    ("math500", "MATH-500: greedy chat answers, \\boxed{} extraction, math-verify equivalence."),
+    ("mmlu", "MMLU test (cloze form), scored by log-likelihood (acc_norm)."),
+    ("hellaswag", "HellaSwag (100-row sample), scored by log-likelihood (acc_norm)."),
+    ("aime25", "AIME 2025 I+II: greedy chat answers, math-verify equivalence."),
+    ("gpqa", "GPQA-diamond, lettered choices scored by log-likelihood."),
+    ("humaneval", "HumanEval pass@1 (greedy); needs --allow-code-execution."),
+):
+    _task_command(_name, _summary)
+
+
+@eval_app.command()
+def merge(
+    records: Annotated[list[Path], typer.Argument(help="Per-item .jsonl records of the shards.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the merged results.json.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Accuracy-vs-steps PNG (default: OUTPUT with .png).")] = None,
+) -> None:
+    """Merge the records of shards (or of resumed runs) into one results.json."""
+    from looplm.eval.harness import merge_records
+    from looplm.eval.report import results_table
+
+    results = merge_records(records)
+    common.stdout().print(results_table(results))
+    _write(results, output, plot)

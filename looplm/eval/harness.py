@@ -1,0 +1,303 @@
+"""The evaluation loop: configurations, per-item records (JSONL, resumable), sharding, results.
+
+A run evaluates one task under several configurations at once: each loop count of `steps`
+read at its last step (`exit_policy="last"`), and each exit policy at the largest loop count.
+Log-likelihood tasks get every configuration from one pass per batch (`loglik.py`); generation
+tasks decode once per configuration through `looplm.generate` (the real decode path, so exits
+and `skip_compute` act as in serving).
+
+Every scored (item, configuration) pair is appended to a JSONL records file as soon as it is
+known, so a killed run started again with the same records file skips what is done. Records
+from shards (`shard=(i, n)`: every n-th item from i) merge into one result with `merge_records`.
+
+results.json (public, stable): `{"task", "model", "metric", "results": [{"steps", "exit_policy",
+"exit_threshold", "accuracy", "mean_steps", "n"}, ...]}`, one entry per configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from looplm.errors import LooplmError
+from looplm.eval.loglik import Config, encode_pair, score_requests
+from looplm.eval.tasks import Item, Task, get_task, select_items
+from looplm.exit import POLICY_NAMES, make_policy
+
+Progress = Callable[[int], None]  # called with the number of units just finished
+
+
+@dataclass
+class EvalSettings:
+    task: str
+    steps: list[int]
+    policies: list[tuple[str, float | None]] = field(default_factory=list)  # (name, threshold) at max steps
+    limit: int | None = None
+    batch_size: int = 8
+    shard: tuple[int, int] | None = None
+    chat: bool | None = None  # None: chat template for generation tasks, plain text for loglik tasks
+    num_fewshot: int = 0
+    max_new_tokens: int | None = None
+    allow_code_execution: bool = False
+    skip_compute: bool = False
+    code_timeout_s: float = 10.0
+
+    def configs(self) -> list[Config]:
+        configs = [Config(s) for s in self.steps]
+        configs += [Config(max(self.steps), name, threshold) for name, threshold in self.policies]
+        seen: dict[str, Config] = {}
+        for config in configs:
+            seen.setdefault(config.key, config)
+        return list(seen.values())
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise LooplmError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise LooplmError(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return index, count
+
+
+def parse_policies(text: str | None, default_threshold: float | None = None) -> list[tuple[str, float | None]]:
+    """`"gate:0.5,gate:0.9,confidence,weighted"` -> [(name, threshold), ...]."""
+    policies = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, value = part.partition(":")
+        if name not in POLICY_NAMES:
+            raise LooplmError(f"--exit-policy names must be among {', '.join(POLICY_NAMES)}, got {name!r}")
+        try:
+            threshold = float(value) if value else default_threshold
+        except ValueError:
+            raise LooplmError(f"--exit-policy threshold must be a number, got {part!r}") from None
+        if name in ("last", "fixed", "weighted"):
+            threshold = None
+        policies.append((name, threshold))
+    return policies
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+class Records:
+    """Append-only JSONL: a header line, then one line per scored (item, configuration)."""
+
+    def __init__(self, path: Path | None, header: dict) -> None:
+        self.path, self.header = path, header
+        self.rows: list[dict] = []
+        if path is not None and path.exists() and path.stat().st_size:
+            lines = read_records(path)
+            old = lines[0].get("header", {}) if lines else {}
+            for key in ("task", "model"):
+                if old.get(key) != header.get(key):
+                    raise LooplmError(f"{path} holds records of {key} {old.get(key)!r}, not {header.get(key)!r}; "
+                                      "delete it or pass another --records file")
+            self.rows = [row for row in lines[1:] if "id" in row]
+            if not path.read_bytes().endswith(b"\n"):  # a killed run left half a line: drop it
+                text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in [lines[0], *self.rows])
+                path.write_text(text, encoding="utf-8")
+        elif path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"header": header}) + "\n", encoding="utf-8")
+        self.done = {(row["id"], row["key"]) for row in self.rows}
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.done.add((row["id"], row["key"]))
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:  # one line per write: a crash loses one row at most
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_records(path: Path) -> list[dict]:
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a killed run may be cut short
+            if number < len(lines):
+                raise LooplmError(f"{path}:{number} is not JSON; the records file is corrupt") from None
+    return rows
+
+
+def summarize(task: str, model: str, metric: str, configs: list[Config], rows: list[dict],
+              ids: set[str] | None = None) -> dict:
+    """results.json from records (`ids`: only these items; duplicates of an (item, config) count once)."""
+    unique: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        if ids is None or row["id"] in ids:
+            unique.setdefault((row["id"], row["key"]), row)
+    results = []
+    for config in configs:
+        picked = [row for (_, key), row in unique.items() if key == config.key]
+        count = sum(row["step_count"] for row in picked)
+        results.append({
+            **config.as_dict(),
+            "accuracy": sum(bool(row["correct"]) for row in picked) / len(picked) if picked else 0.0,
+            "mean_steps": sum(row["step_sum"] for row in picked) / count if count else 0.0,
+            "n": len(picked),
+        })
+    return {"task": task, "model": model, "metric": metric, "results": results}
+
+
+def merge_records(paths: list[Path]) -> dict:
+    """One results dict from the records files of several shards (or resumed runs)."""
+    if not paths:
+        raise LooplmError("looplm eval merge needs at least one records (.jsonl) file")
+    header, rows = None, []
+    for path in paths:
+        if not path.is_file():
+            raise LooplmError(f"{path} not found; pass the records .jsonl files the shards wrote")
+        lines = read_records(path)
+        this = lines[0].get("header") if lines else None
+        if this is None:
+            raise LooplmError(f"{path} has no header line; is it a looplm eval records file?")
+        if header is not None and (this["task"], this["model"]) != (header["task"], header["model"]):
+            raise LooplmError(f"{path} is a {this['task']} run of {this['model']}, the first file "
+                              f"a {header['task']} run of {header['model']}; merge runs of one task and model")
+        header = header or this
+        rows += [row for row in lines[1:] if "id" in row]
+    configs, seen = [], set()
+    for row in rows:
+        if row["key"] not in seen:
+            seen.add(row["key"])
+            configs.append(Config(row["steps"], row["exit_policy"], row["exit_threshold"]))
+    configs.sort(key=lambda c: (c.exit_policy != "last", c.steps, c.exit_policy, c.exit_threshold or 0.0))
+    return summarize(header["task"], header["model"], header.get("metric", ""), configs, rows)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def plan(settings: EvalSettings) -> tuple[Task, list[Item]]:
+    task = get_task(settings.task)
+    if task.needs_code_execution and not settings.allow_code_execution:
+        raise LooplmError(f"{task.name} runs model-written code; pass --allow-code-execution to allow it "
+                          "(each program runs in a subprocess with a timeout and no network)")
+    items = select_items(task.load(settings.num_fewshot), settings.limit, settings.shard)
+    return task, items
+
+
+def run_eval(model, settings: EvalSettings, records_path: Path | None = None,  # noqa: ANN001
+             progress: Callable[[int], Progress] | None = None) -> dict:
+    """Evaluate; `progress(total_units)` returns the callback advanced as units finish."""
+    task, items = plan(settings)
+    if model.tokenizer is None:
+        raise LooplmError("evaluation needs the model's tokenizer; this model was loaded without one")
+    configs = settings.configs()
+    for config in configs:
+        model.resolve_steps(config.steps)  # validates the range before any work
+    header = {"task": task.name, "model": model.source, "metric": task.metric,
+              "chat": settings.chat, "num_fewshot": settings.num_fewshot}
+    records = Records(records_path, header)
+    if task.kind == "loglik":
+        _run_loglik(model, task, items, configs, settings, records, progress)
+    else:
+        _run_generate(model, task, items, configs, settings, records, progress)
+    return summarize(task.name, model.source, task.metric, configs, records.rows, {item.id for item in items})
+
+
+def _policies(model, configs: list[Config]) -> dict:  # noqa: ANN001
+    config = model.config
+    return {c.key: make_policy(c.exit_policy, c.exit_threshold, c.steps, config.early_exit_threshold,
+                               config.early_exit_step)
+            for c in configs if c.exit_policy != "last"}
+
+
+def _run_loglik(model, task: Task, items: list[Item], configs: list[Config], settings: EvalSettings,  # noqa: ANN001
+                records: Records, progress: Callable[[int], Progress] | None) -> None:
+    tokenizer = model.tokenizer
+    pending = [item for item in items if any((item.id, c.key) not in records.done for c in configs)]
+    advance = progress(len(pending)) if progress else None
+    policies = _policies(model, configs)
+    chunk_items = max(1, settings.batch_size // 4)  # about batch_size sequences per forward
+    for start in range(0, len(pending), chunk_items):
+        chunk = pending[start : start + chunk_items]
+        requests = []
+        for item in chunk:
+            context, choices = item.context, item.choices
+            if settings.chat:
+                context = tokenizer.apply_chat_template([{"role": "user", "content": context}])
+                choices = [choice.lstrip() for choice in choices]
+            requests += [encode_pair(tokenizer, context, choice) for choice in choices]
+        scored = score_requests(model, requests, configs, policies, settings.batch_size)
+        begin = 0
+        for item in chunk:
+            mine = scored[begin : begin + len(item.choices)]
+            begin += len(item.choices)
+            for config in configs:
+                if (item.id, config.key) in records.done:
+                    continue
+                logprobs = [s.logprob[config.key] for s in mine]
+                normed = [lp / max(1, len(choice)) for lp, choice in zip(logprobs, item.choices)]
+                pick = _argmax(normed if task.metric == "acc_norm" else logprobs)
+                records.add({
+                    "id": item.id, "key": config.key, **config.as_dict(), "correct": pick == item.label,
+                    "pred": pick, "label": item.label, "acc": _argmax(logprobs) == item.label,
+                    "acc_norm": _argmax(normed) == item.label, "logprobs": [round(lp, 4) for lp in logprobs],
+                    "step_sum": sum(s.step_sum[config.key] for s in mine), "step_count": sum(s.tokens for s in mine),
+                })
+        if advance:
+            advance(len(chunk))
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _run_generate(model, task: Task, items: list[Item], configs: list[Config], settings: EvalSettings,  # noqa: ANN001
+                  records: Records, progress: Callable[[int], Progress] | None) -> None:
+    from looplm.generate import generate
+
+    tokenizer = model.tokenizer
+    max_new = settings.max_new_tokens or task.max_new_tokens
+    todo = [(config, [item for item in items if (item.id, config.key) not in records.done]) for config in configs]
+    advance = progress(sum(len(pending) for _, pending in todo)) if progress else None
+    for config, pending in todo:
+        for start in range(0, len(pending), settings.batch_size):
+            chunk = pending[start : start + settings.batch_size]
+            prompts = [tokenizer.encode(_render(tokenizer, item, settings.chat)) for item in chunk]
+            new_ids, stats = generate(
+                model, prompts, max_new, steps=config.steps, exit_policy=config.exit_policy,
+                exit_threshold=config.exit_threshold, skip_compute=settings.skip_compute, return_stats=True,
+            )
+            for item, ids, used in zip(chunk, new_ids, stats.steps_per_token):
+                text = tokenizer.decode(ids)
+                correct, prediction = _check(task, item, text, settings.code_timeout_s)
+                records.add({"id": item.id, "key": config.key, **config.as_dict(), "correct": correct,
+                             "prediction": prediction, "answer": item.answer if task.name != "humaneval" else None,
+                             "output": text, "step_sum": float(sum(used)), "step_count": len(used)})
+            if advance:
+                advance(len(chunk))
+
+
+def _render(tokenizer, item: Item, chat: bool | None) -> str:  # noqa: ANN001
+    if chat is False:  # plain text: the turns joined, the model continues after the last
+        return "\n\n".join(m["content"] for m in item.messages) + "\n"
+    return tokenizer.apply_chat_template(item.messages)
+
+
+def _check(task: Task, item: Item, text: str, timeout_s: float) -> tuple[bool, str | None]:
+    if task.name == "humaneval":
+        from looplm.eval.code_exec import humaneval_program, run_program
+        from looplm.eval.scoring import extract_code
+
+        program = humaneval_program(item.meta["prompt"], extract_code(text), item.answer, item.meta["entry_point"])
+        passed, reason = run_program(program, timeout_s)
+        return passed, reason
+    from looplm.eval.scoring import extract_answer, math_equal
+
+    prediction = extract_answer(text)
+    return math_equal(prediction, item.answer), prediction

@@ -1,0 +1,125 @@
+"""Log-likelihood of continuations for every loop count and exit policy from one pass.
+
+One `run_steps` call at the largest step count T gives the normed state after every step
+`[T, B, S, H]` (the same states `forward_steps` turns into `.logits [T, B, S, V]`). Step t of a
+T-step pass is exactly the last step of a t-step pass (the stack never looks ahead), so the
+log-likelihood of a t-step run is `log_softmax(lm_head(h_t))` at the scored positions; only
+those positions go through `lm_head`, which saves the `[T, B, S, V]` tensor.
+
+Exit policies are applied per scored position with `model.readout` (no-skip semantics: every
+step of every token was computed, as in the reference, and the policy only chooses which step's
+logits a token reads). Context tokens always run all T steps. With `skip_compute` decoding,
+later tokens would see shallower K/V for tokens that exited early; that is not modelled here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from looplm.exit import ExitPolicy
+from looplm.models.ouro import OuroForCausalLM, StepOutput
+
+
+@dataclass(frozen=True)
+class Config:
+    """One evaluated configuration: a fixed depth (`exit_policy="last"`) or a policy at `steps`."""
+
+    steps: int
+    exit_policy: str = "last"
+    exit_threshold: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.steps}|{self.exit_policy}|{self.exit_threshold}"
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "exit_policy": self.exit_policy, "exit_threshold": self.exit_threshold}
+
+
+@dataclass
+class Scored:
+    """Per configuration: the continuation's summed log-prob and the sum of the steps read."""
+
+    logprob: dict[str, float]
+    step_sum: dict[str, float]
+    tokens: int
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:  # noqa: ANN001
+    """Context and continuation ids; the split is taken from the joint encoding (BPE merges across it)."""
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    if whole[: len(ctx)] != ctx or len(whole) == len(ctx):  # merged across the boundary: encode apart
+        return ctx, tokenizer.encode(continuation)
+    return ctx, whole[len(ctx):]
+
+
+@torch.inference_mode()
+def score_requests(
+    model: OuroForCausalLM,
+    requests: list[tuple[list[int], list[int]]],
+    configs: list[Config],
+    policies: dict[str, ExitPolicy],
+    batch_size: int,
+    max_length: int | None = None,
+) -> list[Scored]:
+    """Score `(context_ids, continuation_ids)` pairs for every config in one pass per batch.
+
+    `policies` maps config keys (of non-"last" configs) to built policies. Sequences are
+    right-padded (causal attention: pads after a row's last token never affect it) and cut from
+    the left to `max_length`.
+    """
+    max_steps = max(c.steps for c in configs)
+    max_length = max_length or model.config.max_position_embeddings
+    results: list[Scored | None] = [None] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        rows, spans = [], []
+        for index in chunk:
+            context, continuation = requests[index]
+            assert continuation, f"request {index} has an empty continuation"
+            sequence = (context + continuation)[-(max_length + 1):]
+            rows.append(sequence[:-1])  # the input; targets are the sequence shifted by one
+            spans.append((len(sequence) - 1 - len(continuation), sequence[-len(continuation):]))
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=model.device)
+        positions = torch.arange(width, device=model.device).expand(len(rows), width)
+        out = model.run_steps(ids, positions, None, steps=max_steps)
+        # Gather the scored positions of every row into one flat token axis N.
+        row_index = torch.cat([torch.full((len(t),), b) for b, (_, t) in enumerate(spans)]).to(model.device)
+        pos_index = torch.cat([torch.arange(s, s + len(t)) for s, t in spans]).to(model.device)
+        targets = torch.tensor([tok for _, t in spans for tok in t], device=model.device)
+        hidden = out.hidden_states[:, row_index, pos_index]  # (T, N, H)
+        flat = StepOutput(hidden_states=hidden.unsqueeze(2), gate_lambda=out.gate_lambda[:, row_index, pos_index, None],
+                          exit_probs=out.exit_probs[:, row_index, pos_index, None])
+        token_lp: dict[str, torch.Tensor] = {}
+        token_steps: dict[str, torch.Tensor] = {}
+        step_lp = [_target_logprobs(model.lm_head(hidden[t]), targets) for t in range(max_steps)]
+        for config in configs:
+            if config.exit_policy == "last":
+                token_lp[config.key] = step_lp[config.steps - 1]
+                token_steps[config.key] = torch.full_like(targets, config.steps, dtype=torch.float32)
+            else:
+                if config.steps != max_steps:
+                    raise ValueError(f"exit policies run at the largest step count {max_steps}, got {config}")
+                logits, exit_step = model.readout(flat, policies[config.key], position=0)
+                token_lp[config.key] = _target_logprobs(logits, targets)
+                token_steps[config.key] = exit_step.float() + 1
+        begin = 0
+        for b, index in enumerate(chunk):
+            end = begin + len(spans[b][1])
+            results[index] = Scored(
+                logprob={k: float(v[begin:end].sum()) for k, v in token_lp.items()},
+                step_sum={k: float(v[begin:end].sum()) for k, v in token_steps.items()},
+                tokens=end - begin,
+            )
+            begin = end
+    return results  # type: ignore[return-value]
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`[N, V]` logits, `[N]` targets -> `[N]` log-probabilities (fp32)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

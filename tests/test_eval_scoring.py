@@ -1,0 +1,60 @@
+"""Answer extraction, math equivalence (math-verify), the code sandbox, and the packaged data sets."""
+
+from __future__ import annotations
+
+import pytest
+
+from looplm.errors import LooplmError
+from looplm.eval.code_exec import humaneval_program, run_program
+from looplm.eval.scoring import extract_answer, extract_code, last_boxed, math_equal
+
+
+def test_extraction() -> None:
+    assert last_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}") == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert last_boxed("\\boxed{unclosed") is None
+    assert extract_answer("She pays 5 + 13 = 18 dollars.\n#### 1,018") == "1,018"
+    assert extract_answer("so the total is 72 apples.") == "72"
+    assert extract_answer("no digits here") is None
+    assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\nDone") == "def f():\n    return 1\n"
+
+
+@pytest.mark.parametrize(("prediction", "reference", "equal"), [
+    ("1,018", "1018", True), ("\\frac{1}{2}", "0.5", True), ("18", "17", False), (None, "1", False),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})", True), ("x^2+2x+1", "(x+1)^2", True),
+    ("\\$18.00", "18", True),
+])
+def test_math_equivalence_is_not_a_string_compare(prediction, reference, equal) -> None:  # noqa: ANN001
+    assert math_equal(prediction, reference) is equal
+
+
+def test_code_runs_isolated_with_timeout_and_no_network() -> None:
+    stub = 'def add(a, b):\n    """Add."""\n'
+    test = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+    assert run_program(humaneval_program(stub, "    return a + b\n", test, "add")) == (True, "passed")
+    assert run_program(humaneval_program(stub, "def add(a, b):\n    return a - b\n", test, "add"))[0] is False
+    assert run_program("while True:\n    pass\n", timeout_s=1.5) == (False, "timeout")
+    passed, reason = run_program("import socket\nsocket.create_connection(('198.51.100.1', 80), timeout=2)\n")
+    assert not passed and ("Network is unreachable" in reason or "disabled" in reason), reason
+
+
+@pytest.mark.parametrize(("task", "count", "kind"), [
+    ("gsm8k", 1319, "generate"), ("math500", 500, "generate"), ("mmlu", 14042, "loglik"),
+    ("hellaswag", 100, "loglik"), ("aime25", 30, "generate"), ("gpqa", 198, "loglik"), ("humaneval", 164, "generate"),
+])
+def test_packaged_data_sets(task: str, count: int, kind: str) -> None:
+    from looplm.eval.tasks import get_task
+
+    spec = get_task(task)
+    try:
+        items = spec.load(0)
+    except LooplmError as exc:
+        pytest.skip(f"data package unavailable: {exc}")
+    assert len(items) == count and spec.kind == kind and len({item.id for item in items}) == count
+    if kind == "loglik":
+        assert all(len(item.choices) == 4 and 0 <= item.label < 4 for item in items)
+    else:
+        assert all(item.messages and item.answer for item in items)
+    if task == "gpqa":  # the shuffle is fixed and spreads the right answer over the letters
+        labels = [item.label for item in items]
+        assert labels == [item.label for item in spec.load(0)] and len(set(labels)) == 4
