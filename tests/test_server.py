@@ -22,6 +22,7 @@ import looplm  # noqa: E402
 from looplm.sampling import SamplingParams  # noqa: E402
 from looplm.server import DEFAULT_MODEL_NAME, build_app  # noqa: E402
 from looplm.server.app import create_app  # noqa: E402
+from looplm.server.batch import Batch  # noqa: E402
 from looplm.server.engine import Engine, Sequence  # noqa: E402
 
 NAME = DEFAULT_MODEL_NAME
@@ -153,28 +154,34 @@ def test_eight_concurrent_clients_match_alone(server, client) -> None:  # noqa: 
     assert engine.peak_running > 1, "the requests never shared a decode step"
 
 
-def test_engine_joins_mid_generation_match_library(model) -> None:  # noqa: ANN001
-    """Rows join a running batch (shorter and longer prompts: padding and shifting) and leave it."""
+def test_engine_joins_mid_generation_match_library(model, monkeypatch) -> None:  # noqa: ANN001
+    """Rows join a running batch (shorter and longer prompts: padding and shifting) and leave it
+    (row swap, compaction); every row gets exactly the tokens `generate` gives it alone."""
+    shifts: list[int] = []
+    shift = Batch._shift
+    monkeypatch.setattr(Batch, "_shift", lambda self, offset: (shifts.append(offset), shift(self, offset))[1])
     engine = Engine(model, max_context=256, max_batch=8).start()
-    prompts = [[5 + (7 * i + j) % 250 for j in range(n)] for i, n in enumerate([4, 30, 9, 17, 2, 40])]
+    lengths, budgets = [60, 4, 30, 9, 17, 2, 40], [2, 8, 12, 6, 14, 10, 16]
+    prompts = [[5 + (7 * i + j) % 250 for j in range(n)] for i, n in enumerate(lengths)]
     try:
         for options in LOOP_OPTIONS:
             loop = engine.loop_config(**options)
             outputs, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
-            for i, prompt in enumerate(prompts):
+            for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
                 def on_event(event, i=i) -> None:  # noqa: ANN001
                     if event.kind == "token":
                         outputs[i].append(event.token)
                     else:
                         done[i].set()
-                engine.submit(Sequence(prompt, 6 + 3 * i, loop, SamplingParams(), None, frozenset(), on_event))
+                engine.submit(Sequence(prompt, budget, loop, SamplingParams(), None, frozenset(), on_event))
                 time.sleep(0.01)  # let earlier rows decode before the next one joins
             assert all(d.wait(60) for d in done)
-            expected = [model.generate(p, 6 + 3 * i, eos_token_ids=[], steps=loop.steps, exit_policy=loop.exit_policy,
+            expected = [model.generate(p, b, eos_token_ids=[], steps=loop.steps, exit_policy=loop.exit_policy,
                                        exit_threshold=loop.exit_threshold, kv_mode=loop.kv_mode,
-                                       skip_compute=loop.skip_compute)[0] for i, p in enumerate(prompts)]
+                                       skip_compute=loop.skip_compute)[0] for p, b in zip(prompts, budgets)]
             assert outputs == expected, options
         assert engine.running == 0 and engine.peak_running > 1
+        assert any(s > 0 for s in shifts) and any(s < 0 for s in shifts), shifts  # padded right and compacted
     finally:
         engine.stop()
 

@@ -64,7 +64,8 @@ class Batch:
         if rows <= cap_rows and width <= cap_width:
             return
         new_rows = max(rows, min(2 * cap_rows, rows + 8)) if rows > cap_rows else cap_rows
-        new_width = max(width, min(2 * cap_width, self.max_width)) if width > cap_width else cap_width
+        # Grow by half (at least 256 columns): a full per-step cache is large, so overshoot little.
+        new_width = max(width, min(cap_width + max(256, cap_width // 2), self.max_width)) if width > cap_width else cap_width
         config = self.model.config
         shape = (self.slots, new_rows, config.num_key_value_heads, new_width, config.head_dim)
         keys = torch.zeros(shape, dtype=self.model.dtype, device=self.model.device)
@@ -93,9 +94,14 @@ class Batch:
             row.start += offset
         self.length += offset
 
-    def compact(self) -> None:
-        if self.rows:
-            self._shift(-min(row.start for row in self.rows))
+    def compact(self, force: bool = False) -> None:
+        """Drop the leading columns that are padding for every row. Unless forced, only when they are
+        a good part of the width: moving the batch copies its whole cache."""
+        if not self.rows:
+            return
+        first = min(row.start for row in self.rows)
+        if first and (force or first >= max(32, self.length // 4)):
+            self._shift(-first)
 
     def width_needed(self, prompt_len: int, remaining: int) -> int:
         """Buffer columns this batch would need, to the end, with one more row (after compaction).
@@ -122,7 +128,8 @@ class Batch:
     def join(self, row, cache: KVCache) -> None:  # noqa: ANN001 - an engine Sequence
         """Append a prefilled row (its batch-1 cache holds its n prompt tokens)."""
         n = cache.length
-        self.compact()
+        wanted = max(self.length, n) + max([row.remaining for row in self.rows] + [row.remaining])
+        self.compact(force=wanted > self.max_width)
         if not self.rows:
             self.length = 0
         width = max(self.length, n) + 1
@@ -152,14 +159,13 @@ class Batch:
         self.rows.pop()
         if not self.rows:
             self.length = 0
-        elif min(r.start for r in self.rows) >= max(32, self.length // 4):
-            self.compact()  # copying costs; only when a good part of the width is padding for all
+        self.compact()
 
     def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for every row. Returns logits `[B, V]` and the 0-based exit step of each row `[B]`."""
         used, length = len(self.rows), self.length
         if length + 1 > self.keys.shape[3]:
-            self.compact()
+            self.compact(force=True)
             length = self.length
             self._allocate(used, length + 1)
         self.valid[:used, length] = True
