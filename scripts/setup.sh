@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -e '.[dev]'
+python -m pip install --quiet -e '.[dev,lm-eval]'  # lm-eval: the adapter's tests (it keeps torch as is)

@@ -40,9 +40,11 @@ class Config:
 
 @dataclass
 class Scored:
-    """Per configuration: the continuation's summed log-prob and the sum of the steps read."""
+    """Per configuration: the continuation's summed log-prob, whether every token was the argmax
+    (lm-eval's `is_greedy`), and the sum of the steps read."""
 
     logprob: dict[str, float]
+    greedy: dict[str, bool]
     step_sum: dict[str, float]
     tokens: int
 
@@ -95,12 +97,13 @@ def score_requests(
         hidden = out.hidden_states[:, row_index, pos_index]  # (T, N, H)
         flat = StepOutput(hidden_states=hidden.unsqueeze(2), gate_lambda=out.gate_lambda[:, row_index, pos_index, None],
                           exit_probs=out.exit_probs[:, row_index, pos_index, None])
-        token_lp: dict[str, torch.Tensor] = {}
+        token_lp: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (log-probs [N], is argmax [N])
         token_steps: dict[str, torch.Tensor] = {}
-        step_lp = [_target_logprobs(model.lm_head(hidden[t]), targets) for t in range(max_steps)]
+        needed = {c.steps for c in configs if c.exit_policy == "last"}
+        step_lp = {t: _target_logprobs(model.lm_head(hidden[t - 1]), targets) for t in sorted(needed)}
         for config in configs:
             if config.exit_policy == "last":
-                token_lp[config.key] = step_lp[config.steps - 1]
+                token_lp[config.key] = step_lp[config.steps]
                 token_steps[config.key] = torch.full_like(targets, config.steps, dtype=torch.float32)
             else:
                 if config.steps != max_steps:
@@ -112,7 +115,8 @@ def score_requests(
         for b, index in enumerate(chunk):
             end = begin + len(spans[b][1])
             results[index] = Scored(
-                logprob={k: float(v[begin:end].sum()) for k, v in token_lp.items()},
+                logprob={k: float(lp[begin:end].sum()) for k, (lp, _) in token_lp.items()},
+                greedy={k: bool(top[begin:end].all()) for k, (_, top) in token_lp.items()},
                 step_sum={k: float(v[begin:end].sum()) for k, v in token_steps.items()},
                 tokens=end - begin,
             )
@@ -120,6 +124,7 @@ def score_requests(
     return results  # type: ignore[return-value]
 
 
-def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`[N, V]` logits, `[N]` targets -> `[N]` log-probabilities (fp32)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[N, V]` logits, `[N]` targets -> `[N]` log-probabilities (fp32) and whether each target is the argmax."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logprobs.argmax(-1) == targets

@@ -1,0 +1,178 @@
+"""A `looplm` model type for EleutherAI's lm-evaluation-harness (lm-eval 0.4.x).
+
+    pip install 'looplm[lm-eval]'
+    python -m looplm.eval.lm_eval_adapter --model_args pretrained=PATH,steps=4 --tasks hellaswag
+    # or, from Python (importing this module registers the model type):
+    import lm_eval, looplm.eval.lm_eval_adapter
+    lm_eval.simple_evaluate(model="looplm", model_args="pretrained=PATH,steps=2", tasks=[...])
+
+Model arguments: `pretrained` (directory, hub id or .gguf; default: the embedded model),
+`dtype` (default float32), `device`, `steps`, `exit_policy`, `exit_threshold`, `batch_size`,
+`max_length`.
+
+Per-request loop settings: a request may override `steps`, `exit_policy` and `exit_threshold`.
+For `generate_until` put them in the task's `generation_kwargs`; for any request type set them as
+attributes `looplm_steps` / `looplm_exit_policy` / `looplm_exit_threshold` on the `Instance`.
+Log-likelihood requests are grouped by their settings, and all depths of a group come from one
+pass (`looplm.eval.loglik`). lm_eval is imported only by this module; looplm never needs it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from looplm.errors import LooplmError
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise LooplmError("the lm-eval adapter needs lm-evaluation-harness 0.4.x: pip install 'looplm[lm-eval]'") from exc
+
+from looplm.eval.loglik import Config, encode_pair, score_requests
+from looplm.exit import make_policy
+
+LOOP_KEYS = ("steps", "exit_policy", "exit_threshold")
+
+
+@register_model("looplm")
+class LooplmLM(LM):
+    def __init__(self, pretrained: str | None = None, dtype: str = "float32", device: str = "cpu",
+                 steps: int | str | None = None, exit_policy: str | None = None,
+                 exit_threshold: float | str | None = None, batch_size: int | str = 8,
+                 max_length: int | str | None = None, model=None, **unused) -> None:  # noqa: ANN001
+        super().__init__()
+        import looplm
+
+        self.model = model if model is not None else looplm.load(pretrained, dtype=dtype, device=device)
+        if self.model.tokenizer is None:
+            raise LooplmError("lm-eval needs the model's tokenizer; this checkpoint has none")
+        self.tokenizer = self.model.tokenizer
+        self.defaults = {
+            "steps": int(steps) if steps not in (None, "") else self.model.config.total_ut_steps,
+            "exit_policy": exit_policy or "last",
+            "exit_threshold": float(exit_threshold) if exit_threshold not in (None, "") else None,
+        }
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> 8
+        self.max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
+        eot = self.tokenizer.eos_id
+        self.prefix_token_id = eot if eot is not None else (self.model.config.eos_token_ids or [0])[0]
+
+    # -- what lm-eval asks of a model ------------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.model.source).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:  # noqa: ANN001
+        pairs = []
+        for request in requests:
+            context, continuation = request.args[0], request.args[1]
+            if context:
+                pairs.append(encode_pair(self.tokenizer, context, continuation))
+            else:  # score from the first token: the eos token stands in for the missing context
+                pairs.append(([self.prefix_token_id], self.tokenizer.encode(continuation)))
+        results = self._score(requests, pairs)
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
+
+    def loglikelihood_rolling(self, requests) -> list[float]:  # noqa: ANN001
+        pairs, owners = [], []
+        for index, request in enumerate(requests):
+            tokens = self.tokenizer.encode(request.args[0])
+            windows = get_rolling_token_windows(token_list=tokens, prefix_token=self.prefix_token_id,
+                                                max_seq_len=self.max_length, context_len=1)
+            for window in map(make_disjoint_window, windows):
+                pairs.append(window)
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        window_requests = [requests[i] for i in owners]
+        for owner, (logprob, _) in zip(owners, self._score(window_requests, pairs)):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def generate_until(self, requests) -> list[str]:  # noqa: ANN001
+        from looplm.generate import generate
+
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            kwargs = dict(request.args[1]) if len(request.args) > 1 else {}
+            groups[self._gen_key(request, kwargs)].append(index)
+        outputs = [""] * len(requests)
+        for key, indices in groups.items():
+            loop, until, max_new, temperature = key
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                limit = max(1, self.max_length - max_new)
+                prompts = [self.tokenizer.encode(requests[i].args[0])[-limit:] or [self.prefix_token_id] for i in chunk]
+                new_ids = generate(self.model, prompts, max_new, temperature=temperature, stop=list(until) or None,
+                                   steps=loop[0], exit_policy=loop[1], exit_threshold=loop[2])
+                for i, ids in zip(chunk, new_ids):
+                    text = self.tokenizer.decode(ids)
+                    for stop in until:  # the stop string itself is not part of the answer
+                        text = text.split(stop, 1)[0]
+                    outputs[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return outputs
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _loop(self, request, overrides: dict | None = None) -> tuple:  # noqa: ANN001
+        values = dict(self.defaults)
+        for key in LOOP_KEYS:
+            if overrides and overrides.get(key) is not None:
+                values[key] = overrides[key]
+            attribute = getattr(request, f"looplm_{key}", None)
+            if attribute is not None:
+                values[key] = attribute
+        policy = values["exit_policy"]
+        threshold = None if policy in ("last", "fixed", "weighted") or values["exit_threshold"] is None \
+            else float(values["exit_threshold"])
+        return int(values["steps"]), policy, threshold
+
+    def _gen_key(self, request, kwargs: dict) -> tuple:  # noqa: ANN001
+        loop = self._loop(request, kwargs)
+        until = kwargs.get("until") or []
+        until = (until,) if isinstance(until, str) else tuple(until)
+        temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+        return loop, until, int(kwargs.get("max_gen_toks", 256)), temperature
+
+    def _score(self, requests, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:  # noqa: ANN001
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[self._loop(request)].append(index)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        config_ = self.model.config
+        for (steps, policy, threshold), indices in groups.items():
+            config = Config(steps, policy, threshold)
+            policies = {}
+            if policy != "last":
+                policies[config.key] = make_policy(policy, threshold, steps, config_.early_exit_threshold,
+                                                   config_.early_exit_step)
+            scored = score_requests(self.model, [pairs[i] for i in indices], [config], policies, self.batch_size,
+                                    max_length=self.max_length)
+            for i, result in zip(indices, scored):
+                results[i] = (result.logprob[config.key], result.greedy[config.key])
+        return results
+
+
+def main() -> None:
+    """`python -m looplm.eval.lm_eval_adapter ARGS`: lm-eval's own CLI with the looplm model registered."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if "--model" not in sys.argv:
+        sys.argv[1:1] = ["--model", "looplm"]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

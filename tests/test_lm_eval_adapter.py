@@ -1,0 +1,103 @@
+"""The lm-evaluation-harness adapter on a tiny local task (skipped when lm-eval is not installed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'looplm[lm-eval]')")
+
+import looplm  # noqa: E402
+from conftest import small_config  # noqa: E402
+from looplm.default_model import write_random_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-lm-eval")
+    write_random_checkpoint(path, small_config(vocab_size=259, max_position_embeddings=64), seed=5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_path: Path):  # noqa: ANN201
+    from looplm.eval.lm_eval_adapter import LooplmLM
+
+    return LooplmLM(model=looplm.load(tiny_path, dtype="float32"), steps=4, batch_size=3)
+
+
+def _instance(kind: str, args: tuple, **attributes: object):  # noqa: ANN202
+    from lm_eval.api.instance import Instance
+
+    instance = Instance(request_type=kind, doc={}, arguments=args, idx=0)
+    for key, value in attributes.items():
+        setattr(instance, key, value)
+    return instance
+
+
+def test_loglikelihood_per_request_steps(adapter) -> None:  # noqa: ANN001
+    import torch
+
+    requests = [_instance("loglikelihood", ("The sky is", " blue"), looplm_steps=steps) for steps in (1, 2, 4)]
+    requests.append(_instance("loglikelihood", ("", "hello")))
+    results = adapter.loglikelihood(requests)
+    tok = adapter.tokenizer
+    ids = torch.tensor([tok.encode("The sky is blue")])
+    n = len(tok.encode(" blue"))
+    for steps, (logprob, greedy) in zip((1, 2, 4), results):
+        with torch.inference_mode():
+            expected = adapter.model.step_logprobs(ids[:, :-1], ids[:, 1:], steps=steps)[-1, 0, -n:].sum()
+        assert logprob == pytest.approx(float(expected), abs=1e-4) and isinstance(greedy, bool)
+    assert results[3][0] < 0
+
+
+def test_rolling_windows_cover_every_token(adapter) -> None:  # noqa: ANN001
+    text = "a long text " * 12  # 144 bytes > max_length 64: several windows
+    (total,) = adapter.loglikelihood_rolling([_instance("loglikelihood_rolling", (text,))])
+    single = adapter.loglikelihood([_instance("loglikelihood", ("", text[:40]))])[0][0]
+    assert total < single < 0
+
+
+def test_generate_until_stops_and_honours_steps(adapter) -> None:  # noqa: ANN001
+    requests = [_instance("generate_until", ("Once upon", {"until": ["e"], "max_gen_toks": 5, "steps": s}))
+                for s in (1, 4)]
+    outputs = adapter.generate_until(requests)
+    assert len(outputs) == 2 and all(isinstance(o, str) and "e" not in o for o in outputs)
+    import torch
+
+    ids = adapter.tokenizer.encode("Once upon")
+    for steps, output in zip((1, 4), outputs):
+        new = looplm.generate.generate(adapter.model, ids, 5, steps=steps, exit_policy="last", stop=["e"])[0]
+        assert adapter.tokenizer.decode(new).split("e", 1)[0] == output
+    del torch
+
+
+def test_simple_evaluate_on_a_local_task(tiny_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import looplm.eval.lm_eval_adapter  # noqa: F401 - registers "looplm"
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "data.jsonl"
+    rows = [{"question": f"Is {k} even?", "choices": ["yes", "no"], "label": k % 2, "answer": "yes"} for k in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: looplm_tiny_mc\n" + common + "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    (tasks / "tiny_gen.yaml").write_text(
+        "task: looplm_tiny_gen\n" + common + "output_type: generate_until\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 3\n  steps: 2\n"
+        "metric_list:\n  - metric: exact_match\n")
+    results = lm_eval.simple_evaluate(
+        model="looplm", model_args=f"pretrained={tiny_path},steps=4", tasks=["looplm_tiny_mc", "looplm_tiny_gen"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), batch_size=4,
+    )
+    assert 0.0 <= results["results"]["looplm_tiny_mc"]["acc,none"] <= 1.0
+    assert results["results"]["looplm_tiny_gen"]["exact_match,none"] == 0.0  # random weights never say "yes"
