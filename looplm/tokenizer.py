@@ -146,6 +146,10 @@ class Tokenizer:
             ids.insert(0, bos)
         return ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of many texts at once (no BOS), using the Rust side's threads; for building corpora."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         # int() accepts numpy/torch scalars as well as Python ints.
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

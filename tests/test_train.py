@@ -137,6 +137,8 @@ def test_resume_gives_identical_next_losses(data_dir: Path, tmp_path: Path) -> N
     train(_config(data_dir, tmp_path / "full"))
     train(_config(data_dir, tmp_path / "split", stop_at=3))
     assert len(read_log(tmp_path / "split" / "train_log.jsonl")) == 3
+    with (tmp_path / "split" / "train_log.jsonl").open("a") as f:  # a row an interrupted run logged after the save
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
     train(_config(data_dir, tmp_path / "split", resume=True))
     full = [r["loss"] for r in read_log(tmp_path / "full" / "train_log.jsonl")]
     split = [r["loss"] for r in read_log(tmp_path / "split" / "train_log.jsonl")]

@@ -157,8 +157,7 @@ def encode_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
     """One uint16 stream: every document followed by `<|endoftext|>`."""
     eot = tokenizer.token_to_id(END_OF_TEXT)
     assert tokenizer.vocab_size <= 65536, tokenizer.vocab_size
-    encoded = tokenizer._tok.encode_batch(docs, add_special_tokens=False)  # batched: the Rust side uses threads
-    parts = [np.array(e.ids + [eot], dtype=np.uint16) for e in encoded]
+    parts = [np.array(ids + [eot], dtype=np.uint16) for ids in tokenizer.encode_batch(docs)]
     return np.concatenate(parts)
 
 

@@ -258,6 +258,10 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if start_step > 0 and (out / LOG_FILE).exists():  # drop rows logged after the checkpoint by an interrupted run
+            lines = (out / LOG_FILE).read_text().splitlines()
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= start_step]
+            (out / LOG_FILE).write_text("".join(line + "\n" for line in kept))
         if start_step == 0:
             header = {"event": "start", "world_size": world, "config": _jsonable(asdict(config)), "model": raw_config,
                       "parameters": sum(p.numel() for p in model.parameters())}
