@@ -1,6 +1,6 @@
 """The harness on real weights: SmolLM2-135M-Instruct (GGUF, one loop) on HellaSwag and MMLU.
 
-The default run checks a few items against the full run recorded in docs/evaluation.md (per
+The default run checks two items against the full run recorded in docs/evaluation.md (per
 choice log-likelihoods and the acc_norm pick). The slow test reruns the whole 100-row HellaSwag
 sample and checks the published number (40.9, zero-shot, lighteval) within sampling error.
 """
@@ -13,12 +13,10 @@ import looplm
 from looplm.errors import LooplmError
 from looplm.eval.harness import EvalSettings, run_eval
 
-# From the full run (docs/evaluation.md): items 0, 25, 50, 75 of the sample (--limit 4), fp32.
-HELLASWAG_FIRST4 = {
+# From the full run (docs/evaluation.md): items 0 and 50 of the sample (--limit 2), fp32.
+HELLASWAG_ITEMS = {
     "hellaswag-val-00106": (2, [-53.0762, -57.9435, -68.2509, -49.9181]),
-    "hellaswag-val-02340": (3, [-33.1439, -41.9993, -21.7453, -18.7121]),
     "hellaswag-val-04374": (1, [-167.0554, -82.7103, -116.9669, -78.3596]),
-    "hellaswag-val-06572": (2, [-117.68, -143.2079, -104.9473, -106.0433]),
 }
 
 
@@ -37,12 +35,12 @@ def smollm():  # noqa: ANN201
 
 def test_hellaswag_items_match_the_recorded_run(smollm, tmp_path) -> None:  # noqa: ANN001
     records = tmp_path / "hs.jsonl"
-    results = run_eval(smollm, EvalSettings(task="hellaswag", steps=[1], limit=4, batch_size=16), records)
-    assert results["results"][0]["n"] == 4 and results["metric"] == "acc_norm"
+    results = run_eval(smollm, EvalSettings(task="hellaswag", steps=[1], limit=2, batch_size=8), records)
+    assert results["results"][0]["n"] == 2 and results["metric"] == "acc_norm"
     from looplm.eval.harness import read_records
 
     for row in read_records(records)[1:]:
-        pick, logprobs = HELLASWAG_FIRST4[row["id"]]
+        pick, logprobs = HELLASWAG_ITEMS[row["id"]]
         assert row["pred"] == pick
         assert row["logprobs"] == pytest.approx(logprobs, abs=0.05)
 
