@@ -43,17 +43,17 @@ def plot_results(results: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     if fixed:
         ax.plot([r["mean_steps"] for r in fixed], [100 * r["accuracy"] for r in fixed], "o-", label="fixed depth")
-    for r in policies:
-        ax.scatter([r["mean_steps"]], [100 * r["accuracy"]], marker="s")
-        ax.annotate(config_label(r), (r["mean_steps"], 100 * r["accuracy"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+    markers = "sD^v<>pPX*"
+    for index, r in enumerate(policies):  # a legend entry each: labels next to points would overlap
+        ax.scatter([r["mean_steps"]], [100 * r["accuracy"]], marker=markers[index % len(markers)],
+                   label=config_label(r), zorder=3)
     ax.set_xlabel("mean steps (UT loops) per scored token")
     ax.set_ylabel(f"accuracy, % ({results.get('metric', 'accuracy')})")
     n = max((r["n"] for r in results["results"]), default=0)
     ax.set_title(f"{results['task']} (n={n}): {Path(str(results['model'])).name}", fontsize=9)
     ax.grid(alpha=0.3)
-    if fixed:
-        ax.legend(fontsize=8)
+    if fixed or policies:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
