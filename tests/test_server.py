@@ -154,12 +154,9 @@ def test_eight_concurrent_clients_match_alone(server, client) -> None:  # noqa: 
     assert engine.peak_running > 1, "the requests never shared a decode step"
 
 
-def test_engine_joins_mid_generation_match_library(model, monkeypatch) -> None:  # noqa: ANN001
-    """Rows join a running batch (shorter and longer prompts: padding and shifting) and leave it
-    (row swap, compaction); every row gets exactly the tokens `generate` gives it alone."""
-    shifts: list[int] = []
-    shift = Batch._shift
-    monkeypatch.setattr(Batch, "_shift", lambda self, offset: (shifts.append(offset), shift(self, offset))[1])
+def test_engine_joins_mid_generation_match_library(model) -> None:  # noqa: ANN001
+    """Rows join a running batch at whatever point it has reached and leave it; every row gets
+    exactly the tokens `generate` gives it alone, for each loop configuration."""
     engine = Engine(model, max_context=256, max_batch=8).start()
     lengths, budgets = [60, 4, 30, 9, 17, 2, 40], [2, 8, 12, 6, 14, 10, 16]
     prompts = [[5 + (7 * i + j) % 250 for j in range(n)] for i, n in enumerate(lengths)]
@@ -181,9 +178,61 @@ def test_engine_joins_mid_generation_match_library(model, monkeypatch) -> None: 
                                        skip_compute=loop.skip_compute)[0] for p, b in zip(prompts, budgets)]
             assert outputs == expected, options
         assert engine.running == 0 and engine.peak_running > 1
-        assert any(s > 0 for s in shifts) and any(s < 0 for s in shifts), shifts  # padded right and compacted
     finally:
         engine.stop()
+
+
+class Row:
+    def __init__(self, budget: int) -> None:
+        self.start = self.next_position = self.last_token = 0
+        self.remaining, self.tokens = budget, []
+
+
+@pytest.mark.parametrize("options", LOOP_OPTIONS, ids=lambda o: ",".join(o) or "default")
+def test_batch_pads_shifts_swaps_and_compacts(model, options) -> None:  # noqa: ANN001
+    """Drive one Batch by hand through every buffer move, deterministically."""
+    loop = Engine(model).loop_config(**options)
+    batch = Batch(model, loop, max_width=256)
+    prompts = {"a": list(range(10, 70)), "b": [7, 8, 9], "c": list(range(100, 120)), "d": [40, 41]}
+    budgets = {"a": 2, "b": 12, "c": 6, "d": 5}
+    rows = {name: Row(budgets[name]) for name in prompts}
+    moves: list[int] = []
+    shift = batch._shift
+    batch._shift = lambda offset: (moves.append(offset), shift(offset))[1]
+
+    def add(name: str) -> None:
+        logits, _, cache = batch.prefill(prompts[name])
+        row = rows[name]
+        row.last_token = int(logits.argmax(-1)[0])
+        row.tokens.append(row.last_token)
+        row.remaining -= 1
+        batch.join(row, cache)
+
+    def step() -> None:
+        logits, _ = batch.decode()
+        for row, token in zip(list(batch.rows), logits.argmax(-1).tolist()):
+            row.last_token = token
+            row.tokens.append(token)
+            row.remaining -= 1
+            if row.remaining == 0:
+                batch.leave(row)
+
+    with torch.inference_mode():
+        add("a")
+        add("b")  # shorter: left-padded into [57, 60)
+        add("d")  # the third row, so that a leaves from the middle of the buffer (row swap)
+        step()  # a is done and leaves: b and d start at >= 57, so the batch compacts
+        assert moves and moves[-1] < 0, moves
+        step()
+        add("c")  # longer than the batch: everyone moves right
+        assert moves[-1] > 0, moves
+        while batch.rows:
+            step()
+    for name, row in rows.items():
+        expected = model.generate(prompts[name], budgets[name], eos_token_ids=[], steps=loop.steps,
+                                  exit_policy=loop.exit_policy, exit_threshold=loop.exit_threshold,
+                                  kv_mode=loop.kv_mode, skip_compute=loop.skip_compute)[0]
+        assert row.tokens == expected, name
 
 
 def test_cancel_mid_stream_frees_the_row(server, client) -> None:  # noqa: ANN001
@@ -314,3 +363,37 @@ def test_full_queue_answers_429_and_api_key(model) -> None:  # noqa: ANN001
         assert response.status_code == 429
         assert response.json()["error"]["code"] == "queue_full"
         assert httpx.get(running.url + "/health").status_code == 200  # no key needed outside /v1
+
+
+def test_looplm_serve_command(tmp_path) -> None:  # noqa: ANN001
+    """The CLI end to end: `looplm serve` in a subprocess, on loopback, answering the client."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LOOPLM_HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "looplm", "serve", "--port", str(port), "--threads", "1", "--max-context", "128",
+               "--served-model-name", "tiny"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                assert [m.id for m in client.models.list().data] == ["tiny"]
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "looplm serve did not come up"
+                time.sleep(0.2)
+        reply = client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+        with pytest.raises(openai.BadRequestError):  # --max-context is enforced
+            client.completions.create(model="tiny", prompt="hi", max_tokens=200)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -118,13 +118,6 @@ class CompletionRequest(SamplingOptions):
         return value
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    mean_loops_per_token: float | None = None
-
-
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """The OpenAI error object."""
