@@ -58,3 +58,18 @@ def test_packaged_data_sets(task: str, count: int, kind: str) -> None:
     if task == "gpqa":  # the shuffle is fixed and spreads the right answer over the letters
         labels = [item.label for item in items]
         assert labels == [item.label for item in spec.load(0)] and len(set(labels)) == 4
+
+
+def test_humaneval_reference_solutions_pass_and_wrong_ones_fail() -> None:
+    from looplm.eval.tasks import get_task
+
+    try:
+        items = get_task("humaneval").load(0)
+    except LooplmError as exc:
+        pytest.skip(f"data package unavailable: {exc}")
+    for item in items[:3]:
+        meta = item.meta
+        program = humaneval_program(meta["prompt"], meta["canonical_solution"], item.answer, meta["entry_point"])
+        assert run_program(program) == (True, "passed"), item.id
+        wrong = humaneval_program(meta["prompt"], "    return None\n", item.answer, meta["entry_point"])
+        assert run_program(wrong)[0] is False, item.id

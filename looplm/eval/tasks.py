@@ -173,7 +173,8 @@ def load_humaneval(num_fewshot: int) -> list[Item]:
     _no_fewshot("humaneval", num_fewshot)
     return [
         Item(id=row["task_id"], messages=[{"role": "user", "content": HUMANEVAL_INSTRUCTION.format(prompt=row["prompt"])}],
-             answer=row["test"], meta={"prompt": row["prompt"], "entry_point": row["entry_point"]})
+             answer=row["test"], meta={"prompt": row["prompt"], "entry_point": row["entry_point"],
+                                      "canonical_solution": row["canonical_solution"]})
         for row in read_jsonl(fetch_asset("humaneval"))
     ]
 
