@@ -108,6 +108,13 @@ def test_results_format_resume_and_merge(tiny, fake_task: Task, tmp_path: Path) 
         assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["mean_steps"] == pytest.approx(b["mean_steps"])
 
 
+def test_policies_without_threshold_record_their_default(tiny, fake_task: Task) -> None:  # noqa: ANN001
+    settings = EvalSettings(task="fake", steps=[4], policies=parse_policies("confidence,kl,weighted"), limit=1)
+    results = run_eval(tiny, settings)["results"]
+    assert [(r["exit_policy"], r["exit_threshold"]) for r in results] == [
+        ("last", None), ("confidence", 0.9), ("kl", 0.01), ("weighted", None)]
+
+
 def test_records_of_another_model_are_refused(tiny, fake_task: Task, tmp_path: Path) -> None:  # noqa: ANN001
     records = tmp_path / "r.jsonl"
     records.write_text(json.dumps({"header": {"task": "fake", "model": "other"}}) + "\n")

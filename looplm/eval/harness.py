@@ -196,7 +196,7 @@ def run_eval(model, settings: EvalSettings, records_path: Path | None = None,  #
     task, items = plan(settings)
     if model.tokenizer is None:
         raise LooplmError("evaluation needs the model's tokenizer; this model was loaded without one")
-    configs = settings.configs()
+    configs = [_with_threshold(model, config) for config in settings.configs()]
     for config in configs:
         model.resolve_steps(config.steps)  # validates the range before any work
     header = {"task": task.name, "model": model.source, "metric": task.metric,
@@ -207,6 +207,15 @@ def run_eval(model, settings: EvalSettings, records_path: Path | None = None,  #
     else:
         _run_generate(model, task, items, configs, settings, records, progress)
     return summarize(task.name, model.source, task.metric, configs, records.rows, {item.id for item in items})
+
+
+def _with_threshold(model, config: Config) -> Config:  # noqa: ANN001
+    """A policy named without a threshold gets its default (e.g. confidence 0.9), written into the results."""
+    if config.exit_policy == "last" or config.exit_threshold is not None:
+        return config
+    policy = make_policy(config.exit_policy, None, config.steps, model.config.early_exit_threshold,
+                         model.config.early_exit_step)
+    return Config(config.steps, config.exit_policy, getattr(policy, "threshold", None))
 
 
 def _policies(model, configs: list[Config]) -> dict:  # noqa: ANN001
