@@ -56,7 +56,7 @@ def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_t
               output, records, plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution,
               skip_compute) -> None:
     from looplm.eval.harness import EvalSettings, parse_policies, parse_shard, plan
-    from looplm.eval.report import plot_results, results_table
+    from looplm.eval.report import results_table
 
     settings = EvalSettings(
         task=task, steps=parse_steps(steps) if steps else [], limit=limit, batch_size=batch_size,
