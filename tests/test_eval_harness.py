@@ -75,6 +75,23 @@ def test_exit_policies_from_the_same_pass(tiny) -> None:  # noqa: ANN001
     assert result.step_sum[configs[4].key] == 4 * tokens
 
 
+def test_shared_context_scoring_equals_whole_sequences(tiny) -> None:  # noqa: ANN001
+    from looplm.eval.loglik import score_choices
+    from looplm.exit import make_policy
+
+    tok = tiny.tokenizer
+    context = tok.encode("Question: which colour is the sky?\nAnswer:")
+    choices = [tok.encode(c) for c in (" blue", " green", " a very long red answer", "!")]
+    configs = [Config(1), Config(3), Config(4), Config(4, "gate", 0.5), Config(4, "kl", 0.05), Config(4, "weighted")]
+    policies = {c.key: make_policy(c.exit_policy, c.exit_threshold, 4, 1.0) for c in configs if c.exit_policy != "last"}
+    whole = score_requests(tiny, [(context, c) for c in choices], configs, policies, batch_size=4)
+    shared = score_choices(tiny, context, choices, configs, policies)
+    for a, b in zip(whole, shared, strict=True):
+        assert a.tokens == b.tokens and a.step_sum == b.step_sum and a.greedy == b.greedy
+        for key in a.logprob:
+            assert b.logprob[key] == pytest.approx(a.logprob[key], abs=1e-4), key
+
+
 def test_results_format_resume_and_merge(tiny, fake_task: Task, tmp_path: Path) -> None:  # noqa: ANN001
     settings = EvalSettings(task="fake", steps=[1, 2, 4], policies=[("gate", 0.5)], limit=4, batch_size=8)
     records = tmp_path / "r.jsonl"

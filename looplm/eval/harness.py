@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from looplm.errors import LooplmError
-from looplm.eval.loglik import Config, encode_pair, score_requests
+from looplm.eval.loglik import Config, encode_pair, score_choices, score_requests
 from looplm.eval.tasks import Item, Task, get_task, select_items
 from looplm.exit import POLICY_NAMES, make_policy
 
@@ -231,17 +231,21 @@ def _run_loglik(model, task: Task, items: list[Item], configs: list[Config], set
     pending = [item for item in items if any((item.id, c.key) not in records.done for c in configs)]
     advance = progress(len(pending)) if progress else None
     policies = _policies(model, configs)
-    chunk_items = max(1, settings.batch_size // 4)  # about batch_size sequences per forward
+    chunk_items = max(1, settings.batch_size // 4)  # items per progress update
     for start in range(0, len(pending), chunk_items):
         chunk = pending[start : start + chunk_items]
-        requests = []
+        scored = []
         for item in chunk:
             context, choices = item.context, item.choices
             if settings.chat:
                 context = tokenizer.apply_chat_template([{"role": "user", "content": context}])
                 choices = [choice.lstrip() for choice in choices]
-            requests += [encode_pair(tokenizer, context, choice) for choice in choices]
-        scored = score_requests(model, requests, configs, policies, settings.batch_size)
+            pairs = [encode_pair(tokenizer, context, choice) for choice in choices]
+            context_ids = pairs[0][0]  # the same for every choice
+            if len(context_ids) + max(len(c) for _, c in pairs) <= model.config.max_position_embeddings:
+                scored += score_choices(model, context_ids, [c for _, c in pairs], configs, policies)
+            else:  # too long: cut from the left, whole sequences
+                scored += score_requests(model, pairs, configs, policies, settings.batch_size)
         begin = 0
         for item in chunk:
             mine = scored[begin : begin + len(item.choices)]

@@ -94,33 +94,12 @@ def score_requests(
         row_index = torch.cat([torch.full((len(t),), b) for b, (_, t) in enumerate(spans)]).to(model.device)
         pos_index = torch.cat([torch.arange(s, s + len(t)) for s, t in spans]).to(model.device)
         targets = torch.tensor([tok for _, t in spans for tok in t], device=model.device)
-        hidden = out.hidden_states[:, row_index, pos_index]  # (T, N, H)
-        flat = StepOutput(hidden_states=hidden.unsqueeze(2), gate_lambda=out.gate_lambda[:, row_index, pos_index, None],
-                          exit_probs=out.exit_probs[:, row_index, pos_index, None])
-        token_lp: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (log-probs [N], is argmax [N])
-        token_steps: dict[str, torch.Tensor] = {}
-        needed = {c.steps for c in configs if c.exit_policy == "last"}
-        step_lp = {t: _target_logprobs(model.lm_head(hidden[t - 1]), targets) for t in sorted(needed)}
-        for config in configs:
-            if config.exit_policy == "last":
-                token_lp[config.key] = step_lp[config.steps]
-                token_steps[config.key] = torch.full_like(targets, config.steps, dtype=torch.float32)
-            else:
-                if config.steps != max_steps:
-                    raise ValueError(f"exit policies run at the largest step count {max_steps}, got {config}")
-                logits, exit_step = model.readout(flat, policies[config.key], position=0)
-                token_lp[config.key] = _target_logprobs(logits, targets)
-                token_steps[config.key] = exit_step.float() + 1
-        begin = 0
-        for b, index in enumerate(chunk):
-            end = begin + len(spans[b][1])
-            results[index] = Scored(
-                logprob={k: float(lp[begin:end].sum()) for k, (lp, _) in token_lp.items()},
-                greedy={k: bool(top[begin:end].all()) for k, (_, top) in token_lp.items()},
-                step_sum={k: float(v[begin:end].sum()) for k, v in token_steps.items()},
-                tokens=end - begin,
-            )
-            begin = end
+        flat = StepOutput(hidden_states=out.hidden_states[:, row_index, pos_index],  # (T, N, H)
+                          gate_lambda=out.gate_lambda[:, row_index, pos_index],
+                          exit_probs=out.exit_probs[:, row_index, pos_index])
+        scored = _score_tokens(model, flat, targets, [len(t) for _, t in spans], configs, policies)
+        for index, result in zip(chunk, scored):
+            results[index] = result
     return results  # type: ignore[return-value]
 
 
@@ -128,3 +107,87 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     """`[N, V]` logits, `[N]` targets -> `[N]` log-probabilities (fp32) and whether each target is the argmax."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logprobs.argmax(-1) == targets
+
+
+@torch.inference_mode()
+def score_choices(
+    model: OuroForCausalLM,
+    context: list[int],
+    continuations: list[list[int]],
+    configs: list[Config],
+    policies: dict[str, ExitPolicy],
+) -> list[Scored]:
+    """Like `score_requests` for continuations of one shared context, which runs only once.
+
+    The context is prefilled into a KV cache (batch 1, every step), the cache is copied to one
+    row per continuation, and the continuations run together on top of it. For multiple choice
+    with long questions (MMLU) this is several times less work than scoring each pair whole.
+    """
+    assert context and all(continuations), "context and every continuation need at least one token"
+    max_steps = max(c.steps for c in configs)
+    device, count = model.device, len(continuations)
+    width = max(len(c) for c in continuations) - 1  # the last token of a continuation is never an input
+    cache = model.make_cache(1, len(context) + max(width, 1), max_steps)
+    ctx_positions = torch.arange(len(context), device=device).unsqueeze(0)
+    prefix = model.run_steps(torch.tensor([context], device=device), ctx_positions, None, cache, max_steps)
+    # The context's last state predicts every continuation's first token.
+    parts = [(prefix.hidden_states[:, 0, -1:], prefix.gate_lambda[:, 0, -1:], prefix.exit_probs[:, 0, -1:])] * count
+    if width > 0:
+        shared = type(cache).over(cache.keys.repeat(1, count, 1, 1, 1), cache.values.repeat(1, count, 1, 1, 1),
+                                  max_steps, cache.length)
+        ids = torch.tensor([c[:-1] + [0] * (width + 1 - len(c)) for c in continuations], device=device)
+        positions = torch.arange(len(context), len(context) + width, device=device).expand(count, width)
+        key_valid = torch.ones(count, len(context) + width, dtype=torch.bool, device=device)
+        rest = model.run_steps(ids, positions, key_valid, shared, max_steps)  # right pads: causal, never seen
+        parts = [
+            (torch.cat([h, rest.hidden_states[:, j, : len(c) - 1]], dim=1),
+             torch.cat([g, rest.gate_lambda[:, j, : len(c) - 1]], dim=1),
+             torch.cat([p, rest.exit_probs[:, j, : len(c) - 1]], dim=1))
+            for j, ((h, g, p), c) in enumerate(zip(parts, continuations))
+        ]
+    flat = StepOutput(hidden_states=torch.cat([h for h, _, _ in parts], dim=1),  # (T, N, H)
+                      gate_lambda=torch.cat([g for _, g, _ in parts], dim=1),
+                      exit_probs=torch.cat([p for _, _, p in parts], dim=1))
+    targets = torch.tensor([tok for c in continuations for tok in c], device=device)
+    return _score_tokens(model, flat, targets, [len(c) for c in continuations], configs, policies)
+
+
+def _score_tokens(
+    model: OuroForCausalLM,
+    flat: StepOutput,
+    targets: torch.Tensor,
+    lengths: list[int],
+    configs: list[Config],
+    policies: dict[str, ExitPolicy],
+) -> list[Scored]:
+    """Every config's score of `N` scored tokens: states `[T, N, H]`, gate `[T, N]`, targets `[N]`;
+    `lengths` splits N into the continuations."""
+    max_steps = flat.hidden_states.shape[0]
+    token_lp: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (log-probs [N], is argmax [N])
+    token_steps: dict[str, torch.Tensor] = {}
+    needed = {c.steps for c in configs if c.exit_policy == "last"}
+    step_lp = {t: _target_logprobs(model.lm_head(flat.hidden_states[t - 1]), targets) for t in sorted(needed)}
+    # `readout` reads one position of [T, B, S, ...]: view the N tokens as a batch of one position.
+    as_batch = StepOutput(hidden_states=flat.hidden_states.unsqueeze(2), gate_lambda=flat.gate_lambda.unsqueeze(2),
+                          exit_probs=flat.exit_probs.unsqueeze(2))
+    for config in configs:
+        if config.exit_policy == "last":
+            token_lp[config.key] = step_lp[config.steps]
+            token_steps[config.key] = torch.full_like(targets, config.steps, dtype=torch.float32)
+        else:
+            if config.steps != max_steps:
+                raise ValueError(f"exit policies run at the largest step count {max_steps}, got {config}")
+            logits, exit_step = model.readout(as_batch, policies[config.key], position=0)
+            token_lp[config.key] = _target_logprobs(logits, targets)
+            token_steps[config.key] = exit_step.float() + 1
+    results, begin = [], 0
+    for length in lengths:
+        end = begin + length
+        results.append(Scored(
+            logprob={k: float(lp[begin:end].sum()) for k, (lp, _) in token_lp.items()},
+            greedy={k: bool(top[begin:end].all()) for k, (_, top) in token_lp.items()},
+            step_sum={k: float(v[begin:end].sum()) for k, v in token_steps.items()},
+            tokens=length,
+        ))
+        begin = end
+    return results
