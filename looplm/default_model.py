@@ -1,9 +1,13 @@
 """The embedded default model, so that every command works offline out of the box.
 
-Until looplm ships a trained tiny model, the default is a tiny RANDOM-weight Ouro-layout
-checkpoint with a byte-level tokenizer. It is written on first use to
-`$LOOPLM_HOME/default-random` (default `~/.cache/looplm`) and loaded through the same
-code path as any HF-layout directory. Its output is noise by design.
+The default is `tiny-ouro`, a small Ouro-layout model trained by `looplm train` and shipped
+inside the package (`looplm/data/tiny-ouro/`; recipe in docs/tiny-ouro.md). It is loaded
+through the same code path as any HF-layout directory.
+
+If the packaged weights are missing (e.g. a source checkout without them), the fallback is a
+tiny RANDOM-weight checkpoint with a byte-level tokenizer, written on first use to
+`$LOOPLM_HOME/default-random-v1` (default `~/.cache/looplm`), with a warning: its output is
+noise. `write_random_checkpoint` is also what tests and benchmarks use for random models.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +25,7 @@ from safetensors.torch import save_file
 from looplm.config import OuroConfig
 from looplm.models.ouro import OuroForCausalLM
 
+PACKAGED_DIR = Path(__file__).resolve().parent / "data" / "tiny-ouro"
 DEFAULT_NAME = "default-random-v1"
 DEFAULT_CONFIG = {
     "architectures": ["OuroForCausalLM"],
@@ -50,7 +56,19 @@ def looplm_home() -> Path:
 
 
 def default_model_dir() -> Path:
-    """Path of the default model, creating it on first use (atomically: no half-written dirs)."""
+    """The packaged tiny-ouro model; if it is missing, the random fallback (with a warning)."""
+    if (PACKAGED_DIR / "model.safetensors").exists():
+        return PACKAGED_DIR
+    warnings.warn(
+        f"the packaged default model is missing ({PACKAGED_DIR}); using a tiny RANDOM model whose output is noise. "
+        "Reinstall looplm or pass -m PATH",
+        stacklevel=2,
+    )
+    return random_model_dir()
+
+
+def random_model_dir() -> Path:
+    """Path of the tiny random-weight model, creating it on first use (atomically: no half-written dirs)."""
     target = looplm_home() / DEFAULT_NAME
     if (target / "model.safetensors").exists():
         return target

@@ -236,9 +236,9 @@ def test_chat_shows_reasoning_apart_and_keeps_answers_only(monkeypatch: pytest.M
 def test_inspect_default_model() -> None:
     result = invoke("inspect")
     assert result.exit_code == 0, result.output
-    for needle in ("num_hidden_layers", "KV bytes per token", "parameters", "<|im_end|>", "model.embed_tokens.weight"):
+    for needle in ("num_hidden_layers", "KV bytes per token", "parameters", "<|endoftext|>", "model.embed_tokens.weight"):
         assert needle in result.stdout
-    assert "27 tensors in all" in result.stdout  # first 20 shown by default
+    assert "49 tensors in all" in result.stdout  # the packaged tiny-ouro (4 layers); first 20 shown by default
 
 
 def test_inspect_ouro_tiny_numbers() -> None:

