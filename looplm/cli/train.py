@@ -4,6 +4,7 @@ Runs as one process or under `torchrun --nproc-per-node N` (DDP). The work is in
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,5 +61,5 @@ def train(
     if stage not in (1, 2):
         raise LooplmError(f"--stage must be 1 or 2, got {stage}")
     final = run(config)
-    if final:
+    if final and os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
         common.stderr().print(f"step {final['step']}: loss {final['loss']:.4f}; checkpoint in {out}")
