@@ -69,7 +69,7 @@ def option(help: str, *names: str, default_in_help: bool = False):  # noqa: A002
 
 
 Model = Annotated[Optional[str], option(
-    "Model directory, hub id (owner/name) or .gguf file (default: the embedded tiny random model).",
+    "Model directory, hub id (owner/name) or .gguf file (default: the embedded tiny-ouro model).",
     "--model", "-m", default_in_help=True,
 )]
 Dtype = Annotated[str, option("Weight dtype: bfloat16, float16 or float32.")]
