@@ -70,7 +70,9 @@ class AttentionBias:
     is_causal: bool
 
     @classmethod
-    def build(cls, key_valid: torch.Tensor | None, query_len: int, past_len: int) -> AttentionBias:
+    def build(
+        cls, key_valid: torch.Tensor | None, query_len: int, past_len: int, device: torch.device | None = None
+    ) -> AttentionBias:
         """`key_valid` `[B, past + S_q]` marks real (non-pad) tokens; None means no padding."""
         no_padding = key_valid is None or bool(key_valid.all())
         if no_padding and past_len == 0:
@@ -78,7 +80,7 @@ class AttentionBias:
         if no_padding and query_len == 1:
             return cls(None, is_causal=False)
         total = past_len + query_len
-        device = key_valid.device if key_valid is not None else None
+        device = key_valid.device if key_valid is not None else device
         query_pos = torch.arange(past_len, total, device=device).unsqueeze(1)
         key_pos = torch.arange(total, device=device).unsqueeze(0)
         allowed = (key_pos <= query_pos).unsqueeze(0)  # (1, S_q, S_kv)
@@ -289,7 +291,7 @@ class OuroForCausalLM(nn.Module):
         steps = steps or self.config.total_ut_steps
         num_layers = self.config.num_hidden_layers
         past = cache.length if cache is not None else 0
-        bias = AttentionBias.build(key_valid, input_ids.shape[1], past)
+        bias = AttentionBias.build(key_valid, input_ids.shape[1], past, input_ids.device)
         h = self.model.embed_tokens(input_ids)  # (B, S, hidden)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         states, gates = [], []
@@ -393,7 +395,7 @@ class OuroForCausalLM(nn.Module):
         batch, num_layers = token_ids.shape[0], self.config.num_hidden_layers
         position = cache.length
         skip = skip_compute and policy.can_skip
-        bias = AttentionBias.build(key_valid, 1, position)
+        bias = AttentionBias.build(key_valid, 1, position, token_ids.device)
         h = self.model.embed_tokens(token_ids)  # (B, 1, hidden)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         policy.reset(batch, h.dtype, h.device)
