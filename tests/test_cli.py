@@ -279,3 +279,14 @@ def test_reasoning_stream_handles_split_tags() -> None:
     assert reasoning == "deep thought" and answer == "pre  answer <b>"
     opened = ReasoningStream(in_reasoning=True)
     assert opened.feed("a</think>b") == [(True, "a"), (False, "b")]
+
+
+def test_bench_command_runs_on_the_tiny_shape(tmp_path: Path) -> None:
+    proc = run_module("bench", "--shape", "tiny", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1",
+                      "--batch-sizes", "1", "--workdir", str(tmp_path), "--bandwidth-mib", "64", "--warmup-steps", "1")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["options"]["shape"] == "tiny"
+    text = json.dumps(result)
+    assert "roofline" in text and "tok_s" in text
