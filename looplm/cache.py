@@ -32,8 +32,18 @@ def kv_bytes_per_token(
     return 2 * slots * num_kv_heads * head_dim * element_size
 
 
-def _select(buffer: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return buffer if rows is None else buffer[rows]
+def _write(buffer: torch.Tensor, rows: torch.Tensor | None, begin: int, end: int, tensor: torch.Tensor) -> None:
+    """Write `tensor` `[B or N, H_kv, S, D]` into positions begin:end of a `[B, H_kv, S_max, D]` buffer."""
+    if rows is None:
+        buffer[:, :, begin:end] = tensor
+    else:
+        buffer[rows, :, begin:end] = tensor
+
+
+def _read(buffer: torch.Tensor, rows: torch.Tensor | None, end: int | None = None) -> torch.Tensor:
+    """Positions :end of all rows (a view) or of `rows` (a gathered copy)."""
+    selected = buffer if rows is None else buffer[rows]
+    return selected if end is None else selected[:, :, :end]
 
 
 class KVCache:
@@ -90,13 +100,9 @@ class KVCache:
         """Write key/value `[B, H_kv, S_new, D]` at positions start.. and return what to attend to."""
         end = start + key.shape[2]
         self._check(end)
-        if rows is None:
-            self.keys[slot, :, :, start:end] = key
-            self.values[slot, :, :, start:end] = value
-        else:
-            self.keys[slot][rows, :, start:end] = key
-            self.values[slot][rows, :, start:end] = value
-        return [(_select(self.keys[slot], rows)[:, :, :end], _select(self.values[slot], rows)[:, :, :end])]
+        _write(self.keys[slot], rows, start, end, key)
+        _write(self.values[slot], rows, start, end, value)
+        return [(_read(self.keys[slot], rows, end), _read(self.values[slot], rows, end))]
 
     def fill_skipped(self, rows: torch.Tensor, exit_step: int, position: int) -> None:
         """Rows that exited after `exit_step` never computed the deeper steps at `position`:
@@ -152,17 +158,10 @@ class SharedKVCache(KVCache):
             raise ValueError("a shared-KV forward pass must not straddle the end of the prompt")
         layer = slot % self.num_layers
         begin, stop = start - self.prompt_len, end - self.prompt_len
-        if rows is None:
-            self.shared_keys[layer, :, :, begin:stop] = key
-            self.shared_values[layer, :, :, begin:stop] = value
-        else:
-            self.shared_keys[layer][rows, :, begin:stop] = key
-            self.shared_values[layer][rows, :, begin:stop] = value
-        prompt = (_select(self.keys[slot], rows), _select(self.values[slot], rows))
-        decoded = (
-            _select(self.shared_keys[layer], rows)[:, :, :stop],
-            _select(self.shared_values[layer], rows)[:, :, :stop],
-        )
+        _write(self.shared_keys[layer], rows, begin, stop, key)
+        _write(self.shared_values[layer], rows, begin, stop, value)
+        prompt = (_read(self.keys[slot], rows), _read(self.values[slot], rows))
+        decoded = (_read(self.shared_keys[layer], rows, stop), _read(self.shared_values[layer], rows, stop))
         return [prompt, decoded]
 
     def fill_skipped(self, rows: torch.Tensor, exit_step: int, position: int) -> None:
