@@ -48,11 +48,29 @@ class GenerationStats:
     decode_s: float = 0.0  # the one-token passes that yield every later token
     steps_per_token: list[list[int]] = field(default_factory=list)  # per row: 1-based exit step of each token
     kv_mode: str = "full"
+    steps_available: int = 0  # loops each token may run (the model's T or the `steps` override)
+    skipping: bool = False  # decoded tokens really stop computing at their exit step
 
     @property
     def mean_steps(self) -> float:
         counts = [n for row in self.steps_per_token for n in row]
         return sum(counts) / len(counts) if counts else 0.0
+
+    @property
+    def loops_saved(self) -> int:
+        """Loops the decoded tokens did not run; 0 unless skipping.
+
+        The first new token of a row is read from the prefill, which runs every loop for every
+        prompt token, so only the later (decoded) tokens can save loops.
+        """
+        if not self.skipping:
+            return 0
+        return sum(self.steps_available - n for row in self.steps_per_token for n in row[1:])
+
+    @property
+    def loops_possible(self) -> int:
+        """Loops the decoded tokens would have run at full depth (the base of `loops_saved`)."""
+        return sum(self.steps_available * len(row[1:]) for row in self.steps_per_token)
 
     @property
     def decode_tok_s(self) -> float:
@@ -205,6 +223,8 @@ def stream_generate(
     stats.prompt_tokens = int(ids.shape[1])
     stats.steps_per_token = [[] for _ in range(ids.shape[0])]
     stats.kv_mode = kv_mode if use_cache else "none"
+    stats.steps_available = steps
+    stats.skipping = bool(skip_compute and use_cache and policy.can_skip)  # without a cache every step recomputes
 
     batch = ids.shape[0]
     running = set(range(batch))

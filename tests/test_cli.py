@@ -230,6 +230,36 @@ def test_chat_shows_reasoning_apart_and_keeps_answers_only(monkeypatch: pytest.M
     assert "final answer" in hidden.stdout and "weighing it" not in hidden.stdout
 
 
+def test_chat_show_steps_reports_mean_steps_and_loops_saved(default_model) -> None:  # noqa: ANN001
+    """--show-steps prints one line per reply, with the numbers the library's stats give."""
+    args = ["chat", "--dtype", "float32", "--max-new-tokens", "12", "--exit-policy", "gate", "--exit-threshold", "0.5"]
+    skipping = invoke(*args, "--skip-compute", "--show-steps", input="hi\nagain\n")
+    assert skipping.exit_code == 0, skipping.output
+    lines = [line for line in skipping.stderr.splitlines() if line.startswith("mean steps per token")]
+    assert len(lines) == 2  # one per reply
+    chunks = list(stream_text(default_model, [{"role": "user", "content": "hi"}], max_new_tokens=12,
+                              exit_policy="gate", exit_threshold=0.5, skip_compute=True))
+    stats = chunks[-1].stats
+    assert 0 < stats.loops_saved < stats.loops_possible  # this gate exits early on some tokens, not all
+    assert lines[0].startswith(f"mean steps per token {stats.mean_steps:.2f} of 4 | "
+                               f"loops saved {stats.loops_saved} of {stats.loops_possible} ")
+    no_skip = invoke(*args, "--show-steps", input="hi\n")
+    assert "loops saved 0 (every loop ran" in no_skip.stderr
+    assert "mean steps per token" not in invoke(*args, input="hi\n").stderr  # off by default
+
+
+def test_loops_saved_counts_decoded_tokens_only() -> None:
+    from looplm.cli.chat import steps_line
+    from looplm.generate import GenerationStats
+
+    stats = GenerationStats(steps_per_token=[[2, 1, 2, 4], [4, 3]], steps_available=4, skipping=True)
+    # the first token of each row came from the full-depth prefill: (3 + 2 + 0) + 1 saved of 4 * 4
+    assert (stats.loops_saved, stats.loops_possible) == (6, 16)
+    assert steps_line(stats).startswith("mean steps per token 2.67 of 4 | loops saved 6 of 16 (38%")
+    stats.skipping = False
+    assert stats.loops_saved == 0 and "loops saved 0" in steps_line(stats)
+
+
 # -- inspect ------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 Reads one user message per line (from a terminal or piped stdin). `<think>` reasoning is
 streamed dimmed and kept apart from the answer; only answers go back into the history.
+`--show-steps` prints, after each reply, the mean loops per token and the loops skipping saved.
 """
 
 import sys
@@ -11,6 +12,7 @@ from rich.text import Text
 
 from looplm.cli import common
 from looplm.errors import LooplmError
+from looplm.generate import GenerationStats
 from looplm.text import THINK_OPEN, ReasoningStream, render_prompt, stream_text
 from looplm.tokenizer import split_reasoning
 
@@ -36,6 +38,9 @@ def chat(
     system: Annotated[Optional[str], common.option("System prompt.", default_in_help=True)] = None,
     think: Annotated[bool, common.option("Open a <think> block in the prompt (enable_thinking).", "--think")] = False,
     hide_think: Annotated[bool, common.option("Do not show <think> reasoning.", "--hide-think")] = False,
+    show_steps: Annotated[bool, common.option(
+        "After each reply, print the mean loops per token and, with --skip-compute, the loops saved.", "--show-steps"
+    )] = False,
 ) -> None:
     """Chat with the model; one message per line, /reset and /exit."""
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
@@ -64,7 +69,9 @@ def chat(
             continue
         history.append({"role": "user", "content": line})
         try:
-            reply = _stream_reply(lm, history, options, think, hide_think)
+            reply, stats = _stream_reply(lm, history, options, think, hide_think)
+            if show_steps and stats is not None:
+                common.stderr().print(steps_line(stats), style="dim")
         except LooplmError as exc:  # e.g. the history outgrew the context: the REPL goes on
             common.stderr().print(f"error: {common.one_line(exc)} (/reset starts over)")
             reply = None
@@ -77,8 +84,21 @@ def chat(
             history.append({"role": "assistant", "content": split_reasoning(reply)[1]})
 
 
-def _stream_reply(lm, history: list[dict], options: dict, think: bool, hide_think: bool) -> str:  # noqa: ANN001
-    """Print the reply as it streams (reasoning dim, then a blank line, then the answer); return its text."""
+def steps_line(stats: GenerationStats) -> str:
+    """One line on the loops a reply used, from its `GenerationStats`."""
+    total = stats.steps_available
+    line = f"mean steps per token {stats.mean_steps:.2f} of {total}"
+    if stats.skipping:
+        possible = stats.loops_possible
+        share = stats.loops_saved / possible if possible else 0.0
+        return f"{line} | loops saved {stats.loops_saved} of {possible} ({share:.0%}; the first token comes from the prefill)"
+    # Without skipping the policy only picks which loop's logits to read: every loop still ran.
+    return f"{line} | loops saved 0 (every loop ran; saving needs --skip-compute and a policy that exits early)"
+
+
+def _stream_reply(lm, history: list[dict], options: dict, think: bool,  # noqa: ANN001
+                  hide_think: bool) -> tuple[str, GenerationStats | None]:
+    """Print the reply as it streams (reasoning dim, then a blank line, then the answer); return its text and stats."""
     out = common.stdout()
     opens_reasoning = render_prompt(lm, history, think).rstrip().endswith(THINK_OPEN)
     splitter = ReasoningStream(in_reasoning=opens_reasoning)
@@ -99,4 +119,4 @@ def _stream_reply(lm, history: list[dict], options: dict, think: bool, hide_thin
             out.print(Text(text, style="dim" if is_reasoning else ""), end="")
     out.print()
     text = "".join(parts)
-    return THINK_OPEN + text if opens_reasoning else text
+    return (THINK_OPEN + text if opens_reasoning else text), chunk.stats
