@@ -27,3 +27,7 @@ class HubError(LooplmError):
 
 class GenerationError(LooplmError):
     """Bad generation arguments: prompt too long, bad sampling values, and so on."""
+
+
+class QuantizationError(LooplmError):
+    """Bad quantization settings (bits, group size) or a quantized checkpoint that does not match."""

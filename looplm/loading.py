@@ -30,13 +30,18 @@ def load(
     dtype: str | torch.dtype = "bfloat16",
     device: str | torch.device = "cpu",
     steps: int | None = None,
+    quant: str | None = None,
+    group_size: int = 128,
 ) -> OuroForCausalLM:
     """Load a model for inference. `None` loads the embedded default model.
 
-    `steps` overrides the config's `total_ut_steps` (1 to 8).
+    `steps` overrides the config's `total_ut_steps` (1 to 8). `quant` ("int8" or "int4", with
+    `group_size` for int4) quantizes the layer projections while loading (looplm.quant); a
+    checkpoint written by `looplm quantize` loads quantized without it.
     """
     torch_dtype = resolve_dtype(dtype)
     device = torch.device(device)
+    spec = _quant_spec(quant, group_size)  # bad settings fail before any file is read
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
     if path_or_id is None:
@@ -47,8 +52,12 @@ def load(
         path = resolve_path(str(path_or_id))
     if path.is_file() and path.suffix == ".gguf":
         model = _load_gguf(path, torch_dtype, device)
+        if spec is not None:
+            from looplm.quant import quantize_model
+
+            quantize_model(model, spec)
     else:
-        model = _load_directory(path, torch_dtype, device)
+        model = _load_directory(path, torch_dtype, device, spec)
     if steps is not None:
         model.config = model.config.with_steps(steps)
     model.source = str(path_or_id) if path_or_id is not None else "default"
@@ -91,19 +100,38 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def _load_directory(path: Path, dtype: torch.dtype, device: torch.device) -> OuroForCausalLM:
+def _quant_spec(quant: str | None, group_size: int):  # noqa: ANN202 - QuantSpec | None
+    if quant is None:
+        return None
+    from looplm.quant import QuantSpec
+
+    return QuantSpec.parse(quant, group_size)
+
+
+def _load_directory(path: Path, dtype: torch.dtype, device: torch.device, spec=None) -> OuroForCausalLM:  # noqa: ANN001
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
     config = OuroConfig.from_file(path / "config.json")
-    entries = _index_weights(path)
-    model = _empty_model(config, dtype, device)
-    _fill_weights(model, entries, path)
+    stored = None
+    if "quantization_config" in read_json(path / "config.json"):
+        from looplm.quant.checkpoint import check_requested, stored_spec
+
+        stored = stored_spec(read_json(path / "config.json"), path)
+        check_requested(path, stored, spec)
+    entries = _index_weights(path, quantized=stored is not None)
+    if stored is not None or spec is not None:
+        from looplm.quant.checkpoint import load_quantized
+
+        model = load_quantized(path, config, entries, dtype, device, stored or spec, stored=stored is not None)
+    else:
+        model = _empty_model(config, dtype, device)
+        _fill_weights(model, entries, path)
     model.tokenizer = _load_tokenizer(path)
     model.generation_defaults = _generation_defaults(path, config, model.tokenizer)
     return model
 
 
-def _index_weights(path: Path) -> dict[str, TensorEntry]:
+def _index_weights(path: Path, quantized: bool = False) -> dict[str, TensorEntry]:
     index_json = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index_json.exists():
@@ -125,7 +153,7 @@ def _index_weights(path: Path) -> dict[str, TensorEntry]:
         raise CheckpointError(f"{path}: no model.safetensors (or sharded *.safetensors with an index) found")
     entries: dict[str, TensorEntry] = {}
     for name in files:
-        for tensor_name, entry in index_file(path / name).items():
+        for tensor_name, entry in index_file(path / name, quantized).items():
             if tensor_name in entries:
                 raise CheckpointError(f"{path / name}: tensor '{tensor_name}' is also in {entries[tensor_name].path.name}")
             entries[tensor_name] = entry

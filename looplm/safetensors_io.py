@@ -24,6 +24,8 @@ DTYPES = {
     "F32": torch.float32,
     "F64": torch.float64,
 }
+# Quantized checkpoints (looplm.quant) also hold int8 weights and packed int4 nibbles.
+QUANTIZED_DTYPES = {"I8": torch.int8, "U8": torch.uint8}
 CHUNK_BYTES = 64 << 20  # bounded staging buffer when converting dtypes
 
 
@@ -33,8 +35,9 @@ class TensorEntry:
         self.start, self.end = start, end
 
 
-def index_file(path: Path) -> dict[str, TensorEntry]:
-    """Validate one .safetensors file and list its tensors with their byte ranges."""
+def index_file(path: Path, quantized: bool = False) -> dict[str, TensorEntry]:
+    """Validate one .safetensors file and list its tensors with their byte ranges.
+    Integer tensors are accepted only in a `quantized` checkpoint."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())
@@ -50,7 +53,7 @@ def index_file(path: Path) -> dict[str, TensorEntry]:
     entries = {}
     for name in names:
         info = header[name]
-        dtype = DTYPES.get(info["dtype"])
+        dtype = DTYPES.get(info["dtype"]) or (QUANTIZED_DTYPES.get(info["dtype"]) if quantized else None)
         if dtype is None:
             raise CheckpointError(f"{path}: tensor '{name}' has dtype {info['dtype']}, expected a float type")
         begin, end = info["data_offsets"]

@@ -1,0 +1,213 @@
+"""Quantized checkpoints: load a directory into a quantized model one linear at a time, and
+write the portable on-disk form (see docs/quantization.md).
+
+Both loading routes build the model on the meta device, give real memory only to what is not
+quantized, then make each quantized module from one linear's tensors at a time: read from a
+quantized checkpoint, or read as a float weight and quantized on the spot. So peak memory is
+the quantized model plus one float matrix, never the whole float model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from looplm.config import OuroConfig, read_json
+from looplm.errors import CheckpointError, QuantizationError
+from looplm.kernels.swap import replace_linears
+from looplm.models.ouro import OuroForCausalLM
+from looplm.quant.model import QuantSpec, check_shape, expected_shapes, module_from_portable, portable_tensors
+from looplm.safetensors_io import TensorEntry, read_into
+
+QUANT_CONFIG_KEY = "quantization_config"
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def stored_spec(raw_config: dict, source: Path) -> QuantSpec | None:
+    """The spec in a config.json's `quantization_config`, or None for a float checkpoint."""
+    block = raw_config.get(QUANT_CONFIG_KEY)
+    if block is None:
+        return None
+    if not isinstance(block, dict) or block.get("quant_method") != "looplm":
+        raise CheckpointError(f"{source}: quantization_config {block!r} is not a looplm quantized checkpoint")
+    if block.get("format_version") != 1:
+        raise CheckpointError(f"{source}: quantized format version {block.get('format_version')!r} is not supported")
+    try:
+        return QuantSpec(int(block["bits"]), int(block.get("group_size") or 128), bool(block.get("lm_head", False)))
+    except (KeyError, TypeError, ValueError, QuantizationError) as exc:
+        raise CheckpointError(f"{source}: bad quantization_config ({exc})") from None
+
+
+class _Pending(nn.Module):
+    """Holds a quantized linear's place (and shape) while the rest of the model is allocated."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features, self.in_features = linear.out_features, linear.in_features
+        if linear.bias is not None:  # no quantized projection in Ouro/Llama has a bias
+            raise QuantizationError("quantizing a linear with a bias is not supported")
+
+
+def load_quantized(
+    path: Path,
+    config: OuroConfig,
+    entries: dict[str, TensorEntry],
+    dtype: torch.dtype,
+    device: torch.device,
+    spec: QuantSpec,
+    stored: bool,
+) -> OuroForCausalLM:
+    """A quantized model from a directory: `stored` reads quantized tensors, else quantizes float ones."""
+    from looplm.loading import _fill_weights  # the float tensors load exactly as in a float checkpoint
+
+    with torch.device("meta"):
+        model = OuroForCausalLM(config)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    pending: dict[str, _Pending] = {}
+
+    def hold(name: str, linear: nn.Linear) -> nn.Module | None:
+        if not spec.selects(name):
+            return None
+        check_shape(name, linear.out_features, linear.in_features, spec)
+        pending[name] = _Pending(linear)
+        return pending[name]
+
+    replace_linears(model, hold)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    suffixes = tuple(expected_shapes(1, spec.group_size, spec)) if stored else ("weight",)
+    consumed = {f"{name}.{suffix}" for name in pending for suffix in suffixes}
+    _fill_weights(model, {k: v for k, v in entries.items() if k not in consumed}, path)
+    with torch.no_grad():
+        for name, slot in pending.items():
+            if stored:
+                tensors = _read_stored(path, name, slot, entries, spec)
+            else:
+                weight = torch.empty(slot.out_features, slot.in_features, dtype=dtype, device=device)
+                read_into(_entry(path, entries, f"{name}.weight"), weight)
+                tensors = portable_tensors(name, weight, spec)
+                del weight
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module_from_portable(tensors, spec, None, dtype))
+    model.quantization = spec
+    return model
+
+
+def _entry(path: Path, entries: dict[str, TensorEntry], key: str) -> TensorEntry:
+    if key not in entries:
+        raise CheckpointError(f"{path}: tensor '{key}' missing from the weights")
+    return entries[key]
+
+
+def _read_stored(
+    path: Path, name: str, slot: _Pending, entries: dict[str, TensorEntry], spec: QuantSpec
+) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for suffix, (shape, dtype) in expected_shapes(slot.out_features, slot.in_features, spec).items():
+        entry = _entry(path, entries, f"{name}.{suffix}")
+        if entry.dtype != dtype or entry.shape != shape:
+            raise CheckpointError(
+                f"{entry.path}: tensor '{entry.name}' is {str(entry.dtype).removeprefix('torch.')} {list(entry.shape)}, "
+                f"the {spec.bits}-bit format expects {str(dtype).removeprefix('torch.')} {list(shape)}"
+            )
+        tensors[suffix] = torch.empty(shape, dtype=dtype)
+        read_into(entry, tensors[suffix])
+    return tensors
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def save_quantized(source: str | None, output: Path, spec: QuantSpec, dtype: str = "bfloat16") -> Path:
+    """Quantize the model at `source` (directory, hub id, .gguf, None = default) into `output`."""
+    from safetensors.torch import save_file
+
+    import looplm
+    from looplm.loading import resolve_path
+
+    output = Path(output)
+    model = looplm.load(source, dtype=dtype)
+    source_path = _source_path(source, resolve_path)
+    if output.resolve() == source_path.resolve():
+        raise QuantizationError(f"{output}: the output directory must differ from the source model")
+    raw = read_json(source_path / "config.json") if source_path.is_dir() else _config_dict(model.config)
+    if raw.get(QUANT_CONFIG_KEY) is not None:
+        raise QuantizationError(f"{source}: the model is already quantized")
+    tensors = quantized_state_dict(model, spec)
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
+    raw[QUANT_CONFIG_KEY] = spec.to_json()
+    raw["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (output / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    _copy_side_files(model, source_path, output)
+    return output
+
+
+def quantized_state_dict(model: OuroForCausalLM, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Portable tensors for the selected linears, the model's own tensors for everything else.
+    Each float weight is released once quantized, so memory stays near the float model's size."""
+    selected = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and spec.selects(name)}
+    tied = model.config.tie_word_embeddings
+    if tied:
+        selected.pop("lm_head", None)  # shares the embedding: stays float
+    for name, linear in selected.items():
+        check_shape(name, linear.out_features, linear.in_features, spec)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, linear in selected.items():
+            for suffix, tensor in portable_tensors(name, linear.weight, spec).items():
+                out[f"{name}.{suffix}"] = tensor.contiguous()
+            linear.weight.data = torch.empty(0, dtype=linear.weight.dtype)  # free the float copy
+        skip = {f"{name}.weight" for name in selected}
+        for name, param in model.named_parameters():  # a tied lm_head is listed once, as the embedding
+            if name not in skip:
+                out[name] = param.detach().contiguous()
+    return out
+
+
+def _source_path(source: str | None, resolve_path) -> Path:  # noqa: ANN001
+    if source is None:
+        from looplm.default_model import default_model_dir
+
+        return default_model_dir()
+    return resolve_path(source)
+
+
+def _config_dict(config: OuroConfig) -> dict:
+    """config.json for a model that came without one (a GGUF file)."""
+    raw = {k: v for k, v in vars(config).items() if v is not None}
+    raw["eos_token_id"] = list(raw.pop("eos_token_ids", ()))
+    raw["architectures"] = ["OuroForCausalLM" if config.model_type == "ouro" else "LlamaForCausalLM"]
+    return raw
+
+
+def _copy_side_files(model: OuroForCausalLM, source: Path, output: Path) -> None:
+    if source.is_dir():
+        for name in COPIED_FILES:
+            if (source / name).exists():
+                shutil.copyfile(source / name, output / name)
+        return
+    if model.tokenizer is not None:  # GGUF: the tokenizer lives in the file
+        model.tokenizer.save(output)
+    generation = {k: v for k, v in model.generation_defaults.items() if k in ("eos_token_ids", "pad_token_id")}
+    generation = {"eos_token_id": generation.get("eos_token_ids"), "pad_token_id": generation.get("pad_token_id")}
+    (output / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+
+def check_requested(path: Path, stored: QuantSpec, requested: QuantSpec | None) -> None:
+    """Loading a quantized checkpoint with `quant=` is fine only if it asks for what is stored."""
+    if requested is None or (requested.bits, requested.group_size) == (stored.bits, stored.group_size):
+        return
+    have = f"int{stored.bits}" + (f" (group size {stored.group_size})" if stored.bits == 4 else "")
+    raise QuantizationError(
+        f"{path}: the checkpoint is already quantized to {have}; load it without a quant option "
+        "or quantize the float model instead"
+    )

@@ -1,0 +1,113 @@
+"""Quantize a loaded model's layer projections in place, and convert between a float weight,
+the portable on-disk tensors and a quantized module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from looplm.errors import QuantizationError
+from looplm.kernels.swap import is_layer_projection, replace_linears
+from looplm.quant.kernels import pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
+from looplm.quant.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear
+
+QUANT_NAMES = {"int8": 8, "int4": 4}
+DEFAULT_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize and how. int8 is per output channel, so `group_size` only matters for int4.
+    `lm_head` (int8 only) also quantizes the output projection when it is not tied."""
+
+    bits: int
+    group_size: int = DEFAULT_GROUP_SIZE
+    lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise QuantizationError(f"quantization bits must be 8 or 4, got {self.bits}")
+        if self.bits == 4 and self.group_size not in INT4_GROUP_SIZES:
+            raise QuantizationError(
+                f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {self.group_size}"
+            )
+        if self.lm_head and self.bits != 8:
+            raise QuantizationError("only int8 is offered for lm_head")
+
+    @classmethod
+    def parse(cls, quant: str | int, group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool = False) -> QuantSpec:
+        """'int8' / 'int4' (or 8 / 4) -> a spec."""
+        bits = QUANT_NAMES.get(quant) if isinstance(quant, str) else quant
+        if bits is None:
+            raise QuantizationError(f"quant must be one of {', '.join(QUANT_NAMES)} (or none), got '{quant}'")
+        return cls(bits, group_size if bits == 4 else DEFAULT_GROUP_SIZE, lm_head)
+
+    def selects(self, name: str) -> bool:
+        return is_layer_projection(name) or (self.lm_head and name == "lm_head")
+
+    def to_json(self) -> dict:
+        return {"quant_method": "looplm", "format_version": 1, "bits": self.bits,
+                "group_size": self.group_size if self.bits == 4 else None, "lm_head": self.lm_head}
+
+
+def check_shape(name: str, out_features: int, in_features: int, spec: QuantSpec) -> None:
+    if spec.bits == 4 and in_features % spec.group_size:
+        raise QuantizationError(
+            f"int4 group size {spec.group_size} does not divide {name}'s {in_features} input features; "
+            f"pick a group size that divides {in_features}"
+        )
+
+
+def portable_tensors(name: str, weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The on-disk tensors for one linear: `qweight` and `scales` (+ `mins` for int4), by suffix."""
+    out_features, in_features = weight.shape
+    check_shape(name, out_features, in_features, spec)
+    if spec.bits == 8:
+        q, scale = quantize_int8(weight)
+        return {"qweight": q, "scales": scale}
+    q, scale, low = quantize_int4(weight, spec.group_size)
+    return {"qweight": pack_nibbles(q), "scales": scale, "mins": low}
+
+
+def expected_shapes(out_features: int, in_features: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if spec.bits == 8:
+        return {"qweight": ((out_features, in_features), torch.int8), "scales": ((out_features,), torch.float32)}
+    groups = in_features // spec.group_size
+    return {
+        "qweight": ((out_features, in_features // 2), torch.uint8),
+        "scales": ((out_features, groups), torch.float32),
+        "mins": ((out_features, groups), torch.float32),
+    }
+
+
+def module_from_portable(
+    tensors: dict[str, torch.Tensor], spec: QuantSpec, bias: torch.Tensor | None, dtype: torch.dtype
+) -> nn.Module:
+    if spec.bits == 8:
+        return Int8Linear(tensors["qweight"], tensors["scales"], bias, dtype)
+    q = unpack_nibbles(tensors["qweight"])
+    return Int4Linear(q, tensors["scales"], tensors["mins"], spec.group_size, bias, dtype)
+
+
+def quantize_linear(name: str, linear: nn.Linear, spec: QuantSpec) -> nn.Module:
+    tensors = portable_tensors(name, linear.weight, spec)
+    return module_from_portable(tensors, spec, linear.bias, linear.weight.dtype)
+
+
+def quantize_model(
+    model: nn.Module, bits: int | str, group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool = False
+) -> nn.Module:
+    """Swap the layer projections (and optionally lm_head) for quantized modules, in place.
+
+    One linear at a time: its float weight is freed as soon as its module is swapped, so peak
+    memory stays near the float model's size. Returns the model."""
+    spec = bits if isinstance(bits, QuantSpec) else QuantSpec.parse(bits, group_size, lm_head)
+    for name, module in model.named_modules():  # check every shape before touching anything
+        if isinstance(module, nn.Linear) and spec.selects(name):
+            check_shape(name, module.out_features, module.in_features, spec)
+    with torch.no_grad():
+        replace_linears(model, lambda name, linear: quantize_linear(name, linear, spec) if spec.selects(name) else None)
+    model.quantization = spec
+    return model
