@@ -16,6 +16,7 @@ import torch
 
 from looplm.config import OuroConfig, read_json
 from looplm.errors import CheckpointError, ConfigError, HubError
+from looplm.kernels.skinny import apply_kernels
 from looplm.models.ouro import OuroForCausalLM
 from looplm.safetensors_io import TensorEntry, index_file, read_into
 
@@ -32,12 +33,14 @@ def load(
     steps: int | None = None,
     quant: str | None = None,
     group_size: int = 128,
+    kernels: str = "auto",
 ) -> OuroForCausalLM:
     """Load a model for inference. `None` loads the embedded default model.
 
     `steps` overrides the config's `total_ut_steps` (1 to 8). `quant` ("int8" or "int4", with
     `group_size` for int4) quantizes the layer projections while loading (looplm.quant); a
-    checkpoint written by `looplm quantize` loads quantized without it.
+    checkpoint written by `looplm quantize` loads quantized without it. `kernels="auto"` runs a bf16
+    model on CPU through looplm's C++ kernels (`looplm.kernels`); "torch" keeps plain torch ops.
     """
     torch_dtype = resolve_dtype(dtype)
     device = torch.device(device)
@@ -61,6 +64,7 @@ def load(
     if steps is not None:
         model.config = model.config.with_steps(steps)
     model.source = str(path_or_id) if path_or_id is not None else "default"
+    model.kernels = apply_kernels(model, kernels)
     return model.eval()
 
 

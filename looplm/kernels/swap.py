@@ -23,13 +23,15 @@ def is_layer_projection(name: str) -> bool:
 def replace_linears(
     model: nn.Module,
     make: Callable[[str, nn.Linear], nn.Module | None],
+    include_tied: bool = False,
 ) -> list[str]:
     """Call `make(name, linear)` for every `nn.Linear` in `model` and put its result in the
     linear's place; `None` keeps the original. Returns the names that were replaced.
 
-    Tied weights (lm_head sharing the embedding) are left alone: replacing one side would
-    silently untie them."""
-    tied = _tied_parameter_ids(model)
+    Tied weights (lm_head sharing the embedding) are left alone unless `include_tied`: a
+    replacement that stores its own weights would silently untie them. Pass `include_tied`
+    only when `make` reuses the original Parameter object."""
+    tied = set() if include_tied else _tied_parameter_ids(model)
     replaced: list[str] = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or id(module.weight) in tied:

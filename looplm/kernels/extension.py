@@ -1,0 +1,94 @@
+"""Build and load looplm's small C++ CPU kernels (`csrc/`), once per source version.
+
+The extension is compiled with torch's own toolchain helper into a cache directory keyed by
+the source hash and the torch/Python versions, so an upgrade never loads a stale build.
+`scripts/setup.sh` builds it at install time (`python -m looplm.kernels.extension`); a
+process that finds no build compiles it on first use (about a minute on 2 cores) and says
+so on stderr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCES = [Path(__file__).parent / "csrc" / "gemv.cpp"]
+CFLAGS = ["-O3"]
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernels could not be compiled or imported."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LOOPLM_KERNEL_CACHE") or Path.home() / ".cache" / "looplm" / "kernels"
+    return Path(root)
+
+
+def build_name() -> str:
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
+    digest.update(torch.__version__.encode())
+    digest.update(sys.version.encode())
+    return f"looplm_cpu_kernels_{digest.hexdigest()[:12]}"
+
+
+def _already_built(directory: Path, name: str) -> bool:
+    return any(directory.glob(f"{name}*.so"))
+
+
+@cache
+def load_extension(verbose: bool = False) -> ModuleType:
+    """The compiled kernel module; builds it first if needed. Raises KernelBuildError."""
+    from torch.utils import cpp_extension
+
+    name = build_name()
+    directory = cache_dir() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    if not _already_built(directory, name):
+        print(f"looplm: compiling CPU kernels into {directory} (one time, about a minute)", file=sys.stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's toolchain chatter (compiler version notes)
+            return cpp_extension.load(
+                name, [str(s) for s in SOURCES], extra_cflags=CFLAGS, build_directory=str(directory), verbose=verbose
+            )
+    except Exception as error:  # compiler missing, headers missing, link errors: all one story for the user
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise KernelBuildError(f"could not build looplm's CPU kernels ({first_line})") from error
+
+
+@cache
+def extension_or_reason() -> tuple[ModuleType | None, str]:
+    """(module, cpu path) when the kernels load, else (None, why not)."""
+    try:
+        module = load_extension()
+    except KernelBuildError as error:
+        return None, str(error)
+    path = module.cpu_path()
+    if path == "none":
+        return None, "this CPU lacks AVX2/FMA, which looplm's CPU kernels need"
+    return module, path
+
+
+def main() -> int:
+    try:
+        module = load_extension(verbose="-v" in sys.argv)
+    except KernelBuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"looplm CPU kernels ready: {build_name()} ({module.cpu_path()} path) in {cache_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""bf16 linear layers tuned for CPU inference: a streaming kernel for decode, a per-CPU
+route for prefill.
+
+Decode multiplies 1-8 activation rows by each weight matrix, so it is bound by how fast
+weights stream from memory; the C++ kernel (`csrc/gemv.cpp`) reads them near the machine's
+bandwidth, where torch's bf16 `F.linear` at M=1 reaches a fraction of it.
+
+Prefill is a real GEMM. CPUs with AVX-512 BF16 run bf16 GEMM fast through oneDNN; AVX2-only
+CPUs run it several times slower than fp32 GEMM, so there the weights are upcast to fp32
+for the pass (one layer at a time, freed right after).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looplm.errors import ConfigError
+from looplm.kernels.extension import extension_or_reason
+from looplm.kernels.swap import replace_linears
+
+MAX_SKINNY_ROWS = 8
+PrefillRoute = Literal["bf16", "fp32"]
+
+
+class SkinnyLinear(nn.Linear):
+    """An `nn.Linear` (same parameters, same state dict) whose bf16 CPU inference forward
+    uses looplm's kernels. Anything else (training, other dtypes, other devices) takes
+    `F.linear` unchanged."""
+
+    prefill_route: PrefillRoute = "bf16"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (
+            weight.dtype != torch.bfloat16
+            or x.dtype != torch.bfloat16
+            or not x.is_cpu
+            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        ):
+            return F.linear(x, weight, self.bias)
+        rows = x.numel() // x.shape[-1]
+        if rows <= MAX_SKINNY_ROWS:
+            kernels, _ = extension_or_reason()
+            out = kernels.skinny_linear_bf16(x.reshape(rows, x.shape[-1]), weight)
+            out = out.view(*x.shape[:-1], weight.shape[0])
+        elif self.prefill_route == "fp32":
+            out = F.linear(x.float(), weight.float()).to(torch.bfloat16)
+        else:
+            out = F.linear(x, weight)
+        return out if self.bias is None else out + self.bias
+
+
+def choose_prefill_route(cpu_path: str) -> PrefillRoute:
+    """bf16 GEMM where the CPU has bf16 dot products; fp32 upcast where it does not."""
+    return "bf16" if cpu_path == "avx512bf16" else "fp32"
+
+
+def use_cpu_kernels(model: nn.Module) -> dict:
+    """Swap every bf16 `nn.Linear` of a CPU model for `SkinnyLinear` (in place, parameters
+    shared, tied weights stay tied). Returns what was done, for `inspect` and the bench.
+
+    Raises KernelBuildError-derived RuntimeError when the kernels cannot load; callers
+    choose whether that is fatal."""
+    kernels, path_or_reason = extension_or_reason()
+    if kernels is None:
+        raise RuntimeError(path_or_reason)
+    route = choose_prefill_route(path_or_reason)
+
+    def make(name: str, linear: nn.Linear) -> nn.Module | None:
+        # The exit gate stays on torch's op: it costs nothing, and a last-bit change in a
+        # gate value can flip a threshold exit decision against the reference.
+        if name.endswith("early_exit_gate") or linear.weight.dtype != torch.bfloat16 or not linear.weight.is_cpu or isinstance(linear, SkinnyLinear):
+            return None
+        new = SkinnyLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight = linear.weight
+        if linear.bias is not None:
+            new.bias = linear.bias
+        new.prefill_route = route
+        return new
+
+    replaced = replace_linears(model, make, include_tied=True)
+    return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced)}
+
+
+KERNEL_MODES = ("auto", "torch")
+
+
+def apply_kernels(model: nn.Module, mode: str = "auto") -> dict | None:
+    """The loader's policy: "auto" uses looplm's CPU kernels for a bf16 model on CPU and warns
+    (once per process, never silently) when they cannot load; "torch" keeps plain torch ops.
+    `LOOPLM_KERNELS=torch` in the environment forces "torch"."""
+    mode = os.environ.get("LOOPLM_KERNELS", mode)
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"kernels '{mode}' is not supported (choose {', '.join(KERNEL_MODES)})")
+    first = next(model.parameters(), None)
+    if mode == "torch" or first is None or first.device.type != "cpu" or first.dtype != torch.bfloat16:
+        return None
+    try:
+        return use_cpu_kernels(model)
+    except RuntimeError as error:
+        warnings.warn(f"looplm: {error}; using torch's bf16 linear layers (slower decode)", stacklevel=3)
+        return None

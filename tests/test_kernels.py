@@ -1,0 +1,108 @@
+"""looplm's C++ CPU kernels: the skinny bf16 linear and its swap into loaded models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import looplm
+from looplm.kernels.extension import extension_or_reason
+from looplm.kernels.skinny import SkinnyLinear, apply_kernels, choose_prefill_route
+
+kernels, cpu_path = extension_or_reason()
+pytestmark = pytest.mark.skipif(kernels is None, reason=f"CPU kernels unavailable: {cpu_path}")
+
+
+@pytest.fixture(params=["native", "avx2"])
+def variant(request):  # noqa: ANN001, ANN201 - both code paths on AVX-512 machines too
+    kernels.set_force_avx2(request.param == "avx2")
+    yield request.param
+    kernels.set_force_avx2(False)
+
+
+def exact_bf16_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ w.double().T).float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("in_features", [64, 96, 200, 2048])  # full chunks, 32-tails, odd tails
+def test_skinny_linear_matches_exact_product(variant: str, rows: int, in_features: int) -> None:
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    w = torch.randn(77, in_features, generator=generator).bfloat16()
+    ours = kernels.skinny_linear_bf16(x, w)
+    exact = exact_bf16_product(x, w)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, 77)
+    # fp32 accumulation, one rounding to bf16 at the end: within one bf16 ulp of the exact sum
+    assert ((ours.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3 * in_features**0.5).all()
+    torch_out = F.linear(x, w).float()
+    assert (ours.float() - torch_out).abs().max() <= (exact.abs().max() * 2**-7)
+
+
+def test_skinny_linear_rejects_bad_input() -> None:
+    w = torch.randn(8, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        kernels.skinny_linear_bf16(torch.randn(9, 16).bfloat16(), w)
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        kernels.skinny_linear_bf16(torch.randn(1, 16), w.float())
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        kernels.skinny_linear_bf16(torch.randn(1, 8).bfloat16(), w)
+
+
+def make_skinny(in_features: int, out_features: int, bias: bool, route: str = "bf16") -> tuple[torch.nn.Linear, SkinnyLinear]:
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(in_features, out_features, bias=bias).bfloat16()
+    skinny = SkinnyLinear(in_features, out_features, bias=bias, device="meta")
+    skinny.weight, skinny.bias = plain.weight, plain.bias
+    skinny.prefill_route = route
+    return plain, skinny
+
+
+@pytest.mark.parametrize("route", ["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 1, 64), (1, 8, 64), (3, 5, 64)])  # decode rows and a prefill
+def test_skinny_module_agrees_with_linear(route: str, shape: tuple[int, int, int]) -> None:
+    plain, skinny = make_skinny(64, 48, bias=True, route=route)
+    x = torch.randn(*shape).bfloat16()
+    with torch.inference_mode():
+        ours, ref = skinny(x), plain(x)
+    assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
+    assert (ours.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2**-6
+
+
+def test_skinny_module_trains_like_linear() -> None:
+    plain, skinny = make_skinny(32, 16, bias=False)
+    x = torch.randn(1, 32).bfloat16()
+    skinny(x).float().sum().backward()  # grad mode with a trainable weight: plain F.linear
+    assert plain.weight.grad is not None and torch.equal(plain.weight.grad[0], x[0].expand(16, 32)[0])
+
+
+def test_prefill_route_follows_cpu() -> None:
+    assert choose_prefill_route("avx512bf16") == "bf16"
+    assert choose_prefill_route("avx2") == "fp32"
+
+
+def test_load_swaps_bf16_linears_and_keeps_the_gate(make_checkpoint) -> None:  # noqa: ANN001
+    path = make_checkpoint(num_key_value_heads=2)
+    fast = looplm.load(path, dtype="bfloat16")
+    plain = looplm.load(path, dtype="bfloat16", kernels="torch")
+    assert fast.kernels["linears"] == 7 * fast.config.num_hidden_layers + 1  # projections + lm_head
+    assert isinstance(fast.model.layers[0].mlp.down_proj, SkinnyLinear)
+    assert type(fast.model.early_exit_gate) is torch.nn.Linear
+    assert plain.kernels is None and type(plain.lm_head) is torch.nn.Linear
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    assert looplm.load(path, dtype="float32").kernels is None  # fp32 stays on torch
+    prompt = torch.tensor([[5, 9, 2, 33, 7, 1]])
+    assert fast.generate(prompt, 12) == plain.generate(prompt, 12)
+
+
+def test_unknown_kernel_mode_is_a_clear_error() -> None:
+    model = torch.nn.Linear(4, 4).bfloat16()
+    with pytest.raises(looplm.errors.ConfigError, match="kernels 'fast'"):
+        apply_kernels(model, "fast")
+
+
+def test_env_switch_turns_kernels_off(make_checkpoint, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("LOOPLM_KERNELS", "torch")
+    model = looplm.load(make_checkpoint(), dtype="bfloat16")
+    assert model.kernels is None
