@@ -1,0 +1,334 @@
+"""Static-shape decoding: one decode step whose tensor shapes never change between tokens.
+
+The normal decode step (`OuroForCausalLM.decode_step`) attends over `cache.length` keys, a
+Python int that grows by one per token, and may drop rows that exit early. Both change shapes
+(and the second is data-dependent), so neither a CUDA graph nor `torch.compile(dynamic=False)`
+can be reused from one token to the next. Here instead:
+
+- the batch and the cache length are fixed: the preallocated `KVCache` buffers are reused;
+- the write index (`length`) and the RoPE positions are device tensors, advanced in place;
+- every (step, layer) attends over the WHOLE preallocated key length, with a boolean mask of
+  the positions written so far (`key_valid`, also advanced in place);
+- every UT step runs; the exit policy only chooses which step's state is read out
+  (`OuroForCausalLM.readout`, the same rule the prefill uses). No compute is skipped.
+
+The prefill stays on the normal dynamic path (`run_steps`), writing into the same buffers.
+
+`StaticDecoder` wraps this: on CUDA it can capture the step in a `torch.cuda.CUDAGraph`
+(mode "graph"), compile it with `torch.compile(fullgraph=True, dynamic=False)` ("compile"),
+or both ("compile+graph"); on CPU it runs eagerly (or compiled). `generate_static` is an
+opt-in generation loop on top of it; the default `looplm.generate` path is untouched.
+
+Cost of static shapes: attention reads the full `max_len` keys every step, so size the cache
+to what the generation needs (`generate_static` uses prompt + max_new_tokens, like `generate`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+
+import torch
+
+from looplm.cache import Segments
+from looplm.errors import GenerationError
+from looplm.exit import ExitPolicy, exit_distribution, make_policy
+from looplm.generate import GenerationStats, _check_inputs, prepare_inputs
+from looplm.models.ouro import AttentionBias, OuroForCausalLM, StepOutput, positions_from_mask, rope_tables
+from looplm.sampling import SamplingParams, sample
+
+MODES = ("auto", "eager", "compile", "graph", "compile+graph")
+
+
+class StaticKVCache:
+    """Per-slot K/V buffers `[B, H_kv, S_max, D]` seen with a device-side length.
+
+    `Attention.forward` calls `cache.update(slot, cache.length, k, v, rows)`; here `length` is
+    a `[1]` int64 tensor, so the write position is data, not a Python int baked into the
+    graph, and the returned keys/values always span all `S_max` positions (masked by the caller).
+
+    Each slot is its own tensor, not a view of one `[T*L, ...]` buffer: under `torch.compile`
+    an in-place write into a view of a graph input is functionalized into a copy of the whole
+    base buffer every step, while an `index_put_` on a whole input is done in place.
+    """
+
+    mode = "static"
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: torch.Tensor) -> None:
+        self.keys, self.values, self.length = keys, values, length
+
+    def update(
+        self, slot: int, start: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> Segments:
+        if rows is not None:
+            raise ValueError("the static cache has no row subsets: every row runs every step")
+        # A tensor index: the same kernel for every token, capturable in a CUDA graph.
+        self.keys[slot][:, :, start] = key
+        self.values[slot][:, :, start] = value
+        return [(self.keys[slot], self.values[slot])]
+
+
+class PrefillSlotCache:
+    """The same per-slot buffers with a Python-int length, for the dynamic prefill (`run_steps`)."""
+
+    mode = "full"
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys, self.values = keys, values
+        self.max_len = keys[0].shape[2]
+        self.length = 0
+
+    def update(
+        self, slot: int, start: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> Segments:
+        end = start + key.shape[2]
+        if rows is not None or end > self.max_len:
+            raise ValueError(f"prefill writes all rows within the cache (end {end}, capacity {self.max_len})")
+        self.keys[slot][:, :, start:end] = key
+        self.values[slot][:, :, start:end] = value
+        return [(self.keys[slot][:, :, :end], self.values[slot][:, :, :end])]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+
+def _step_output(states: list[torch.Tensor], gates: list[torch.Tensor]) -> StepOutput:
+    """Stack per-step states the way `run_steps` does (no gate: all mass on the last step)."""
+    hidden = torch.stack(states)
+    if gates:
+        gate_lambda = torch.stack(gates)
+        return StepOutput(hidden_states=hidden, gate_lambda=gate_lambda, exit_probs=exit_distribution(gate_lambda))
+    gate_lambda = torch.ones(hidden.shape[:-1], dtype=hidden.dtype, device=hidden.device)
+    exit_probs = torch.zeros_like(gate_lambda)
+    exit_probs[-1] = 1.0
+    return StepOutput(hidden_states=hidden, gate_lambda=gate_lambda, exit_probs=exit_probs)
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """'auto' is 'graph' on CUDA and 'eager' elsewhere; graph modes need CUDA."""
+    if mode not in MODES:
+        raise GenerationError(f"unknown static decode mode '{mode}' (choose from {', '.join(MODES)})")
+    if mode == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if "graph" in mode and device.type != "cuda":
+        raise GenerationError(f"static decode mode '{mode}' needs a CUDA model (this one is on {device})")
+    return mode
+
+
+class StaticDecoder:
+    """Prefill (dynamic) then one-token decode steps with fixed shapes, optionally graphed/compiled.
+
+    Usage: `logits, exit_step = dec.prefill(ids, mask)`, then `dec.step(next_token)` per token.
+    In graph modes the returned tensors are the graph's static outputs: read (or copy) them
+    before the next `step`. The decoder can be reused for several prompts of the same batch
+    size; each `prefill` resets its state. Shapes: logits `[B, V]`, exit step `[B]` (0-based).
+    """
+
+    def __init__(
+        self,
+        model: OuroForCausalLM,
+        batch_size: int,
+        max_len: int,
+        steps: int | None = None,
+        policy: ExitPolicy | None = None,
+        mode: str = "auto",
+        compile_mode: str = "max-autotune-no-cudagraphs",
+        warmup: int = 2,
+    ) -> None:
+        if batch_size < 1 or max_len < 2:
+            raise GenerationError(f"need batch_size >= 1 and max_len >= 2, got {batch_size} and {max_len}")
+        self.model = model
+        self.steps = model.resolve_steps(steps)
+        config = model.config
+        if policy is None:
+            policy = make_policy(None, None, self.steps, config.early_exit_threshold, config.early_exit_step)
+        # Separate policy objects: the captured step owns tensors the prefill must not replace.
+        self.policy, self.prefill_policy = policy, copy.deepcopy(policy)
+        self.mode = resolve_mode(mode, model.device)
+        self.batch_size, self.max_len = batch_size, max_len
+        device = model.device
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        slots = self.steps * config.num_hidden_layers
+        self.keys = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(slots)]
+        self.values = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(slots)]
+        # The step's inputs, all device tensors at fixed addresses (a CUDA graph replays on them).
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.length = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.cache = StaticKVCache(self.keys, self.values, self.length)
+        self.host_length = 0  # mirrors `length` without a device sync, for the overflow check
+        self.setup_seconds = 0.0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fn = self._step_impl
+        if "compile" in self.mode:
+            self._fn = torch.compile(self._step_impl, fullgraph=True, dynamic=False, mode=compile_mode)
+        started = time.perf_counter()
+        with torch.no_grad():
+            if "graph" in self.mode:
+                self._capture(max(1, min(warmup, max_len - 1)))
+            elif "compile" in self.mode:
+                self._fn()  # compile now, on the zero state, not inside the first timed token
+        self.setup_seconds = time.perf_counter() - started
+
+    # -- the static step ----------------------------------------------------------------------
+
+    def _step_impl(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode `self.token` at `self.position`, writing K/V at `self.length`; then advance both."""
+        model, num_layers = self.model, self.model.config.num_hidden_layers
+        self.key_valid.index_fill_(1, self.length, True)  # this token's own key becomes visible
+        bias = AttentionBias(self.key_valid[:, None, None, :], is_causal=False)  # (B, 1, 1, S_max)
+        h = model.model.embed_tokens(self.token)  # (B, 1, hidden)
+        cos, sin = rope_tables(self.position, model.config.head_dim, model.config.rope_theta, h.dtype)
+        states, gates = [], []
+        for step in range(self.steps):
+            for index, layer in enumerate(model.model.layers):
+                h = layer(h, cos, sin, bias, self.cache, step * num_layers + index)
+            h = model.model.norm(h)
+            states.append(h)
+            if model.model.early_exit_gate is not None:
+                gates.append(torch.sigmoid(model.model.early_exit_gate(h).squeeze(-1)))
+        logits, exit_step = model.readout(_step_output(states, gates), self.policy, position=-1)
+        self.position.add_(1)
+        self.length.add_(1)
+        return logits, exit_step
+
+    def _capture(self, warmup: int) -> None:
+        """Warm up on a side stream (cuBLAS handles, compilation), then capture one step."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_out = self._fn()
+        self._graph = graph
+        # Warmup ran on the zero state and wrote garbage K/V at its first positions; `prefill`
+        # overwrites the prompt positions and resets `key_valid`, so none of it is ever read.
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the prompt `[B, P]` through the normal dynamic path into the static buffers.
+
+        `attention_mask` marks left padding (None: no padding). Returns the first new token's
+        logits `[B, V]` and exit steps `[B]`, exactly as `generate`'s prefill computes them.
+        """
+        batch, prompt_len = input_ids.shape
+        if batch != self.batch_size:
+            raise GenerationError(f"this decoder was built for batch {self.batch_size}, got {batch}")
+        if prompt_len >= self.max_len:
+            raise GenerationError(f"prompt of {prompt_len} tokens leaves no room in a cache of {self.max_len}")
+        device = self.model.device
+        ids = input_ids.to(device)
+        mask = None if attention_mask is None else attention_mask.to(device)
+        positions = positions_from_mask(mask, ids.shape)
+        if positions is None:
+            positions = torch.arange(prompt_len, device=device).expand(batch, prompt_len)
+        cache = PrefillSlotCache(self.keys, self.values)
+        out = self.model.run_steps(ids, positions, mask, cache, self.steps)  # type: ignore[arg-type]
+        logits, exit_step = self.model.readout(out, self.prefill_policy, position=-1)
+        self.key_valid.zero_()
+        self.key_valid[:, :prompt_len] = True if mask is None else mask.bool()
+        self.position.copy_(positions[:, -1:] + 1)
+        self.length.fill_(prompt_len)
+        self.host_length = prompt_len
+        return logits, exit_step
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row `[B]` (or `[B, 1]`); returns logits `[B, V]`, exit steps `[B]`."""
+        if self.host_length == 0:
+            raise GenerationError("call prefill() before step()")
+        if self.host_length >= self.max_len:
+            raise GenerationError(f"static KV cache full: {self.max_len} positions")
+        self.token.copy_(token_ids.reshape(self.batch_size, 1))
+        self.host_length += 1
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_out
+        return self._fn()
+
+    def kv_bytes_read_per_step(self) -> int:
+        """K and V bytes one step reads: every slot over the whole preallocated length."""
+        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+
+
+def generate_static(
+    model: OuroForCausalLM,
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    exit_threshold: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    steps: int | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    exit_policy: str | None = None,
+    mode: str = "auto",
+    compile_mode: str = "max-autotune-no-cudagraphs",
+    return_stats: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
+    """`looplm.generate.generate` through the static decode step (full KV cache, no compute skipping).
+
+    Same arguments and outputs as `generate` minus `stop`, `use_cache`, `kv_mode` and
+    `skip_compute`; `mode` picks eager / compile / CUDA graph and `compile_mode` is passed to
+    `torch.compile` (see `StaticDecoder`). Each row
+    stops at an eos id or after `max_new_tokens`; all rows keep computing until every row stops.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
+        raise GenerationError(f"exit_threshold must be in (0, 1], got {exit_threshold!r}")
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    steps = model.resolve_steps(steps)
+    config = model.config
+    policy = make_policy(exit_policy, exit_threshold, steps, config.early_exit_threshold, config.early_exit_step)
+    defaults = model.generation_defaults
+    eos = set(defaults.get("eos_token_ids", config.eos_token_ids) if eos_token_ids is None else eos_token_ids)
+    ids, mask = prepare_inputs(input_ids, attention_mask, defaults.get("pad_token_id", config.pad_token_id) or 0)
+    _check_inputs(model, ids, max_new_tokens)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    elif not sampling.greedy:
+        generator = torch.Generator(device=model.device)
+        generator.seed()
+    batch, prompt_len = ids.shape
+    stats = GenerationStats(prompt_tokens=prompt_len, steps_per_token=[[] for _ in range(batch)], kv_mode="full")
+    decoder = StaticDecoder(model, batch, prompt_len + max_new_tokens, steps, policy, mode, compile_mode)
+
+    produced: list[list[int]] = [[] for _ in range(batch)]
+    running = set(range(batch))
+
+    def record(logits: torch.Tensor, exit_step: torch.Tensor) -> torch.Tensor:
+        token = sample(logits, sampling, generator)
+        tokens, exits = token.tolist(), exit_step.tolist()
+        for row in sorted(running):
+            produced[row].append(tokens[row])
+            stats.steps_per_token[row].append(exits[row] + 1)
+            if tokens[row] in eos:
+                running.discard(row)
+        stats.new_tokens += 1
+        return token
+
+    start = time.perf_counter()
+    token = record(*decoder.prefill(ids, mask))
+    stats.prefill_s = time.perf_counter() - start
+    for _ in range(max_new_tokens - 1):
+        if not running:
+            break
+        start = time.perf_counter()
+        token = record(*decoder.step(token))
+        stats.decode_s += time.perf_counter() - start
+    return (produced, stats) if return_stats else produced
+
+
+__all__ = ["MODES", "PrefillSlotCache", "StaticDecoder", "StaticKVCache", "generate_static", "resolve_mode"]
