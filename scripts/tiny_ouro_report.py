@@ -5,6 +5,10 @@
 Writes arithmetic.json (the shared results format), gate.json, accuracy_by_steps.png and
 gate_exit.png under --out, prints markdown tables, and as its last stdout line one JSON object.
 
+Accuracy: greedy exact match on `--n` held-out problems of the shipped task (1-2 digit operands,
+2-3 terms), at 1, 2, 3, 4 fixed loops and with the gate, with a 95% Wilson interval, overall and
+per number of terms.
+
 Gate evidence: teacher-forced held-out arithmetic lines plus a fixed English sample. For each
 token we take the per-step losses and the step the gate exits at (first step whose fp32 CDF
 reaches the threshold). Tokens are grouped by kind (operand digit, '=', answer digit, newline,
@@ -15,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 import looplm
-from looplm.eval.arithmetic import evaluate_arithmetic, format_table
+from looplm.eval.arithmetic import TASK, score_problems
 from looplm.exit import threshold_exit_steps
-from looplm.train.data import END_OF_TEXT, arithmetic_problems
+from looplm.train.data import END_OF_TEXT, TINY_MAX_DIGITS, TINY_MAX_TERMS, Problem, arithmetic_problems
 from looplm.train.objective import per_step_token_loss
 
 ENGLISH = (
@@ -43,6 +48,41 @@ def token_exits(model, ids: list[int], threshold: float) -> tuple[torch.Tensor, 
     return losses, exit_steps
 
 
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sensible at 0 and 1 too)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_row(problems: list[Problem], correct: list[bool], steps: int, policy: str, threshold: float | None,
+                 mean_steps: float) -> dict:
+    """One result row in `looplm eval arithmetic`'s format, plus the interval and a per-terms split."""
+    hits = sum(correct)
+    lo, hi = wilson(hits, len(problems))
+    by_terms = {}
+    for terms in sorted({p.terms for p in problems}):
+        picked = [c for p, c in zip(problems, correct) if p.terms == terms]
+        t_lo, t_hi = wilson(sum(picked), len(picked))
+        by_terms[str(terms)] = {"n": len(picked), "accuracy": sum(picked) / len(picked), "ci95": [t_lo, t_hi]}
+    return {"steps": steps, "exit_policy": policy, "exit_threshold": threshold, "accuracy": hits / len(problems),
+            "mean_steps": mean_steps, "n": len(problems), "ci95": [lo, hi], "by_terms": by_terms}
+
+
+def accuracy_study(model, n: int, threshold: float) -> dict:  # noqa: ANN001
+    problems = arithmetic_problems(n, seed=1234, held_out=True, max_digits=TINY_MAX_DIGITS, max_terms=TINY_MAX_TERMS)
+    rows = []
+    for steps in (1, 2, 3, 4):
+        correct, mean_steps = score_problems(model, problems, steps)
+        rows.append(accuracy_row(problems, correct, steps, "last", None, mean_steps))
+    correct, mean_steps = score_problems(model, problems, 4, exit_threshold=threshold)
+    rows.append(accuracy_row(problems, correct, 4, "threshold", threshold, mean_steps))
+    return {"task": TASK, "model": model.source, "results": rows}
+
+
 def gate_study(model, threshold: float, n_lines: int) -> dict:  # noqa: ANN001
     tok = model.tokenizer
     eot = tok.token_to_id(END_OF_TEXT)
@@ -51,14 +91,18 @@ def gate_study(model, threshold: float, n_lines: int) -> dict:  # noqa: ANN001
     def add(kind: str, losses: torch.Tensor, step: torch.Tensor, index: int) -> None:
         groups.setdefault(kind, []).append((float(losses[0, index]), float(losses[-1, index]), int(step[index])))
 
-    problems = arithmetic_problems(n_lines, seed=99, held_out=True)
+    problems = arithmetic_problems(n_lines, seed=99, held_out=True, max_digits=TINY_MAX_DIGITS,
+                                   max_terms=TINY_MAX_TERMS)
     for start in range(0, len(problems), 8):
         block = problems[start : start + 8]
         ids = [eot]
         kinds = []
         for p in block:
-            for part, kind in ((str(p.a), "operand digit"), (p.op, "operator"), (str(p.b), "operand digit"),
-                               ("=", "'='"), (p.answer, "answer digit"), ("\n", "newline")):
+            parts = [(str(p.a), "operand digit"), (p.op, "operator"), (str(p.b), "operand digit")]
+            for op, number in p.rest:
+                parts += [(op, "operator"), (str(number), "operand digit")]
+            parts += [("=", "'='"), (p.answer, "answer digit"), ("\n", "newline")]
+            for part, kind in parts:
                 piece = tok.encode(part)
                 ids += piece
                 kinds += [kind] * len(piece)
@@ -91,24 +135,36 @@ def gate_study(model, threshold: float, n_lines: int) -> dict:  # noqa: ANN001
     return {"threshold": threshold, "by_kind": by_kind, "by_gain": by_gain}
 
 
-def plots(arith: dict, gated: dict, gate: dict, out: Path) -> None:
+def plots(arith: dict, gate: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fixed = [r for r in arith["results"] if r["exit_policy"] == "last"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["steps"] for r in fixed], [100 * r["accuracy"] for r in fixed], marker="o", label="fixed loops")
-    for r in gated["results"]:
-        ax.scatter([r["mean_steps"]], [100 * r["accuracy"]], marker="x", s=60,
-                   label=f"gate, threshold {r['exit_threshold']}")
+    gated = [r for r in arith["results"] if r["exit_policy"] == "threshold"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    xs = [r["steps"] for r in fixed]
+
+    def errors(rows: list[dict], key=lambda r: r) -> list[list[float]]:  # noqa: ANN001
+        return [[100 * (key(r)["accuracy"] - key(r)["ci95"][0]) for r in rows],
+                [100 * (key(r)["ci95"][1] - key(r)["accuracy"]) for r in rows]]
+
+    ax.errorbar(xs, [100 * r["accuracy"] for r in fixed], yerr=errors(fixed), marker="o", capsize=3,
+                label=f"all (n={fixed[0]['n']})")
+    for terms, style in zip(sorted(fixed[0]["by_terms"]), ("s--", "^:", "v-.")):
+        n = fixed[0]["by_terms"][terms]["n"]
+        ax.errorbar(xs, [100 * r["by_terms"][terms]["accuracy"] for r in fixed], fmt=style, capsize=2, alpha=0.8,
+                    yerr=errors(fixed, key=lambda r, t=terms: r["by_terms"][t]), label=f"{terms} terms (n={n})")
+    for r in gated:
+        ax.errorbar([r["mean_steps"]], [100 * r["accuracy"]], yerr=errors([r]), fmt="x", ms=9, capsize=3,
+                    color="black", label=f"gate, threshold {r['exit_threshold']} (mean steps)")
     ax.set_xlabel("UT steps (loops) per token")
-    ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_title("held-out a+b / a-b, 1-3 digit operands")
+    ax.set_ylabel("exact-match accuracy (%), 95% CI")
+    ax.set_title("held-out chains like 47-8+23=, 1-2 digit operands")
     ax.set_xticks([1, 2, 3, 4])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy_by_steps.png", dpi=110)
     plt.close(fig)
@@ -124,6 +180,18 @@ def plots(arith: dict, gated: dict, gate: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def accuracy_table(arith: dict) -> str:
+    terms = sorted(arith["results"][0]["by_terms"])
+    head = "| steps | exit policy | mean steps | accuracy (95% CI) | n | " + " | ".join(f"{t} terms" for t in terms) + " |"
+    lines = [head, "|" + "---|" * (5 + len(terms))]
+    for r in arith["results"]:
+        policy = "last" if r["exit_threshold"] is None else f"gate, threshold {r['exit_threshold']}"
+        split = " | ".join(f"{100 * r['by_terms'][t]['accuracy']:.1f}% (n={r['by_terms'][t]['n']})" for t in terms)
+        lines.append(f"| {r['steps']} | {policy} | {r['mean_steps']:.2f} | {100 * r['accuracy']:.1f}% "
+                     f"({100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}) | {r['n']} | {split} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=None)
@@ -135,14 +203,12 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(0)
     model = looplm.load(args.model, dtype="float32")
     args.out.mkdir(parents=True, exist_ok=True)
-    arith = evaluate_arithmetic(model, [1, 2, 3, 4], n=args.n)
-    gated = evaluate_arithmetic(model, [4], n=args.n, exit_threshold=args.threshold)
-    arith["results"] += gated["results"]
+    arith = accuracy_study(model, args.n, args.threshold)
     gate = gate_study(model, args.threshold, args.gate_lines)
     (args.out / "arithmetic.json").write_text(json.dumps(arith, indent=2) + "\n")
     (args.out / "gate.json").write_text(json.dumps(gate, indent=2) + "\n")
-    plots({"results": arith["results"][:4]}, gated, gate, args.out)
-    print(format_table(arith))
+    plots(arith, gate, args.out)
+    print(accuracy_table(arith))
     print()
     print("| token kind | tokens | CE step 1 | CE step 4 | mean exit step | exits by step 2 |")
     print("|---|---|---|---|---|---|")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from typer.testing import CliRunner
 import looplm
 from looplm.cli import app
 from looplm.default_model import write_random_checkpoint
-from looplm.eval.arithmetic import evaluate_arithmetic, format_table
+from looplm.eval import arithmetic as arithmetic_eval
+from looplm.eval.arithmetic import evaluate_arithmetic, format_table, score_problems
 from looplm.train.data import Problem, arithmetic_documents, arithmetic_problems, train_tokenizer
 
 RESULT_KEYS = {"steps", "exit_policy", "exit_threshold", "accuracy", "mean_steps", "n"}
@@ -20,23 +22,62 @@ RESULT_KEYS = {"steps", "exit_policy", "exit_threshold", "accuracy", "mean_steps
 def test_problem_answers() -> None:
     assert Problem(999, "+", 1).text == "999+1=1000"
     assert Problem(305, "-", 7).answer == "298"
+    chain = Problem(47, "-", 8, (("+", 23),))
+    assert chain.text == "47-8+23=62" and chain.terms == 3
+    assert Problem(3, "-", 9, (("+", 9),)).answer == "3"  # left to right: (3 - 9) + 9
 
 
-def test_held_out_split_is_disjoint_from_training() -> None:
-    held = arithmetic_problems(300, seed=1234, held_out=True)
+@pytest.mark.parametrize("max_terms", [2, 3])
+def test_held_out_split_is_disjoint_from_training(max_terms: int) -> None:
+    held = arithmetic_problems(300, seed=1234, held_out=True, max_terms=max_terms)
     assert len(set(held)) == 300 and all(p.held_out for p in held)
-    assert held == arithmetic_problems(300, seed=1234, held_out=True)  # the seed fixes the set
-    train_lines = {line for doc in arithmetic_documents(5000, seed=7) for line in doc.split()}
+    assert held == arithmetic_problems(300, seed=1234, held_out=True, max_terms=max_terms)  # the seed fixes the set
+    docs = arithmetic_documents(5000, seed=7, max_terms=max_terms)
+    train_lines = {line for doc in docs for line in doc.split()}
     assert not train_lines & {p.text for p in held}
-    assert all(not Problem(*_parse(line)).held_out for line in train_lines)
-    assert all(p.a >= p.b for p in held if p.op == "-")
+    parsed = [_parse(line) for line in train_lines]
+    assert all(p.text == line for p, line in zip(parsed, train_lines))
+    assert all(not p.held_out for p in parsed)
+    assert all(int(p.answer) >= 0 for p in held + parsed)
+    assert {p.terms for p in held} == set(range(2, max_terms + 1))
 
 
-def _parse(line: str) -> tuple[int, str, int]:
+def _parse(line: str) -> Problem:
+    """Problem from a training line like `47-8+23=62`."""
     lhs = line.split("=")[0]
-    op = "+" if "+" in lhs else "-"
-    a, b = lhs.split(op)
-    return int(a), op, int(b)
+    numbers = [int(n) for n in re.split(r"[+-]", lhs)]
+    ops = re.findall(r"[+-]", lhs)
+    return Problem(numbers[0], ops[0], numbers[1], tuple(zip(ops[1:], numbers[2:])))
+
+
+def test_eval_prompt_is_tokenized_as_in_training() -> None:
+    """The eval feeds `<|endoftext|>` + prompt; training lines must start with exactly those tokens."""
+    docs = arithmetic_documents(400, seed=3, max_digits=2, max_terms=3)
+    tokenizer = train_tokenizer(docs, vocab_size=300)
+    for problem in arithmetic_problems(50, seed=5, held_out=True, max_digits=2, max_terms=3):
+        line = tokenizer.encode(problem.text + "\n")
+        prompt = tokenizer.encode(problem.prompt)
+        assert line[: len(prompt)] == prompt
+        assert tokenizer.decode(line[len(prompt):]) == problem.answer + "\n"
+
+
+def test_answers_are_read_up_to_the_newline(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact match parses the greedy continuation: answer, newline, then anything (ignored)."""
+    model = looplm.load(tiny_dir, dtype="float32")
+    tok = model.tokenizer
+    problems = [Problem(47, "-", 8, (("+", 23),)), Problem(9, "+", 9), Problem(12, "-", 3)]
+    replies = ["62\n5+5", "18\n", "19\n"]  # right, right (stops at the newline), wrong
+    seen_new_tokens = []
+
+    def fake_greedy(model, prompts, steps, exit_threshold, max_new_tokens):  # noqa: ANN001, ANN202
+        seen_new_tokens.append(max_new_tokens)
+        rows = [tok.encode(r) for r in replies]
+        return rows, [[steps] * len(r) for r in rows]
+
+    monkeypatch.setattr(arithmetic_eval, "greedy_answers", fake_greedy)
+    correct, mean_steps = score_problems(model, problems, steps=3)
+    assert correct == [True, True, False] and mean_steps == 3.0
+    assert seen_new_tokens == [4]  # the longest answer (2 digits) + newline + 1
 
 
 @pytest.fixture(scope="module")

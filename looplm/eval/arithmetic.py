@@ -1,8 +1,9 @@
 """The held-out arithmetic task: exact-match accuracy of greedy answers, per loop count.
 
 Problems come from `looplm.train.data.arithmetic_problems(held_out=True)`: a hash split that
-training never draws from. The prompt is `<|endoftext|>` + "a+b=" and the answer is read up to
-the first newline. Decoding is greedy and recomputes the whole (short) sequence each token,
+training never draws from. By default they follow the shipped model's task (1-2 digit operands,
+2-3 terms, e.g. `47-8+23=`). The prompt is `<|endoftext|>` + the problem up to `=`, tokenized
+exactly as inside a training line, and the answer is read up to the first newline. Decoding is greedy and recomputes the whole (short) sequence each token,
 so the exit rule is applied here, explicitly, per token:
 
 - `exit_policy="last"`: run `steps` loops and read the last one's logits (fixed depth).
@@ -19,7 +20,7 @@ from looplm.config import MAX_STEPS, MIN_STEPS
 from looplm.errors import LooplmError
 from looplm.exit import gather_steps, threshold_exit_steps
 from looplm.models.ouro import OuroForCausalLM
-from looplm.train.data import END_OF_TEXT, Problem, arithmetic_problems
+from looplm.train.data import END_OF_TEXT, TINY_MAX_DIGITS, TINY_MAX_TERMS, Problem, arithmetic_problems
 
 TASK = "arithmetic"
 
@@ -60,6 +61,38 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def score_problems(
+    model: OuroForCausalLM,
+    problems: list[Problem],
+    steps: int,
+    exit_threshold: float | None = None,
+    batch_size: int = 125,
+) -> tuple[list[bool], float]:
+    """Greedy exact match of each problem at `steps` loops, and the mean step read over answer tokens."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise LooplmError("the arithmetic eval needs the model's tokenizer; this model was loaded without one")
+    if not isinstance(steps, int) or not MIN_STEPS <= steps <= MAX_STEPS:
+        raise LooplmError(f"steps must be integers from {MIN_STEPS} to {MAX_STEPS}, got {steps!r}")
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    prefix = [eot] if eot is not None else []  # training documents start right after <|endoftext|>
+    correct: list[bool] = []
+    step_sum, step_count = 0, 0
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        prompts = [prefix + tokenizer.encode(p.prompt) for p in chunk]
+        # Room for the longest answer plus the newline that ends it (and one token of slack).
+        max_new = max(len(p.answer) for p in chunk) + 2
+        tokens, used = greedy_answers(model, prompts, steps, exit_threshold, max_new_tokens=max_new)
+        for problem, row, row_steps in zip(chunk, tokens, used):
+            answer = tokenizer.decode(row).split("\n", 1)[0]
+            correct.append(answer.strip() == problem.answer)
+            kept = _answer_token_count(tokenizer, row)
+            step_sum += sum(row_steps[:kept])
+            step_count += kept
+    return correct, step_sum / max(1, step_count)
+
+
 def evaluate_arithmetic(
     model: OuroForCausalLM,
     steps_list: list[int],
@@ -67,37 +100,22 @@ def evaluate_arithmetic(
     seed: int = 1234,
     exit_threshold: float | None = None,
     batch_size: int = 125,
-    max_digits: int = 3,
+    max_digits: int = TINY_MAX_DIGITS,
+    max_terms: int = TINY_MAX_TERMS,
 ) -> dict:
     """Exact-match accuracy on `n` held-out problems for each loop count in `steps_list`."""
-    tokenizer = model.tokenizer
-    if tokenizer is None:
+    if model.tokenizer is None:
         raise LooplmError("the arithmetic eval needs the model's tokenizer; this model was loaded without one")
-    problems = arithmetic_problems(n, seed=seed, held_out=True, max_digits=max_digits)
-    eot = tokenizer.token_to_id(END_OF_TEXT)
-    prefix = [eot] if eot is not None else []
+    problems = arithmetic_problems(n, seed=seed, held_out=True, max_digits=max_digits, max_terms=max_terms)
     results = []
     for steps in steps_list:
-        if not isinstance(steps, int) or not MIN_STEPS <= steps <= MAX_STEPS:
-            raise LooplmError(f"steps must be integers from {MIN_STEPS} to {MAX_STEPS}, got {steps!r}")
-        correct, step_sum, step_count = 0, 0, 0
-        for start in range(0, len(problems), batch_size):
-            chunk = problems[start : start + batch_size]
-            prompts = [prefix + tokenizer.encode(p.prompt) for p in chunk]
-            tokens, used = greedy_answers(model, prompts, steps, exit_threshold, max_new_tokens=max_digits + 3)
-            for problem, row, row_steps in zip(chunk, tokens, used):
-                text = tokenizer.decode(row)
-                answer = text.split("\n", 1)[0]
-                correct += answer.strip() == problem.answer
-                kept = _answer_token_count(tokenizer, row)
-                step_sum += sum(row_steps[:kept])
-                step_count += kept
+        correct, mean_steps = score_problems(model, problems, steps, exit_threshold, batch_size)
         results.append({
             "steps": steps,
             "exit_policy": "last" if exit_threshold is None else "threshold",
             "exit_threshold": exit_threshold,
-            "accuracy": correct / len(problems),
-            "mean_steps": step_sum / max(1, step_count),
+            "accuracy": sum(correct) / len(problems),
+            "mean_steps": mean_steps,
             "n": len(problems),
         })
     return {"task": TASK, "model": model.source, "results": results}
@@ -119,4 +137,4 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Problem", "TASK", "evaluate_arithmetic", "format_table", "greedy_answers"]
+__all__ = ["Problem", "TASK", "evaluate_arithmetic", "format_table", "greedy_answers", "score_problems"]

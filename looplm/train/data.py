@@ -5,10 +5,12 @@ token file per source (`<name>.npy`, uint16) and `data.json` with each source's 
 `TokenBatches` draws fixed-length windows from it; the batch at optimizer step s depends only
 on (seed, s), so a resumed or distributed run sees exactly the same global batches.
 
-The arithmetic task: `a+b=c` / `a-b=c` with 1-3 digit operands and the answer written in full.
-The first answer digit depends on the carry chain through every lower digit, which is where
-more loops help. Problems are split by a hash of the problem itself (1 in 16 is held out),
-so training never sees a held-out problem whatever the seed.
+The arithmetic task: `a+b=c` / `a-b=c` and chains like `a+b-c=d` (evaluated left to right,
+answers never negative), with the answer written in full. The first answer digit depends on
+every term and on the carries and borrows below it, which is where more loops help. The
+tiny model trains on 1-2 digit operands and 2-3 terms (`TINY_MAX_DIGITS`, `TINY_MAX_TERMS`).
+Problems are split by a hash of the problem itself (1 in 16 is held out), so training never
+sees a held-out problem whatever the seed.
 
 `python -m looplm.train.data OUT_DIR` builds the tiny default model's data directory from
 pinned offline assets (train splits only).
@@ -41,58 +43,85 @@ HELD_OUT_BUCKETS = 16  # 1 problem in 16 (by hash) is reserved for evaluation
 
 @dataclass(frozen=True)
 class Problem:
+    """`a op b [op c ...]=`, evaluated left to right; `rest` holds the terms after `b` (chains)."""
+
     a: int
     op: str  # "+" or "-"
     b: int
+    rest: tuple[tuple[str, int], ...] = ()
 
     @property
     def prompt(self) -> str:
-        return f"{self.a}{self.op}{self.b}="
+        tail = "".join(f"{op}{n}" for op, n in self.rest)
+        return f"{self.a}{self.op}{self.b}{tail}="
+
+    @property
+    def value(self) -> int:
+        total = self.a
+        for op, n in ((self.op, self.b), *self.rest):
+            total = total + n if op == "+" else total - n
+        return total
 
     @property
     def answer(self) -> str:
-        return str(self.a + self.b if self.op == "+" else self.a - self.b)
+        return str(self.value)
 
     @property
     def text(self) -> str:
         return self.prompt + self.answer
 
     @property
+    def terms(self) -> int:
+        return 2 + len(self.rest)
+
+    @property
     def held_out(self) -> bool:
         return zlib.crc32(self.prompt.encode()) % HELD_OUT_BUCKETS == 0
 
 
-def _random_problem(rng: random.Random, max_digits: int) -> Problem:
-    a = rng.randrange(10 ** (rng.randint(1, max_digits)))
-    b = rng.randrange(10 ** (rng.randint(1, max_digits)))
-    op = rng.choice("+-")
-    if op == "-" and b > a:  # answers stay non-negative
-        a, b = b, a
-    return Problem(a, op, b)
+def _operand(rng: random.Random, max_digits: int) -> int:
+    return rng.randrange(10 ** rng.randint(1, max_digits))
 
 
-def arithmetic_problems(n: int, seed: int, held_out: bool, max_digits: int = 3) -> list[Problem]:
+def _random_problem(rng: random.Random, max_digits: int, max_terms: int = 2) -> Problem:
+    """Two terms as before (same random draws); with `max_terms` > 2, a chain of 2..max_terms terms."""
+    if max_terms <= 2:
+        a, b = _operand(rng, max_digits), _operand(rng, max_digits)
+        op = rng.choice("+-")
+        if op == "-" and b > a:  # answers stay non-negative
+            a, b = b, a
+        return Problem(a, op, b)
+    while True:  # chains: redraw until the answer is non-negative (intermediate values may dip below 0)
+        terms = rng.randint(2, max_terms)
+        numbers = [_operand(rng, max_digits) for _ in range(terms)]
+        ops = [rng.choice("+-") for _ in range(terms - 1)]
+        problem = Problem(numbers[0], ops[0], numbers[1], tuple(zip(ops[1:], numbers[2:])))
+        if problem.value >= 0:
+            return problem
+
+
+def arithmetic_problems(n: int, seed: int, held_out: bool, max_digits: int = 3, max_terms: int = 2) -> list[Problem]:
     """`n` distinct problems from the training split (`held_out=False`) or the held-out split."""
     rng = random.Random(seed)
     seen: set[Problem] = set()
     out = []
     while len(out) < n:
-        problem = _random_problem(rng, max_digits)
+        problem = _random_problem(rng, max_digits, max_terms)
         if problem.held_out == held_out and problem not in seen:
             seen.add(problem)
             out.append(problem)
     return out
 
 
-def arithmetic_documents(n_problems: int, seed: int, max_digits: int = 3) -> list[str]:
+def arithmetic_documents(n_problems: int, seed: int, max_digits: int = 3, max_terms: int = 2) -> list[str]:
     """Training documents of 1 to 8 problems, one per line (problems may repeat across documents)."""
     rng = random.Random(seed)
     docs, lines = [], []
     target = rng.randint(1, 8)
     for _ in range(n_problems):
-        problem = _random_problem(rng, max_digits)
+        problem = _random_problem(rng, max_digits, max_terms)
         while problem.held_out:
-            problem = _random_problem(rng, max_digits)
+            problem = _random_problem(rng, max_digits, max_terms)
         lines.append(problem.text)
         if len(lines) == target:
             docs.append("\n".join(lines) + "\n")
@@ -174,7 +203,19 @@ def write_data_dir(out: Path, sources: dict[str, tuple[list[str], float]], token
     return meta
 
 
-def build_tiny_corpus(out: Path, vocab_size: int = 4096, arithmetic_weight: float = 0.4, seed: int = 0) -> dict:
+# The shipped tiny-ouro task: 1-2 digit operands, chains of 2 or 3 terms (docs/tiny-ouro.md).
+TINY_MAX_DIGITS, TINY_MAX_TERMS = 2, 3
+
+
+def build_tiny_corpus(
+    out: Path,
+    vocab_size: int = 4096,
+    arithmetic_weight: float = 0.65,
+    seed: int = 0,
+    n_problems: int = 400_000,
+    max_digits: int = TINY_MAX_DIGITS,
+    max_terms: int = TINY_MAX_TERMS,
+) -> dict:
     """The tiny default model's data: Shakespeare + GSM8K train + MATH train as text, plus arithmetic."""
     from looplm.assets import fetch_asset
 
@@ -183,7 +224,7 @@ def build_tiny_corpus(out: Path, vocab_size: int = 4096, arithmetic_weight: floa
         + gsm8k_documents(fetch_asset("gsm8k-train"))
         + math_documents(fetch_asset("math-train"))
     )
-    arithmetic = arithmetic_documents(200_000, seed=seed + 1)
+    arithmetic = arithmetic_documents(n_problems, seed=seed + 1, max_digits=max_digits, max_terms=max_terms)
     rng = random.Random(seed)
     rng.shuffle(text)
     tokenizer = train_tokenizer(text + arithmetic[:2000], vocab_size)
@@ -224,9 +265,10 @@ class TokenBatches:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m looplm.train.data OUT_DIR")
-    meta = build_tiny_corpus(Path(argv[0]))
+    if len(argv) not in (1, 2):
+        raise SystemExit("usage: python -m looplm.train.data OUT_DIR [ARITHMETIC_WEIGHT]")
+    weight = float(argv[1]) if len(argv) == 2 else 0.65
+    meta = build_tiny_corpus(Path(argv[0]), arithmetic_weight=weight)
     print(json.dumps(meta, indent=2))
 
 
