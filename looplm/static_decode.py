@@ -207,8 +207,9 @@ class StaticDecoder:
         with torch.cuda.graph(graph):
             self._graph_out = self._fn()
         self._graph = graph
-        # Warmup ran on the zero state and wrote garbage K/V at its first positions; `prefill`
-        # overwrites the prompt positions and resets `key_valid`, so none of it is ever read.
+        # Warmup ran on the zero state and wrote garbage K/V at its first positions. `prefill`
+        # overwrites the prompt positions and resets `key_valid`; a later position becomes
+        # visible only in the step that rewrites it, so the garbage is never attended to.
 
     # -- public API ---------------------------------------------------------------------------
 
