@@ -25,6 +25,8 @@ def chat(
     dtype: common.Dtype = "bfloat16",
     device: common.Device = "auto",
     steps: common.Steps = None,
+    quant: common.Quant = None,
+    group_size: common.GroupSize = 128,
     max_new_tokens: common.MaxNewTokens = 512,
     temperature: common.Temperature = None,
     top_p: common.TopP = None,
@@ -45,7 +47,7 @@ def chat(
     """Chat with the model; one message per line, /reset and /exit."""
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
     exits = common.ExitOptions(exit_policy, kv_mode, skip_compute)
-    lm = common.load_model(model, dtype, device, steps)
+    lm = common.load_model(model, dtype, device, steps, quant, group_size)
     options = {**sampling.for_model(lm), **exits.as_kwargs()}
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

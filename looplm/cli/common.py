@@ -77,6 +77,11 @@ Device = Annotated[str, option("cpu, cuda, cuda:N, or auto (cuda when available)
 Steps = Annotated[Optional[int], option(
     "Recurrent (UT) steps per token, 1-8 (default: the config's).", default_in_help=True
 )]
+Quant = Annotated[Optional[str], option(
+    "Weight-only quantization of the layer projections while loading: int8 or int4 (default: none; a "
+    "checkpoint written by `looplm quantize` loads quantized without it).", "--quant", default_in_help=True,
+)]
+GroupSize = Annotated[int, option("Input columns per int4 scale: 32, 64, 128 or 256.", "--group-size")]
 
 # -- sampling options shared by generate and chat ----------------------------------------------
 
@@ -178,7 +183,10 @@ def kv_bytes(model, kv_mode: str) -> int:  # noqa: ANN001
                               config.head_dim, model.lm_head.weight.element_size(), kv_mode)
 
 
-def load_model(model: Optional[str], dtype: str, device: str, steps: Optional[int]):  # noqa: ANN201
+def load_model(  # noqa: ANN201
+    model: Optional[str], dtype: str, device: str, steps: Optional[int], quant: Optional[str] = None,
+    group_size: int = 128,
+):
     """`looplm.load` with the CLI's device default and a spinner on an interactive stderr."""
     import torch
 
@@ -186,8 +194,9 @@ def load_model(model: Optional[str], dtype: str, device: str, steps: Optional[in
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = {"dtype": dtype, "device": device, "steps": steps, "quant": quant, "group_size": group_size}
     console = stderr()
     if not console.is_terminal:
-        return load(model, dtype=dtype, device=device, steps=steps)
+        return load(model, **options)
     with console.status(f"loading {model or 'the default model'}", spinner="dots"):
-        return load(model, dtype=dtype, device=device, steps=steps)
+        return load(model, **options)

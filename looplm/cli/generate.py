@@ -17,6 +17,8 @@ def generate(
     dtype: common.Dtype = "bfloat16",
     device: common.Device = "auto",
     steps: common.Steps = None,
+    quant: common.Quant = None,
+    group_size: common.GroupSize = 128,
     max_new_tokens: common.MaxNewTokens = 128,
     temperature: common.Temperature = None,
     top_p: common.TopP = None,
@@ -35,7 +37,7 @@ def generate(
         prompt = sys.stdin.read()
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
     exits = common.ExitOptions(exit_policy, kv_mode, skip_compute)
-    lm = common.load_model(model, dtype, device, steps)
+    lm = common.load_model(model, dtype, device, steps, quant, group_size)
     request = [{"role": "user", "content": prompt}] if chat else prompt
     text = []
     for chunk in stream_text(lm, request, **sampling.for_model(lm), **exits.as_kwargs()):

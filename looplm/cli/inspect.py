@@ -67,6 +67,8 @@ def inspect(
     dtype: common.Dtype = "bfloat16",
     device: common.Device = "cpu",
     steps: common.Steps = None,
+    quant: common.Quant = None,
+    group_size: common.GroupSize = 128,
     tensors: Annotated[Optional[bool], common.option(
         f"List every tensor / none (default: the first {TENSORS_SHOWN}; all with --json).",
         "--tensors/--no-tensors", default_in_help=True,
@@ -74,7 +76,7 @@ def inspect(
     as_json: Annotated[bool, common.option("Print one JSON object.", "--json")] = False,
 ) -> None:
     """Show a model's config, size, KV-cache cost, stop ids, tokenizer and tensors."""
-    info = summary(common.load_model(model, dtype, device, steps))
+    info = summary(common.load_model(model, dtype, device, steps, quant, group_size))
     shown = info["tensors"]
     if tensors is False:
         shown = []

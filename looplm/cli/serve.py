@@ -14,6 +14,8 @@ def serve(
     dtype: common.Dtype = "bfloat16",
     device: common.Device = "auto",
     steps: common.Steps = None,
+    quant: common.Quant = None,
+    group_size: common.GroupSize = 128,
     host: Annotated[str, common.option("Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, common.option("TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(
@@ -42,7 +44,7 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    lm = common.load_model(model, dtype, device, steps)
+    lm = common.load_model(model, dtype, device, steps, quant, group_size)
     app = build_app(lm, served_model_name or name_for(model), api_key, max_context, max_batch, max_queue)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

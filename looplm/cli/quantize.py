@@ -1,0 +1,27 @@
+"""`looplm quantize`: write a weight-only quantized checkpoint directory (docs/quantization.md)."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from looplm.cli import common
+
+
+@common.app.command()
+def quantize(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write.", show_default=False)],
+    bits: Annotated[int, common.option("8 (per output channel) or 4 (group-wise).", "--bits")] = 4,
+    group_size: common.GroupSize = 128,
+    model: common.Model = None,
+    dtype: Annotated[str, common.option("Dtype of the unquantized tensors (embeddings, norms, lm_head, gate).")] = "bfloat16",
+) -> None:
+    """Quantize a model's layer projections to int8 or int4 and save it as an HF-style directory."""
+    from looplm.quant import QuantSpec
+    from looplm.quant.checkpoint import save_quantized
+
+    spec = QuantSpec(bits, group_size if bits == 4 else 128)  # bad settings fail before loading
+    out = save_quantized(model, output, spec, dtype=dtype)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    label = f"int{bits}" + (f", group size {group_size}" if bits == 4 else "")
+    common.stderr().print(f"wrote {out} ({label}, {size / 2**20:.1f} MiB of weights)")
