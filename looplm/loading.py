@@ -16,7 +16,7 @@ import torch
 
 from looplm.config import OuroConfig, read_json
 from looplm.errors import CheckpointError, ConfigError, HubError
-from looplm.kernels.skinny import apply_kernels
+from looplm.kernels.cpu import apply_kernels
 from looplm.models.ouro import OuroForCausalLM
 from looplm.safetensors_io import TensorEntry, index_file, read_into
 

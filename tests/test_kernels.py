@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import looplm
 from looplm.kernels.extension import extension_or_reason
-from looplm.kernels.skinny import SkinnyLinear, apply_kernels, choose_prefill_route
+from looplm.kernels.cpu import SkinnyLinear, apply_kernels, choose_prefill_route
 
 kernels, cpu_path = extension_or_reason()
 pytestmark = pytest.mark.skipif(kernels is None, reason=f"CPU kernels unavailable: {cpu_path}")
@@ -106,3 +106,56 @@ def test_env_switch_turns_kernels_off(make_checkpoint, monkeypatch) -> None:  # 
     monkeypatch.setenv("LOOPLM_KERNELS", "torch")
     model = looplm.load(make_checkpoint(), dtype="bfloat16")
     assert model.kernels is None
+
+
+def reference_attention(q: torch.Tensor, keys: list, values: list, mask: torch.Tensor | None) -> torch.Tensor:
+    """fp64 SDPA over the concatenated segments, grouped-query heads expanded."""
+    k, v = torch.cat(keys, dim=2).double(), torch.cat(values, dim=2).double()
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 24), (4, 1, 128), (2, 2, 200)])
+@pytest.mark.parametrize("segments", [[37], [20, 5], [1, 64, 3]])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_sdpa(variant: str, heads: int, kv_heads: int, dim: int, segments: list[int],
+                                       masked: bool) -> None:
+    generator = torch.Generator().manual_seed(heads * 100 + dim + len(segments))
+    batch, total = 3, sum(segments)
+    # keys/values as views into a longer preallocated buffer, like the cache's slices
+    buffers = [torch.randn(batch, kv_heads, n + 7, dim, generator=generator).bfloat16() for n in segments]
+    keys = [b[:, :, :n] for b, n in zip(buffers, segments)]
+    values = [(b * 0.5 + 1)[:, :, :n] for b, n in zip(buffers, segments)]
+    q = torch.randn(batch, 1, heads, dim, generator=generator).bfloat16().transpose(1, 2)  # as the model makes it
+    mask = None
+    if masked:
+        mask = torch.rand(batch, 1, 1, total, generator=generator) > 0.4
+        mask[..., -1] = True  # every query sees at least itself, as AttentionBias guarantees
+    ours = kernels.decode_attention_bf16(q, keys, values, mask)
+    exact = reference_attention(q, keys, values, mask)
+    assert ours.shape == (batch, heads, 1, dim) and ours.dtype == torch.bfloat16
+    # weights rounded to bf16 before multiplying V (as torch's CPU flash attention), output in bf16
+    assert (ours.double() - exact).abs().max() <= 2**-7 * exact.abs().max() + 1e-3
+
+
+def test_decode_attention_rejects_bad_input() -> None:
+    k = torch.randn(1, 2, 5, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="one query"):
+        kernels.decode_attention_bf16(torch.randn(1, 2, 2, 16).bfloat16(), [k], [k], None)
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        interleaved = torch.randn(1, 5, 2, 16).bfloat16().transpose(1, 2)  # right shape, rows not contiguous
+        kernels.decode_attention_bf16(torch.randn(1, 2, 1, 16).bfloat16(), [interleaved], [interleaved], None)
+
+
+@pytest.mark.parametrize("kv_mode", ["full", "shared"])
+def test_kernels_decode_like_torch_in_fp32_accumulation(make_checkpoint, kv_mode: str) -> None:  # noqa: ANN001
+    """Same greedy tokens and close per-step logits with and without the kernels, padded batch."""
+    path = make_checkpoint(num_key_value_heads=2)
+    fast = looplm.load(path, dtype="bfloat16")
+    plain = looplm.load(path, dtype="bfloat16", kernels="torch")
+    assert fast.kernels["attention"] == fast.config.num_hidden_layers
+    prompt = torch.tensor([[0, 0, 5, 9, 2, 33], [4, 8, 15, 16, 23, 42]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    args = dict(attention_mask=mask, kv_mode=kv_mode, exit_policy="last")
+    assert fast.generate(prompt, 10, **args) == plain.generate(prompt, 10, **args)

@@ -1,5 +1,6 @@
-"""bf16 linear layers tuned for CPU inference: a streaming kernel for decode, a per-CPU
-route for prefill.
+"""looplm's CPU inference kernels for bf16 models, and the loader's policy for using them.
+
+Linear layers: a streaming kernel for decode, a per-CPU route for prefill.
 
 Decode multiplies 1-8 activation rows by each weight matrix, so it is bound by how fast
 weights stream from memory; the C++ kernel (`csrc/gemv.cpp`) reads them near the machine's
@@ -8,6 +9,9 @@ bandwidth, where torch's bf16 `F.linear` at M=1 reaches a fraction of it.
 Prefill is a real GEMM. CPUs with AVX-512 BF16 run bf16 GEMM fast through oneDNN; AVX2-only
 CPUs run it several times slower than fp32 GEMM, so there the weights are upcast to fp32
 for the pass (one layer at a time, freed right after).
+
+Attention: decode's single query per sequence goes to a C++ kernel that streams the cached
+K/V (all segments of the shared-KV cache, grouped-query heads unexpanded) in fp32.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ def choose_prefill_route(cpu_path: str) -> PrefillRoute:
 
 
 def use_cpu_kernels(model: nn.Module) -> dict:
-    """Swap every bf16 `nn.Linear` of a CPU model for `SkinnyLinear` (in place, parameters
-    shared, tied weights stay tied). Returns what was done, for `inspect` and the bench.
+    """Swap every bf16 `nn.Linear` of a CPU model (except the exit gate) for `SkinnyLinear`
+    (in place, parameters shared, tied weights stay tied) and give every attention module the
+    single-query decode kernel. Returns what was done, for `inspect` and the bench.
 
     Raises KernelBuildError-derived RuntimeError when the kernels cannot load; callers
     choose whether that is fatal."""
@@ -85,7 +90,10 @@ def use_cpu_kernels(model: nn.Module) -> dict:
         return new
 
     replaced = replace_linears(model, make, include_tied=True)
-    return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced)}
+    attention = [m for m in model.modules() if hasattr(type(m), "decode_kernel")]
+    for module in attention:
+        module.decode_kernel = kernels.decode_attention_bf16
+    return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced), "attention": len(attention)}
 
 
 KERNEL_MODES = ("auto", "torch")

@@ -2,7 +2,7 @@
 
 The extension is compiled with torch's own toolchain helper into a cache directory keyed by
 the source hash and the torch/Python versions, so an upgrade never loads a stale build.
-`scripts/setup.sh` builds it at install time (`python -m looplm.kernels.extension`); a
+`scripts/setup.sh` builds it at install time (`python -m looplm.kernels`); a
 process that finds no build compiles it on first use (about a minute on 2 cores) and says
 so on stderr.
 """
@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / "gemv.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp")]
 CFLAGS = ["-O3"]
 
 
@@ -63,8 +63,16 @@ def load_extension(verbose: bool = False) -> ModuleType:
                 name, [str(s) for s in SOURCES], extra_cflags=CFLAGS, build_directory=str(directory), verbose=verbose
             )
     except Exception as error:  # compiler missing, headers missing, link errors: all one story for the user
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KernelBuildError(f"could not build looplm's CPU kernels ({first_line})") from error
+        raise KernelBuildError(f"could not build looplm's CPU kernels ({_short_reason(error)})") from error
+
+
+def _short_reason(error: Exception) -> str:
+    """The compiler's first `error:` line, else the exception's first line, kept short."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    reason = (errors or lines or [type(error).__name__])[0]
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
 
 
 @cache

@@ -120,6 +120,10 @@ def segmented_attention(q: torch.Tensor, segments: Segments, mask: torch.Tensor 
 
 
 class Attention(nn.Module):
+    # Set by `looplm.kernels.use_cpu_kernels`: a single-query attention kernel for bf16
+    # decode, called as kernel(q, keys, values, mask) with the cache's segments.
+    decode_kernel = None
+
     def __init__(self, config: OuroConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -148,6 +152,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             segments = cache.update(slot, cache.length, k, v, rows)  # [(B, Hkv, S_i, D), ...]
+            if self.decode_kernel is not None and seq == 1 and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+                out = self.decode_kernel(q, [k for k, _ in segments], [v for _, v in segments], bias.mask)
+                return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
             if len(segments) > 1:
                 out = segmented_attention(q, segments, bias.mask)
                 return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))

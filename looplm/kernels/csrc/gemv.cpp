@@ -13,6 +13,9 @@
 #include <cstdint>
 #include <cstring>
 
+// Tests force the AVX2 variants on AVX-512 machines so both stay covered (attention.cpp too).
+bool looplm_force_avx2 = false;
+
 namespace {
 
 constexpr int64_t kMaxRows = 8;
@@ -99,12 +102,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_avx512bf16(
   }
 }
 
-// Tests force the AVX2 variant on AVX-512 machines so both variants stay covered.
-bool force_avx2 = false;
-
 bool has_avx512bf16() {
   static const bool value = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-  return value && !force_avx2;
+  return value && !looplm_force_avx2;
 }
 
 bool has_avx2() {
@@ -153,7 +153,7 @@ at::Tensor skinny_linear_bf16(const at::Tensor& x, const at::Tensor& w) {
   return y32.to(at::kBFloat16);
 }
 
-void set_force_avx2(bool value) { force_avx2 = value; }
+void set_force_avx2(bool value) { looplm_force_avx2 = value; }
 
 std::string cpu_path() {
   if (has_avx512bf16()) return "avx512bf16";
@@ -161,7 +161,11 @@ std::string cpu_path() {
   return "none";
 }
 
+at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tensor>& keys,
+                                 const std::vector<at::Tensor>& values, const c10::optional<at::Tensor>& mask);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention_bf16", &decode_attention_bf16, "single-query bf16 attention over KV segments");
   m.def("skinny_linear_bf16", &skinny_linear_bf16, "bf16 x @ w.T for 1-8 rows, fp32 accumulation");
   m.def("cpu_path", &cpu_path, "which kernel variant this CPU runs");
   m.def("set_force_avx2", &set_force_avx2, "use the AVX2 variant even where AVX-512 BF16 exists (tests)");
