@@ -125,6 +125,26 @@ def test_results_format_resume_and_merge(tiny, fake_task: Task, tmp_path: Path) 
         assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["mean_steps"] == pytest.approx(b["mean_steps"])
 
 
+def test_generation_tasks_use_skip_and_kv_mode(tiny, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    import looplm.generate
+
+    items = [Item(id=f"g{k}", messages=[{"role": "user", "content": f"{k}+1="}], answer=str(k + 1)) for k in range(3)]
+    task = Task("fakegen", "generate", "math_equiv", lambda shots: items, max_new_tokens=3)
+    monkeypatch.setitem(harness.get_task.__globals__["TASKS"], "fakegen", task)
+    seen, real = [], looplm.generate.generate
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append((kwargs["kv_mode"], kwargs["skip_compute"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(looplm.generate, "generate", spy)
+    settings = EvalSettings(task="fakegen", steps=[4], policies=[("gate", 0.5)], chat=False, kv_mode="shared",
+                            skip_compute=True)
+    results = run_eval(tiny, settings)["results"]
+    assert seen and set(seen) == {("shared", True)}
+    assert [r["n"] for r in results] == [3, 3] and 1.0 <= results[1]["mean_steps"] <= 4.0
+
+
 def test_policies_without_threshold_record_their_default(tiny, fake_task: Task) -> None:  # noqa: ANN001
     settings = EvalSettings(task="fake", steps=[4], policies=parse_policies("confidence,kl,weighted"), limit=1)
     results = run_eval(tiny, settings)["results"]

@@ -42,6 +42,7 @@ class EvalSettings:
     max_new_tokens: int | None = None
     allow_code_execution: bool = False
     skip_compute: bool = False
+    kv_mode: str = "full"  # generation tasks: "shared" keeps one K/V per layer for decoded tokens
     code_timeout_s: float = 10.0
 
     def configs(self) -> list[Config]:
@@ -200,7 +201,8 @@ def run_eval(model, settings: EvalSettings, records_path: Path | None = None,  #
     for config in configs:
         model.resolve_steps(config.steps)  # validates the range before any work
     header = {"task": task.name, "model": model.source, "metric": task.metric,
-              "chat": settings.chat, "num_fewshot": settings.num_fewshot}
+              "chat": settings.chat, "num_fewshot": settings.num_fewshot,
+              "skip_compute": settings.skip_compute, "kv_mode": settings.kv_mode}
     records = Records(records_path, header)
     if task.kind == "loglik":
         _run_loglik(model, task, items, configs, settings, records, progress)
@@ -284,7 +286,8 @@ def _run_generate(model, task: Task, items: list[Item], configs: list[Config], s
             prompts = [tokenizer.encode(_render(tokenizer, item, settings.chat)) for item in chunk]
             new_ids, stats = generate(
                 model, prompts, max_new, steps=config.steps, exit_policy=config.exit_policy,
-                exit_threshold=config.exit_threshold, skip_compute=settings.skip_compute, return_stats=True,
+                exit_threshold=config.exit_threshold, skip_compute=settings.skip_compute, kv_mode=settings.kv_mode,
+                return_stats=True,
             )
             for item, ids, used in zip(chunk, new_ids, stats.steps_per_token):
                 text = tokenizer.decode(ids)
