@@ -311,8 +311,23 @@ def test_reasoning_stream_handles_split_tags() -> None:
     assert opened.feed("a</think>b") == [(True, "a"), (False, "b")]
 
 
-def test_bench_command_runs_on_the_tiny_shape(tmp_path: Path) -> None:
-    proc = run_module("bench", "--shape", "tiny", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1",
+def test_bench_compare_table_runs_on_the_tiny_shape(tmp_path: Path) -> None:
+    proc = run_module("bench", "--shapes", "tiny", "--rows-tiny", "no-cache,bf16,int8", "--prompt-len", "8",
+                      "--new-tokens", "3", "--baseline-tokens", "2", "--repeats", "2", "--workdir", str(tmp_path))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert "Ouro tiny shape" in out.decode() and "no-cache (reference)" in out.decode()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    rows = result["shapes"]["tiny"]
+    assert [row["key"] for row in rows] == ["no-cache", "bf16", "int8"]
+    assert rows[0]["decode_vs_no-cache"] == 1.0 and rows[0]["tokens"] == 2 and rows[1]["tokens"] == 3
+    assert all(row["decode_tok_s"]["n"] == 2 and row["pct_roofline"] > 0 for row in rows)
+    assert rows[1]["kernels"]["linears"] > 0 and rows[0]["kernels"] is None  # looplm kernels vs torch ops
+    assert rows[2]["layer_bytes"] < rows[1]["layer_bytes"] * 0.6  # int8 layers: about half of bf16
+
+
+def test_bench_detail_runs_on_the_tiny_shape(tmp_path: Path) -> None:
+    proc = run_module("bench", "--detail", "--shape", "tiny", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1",
                       "--batch-sizes", "1", "--workdir", str(tmp_path), "--bandwidth-mib", "64", "--warmup-steps", "1")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()

@@ -1,6 +1,8 @@
-"""`looplm bench`: the decode benchmark (`looplm.bench`) and, with `--exit`, the exit/KV one.
+"""`looplm bench`: the baseline / bf16 / int8 / int4 table (`looplm.bench_compare`); with
+`--detail`, the single-configuration decode breakdown (`looplm.bench`); with `--exit`, the
+exit-policy / KV-mode benchmark (`looplm.bench_exit`).
 
-Options are passed through to the benchmark's own parser: `looplm bench --help-bench`.
+Options are passed through to the chosen benchmark's own parser: `looplm bench [--detail|--exit] --help-bench`.
 """
 
 from typing import Annotated
@@ -8,19 +10,26 @@ from typing import Annotated
 import typer
 
 from looplm.cli import common
+from looplm.errors import LooplmError
 
 
 @common.app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
     ctx: typer.Context,
+    detail: Annotated[bool, common.option("Run the detailed decode breakdown (bandwidth, GEMV, profile).",
+                                          "--detail")] = False,
     exit_bench: Annotated[bool, common.option("Run the exit-policy / KV-mode benchmark instead.", "--exit")] = False,
     help_bench: Annotated[bool, common.option("Show the benchmark's own options.", "--help-bench")] = False,
 ) -> None:
-    """Benchmark random weights with a real Ouro shape (default 1.4B): tables, then one JSON line."""
+    """Benchmark random weights with real Ouro shapes: no-cache baseline, bf16, int8, int4 (tables, then JSON)."""
+    if exit_bench and detail:
+        raise LooplmError("choose one of --detail and --exit")
     if exit_bench:
         from looplm.bench_exit import main
-    else:
+    elif detail:
         from looplm.bench import main
+    else:
+        from looplm.bench_compare import main
     args = list(ctx.args) + (["--help"] if help_bench else [])
     code = main(args)
     if code:

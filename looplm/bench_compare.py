@@ -1,0 +1,315 @@
+"""`looplm bench`: the no-cache baseline, bf16, int8 and int4 side by side, in one run.
+
+Every row runs in its own fresh interpreter (so its peak RSS is its own) on the same random
+checkpoint with a real Ouro shape, and is timed the same way: `repeats` times a random
+`prompt_len`-token prompt, then `new_tokens` greedy tokens. Prefill tok/s is the prompt
+length over the time to the first token; decode tok/s counts the tokens after the first.
+
+Rows:
+- `no-cache (reference)`: bf16 with torch's ops, every token recomputing the whole sequence,
+  which is what the community "fixed" Ouro checkpoint does (it disables the KV cache). Each
+  of its tokens costs a full prefill, so it decodes only `baseline_tokens` tokens per repeat.
+- `bf16, torch ops`: cached decode with plain torch ops (what a straight port would do).
+- `bf16`: looplm's default path (its C++ CPU kernels, `looplm.kernels`).
+- `int8`, `int4`: weight-only quantization of the layer projections (`looplm.quant`).
+
+The roofline is the read bandwidth this run measures (`torch.sum` over a buffer far larger
+than the caches, same thread count) divided by the bytes one decoded token must read: the
+layer weights (quantized bytes, scales included) once per UT step, the final norm and gate
+per step, lm_head once, and the KV cache at the mean context length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from looplm.bench import (
+    BUSY_OTHER_CORES,
+    CpuMeter,
+    bench_home,
+    ensure_checkpoint,
+    machine_info,
+    measure_read_bandwidth,
+)
+from looplm.errors import ConfigError, LooplmError
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    quant: str | None = None
+    group_size: int = 128
+    kernels: str = "auto"
+    use_cache: bool = True
+
+
+VARIANTS = {
+    "no-cache": Variant("no-cache (reference)", kernels="torch", use_cache=False),
+    "bf16-torch": Variant("bf16, torch ops", kernels="torch"),
+    "bf16": Variant("bf16 (looplm)"),
+    "int8": Variant("int8", quant="int8"),
+    "int4": Variant("int4", quant="int4"),
+}
+DEFAULT_ROWS = {
+    "1.4b": ("no-cache", "bf16-torch", "bf16", "int8", "int4"),
+    "2.6b": ("int8", "int4"),
+    "tiny": ("no-cache", "bf16-torch", "bf16", "int8"),  # its 176-wide MLP fits no int4 group size
+}
+
+
+@dataclass
+class CompareOptions:
+    shapes: tuple[str, ...] = ("1.4b", "2.6b")
+    prompt_len: int = 512
+    new_tokens: int = 64
+    baseline_tokens: int = 3
+    repeats: int = 3
+    threads: int | None = None
+    rows: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ROWS))
+    workdir: str | None = None
+    json_out: str | None = None
+    seed: int = 0
+    group_size: int = 128  # int4 rows
+
+    def check(self) -> None:
+        for name in ("prompt_len", "new_tokens", "baseline_tokens", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.new_tokens < 2 or self.baseline_tokens < 2:
+            raise ConfigError("--new-tokens and --baseline-tokens must be at least 2 (decode rate needs 2 tokens)")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be a positive integer, got {self.threads!r}")
+        for shape in self.shapes:
+            if shape not in self.rows:
+                raise ConfigError(f"unknown shape '{shape}' (choose {', '.join(self.rows)})")
+            unknown = [row for row in self.rows[shape] if row not in VARIANTS]
+            if unknown:
+                raise ConfigError(f"unknown row(s) {', '.join(unknown)} (choose {', '.join(VARIANTS)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# One row, in a child process
+
+
+def decode_bytes(model, context: float) -> dict:  # noqa: ANN001 - OuroForCausalLM
+    """Bytes one decoded token reads at batch 1: weights as stored (params and quantized
+    buffers), layers and the per-step tail once per UT step, lm_head once, plus the KV cache."""
+    config = model.config
+    steps = config.total_ut_steps
+
+    def stored(prefix: str) -> int:
+        tensors = {id(t): t for n, t in [*model.named_parameters(), *model.named_buffers()] if n.startswith(prefix)}
+        return sum(t.nbytes for t in tensors.values())
+
+    layers = stored("model.layers.")
+    tail = stored("model.norm.") + stored("model.early_exit_gate.")
+    lm_head = stored("lm_head.") or model.model.embed_tokens.weight.nbytes  # tied: the embedding matrix
+    kv_per_token = 2 * config.num_kv_slots * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
+    weights = layers * steps + tail * steps + lm_head
+    return {"layer_bytes": layers, "weight_bytes_per_token": weights, "kv_bytes_per_token": kv_per_token,
+            "kv_read_bytes": kv_per_token * context, "bytes_per_token": weights + kv_per_token * context}
+
+
+def run_row(spec: dict) -> dict:
+    """Load one variant and time it; runs inside the child interpreter."""
+    import looplm
+    from looplm.generate import stream_generate
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    variant = Variant(**spec["variant"])
+    meter = CpuMeter()
+    start = time.perf_counter()
+    model = looplm.load(spec["path"], dtype="bfloat16", quant=variant.quant, group_size=variant.group_size,
+                        kernels=variant.kernels)
+    load_seconds = time.perf_counter() - start
+    tokens = spec["new_tokens"] if variant.use_cache else spec["baseline_tokens"]
+    vocab = model.config.vocab_size
+    samples = []
+    with torch.inference_mode():
+        for _ in stream_generate(model, torch.randint(0, vocab, (1, 16)), 3, eos_token_ids=[]):
+            pass  # warm up allocators and kernels
+        for repeat in range(spec["repeats"]):
+            generator = torch.Generator().manual_seed(spec["seed"] + repeat)
+            prompt = torch.randint(0, vocab, (1, spec["prompt_len"]), generator=generator)
+            begin = meter.mark()
+            marks = [mark for mark in _token_marks(stream_generate, model, prompt, tokens, variant.use_cache, meter)]
+            prefill_s = marks[0][0] - begin[0]
+            decode_s = marks[-1][0] - marks[0][0]
+            samples.append({"prefill_tok_s": spec["prompt_len"] / prefill_s, "decode_tok_s": (tokens - 1) / decode_s,
+                            "other_cores": CpuMeter.other_cores(begin, marks[-1])})
+    context = spec["prompt_len"] + tokens / 2
+    return {"variant": asdict(variant), "load_seconds": load_seconds, "samples": samples, "tokens": tokens,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "kernels": getattr(model, "kernels", None), **decode_bytes(model, context)}
+
+
+def _token_marks(stream_generate, model, prompt, tokens, use_cache, meter):  # noqa: ANN001, ANN202
+    for _ in stream_generate(model, prompt, tokens, eos_token_ids=[], use_cache=use_cache):
+        yield meter.mark()
+
+
+def run_row_in_child(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "looplm.bench_compare", "--child", json.dumps(spec)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LooplmError(f"bench row '{spec['variant']['name']}' failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def _spread(values: Sequence[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - log: Callable[[str], None]
+    options.check()
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    workdir = Path(options.workdir).expanduser() if options.workdir else bench_home()
+    meter = CpuMeter()
+    result: dict = {"options": asdict(options), "machine": machine_info(),
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shapes": {}}
+    log("bandwidth: torch.sum over 1 GiB")
+    result["bandwidth"] = measure_read_bandwidth(1024, meter)
+    bandwidth = result["bandwidth"]["gb_s"]["median"] * 1e9
+    for shape in options.shapes:
+        log(f"checkpoint: {shape} under {workdir}")
+        path, _ = ensure_checkpoint(shape, workdir, options.seed)
+        rows = []
+        for key in options.rows[shape]:
+            variant = VARIANTS[key]
+            if variant.quant == "int4":
+                variant = Variant(f"int4 g{options.group_size}", "int4", options.group_size)
+            log(f"{shape}: {variant.name} ({options.repeats} repeats, fresh process)")
+            spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
+                    "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
+                    "repeats": options.repeats, "threads": options.threads, "seed": options.seed}
+            row = run_row_in_child(spec)
+            row["key"] = key
+            row["prefill_tok_s"] = _spread([s["prefill_tok_s"] for s in row["samples"]])
+            row["decode_tok_s"] = _spread([s["decode_tok_s"] for s in row["samples"]])
+            row["other_cores_max"] = max((s["other_cores"] for s in row["samples"] if s["other_cores"] is not None),
+                                         default=None)
+            row["roofline_tok_s"] = bandwidth / row["bytes_per_token"]
+            row["pct_roofline"] = 100 * row["decode_tok_s"]["median"] / row["roofline_tok_s"]
+            rows.append(row)
+        _add_ratios(rows)
+        result["shapes"][shape] = rows
+    return result
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Decode and prefill speed relative to the no-cache row and to the bf16 torch-ops row."""
+    by_key = {row["key"]: row for row in rows}
+    for reference in ("no-cache", "bf16-torch", "bf16"):
+        base = by_key.get(reference)
+        for row in rows:
+            for what in ("decode", "prefill"):
+                ratio = None if base is None else row[f"{what}_tok_s"]["median"] / base[f"{what}_tok_s"]["median"]
+                row[f"{what}_vs_{reference}"] = ratio
+
+
+def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.console.Console
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or (Console() if sys.stdout.isatty() else Console(width=160))
+    opts, machine, bw = result["options"], result["machine"], result["bandwidth"]
+    console.print(f"CPU {machine['cpu_model']} ({machine['logical_cpus']} logical), ISA {machine['cpu_capability']} "
+                  f"{' '.join(machine['bf16_isa'])}, torch {machine['torch']} with {machine['torch_threads']} threads; "
+                  f"read bandwidth {bw['gb_s']['median']:.1f} GB/s [{bw['gb_s']['min']:.1f}-{bw['gb_s']['max']:.1f}]")
+    for shape, rows in result["shapes"].items():
+        table = Table(title=f"Ouro {shape} shape, random weights, CPU, batch 1: prompt {opts['prompt_len']}, "
+                            f"{opts['new_tokens']} new tokens, median [min-max] of {opts['repeats']}")
+        for name in ("variant", "prefill tok/s", "decode tok/s", "decode x no-cache", "decode x bf16 torch",
+                     "prefill x bf16 torch", "GB/token", "% roofline", "peak RSS GiB", "other load"):
+            table.add_column(name, justify="right")
+        for row in rows:
+            table.add_row(row["variant"]["name"], _fmt(row["prefill_tok_s"], 1), _fmt(row["decode_tok_s"], 2),
+                          _ratio(row["decode_vs_no-cache"]), _ratio(row["decode_vs_bf16-torch"]),
+                          _ratio(row["prefill_vs_bf16-torch"]), f"{row['bytes_per_token'] / 1e9:.2f}",
+                          f"{row['pct_roofline']:.0f}%", f"{row['peak_rss_bytes'] / (1 << 30):.2f}",
+                          "-" if row["other_cores_max"] is None else f"{row['other_cores_max']:.2f}")
+        console.print(table)
+    busy = [f"{shape} {row['variant']['name']}" for shape, rows in result["shapes"].items() for row in rows
+            if (row["other_cores_max"] or 0) > BUSY_OTHER_CORES]
+    if busy:
+        console.print(f"[yellow]warning: other processes kept > {BUSY_OTHER_CORES} cores busy during: "
+                      f"{', '.join(busy)}; those rows are pessimistic[/yellow]")
+
+
+def _fmt(spread: dict, digits: int) -> str:
+    return f"{spread['median']:.{digits}f} [{spread['min']:.{digits}f}-{spread['max']:.{digits}f}]"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="looplm bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1.4b,2.6b", help="comma-separated: tiny, 1.4b, 2.6b")
+    parser.add_argument("--rows-1.4b", dest="rows_14", default=",".join(DEFAULT_ROWS["1.4b"]))
+    parser.add_argument("--rows-2.6b", dest="rows_26", default=",".join(DEFAULT_ROWS["2.6b"]))
+    parser.add_argument("--rows-tiny", dest="rows_tiny", default=",".join(DEFAULT_ROWS["tiny"]))
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--baseline-tokens", type=int, default=3, help="tokens per repeat for the no-cache row")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads, here and in every row")
+    parser.add_argument("--workdir", default=None, help="where the random checkpoints live")
+    parser.add_argument("--json-out", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(run_row(json.loads(args.child))), flush=True)
+        return 0
+    options = CompareOptions(
+        shapes=_split(args.shapes), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+        baseline_tokens=args.baseline_tokens, repeats=args.repeats, threads=args.threads,
+        rows={"1.4b": _split(args.rows_14), "2.6b": _split(args.rows_26), "tiny": _split(args.rows_tiny)},
+        workdir=args.workdir, json_out=args.json_out, seed=args.seed, group_size=args.group_size)
+    try:
+        result = run_compare(options)
+    except LooplmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_report(result)
+    document = json.dumps(result, separators=(",", ":"))
+    if options.json_out:
+        Path(options.json_out).expanduser().write_text(document + "\n")
+    print(document, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
