@@ -38,7 +38,7 @@ def stored_spec(raw_config: dict, source: Path) -> QuantSpec | None:
     if block.get("format_version") != 1:
         raise CheckpointError(f"{source}: quantized format version {block.get('format_version')!r} is not supported")
     try:
-        return QuantSpec(int(block["bits"]), int(block.get("group_size") or 128), bool(block.get("lm_head", False)))
+        return QuantSpec(int(block["bits"]), int(block.get("group_size") or 128))
     except (KeyError, TypeError, ValueError, QuantizationError) as exc:
         raise CheckpointError(f"{source}: bad quantization_config ({exc})") from None
 
@@ -155,9 +155,6 @@ def quantized_state_dict(model: OuroForCausalLM, spec: QuantSpec) -> dict[str, t
     """Portable tensors for the selected linears, the model's own tensors for everything else.
     Each float weight is released once quantized, so memory stays near the float model's size."""
     selected = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and spec.selects(name)}
-    tied = model.config.tie_word_embeddings
-    if tied:
-        selected.pop("lm_head", None)  # shares the embedding: stays float
     for name, linear in selected.items():
         check_shape(name, linear.out_features, linear.in_features, spec)
     out: dict[str, torch.Tensor] = {}

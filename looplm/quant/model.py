@@ -19,12 +19,12 @@ DEFAULT_GROUP_SIZE = 128
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """What to quantize and how. int8 is per output channel, so `group_size` only matters for int4.
-    `lm_head` (int8 only) also quantizes the output projection when it is not tied."""
+    """How to quantize the layer projections. int8 is per output channel, so `group_size` only
+    matters for int4. Embeddings, lm_head and the exit gate stay in the model dtype
+    (docs/quantization.md has the measured cost of an int8 lm_head)."""
 
     bits: int
     group_size: int = DEFAULT_GROUP_SIZE
-    lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -33,23 +33,21 @@ class QuantSpec:
             raise QuantizationError(
                 f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {self.group_size}"
             )
-        if self.lm_head and self.bits != 8:
-            raise QuantizationError("only int8 is offered for lm_head")
 
     @classmethod
-    def parse(cls, quant: str | int, group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool = False) -> QuantSpec:
+    def parse(cls, quant: str | int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantSpec:
         """'int8' / 'int4' (or 8 / 4) -> a spec."""
         bits = QUANT_NAMES.get(quant) if isinstance(quant, str) else quant
         if bits is None:
             raise QuantizationError(f"quant must be one of {', '.join(QUANT_NAMES)} (or none), got '{quant}'")
-        return cls(bits, group_size if bits == 4 else DEFAULT_GROUP_SIZE, lm_head)
+        return cls(bits, group_size if bits == 4 else DEFAULT_GROUP_SIZE)
 
     def selects(self, name: str) -> bool:
-        return is_layer_projection(name) or (self.lm_head and name == "lm_head")
+        return is_layer_projection(name)
 
     def to_json(self) -> dict:
         return {"quant_method": "looplm", "format_version": 1, "bits": self.bits,
-                "group_size": self.group_size if self.bits == 4 else None, "lm_head": self.lm_head}
+                "group_size": self.group_size if self.bits == 4 else None}
 
 
 def check_shape(name: str, out_features: int, in_features: int, spec: QuantSpec) -> None:
@@ -96,14 +94,12 @@ def quantize_linear(name: str, linear: nn.Linear, spec: QuantSpec) -> nn.Module:
     return module_from_portable(tensors, spec, linear.bias, linear.weight.dtype)
 
 
-def quantize_model(
-    model: nn.Module, bits: int | str, group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool = False
-) -> nn.Module:
-    """Swap the layer projections (and optionally lm_head) for quantized modules, in place.
+def quantize_model(model: nn.Module, bits: int | str | QuantSpec, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+    """Swap the layer projections for quantized modules, in place (`bits`: 8, 4, "int8", "int4").
 
     One linear at a time: its float weight is freed as soon as its module is swapped, so peak
     memory stays near the float model's size. Returns the model."""
-    spec = bits if isinstance(bits, QuantSpec) else QuantSpec.parse(bits, group_size, lm_head)
+    spec = bits if isinstance(bits, QuantSpec) else QuantSpec.parse(bits, group_size)
     for name, module in model.named_modules():  # check every shape before touching anything
         if isinstance(module, nn.Linear) and spec.selects(name):
             check_shape(name, module.out_features, module.in_features, spec)
