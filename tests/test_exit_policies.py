@@ -180,3 +180,43 @@ def test_teacher_forced_decode_matches_full_forward(model) -> None:  # noqa: ANN
     assert abs(result["nll"] - expected) < 1e-3
     skipped = teacher_forced(model, ids, 8, "fixed", 1.0, "full", True)
     assert skipped["steps"][1:] == [1] * 11 and skipped["nll"] != result["nll"]
+
+
+def test_every_policy_reads_the_only_step_of_a_one_loop_model(make_checkpoint) -> None:  # noqa: ANN001
+    """A plain Llama is a looped model with T=1: every policy, KV mode and skip setting scores the same."""
+    from looplm.exit_quality import DEFAULT_GRID, teacher_forced
+
+    llama = looplm.load(make_checkpoint(seed=3, model_type="llama", total_ut_steps=1), dtype="float32")
+    ids = prompts([24], seed=13)[0]
+    reference = teacher_forced(llama, ids, 8, "last", None, "full", False)
+    settings = [s for s in DEFAULT_GRID if s.steps is None and (s.policy != "fixed" or s.threshold <= 1)]
+    assert {s.policy for s in settings} == {"last", "weighted", "gate", "fixed", "confidence", "kl"}
+    for s in settings:
+        result = teacher_forced(llama, ids, 8, s.policy, s.threshold, s.kv_mode, s.skip_compute)
+        assert result["steps"] == [1] * 16, s.label
+        if s.kv_mode == "full":
+            assert result["nll"] == reference["nll"], s.label  # bit for bit: the same step is read
+        else:  # the same values, attended as two segments (prompt, decoded): another summation order
+            assert result["nll"] == pytest.approx(reference["nll"], rel=1e-6), s.label
+        generated = llama.generate(ids[:8], 6, eos_token_ids=[], exit_policy=s.policy, kv_mode=s.kv_mode,
+                                   exit_threshold=s.threshold if s.policy in ("gate", "confidence", "kl") else None,
+                                   skip_compute=s.skip_compute)
+        assert generated == llama.generate(ids[:8], 6, eos_token_ids=[]), s.label
+
+
+def test_teacher_forced_batch_equals_one_document_at_a_time(model) -> None:  # noqa: ANN001
+    """The quality measurement batches its documents; each row must score what it scores alone."""
+    from looplm.exit_quality import Setting, teacher_forced, teacher_forced_batch
+
+    docs = prompts([20, 20, 20], seed=14)
+    for setting in (Setting("", "gate", 0.5, "full", True), Setting("", "kl", 0.05, "shared", True),
+                    Setting("", "fixed", 2.0, "full", True)):
+        batched = teacher_forced_batch(model, docs, 6, setting)
+        exits = 0
+        for doc, row in zip(docs, batched):
+            solo = teacher_forced(model, doc, 6, setting.policy, setting.threshold, setting.kv_mode,
+                                  setting.skip_compute)
+            assert row["steps"] == solo["steps"], setting
+            assert row["nll"] == pytest.approx(solo["nll"], rel=1e-5), setting
+            exits += sum(n < 4 for n in row["steps"])
+        assert exits > 0, setting  # the rows really exit early (and skip)
