@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -82,6 +83,7 @@ class CompareOptions:
     json_out: str | None = None
     seed: int = 0
     group_size: int = 128  # int4 rows
+    emulate_avx2: bool = False
 
     def check(self) -> None:
         for name in ("prompt_len", "new_tokens", "baseline_tokens", "repeats"):
@@ -162,9 +164,15 @@ def _token_marks(stream_generate, model, prompt, tokens, use_cache, meter):  # n
         yield meter.mark()
 
 
-def run_row_in_child(spec: dict) -> dict:
+# What an AVX2-only CPU would run, on an AVX-512 one: looplm's AVX2 kernels and prefill route,
+# oneDNN and ATen limited to AVX2 (so torch's bf16 GEMM takes its slow AVX2 path too).
+EMULATE_AVX2_ENV = {"LOOPLM_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def run_row_in_child(spec: dict, emulate_avx2: bool = False) -> dict:
+    env = {**os.environ, **(EMULATE_AVX2_ENV if emulate_avx2 else {})}
     proc = subprocess.run([sys.executable, "-m", "looplm.bench_compare", "--child", json.dumps(spec)],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LooplmError(f"bench row '{spec['variant']['name']}' failed: {tail}")
@@ -203,7 +211,7 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
             spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
                     "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
                     "repeats": options.repeats, "threads": options.threads, "seed": options.seed}
-            row = run_row_in_child(spec)
+            row = run_row_in_child(spec, options.emulate_avx2)
             row["key"] = key
             row["prefill_tok_s"] = _spread([s["prefill_tok_s"] for s in row["samples"]])
             row["decode_tok_s"] = _spread([s["decode_tok_s"] for s in row["samples"]])
@@ -234,6 +242,9 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
 
     console = console or (Console() if sys.stdout.isatty() else Console(width=160))
     opts, machine, bw = result["options"], result["machine"], result["bandwidth"]
+    if opts.get("emulate_avx2"):
+        console.print("[bold]AVX2-only emulation[/bold]: every row ran with " +
+                      " ".join(f"{k}={v}" for k, v in EMULATE_AVX2_ENV.items()))
     console.print(f"CPU {machine['cpu_model']} ({machine['logical_cpus']} logical), ISA {machine['cpu_capability']} "
                   f"{' '.join(machine['bf16_isa'])}, torch {machine['torch']} with {machine['torch_threads']} threads; "
                   f"read bandwidth {bw['gb_s']['median']:.1f} GB/s [{bw['gb_s']['min']:.1f}-{bw['gb_s']['max']:.1f}]")
@@ -280,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="run every row as an AVX2-only CPU would (oneDNN, ATen and looplm limited to AVX2)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -297,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes=_split(args.shapes), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         baseline_tokens=args.baseline_tokens, repeats=args.repeats, threads=args.threads,
         rows={"1.4b": _split(args.rows_14), "2.6b": _split(args.rows_26), "tiny": _split(args.rows_tiny)},
-        workdir=args.workdir, json_out=args.json_out, seed=args.seed, group_size=args.group_size)
+        workdir=args.workdir, json_out=args.json_out, seed=args.seed, group_size=args.group_size,
+        emulate_avx2=args.emulate_avx2)
     try:
         result = run_compare(options)
     except LooplmError as exc:

@@ -335,3 +335,11 @@ def test_bench_detail_runs_on_the_tiny_shape(tmp_path: Path) -> None:
     assert result["options"]["shape"] == "tiny"
     text = json.dumps(result)
     assert "roofline" in text and "tok_s" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_on_cuda_without_a_gpu_is_one_line_error() -> None:
+    proc = run_module("bench", "--device", "cuda")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err.decode()
+    assert err.decode().strip().splitlines()[-1].startswith("error:") and "CUDA" in err.decode()

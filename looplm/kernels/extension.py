@@ -75,13 +75,23 @@ def _short_reason(error: Exception) -> str:
 
 
 
+ISA_OVERRIDE = "LOOPLM_CPU_ISA"  # "avx2": run the AVX2 kernels and routes on an AVX-512 machine
+
+
 @cache
 def extension_or_reason() -> tuple[ModuleType | None, str]:
-    """(module, cpu path) when the kernels load, else (None, why not)."""
+    """(module, cpu path) when the kernels load, else (None, why not).
+
+    `LOOPLM_CPU_ISA=avx2` makes an AVX-512 machine take the AVX2 variants, so that the
+    benchmark can show what an AVX2-only CPU gets (with `ONEDNN_MAX_CPU_ISA=AVX2` for torch)."""
     try:
         module = load_extension()
     except KernelBuildError as error:
         return None, str(error)
+    override = os.environ.get(ISA_OVERRIDE, "")
+    if override not in ("", "avx2"):
+        return None, f"{ISA_OVERRIDE}={override!r} is not supported (use avx2 or leave it unset)"
+    module.set_force_avx2(override == "avx2")
     path = module.cpu_path()
     if path == "none":
         return None, "this CPU lacks AVX2/FMA, which looplm's CPU kernels need"
