@@ -5,8 +5,8 @@
 Writes arithmetic.json (the shared results format), gate.json, accuracy_by_steps.png and
 gate_exit.png under --out, prints markdown tables, and as its last stdout line one JSON object.
 
-Accuracy: greedy exact match on `--n` held-out problems of the shipped task (1-2 digit operands,
-2-3 terms), at 1, 2, 3, 4 fixed loops and with the gate, with a 95% Wilson interval, overall and
+Accuracy: greedy exact match on `--n` held-out problems of the shipped task (1-digit operands,
+2-4 terms), at 1, 2, 3, 4 fixed loops and with the gate, with a 95% Wilson interval, overall and
 per number of terms.
 
 Gate evidence: teacher-forced held-out arithmetic lines plus a fixed English sample. For each
@@ -161,7 +161,7 @@ def plots(arith: dict, gate: dict, out: Path) -> None:
                     color="black", label=f"gate, threshold {r['exit_threshold']} (mean steps)")
     ax.set_xlabel("UT steps (loops) per token")
     ax.set_ylabel("exact-match accuracy (%), 95% CI")
-    ax.set_title("held-out chains like 47-8+23=, 1-2 digit operands")
+    ax.set_title("held-out chains like 7-8+9-5=, 1-digit operands")
     ax.set_xticks([1, 2, 3, 4])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -14,7 +15,8 @@ from looplm.cli import app
 from looplm.default_model import write_random_checkpoint
 from looplm.eval import arithmetic as arithmetic_eval
 from looplm.eval.arithmetic import evaluate_arithmetic, format_table, score_problems
-from looplm.train.data import Problem, arithmetic_documents, arithmetic_problems, train_tokenizer
+from looplm.train.data import (Problem, arithmetic_documents, arithmetic_problems, build_arithmetic_phase,
+                               train_tokenizer, write_data_dir)
 
 RESULT_KEYS = {"steps", "exit_policy", "exit_threshold", "accuracy", "mean_steps", "n"}
 
@@ -115,3 +117,21 @@ def test_eval_cli_writes_json(tiny_dir: Path, tmp_path: Path) -> None:
     assert [r["steps"] for r in data["results"]] == [1, 3] and "| 3 | last |" in result.stdout
     bad = CliRunner().invoke(app, ["eval", "arithmetic", "-m", str(tiny_dir), "--steps", "1,x"])
     assert bad.exit_code == 1 and "--steps" in bad.output
+
+
+def test_second_phase_data_keeps_tokenizer_and_text(tmp_path: Path) -> None:
+    """The curriculum switch: same tokenizer and text tokens, a new arithmetic source (1 digit, up to 4 terms)."""
+    docs = arithmetic_documents(300, seed=0, max_digits=2, max_terms=3)
+    text = ["To be, or not to be, that is the question.\n"] * 20
+    tokenizer = train_tokenizer(docs + text, vocab_size=300)
+    write_data_dir(tmp_path / "a", {"text": (text, 0.35), "arithmetic": (docs, 0.65)}, tokenizer)
+    meta = build_arithmetic_phase(tmp_path / "a", tmp_path / "b", 0.65, n_problems=400, max_digits=1, max_terms=4,
+                                  seed=2)
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    assert np.array_equal(np.load(tmp_path / "a" / "text.npy"), np.load(tmp_path / "b" / "text.npy"))
+    assert meta["sources"]["arithmetic"]["weight"] == 0.65 and meta["sources"]["text"]["weight"] == pytest.approx(0.35)
+    lines = tokenizer.decode(np.load(tmp_path / "b" / "arithmetic.npy").tolist()).split()
+    problems = [_parse(line) for line in lines]
+    assert {p.terms for p in problems} == {2, 3, 4}
+    assert all(n < 10 for p in problems for n in (p.a, p.b, *(c for _, c in p.rest)))
+    assert all(not p.held_out and p.text == line for p, line in zip(problems, lines))

@@ -1,8 +1,8 @@
 """The held-out arithmetic task: exact-match accuracy of greedy answers, per loop count.
 
 Problems come from `looplm.train.data.arithmetic_problems(held_out=True)`: a hash split that
-training never draws from. By default they follow the shipped model's task (1-2 digit operands,
-2-3 terms, e.g. `47-8+23=`). The prompt is `<|endoftext|>` + the problem up to `=`, tokenized
+training never draws from. By default they follow the shipped model's task (1-digit operands,
+2-4 terms, e.g. `7-8+9-5=`). The prompt is `<|endoftext|>` + the problem up to `=`, tokenized
 exactly as inside a training line, and the answer is read up to the first newline. Decoding is greedy and recomputes the whole (short) sequence each token,
 so the exit rule is applied here, explicitly, per token:
 

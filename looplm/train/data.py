@@ -8,7 +8,8 @@ on (seed, s), so a resumed or distributed run sees exactly the same global batch
 The arithmetic task: `a+b=c` / `a-b=c` and chains like `a+b-c=d` (evaluated left to right,
 answers never negative), with the answer written in full. The first answer digit depends on
 every term and on the carries and borrows below it, which is where more loops help. The
-tiny model trains on 1-2 digit operands and 2-3 terms (`TINY_MAX_DIGITS`, `TINY_MAX_TERMS`).
+tiny model trains first on 1-2 digit operands with 2-3 terms, then on 1-digit operands with
+2-4 terms (`TINY_MAX_DIGITS`, `TINY_MAX_TERMS`: the task it is evaluated on).
 Problems are split by a hash of the problem itself (1 in 16 is held out), so training never
 sees a held-out problem whatever the seed.
 
@@ -203,8 +204,9 @@ def write_data_dir(out: Path, sources: dict[str, tuple[list[str], float]], token
     return meta
 
 
-# The shipped tiny-ouro task: 1-2 digit operands, chains of 2 or 3 terms (docs/tiny-ouro.md).
-TINY_MAX_DIGITS, TINY_MAX_TERMS = 2, 3
+# The shipped tiny-ouro model's evaluated task: 1-digit operands, chains of 2 to 4 terms (its second data phase;
+# the first phase, `build_tiny_corpus`'s default, has 1-2 digit operands and 2-3 terms). See docs/tiny-ouro.md.
+TINY_MAX_DIGITS, TINY_MAX_TERMS = 1, 4
 
 
 def build_tiny_corpus(
@@ -213,8 +215,8 @@ def build_tiny_corpus(
     arithmetic_weight: float = 0.65,
     seed: int = 0,
     n_problems: int = 400_000,
-    max_digits: int = TINY_MAX_DIGITS,
-    max_terms: int = TINY_MAX_TERMS,
+    max_digits: int = 2,
+    max_terms: int = 3,
 ) -> dict:
     """The tiny default model's data: Shakespeare + GSM8K train + MATH train as text, plus arithmetic."""
     from looplm.assets import fetch_asset
@@ -230,6 +232,30 @@ def build_tiny_corpus(
     tokenizer = train_tokenizer(text + arithmetic[:2000], vocab_size)
     return write_data_dir(out, {"text": (text, 1.0 - arithmetic_weight), "arithmetic": (arithmetic, arithmetic_weight)},
                           tokenizer)
+
+
+def build_arithmetic_phase(
+    like: Path, out: Path, arithmetic_weight: float, n_problems: int, max_digits: int, max_terms: int, seed: int
+) -> dict:
+    """A second-phase data directory: `like`'s tokenizer and text tokens, a new arithmetic source.
+
+    A resumed run can switch to it (same tokenizer, so the same ids) for a curriculum step.
+    """
+    like, out = Path(like), Path(out)
+    tokenizer = Tokenizer.from_dir(like)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    meta = json.loads((like / "data.json").read_text())
+    text = np.load(like / "text.npy")
+    np.save(out / "text.npy", text)
+    docs = arithmetic_documents(n_problems, seed=seed, max_digits=max_digits, max_terms=max_terms)
+    tokens = encode_documents(tokenizer, docs)
+    np.save(out / "arithmetic.npy", tokens)
+    meta["sources"]["text"]["weight"] = 1.0 - arithmetic_weight
+    meta["sources"]["arithmetic"] = {"documents": len(docs), "tokens": int(tokens.size), "weight": arithmetic_weight,
+                                     "max_digits": max_digits, "max_terms": max_terms}
+    (out / "data.json").write_text(json.dumps(meta, indent=2))
+    return meta
 
 
 # -- batches -------------------------------------------------------------------------------------
@@ -265,10 +291,24 @@ class TokenBatches:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) not in (1, 2):
-        raise SystemExit("usage: python -m looplm.train.data OUT_DIR [ARITHMETIC_WEIGHT]")
-    weight = float(argv[1]) if len(argv) == 2 else 0.65
-    meta = build_tiny_corpus(Path(argv[0]), arithmetic_weight=weight)
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m looplm.train.data", description="Build a data directory.")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--arithmetic-weight", type=float, default=0.65)
+    parser.add_argument("--like", type=Path, default=None,
+                        help="Reuse this data directory's tokenizer and text; write only a new arithmetic source.")
+    parser.add_argument("--max-digits", type=int, default=2)
+    parser.add_argument("--max-terms", type=int, default=3)
+    parser.add_argument("--problems", type=int, default=400_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.like is None:
+        meta = build_tiny_corpus(args.out, arithmetic_weight=args.arithmetic_weight, seed=args.seed,
+                                 n_problems=args.problems, max_digits=args.max_digits, max_terms=args.max_terms)
+    else:
+        meta = build_arithmetic_phase(args.like, args.out, args.arithmetic_weight, args.problems, args.max_digits,
+                                      args.max_terms, seed=args.seed + 2)
     print(json.dumps(meta, indent=2))
 
 
