@@ -15,6 +15,9 @@ TENSORS_SHOWN = 20
 def summary(lm) -> dict:  # noqa: ANN001
     config = lm.config
     params = sum(p.numel() for p in lm.parameters())  # a tied lm_head is counted once
+    quantized = [m for m in lm.modules() if hasattr(m, "in_features") and not list(m.parameters(recurse=False))]
+    params += sum(m.in_features * m.out_features for m in quantized)  # looplm.quant layers hold buffers
+    spec = getattr(lm, "quantization", None)
     # K and V, for every (UT step, layer) slot; the shared mode keeps one per layer for decoded tokens.
     kv_per_token = common.kv_bytes(lm, "full")
     kv_shared = common.kv_bytes(lm, "shared")
@@ -25,6 +28,8 @@ def summary(lm) -> dict:  # noqa: ANN001
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),
         "parameters": params,
+        "quantization": None if spec is None else spec.to_json(),
+        "loaded_bytes": sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]),
         "weight_bytes": {name: int(params * size) for name, size in BYTES_PER_PARAM.items()},
         "kv_bytes_per_token": kv_per_token,
         "kv_bytes_per_token_shared": kv_shared,
