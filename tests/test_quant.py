@@ -57,6 +57,14 @@ def test_int8_quantization_error_is_at_most_half_a_step() -> None:
     assert ((dequantize_int8(q, scale, torch.float32) - w).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
+def test_quantizing_leaves_the_float_weight_alone() -> None:
+    w = torch.randn(40, 64)
+    before = w.clone()
+    quantize_int8(w)
+    quantize_int4(w, 32)
+    assert torch.equal(w, before)
+
+
 def test_int4_quantization_error_and_nibble_round_trip() -> None:
     w = torch.randn(32, 128)
     w[0, :32] = 0.25  # a constant group is reproduced exactly

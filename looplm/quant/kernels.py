@@ -18,10 +18,22 @@ TINYGEMM_MID = 8
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`[N, K]` float -> (int8 `[N, K]`, fp32 scale `[N]`). Rounds in fp32."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    for rows in _row_blocks(n, k):
+        w = weight[rows].detach().to(torch.float32, copy=True)  # copy: modified in place below
+        s = (w.abs().amax(dim=1) / INT8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+        q[rows] = w.div_(s[:, None]).round_().clamp_(-INT8_MAX, INT8_MAX)
+        scale[rows] = s
     return q, scale
+
+
+def _row_blocks(n: int, k: int, elements: int = 1 << 20) -> list[slice]:
+    """Row blocks of about `elements` weights: the fp32 temporaries stay a few MB, so quantizing
+    a large model does not leave the allocator holding a heap of freed full-matrix copies."""
+    step = max(1, elements // k)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -31,12 +43,18 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`[N, K]` float -> (uint8 q `[N, K]` in 0..15, fp32 scale `[N, K/g]`, fp32 min `[N, K/g]`)."""
     n, k = weight.shape
-    w = weight.detach().float().reshape(n, k // group_size, group_size)
-    low, high = w.amin(dim=-1), w.amax(dim=-1)
-    # A constant group gets the smallest positive scale: q = 0 then reproduces it exactly.
-    scale = ((high - low) / INT4_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, INT4_MAX).to(torch.uint8)
-    return q.reshape(n, k), scale, low
+    q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+    scale = torch.empty(n, k // group_size, dtype=torch.float32, device=weight.device)
+    low = torch.empty_like(scale)
+    for rows in _row_blocks(n, k):
+        w = weight[rows].detach().to(torch.float32, copy=True)  # copy: modified in place below
+        w = w.reshape(-1, k // group_size, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        # A constant group gets the smallest positive scale: q = 0 then reproduces it exactly.
+        s = ((hi - lo) / INT4_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+        q[rows] = w.sub_(lo[..., None]).div_(s[..., None]).round_().clamp_(0, INT4_MAX).reshape(-1, k)
+        scale[rows], low[rows] = s, lo
+    return q, scale, low
 
 
 def dequantize_int4(
