@@ -12,6 +12,8 @@ for the pass (one layer at a time, freed right after).
 
 Attention: decode's single query per sequence goes to a C++ kernel that streams the cached
 K/V (all segments of the shared-KV cache, grouped-query heads unexpanded) in fp32.
+
+int8 weight-only layers (`looplm.quant.Int8Linear`) get an int8 decode kernel as well.
 """
 
 from __future__ import annotations
@@ -90,10 +92,17 @@ def use_cpu_kernels(model: nn.Module) -> dict:
         return new
 
     replaced = replace_linears(model, make, include_tied=True)
-    attention = [m for m in model.modules() if hasattr(type(m), "decode_kernel")]
+    from looplm.models.ouro import Attention
+    from looplm.quant.linear import Int8Linear
+
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
     for module in attention:
         module.decode_kernel = kernels.decode_attention_bf16
-    return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced), "attention": len(attention)}
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for module in int8:
+        module.decode_kernel = kernels.int8_linear_bf16
+    return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced), "attention": len(attention),
+            "int8_linears": len(int8)}
 
 
 KERNEL_MODES = ("auto", "torch")

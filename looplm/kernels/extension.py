@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp", "quant.cpp")]
 CFLAGS = ["-O3"]
 
 

@@ -34,6 +34,10 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
 class Int8Linear(nn.Module):
     """int8 weight `[N, K]`, one scale per output channel (kept in the activation dtype)."""
 
+    # Set by `looplm.kernels.use_cpu_kernels`: looplm's int8 decode kernel, called as
+    # kernel(x_rows_bf16, weight_int8, scale_fp32); it streams the weights faster than torch's.
+    decode_kernel = None
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = q.shape[1], q.shape[0]
@@ -47,7 +51,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)
-        if x.device.type == "cpu" and rows.shape[0] <= FUSED_MAX_ROWS:
+        if self.decode_kernel is not None and x.dtype == torch.bfloat16 and x.is_cpu and rows.shape[0] <= FUSED_MAX_ROWS:
+            y = self.decode_kernel(rows, self.weight_int8, self.scale.float())
+        elif x.device.type == "cpu" and rows.shape[0] <= FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, scale)
         else:
             y = F.linear(rows, self.weight_int8.to(x.dtype)) * scale

@@ -164,7 +164,10 @@ std::string cpu_path() {
 at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tensor>& keys,
                                  const std::vector<at::Tensor>& values, const c10::optional<at::Tensor>& mask);
 
+at::Tensor int8_linear_bf16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear_bf16", &int8_linear_bf16, "bf16 x @ (scale * int8 W).T for 1-8 rows");
   m.def("decode_attention_bf16", &decode_attention_bf16, "single-query bf16 attention over KV segments");
   m.def("skinny_linear_bf16", &skinny_linear_bf16, "bf16 x @ w.T for 1-8 rows, fp32 accumulation");
   m.def("cpu_path", &cpu_path, "which kernel variant this CPU runs");
