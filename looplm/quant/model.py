@@ -90,8 +90,13 @@ def module_from_portable(
 
 
 def quantize_linear(name: str, linear: nn.Linear, spec: QuantSpec) -> nn.Module:
+    """The quantized replacement of `linear`; the linear's float weight is released (its
+    storage freed unless shared), since `replace_linears` keeps every old module alive until
+    it returns and the float copies would otherwise pile up."""
     tensors = portable_tensors(name, linear.weight, spec)
-    return module_from_portable(tensors, spec, linear.bias, linear.weight.dtype)
+    module = module_from_portable(tensors, spec, linear.bias, linear.weight.dtype)
+    linear.weight.data = torch.empty(0, dtype=linear.weight.dtype, device=linear.weight.device)
+    return module
 
 
 def quantize_model(model: nn.Module, bits: int | str | QuantSpec, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
