@@ -11,11 +11,11 @@ skipping and the KV fill strategy act exactly as they do when generating:
   `mean_steps` is over the answer tokens (up to the newline or eos that ends the answer).
 - GSM8K: the eval harness (`looplm.eval.harness.run_eval`), which decodes through `generate`.
 
-A row of the grid (`Setting`) is one configuration. Two kinds of fixed depth exist:
-`steps n` runs n loops for every token, the prompt included (what `--steps n` does, and what
-the harness's per-loop rows are); `fixed n` prefills the prompt with all T loops like every
-exit policy and gives each new token n loops, so it is the fair fixed-compute baseline for the
-policies, whose mean steps also count new tokens only.
+A row of the grid (`Setting`) is one configuration. `fixed n` prefills the prompt with all T
+loops, like every policy, and gives each new token n loops. With the full KV cache this equals
+running n loops everywhere (`--steps n`, the harness's per-loop rows), since loop t attends only
+to the loop-t K/V of earlier tokens, which a prompt's first n loops compute identically whatever
+follows; GSM8K's `fixed n` rows are therefore the harness's `steps=n` rows.
 
     python -m looplm.exit_quality -m MODEL --text held_out.txt --output docs/exit-quality.json
     python scripts/exit_quality_report.py      # every measurement, the docs' JSON and PNG
@@ -46,12 +46,6 @@ class Setting:
     threshold: float | None = None  # the policy's threshold; for "fixed": the loops per new token
     kv_mode: str = "full"
     skip_compute: bool = False
-    steps: int | None = None  # loops for every token, prompt included (None: the model's T)
-
-    @property
-    def family(self) -> str:
-        """The plot's series: one per policy, `steps n` rows apart from `fixed n`."""
-        return "steps" if self.steps is not None else self.policy
 
     def make(self, model: OuroForCausalLM) -> ExitPolicy:
         if self.policy == "fixed":  # every step in the prefill, `threshold` loops per new token
@@ -61,18 +55,17 @@ class Setting:
                            config.early_exit_step)
 
     def loops(self, model: OuroForCausalLM) -> int:
-        return self.steps or model.config.total_ut_steps
+        return model.config.total_ut_steps
 
 
 def _grid() -> list[Setting]:
     skip = dict(skip_compute=True)
     return [
-        Setting("last", "last"),
+        Setting("last (= fixed 4)", "last"),
         Setting("last, kv shared", "last", kv_mode="shared"),
         Setting("weighted", "weighted"),
         # The default policy: the reference's gate rule at the config's threshold (1.0), no skipping.
         Setting("gate 1.0 (default)", "gate", 1.0),
-        *(Setting(f"steps {n}", "last", steps=n) for n in (1, 2, 3)),
         *(Setting(f"fixed {n}", "fixed", float(n), **skip) for n in (1, 2, 3)),
         *(Setting(f"gate {t}", "gate", t, **skip) for t in (0.5, 0.7, 0.9)),
         Setting("gate 0.5, no skip", "gate", 0.5),
@@ -96,10 +89,9 @@ def teacher_forced(
     threshold: float | None,
     kv_mode: str,
     skip_compute: bool,
-    steps: int | None = None,
 ) -> dict:
     """NLL of `ids[prefix_len:]` decoded one token at a time; the steps each token used."""
-    setting = Setting("", policy_name, threshold, kv_mode, skip_compute, steps)
+    setting = Setting("", policy_name, threshold, kv_mode, skip_compute)
     return teacher_forced_batch(model, [ids], prefix_len, setting)[0]
 
 
@@ -136,7 +128,7 @@ def teacher_forced_batch(model: OuroForCausalLM, documents: Sequence[Sequence[in
 def _row(setting: Setting, **measured: object) -> dict:
     """A JSON row: the configuration, then what was measured."""
     return {"config": setting.label, "exit_policy": setting.policy, "exit_threshold": setting.threshold,
-            "kv_mode": setting.kv_mode, "skip_compute": setting.skip_compute, "steps": setting.steps, **measured}
+            "kv_mode": setting.kv_mode, "skip_compute": setting.skip_compute, **measured}
 
 
 def evaluate(model: OuroForCausalLM, documents: list[list[int]], prefix_len: int,
@@ -219,12 +211,12 @@ def arithmetic_rows(model: OuroForCausalLM, problems: list, grid: Iterable[Setti
 # -- GSM8K through the eval harness --------------------------------------------------------------
 
 
-def gsm8k_rows(model: OuroForCausalLM, limit: int, max_new_tokens: int, batch_size: int = 25,
+def gsm8k_rows(model: OuroForCausalLM, limit: int, max_new_tokens: int, batch_size: int = 50,
                grid: Iterable[Setting] = DEFAULT_GRID) -> list[dict]:
     """GSM8K test accuracy per setting, with the harness's greedy decoding and answer checking.
 
     The harness runs one skip/KV mode per call, so settings are grouped by (kv_mode, skip_compute).
-    `fixed n` (all-loop prompt, n loops per new token) is not a harness configuration: skipped.
+    `fixed n` is the harness's n-loop row (the same computation with the full cache; module doc).
     Prompts are plain text (the tiny model never saw a chat template).
     """
     from looplm.eval.harness import EvalSettings, run_eval
@@ -233,10 +225,12 @@ def gsm8k_rows(model: OuroForCausalLM, limit: int, max_new_tokens: int, batch_si
     total = model.config.total_ut_steps
     groups: dict[tuple[str, bool], list[tuple[Setting, Config]]] = {}
     for s in grid:
-        if s.policy == "fixed":
-            continue
-        config = Config(s.steps or total) if s.policy == "last" else Config(total, s.policy, s.threshold)
-        groups.setdefault((s.kv_mode, s.skip_compute), []).append((s, config))
+        if s.policy in ("last", "fixed"):
+            config = Config(int(s.threshold) if s.policy == "fixed" else total)
+        else:
+            config = Config(total, s.policy, s.threshold)
+        skip = s.skip_compute and s.policy != "fixed"  # n loops everywhere: nothing left to skip
+        groups.setdefault((s.kv_mode, skip), []).append((s, config))
     rows = []
     for (kv_mode, skip), members in groups.items():
         steps = sorted({c.steps for _, c in members if c.exit_policy == "last"}) or [total]
@@ -269,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = args.text.read_text(encoding="utf-8") if args.text else gsm8k_heldout_text()
     documents = split_documents(model.tokenizer.encode(text), args.length, args.documents)
     total = model.config.total_ut_steps
-    grid = [s for s in DEFAULT_GRID if (s.steps or total) <= total and (s.policy != "fixed" or s.threshold < total)]
+    grid = [s for s in DEFAULT_GRID if s.policy != "fixed" or s.threshold <= total]
     rows = evaluate(model, documents, args.prefix_len, grid)
     from rich.console import Console
     from rich.table import Table

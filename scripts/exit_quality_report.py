@@ -41,7 +41,7 @@ from looplm.exit_quality import (
     split_documents,
 )
 
-SECTIONS = ("perplexity", "arithmetic", "gsm8k", "smollm2", "default-bf16")
+SECTIONS = ("gsm8k", "perplexity", "arithmetic", "smollm2", "default-bf16")  # longest first
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,7 +56,7 @@ def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def one_loop_grid(total: int) -> list[Setting]:
     """The settings a model with `total` loops can run (all of them share the only step when total is 1)."""
-    return [s for s in DEFAULT_GRID if (s.steps or total) <= total and (s.policy != "fixed" or s.threshold <= total)]
+    return [s for s in DEFAULT_GRID if s.policy != "fixed" or s.threshold <= total]
 
 
 def tiny(args: argparse.Namespace):  # noqa: ANN201
@@ -81,10 +81,11 @@ def run_arithmetic(args: argparse.Namespace) -> dict:
 
 
 def run_gsm8k(args: argparse.Namespace) -> dict:
-    rows = gsm8k_rows(tiny(args), args.gsm8k_limit, args.gsm8k_tokens)
+    rows = gsm8k_rows(tiny(args), args.gsm8k_limit, args.gsm8k_tokens, batch_size=args.gsm8k_batch)
     for row in rows:
         row["ci95"] = wilson(row["accuracy"], row["n"])
-    return {"limit": args.gsm8k_limit, "max_new_tokens": args.gsm8k_tokens, "chat": False,
+    return {"limit": args.gsm8k_limit, "max_new_tokens": args.gsm8k_tokens, "batch_size": args.gsm8k_batch,
+            "chat": False,
             "prompt": "plain text: question + the harness's \\boxed{} instruction", "rows": rows}
 
 
@@ -136,7 +137,7 @@ def markdown(result: dict) -> str:
     for section in ("perplexity", "arithmetic", "gsm8k"):
         for row in result.get(section, {}).get("rows", []):
             by_label.setdefault(row["config"], {})[section] = row
-    lines = ["| config | perplexity | steps | arithmetic acc. | steps | GSM8K acc. | steps |",
+    lines = ["| config | perplexity | steps | arithmetic exact match | steps | GSM8K correct | steps |",
              "|---|---|---|---|---|---|---|"]
     for label, cells in by_label.items():
         ppl, arith, gsm = cells.get("perplexity"), cells.get("arithmetic"), cells.get("gsm8k")
@@ -146,9 +147,24 @@ def markdown(result: dict) -> str:
             f"{ppl['mean_steps']:.2f}" if ppl else "",
             f"{100 * arith['accuracy']:.1f}%" if arith else "",
             f"{arith['mean_steps']:.2f}" if arith else "",
-            f"{100 * gsm['accuracy']:.0f}%" if gsm else "n/a",
+            f"{round(gsm['accuracy'] * gsm['n'])}/{gsm['n']}" if gsm else "",
             f"{gsm['mean_steps']:.2f}" if gsm else "",
         ]) + " |")
+    smol = result.get("smollm2")
+    if smol:
+        values = sorted({row["perplexity"] for row in smol["rows"]})
+        lines += ["", f"SmolLM2 ({smol['model']}, T={smol['total_ut_steps']}), {smol['rows'][0]['tokens']} scored "
+                  f"tokens: {len(smol['rows'])} settings, {len(values)} distinct perplexities: "
+                  + ", ".join(f"{v:.9f}" for v in values)]
+        for value in values:
+            labels = [row["config"] for row in smol["rows"] if row["perplexity"] == value]
+            lines.append(f"- {value:.9f}: {', '.join(labels)}")
+    default = result.get("default-bf16", {})
+    for dtype in ("float32", "bfloat16"):
+        rows = default.get(dtype, [])
+        lines.append(f"default rule in {dtype}: " + "; ".join(
+            f"{row['config']}: perplexity {row['perplexity']:.3f}, mean steps {row['mean_steps']:.3f}, "
+            f"{row['early_exits']} of {row['tokens']} tokens before the last loop" for row in rows))
     return "\n".join(lines)
 
 
@@ -165,37 +181,42 @@ def plot(result: dict, path: Path) -> None:
     panels = [p for p in panels if result.get(p[0])]
     if not panels:
         return
-    styles = {"steps": ("k", "o"), "fixed": ("tab:gray", "s"), "last": ("tab:blue", "D"),
+    styles = {"fixed": ("k", "o"), "last": ("tab:blue", "D"),
               "weighted": ("tab:purple", "*"), "gate": ("tab:orange", "^"), "confidence": ("tab:green", "v"),
               "kl": ("tab:red", "P")}
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), dpi=110, squeeze=False)
     for ax, (section, key, ylabel, scale) in zip(axes[0], panels):
         rows = result[section]["rows"]
         for family, (color, marker) in styles.items():
-            mine = sorted((r for r in rows if _family(r) == family), key=lambda r: r["mean_steps"])
+            mine = sorted((r for r in rows if r["exit_policy"] == family or (family == "fixed" and _full_depth(r))),
+                          key=lambda r: r["mean_steps"])  # the fixed line ends at `last` (fixed T)
             if not mine:
                 continue
             full = [r for r in mine if r["kv_mode"] == "full"]
             shared = [r for r in mine if r["kv_mode"] == "shared"]
             ax.plot([r["mean_steps"] for r in full], [scale * r[key] for r in full], marker=marker, color=color,
-                    linestyle="-" if family in ("steps", "fixed") else "none", label=family)
+                    linestyle="-" if family == "fixed" else "none", label=family)
             if shared:
                 ax.plot([r["mean_steps"] for r in shared], [scale * r[key] for r in shared], marker=marker,
                         color=color, markerfacecolor="none", linestyle="none", label=f"{family}, kv shared")
+        if key == "accuracy":
+            top = max(scale * r[key] for r in rows)
+            ax.set_ylim(-1, max(5.0, 1.15 * top))  # accuracies near 0: keep the scale readable, not zoomed
         ax.set_xlabel("mean steps (loops) per scored token")
         ax.set_ylabel(ylabel)
         n = result[section].get("n") or result[section].get("limit") or f"{result[section].get('documents')} docs"
         ax.set_title(f"{section} (n={n})", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"tiny-ouro {result.get('model_version', '')[:40]}: quality vs compute per exit policy", fontsize=9)
+    version = " ".join(result.get("model_version", "").split()[:2])  # commit and date of the model
+    fig.suptitle(f"tiny-ouro ({version}): quality vs compute per exit policy; hollow: kv shared", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def _family(row: dict) -> str:
-    return "steps" if row.get("steps") is not None else row["exit_policy"]
+def _full_depth(row: dict) -> bool:
+    return row["exit_policy"] == "last" and row["kv_mode"] == "full"
 
 
 def main() -> int:
@@ -213,6 +234,7 @@ def main() -> int:
     parser.add_argument("--terms", type=int, default=2, help="arithmetic terms per problem (the model's task)")
     parser.add_argument("--gsm8k-limit", type=int, default=50)
     parser.add_argument("--gsm8k-tokens", type=int, default=64)
+    parser.add_argument("--gsm8k-batch", type=int, default=50, help="GSM8K prompts decoded together")
     parser.add_argument("--smol-documents", type=int, default=3)
     parser.add_argument("--smol-length", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (the machine is shared)")
@@ -230,9 +252,12 @@ def main() -> int:
     timings = result.get("wall_s", {})
     # Sections are independent: with --jobs 2 they run in two processes (each loads its own model).
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {section: pool.submit(run_section, section, args) for section in only}
+        # The longest first, so that two workers finish together.
+        futures = {section: pool.submit(run_section, section, args) for section in sorted(only, key=SECTIONS.index)}
         for section, future in futures.items():
             result[section], timings[section] = future.result()
+            if section != "smollm2":  # which tiny-ouro this section measured (sections may be rerun apart)
+                result[section]["model_version"] = model_version()
             print(f"{section}: {timings[section]} s", flush=True)
     if any(s in only for s in ("perplexity", "arithmetic", "gsm8k", "default-bf16")):
         result.update({"model": tiny(args).source, "model_version": model_version(), "dtype": "float32",

@@ -189,7 +189,7 @@ def test_every_policy_reads_the_only_step_of_a_one_loop_model(make_checkpoint) -
     llama = looplm.load(make_checkpoint(seed=3, model_type="llama", total_ut_steps=1), dtype="float32")
     ids = prompts([24], seed=13)[0]
     reference = teacher_forced(llama, ids, 8, "last", None, "full", False)
-    settings = [s for s in DEFAULT_GRID if s.steps is None and (s.policy != "fixed" or s.threshold <= 1)]
+    settings = [s for s in DEFAULT_GRID if s.policy != "fixed" or s.threshold <= 1]
     assert {s.policy for s in settings} == {"last", "weighted", "gate", "fixed", "confidence", "kl"}
     for s in settings:
         result = teacher_forced(llama, ids, 8, s.policy, s.threshold, s.kv_mode, s.skip_compute)
@@ -220,3 +220,16 @@ def test_teacher_forced_batch_equals_one_document_at_a_time(model) -> None:  # n
             assert row["nll"] == pytest.approx(solo["nll"], rel=1e-5), setting
             exits += sum(n < 4 for n in row["steps"])
         assert exits > 0, setting  # the rows really exit early (and skip)
+
+
+def test_fixed_n_after_a_full_prefill_equals_n_loops_everywhere(model) -> None:  # noqa: ANN001
+    """Loop t attends only to loop-t K/V, so a prompt's extra loops change nothing for an n-loop token."""
+    from looplm.exit_quality import teacher_forced
+
+    ids = prompts([20], seed=15)[0]
+    with torch.inference_mode():
+        per_loop = torch.log_softmax(model.forward_steps(torch.tensor([ids])).logits[:, 0].float(), -1)
+    for n in (1, 2, 3):
+        result = teacher_forced(model, ids, 8, "fixed", float(n), "full", True)
+        expected = -sum(float(per_loop[n - 1, i - 1, ids[i]]) for i in range(8, 20))
+        assert result["steps"] == [n] * 12 and result["nll"] == pytest.approx(expected, rel=1e-4)
