@@ -164,9 +164,7 @@ def gsm8k_heldout_text(items: int = 40) -> str:
 def held_out_problems(n: int, seed: int, max_digits: int, max_terms: int) -> list:
     from looplm.train.data import arithmetic_problems
 
-    # Chains (max_terms > 2) exist only in newer versions of the task; two terms work with either.
-    extra = {"max_terms": max_terms} if max_terms != 2 else {}
-    return arithmetic_problems(n, seed=seed, held_out=True, max_digits=max_digits, **extra)
+    return arithmetic_problems(n, seed=seed, held_out=True, max_digits=max_digits, max_terms=max_terms)
 
 
 def arithmetic_accuracy(model: OuroForCausalLM, problems: list, setting: Setting, batch_size: int = 125) -> dict:

@@ -40,6 +40,7 @@ from looplm.exit_quality import (
     held_out_problems,
     split_documents,
 )
+from looplm.train.data import TINY_MAX_DIGITS, TINY_MAX_TERMS
 
 SECTIONS = ("gsm8k", "perplexity", "arithmetic", "smollm2", "default-bf16")  # longest first
 REPO = Path(__file__).resolve().parents[1]
@@ -230,8 +231,10 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=160)
     parser.add_argument("--n", type=int, default=500, help="held-out arithmetic problems")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--digits", type=int, default=3, help="arithmetic operand digits (the model's task)")
-    parser.add_argument("--terms", type=int, default=2, help="arithmetic terms per problem (the model's task)")
+    parser.add_argument("--digits", type=int, default=TINY_MAX_DIGITS,
+                        help="arithmetic operand digits (default: the shipped tiny task's)")
+    parser.add_argument("--terms", type=int, default=TINY_MAX_TERMS,
+                        help="most arithmetic terms per problem (default: the shipped tiny task's)")
     parser.add_argument("--gsm8k-limit", type=int, default=50)
     parser.add_argument("--gsm8k-tokens", type=int, default=64)
     parser.add_argument("--gsm8k-batch", type=int, default=50, help="GSM8K prompts decoded together")
