@@ -8,8 +8,8 @@ on (seed, s), so a resumed or distributed run sees exactly the same global batch
 The arithmetic task: `a+b=c` / `a-b=c` and chains like `a+b-c=d` (evaluated left to right,
 answers never negative), with the answer written in full. The first answer digit depends on
 every term and on the carries and borrows below it, which is where more loops help. The
-tiny model trains first on 1-2 digit operands with 2-3 terms, then on 1-digit operands with
-2-4 terms (`TINY_MAX_DIGITS`, `TINY_MAX_TERMS`: the task it is evaluated on).
+tiny model trains first on `a+b` / `a-b` with 1-3 digit operands (phase A), then on 1-digit
+chains of 2-4 terms (phase B; `TINY_MAX_DIGITS`, `TINY_MAX_TERMS`: the task it is evaluated on).
 Problems are split by a hash of the problem itself (1 in 16 is held out), so training never
 sees a held-out problem whatever the seed.
 
@@ -204,19 +204,19 @@ def write_data_dir(out: Path, sources: dict[str, tuple[list[str], float]], token
     return meta
 
 
-# The shipped tiny-ouro model's evaluated task: 1-digit operands, chains of 2 to 4 terms (its second data phase;
-# the first phase, `build_tiny_corpus`'s default, has 1-2 digit operands and 2-3 terms). See docs/tiny-ouro.md.
+# The shipped tiny-ouro model's evaluated task: 1-digit operands, chains of 2 to 4 terms (its phase-B data; phase A,
+# `build_tiny_corpus`'s default, is a+b / a-b with 1-3 digit operands). See docs/tiny-ouro.md.
 TINY_MAX_DIGITS, TINY_MAX_TERMS = 1, 4
 
 
 def build_tiny_corpus(
     out: Path,
     vocab_size: int = 4096,
-    arithmetic_weight: float = 0.65,
+    arithmetic_weight: float = 0.4,
     seed: int = 0,
-    n_problems: int = 400_000,
-    max_digits: int = 2,
-    max_terms: int = 3,
+    n_problems: int = 200_000,
+    max_digits: int = 3,
+    max_terms: int = 2,
 ) -> dict:
     """The tiny default model's data: Shakespeare + GSM8K train + MATH train as text, plus arithmetic."""
     from looplm.assets import fetch_asset
@@ -295,12 +295,12 @@ def main(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m looplm.train.data", description="Build a data directory.")
     parser.add_argument("out", type=Path)
-    parser.add_argument("--arithmetic-weight", type=float, default=0.65)
+    parser.add_argument("--arithmetic-weight", type=float, default=0.4)
     parser.add_argument("--like", type=Path, default=None,
                         help="Reuse this data directory's tokenizer and text; write only a new arithmetic source.")
-    parser.add_argument("--max-digits", type=int, default=2)
-    parser.add_argument("--max-terms", type=int, default=3)
-    parser.add_argument("--problems", type=int, default=400_000)
+    parser.add_argument("--max-digits", type=int, default=3)
+    parser.add_argument("--max-terms", type=int, default=2)
+    parser.add_argument("--problems", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.like is None:
