@@ -83,6 +83,35 @@ def accuracy_study(model, n: int, threshold: float) -> dict:  # noqa: ANN001
     return {"task": TASK, "model": model.source, "results": rows}
 
 
+@torch.inference_mode()
+def answer_token_study(model, n: int) -> dict:  # noqa: ANN001
+    """Teacher-forced per-loop CE and top-1 accuracy of the answer tokens (digits and the closing newline),
+    first answer token separately: a finer depth signal than exact match."""
+    tok = model.tokenizer
+    eot = tok.token_to_id(END_OF_TEXT)
+    problems = arithmetic_problems(n, seed=1234, held_out=True, max_digits=TINY_MAX_DIGITS, max_terms=TINY_MAX_TERMS)
+    ce, hits, first_ce, first_hits, count = 0.0, 0.0, 0.0, 0.0, 0
+    for start in range(0, n, 100):
+        chunk = problems[start : start + 100]
+        prompts = [[eot] + tok.encode(p.prompt) for p in chunk]
+        answers = [tok.encode(p.answer + "\n") for p in chunk]
+        rows = [q + a for q, a in zip(prompts, answers)]
+        width = max(map(len, rows))
+        x = torch.tensor([r + [eot] * (width - len(r)) for r in rows])  # right padding: causal, so harmless
+        out = model.forward_steps(x[:, :-1])
+        losses = per_step_token_loss(out.logits, x[:, 1:])  # (T, B, S-1)
+        correct = (out.logits.argmax(-1) == x[:, 1:]).float()
+        for i, (q, a) in enumerate(zip(prompts, answers)):
+            span = slice(len(q) - 1, len(q) - 1 + len(a))  # positions that predict the answer tokens
+            ce = ce + losses[:, i, span].sum(-1)
+            hits = hits + correct[:, i, span].sum(-1)
+            first_ce = first_ce + losses[:, i, len(q) - 1]
+            first_hits = first_hits + correct[:, i, len(q) - 1]
+            count += len(a)
+    return {"problems": n, "answer_tokens": count, "ce": (ce / count).tolist(), "top1": (hits / count).tolist(),
+            "first_ce": (first_ce / n).tolist(), "first_top1": (first_hits / n).tolist()}
+
+
 def gate_study(model, threshold: float, n_lines: int) -> dict:  # noqa: ANN001
     tok = model.tokenizer
     eot = tok.token_to_id(END_OF_TEXT)
@@ -205,10 +234,16 @@ def main(argv: list[str]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     arith = accuracy_study(model, args.n, args.threshold)
     gate = gate_study(model, args.threshold, args.gate_lines)
+    gate["answer_tokens"] = answer_token_study(model, args.n)
     (args.out / "arithmetic.json").write_text(json.dumps(arith, indent=2) + "\n")
     (args.out / "gate.json").write_text(json.dumps(gate, indent=2) + "\n")
     plots(arith, gate, args.out)
     print(accuracy_table(arith))
+    study = gate["answer_tokens"]
+    print()
+    print(f"teacher-forced answer tokens ({study['answer_tokens']} tokens, {study['problems']} problems), loops 1-4:")
+    for key in ("ce", "top1", "first_ce", "first_top1"):
+        print(f"| {key} | " + " | ".join(f"{v:.3f}" for v in study[key]) + " |")
     print()
     print("| token kind | tokens | CE step 1 | CE step 4 | mean exit step | exits by step 2 |")
     print("|---|---|---|---|---|---|")
