@@ -13,8 +13,9 @@ Rows:
 - `bf16`: looplm's default path (its C++ CPU kernels, `looplm.kernels`).
 - `int8`, `int4`: weight-only quantization of the layer projections (`looplm.quant`).
 
-The roofline is the read bandwidth this run measures (`torch.sum` over a buffer far larger
-than the caches, same thread count) divided by the bytes one decoded token must read: the
+The roofline is the read bandwidth measured inside each row's process just before it is
+timed (`torch.sum` over a 512 MiB buffer, same thread count; on a shared machine the load
+moves between rows) divided by the bytes one decoded token must read: the
 layer weights (quantized bytes, scales included) once per UT step, the final norm and gate
 per step, lm_head once, and the KV cache at the mean context length.
 """
@@ -140,6 +141,9 @@ def run_row(spec: dict) -> dict:
     load_seconds = time.perf_counter() - start
     tokens = spec["new_tokens"] if variant.use_cache else spec["baseline_tokens"]
     vocab = model.config.vocab_size
+    # Bandwidth in this process, just before timing: on a shared machine the load moves
+    # between rows, so each row's roofline uses what the memory delivered to it.
+    bandwidth = measure_read_bandwidth(512, meter, repeats=5)
     samples = []
     with torch.inference_mode():
         for _ in stream_generate(model, torch.randint(0, vocab, (1, 16)), 3, eos_token_ids=[]):
@@ -155,6 +159,7 @@ def run_row(spec: dict) -> dict:
                             "other_cores": CpuMeter.other_cores(begin, marks[-1])})
     context = spec["prompt_len"] + tokens / 2
     return {"variant": asdict(variant), "load_seconds": load_seconds, "samples": samples, "tokens": tokens,
+            "bandwidth_gb_s": bandwidth["gb_s"]["median"],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "kernels": getattr(model, "kernels", None), **decode_bytes(model, context)}
 
@@ -198,7 +203,6 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shapes": {}}
     log("bandwidth: torch.sum over 1 GiB")
     result["bandwidth"] = measure_read_bandwidth(1024, meter)
-    bandwidth = result["bandwidth"]["gb_s"]["median"] * 1e9
     for shape in options.shapes:
         log(f"checkpoint: {shape} under {workdir}")
         path, _ = ensure_checkpoint(shape, workdir, options.seed)
@@ -217,7 +221,7 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
             row["decode_tok_s"] = _spread([s["decode_tok_s"] for s in row["samples"]])
             row["other_cores_max"] = max((s["other_cores"] for s in row["samples"] if s["other_cores"] is not None),
                                          default=None)
-            row["roofline_tok_s"] = bandwidth / row["bytes_per_token"]
+            row["roofline_tok_s"] = row["bandwidth_gb_s"] * 1e9 / row["bytes_per_token"]
             row["pct_roofline"] = 100 * row["decode_tok_s"]["median"] / row["roofline_tok_s"]
             rows.append(row)
         _add_ratios(rows)
@@ -250,14 +254,15 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
                   f"read bandwidth {bw['gb_s']['median']:.1f} GB/s [{bw['gb_s']['min']:.1f}-{bw['gb_s']['max']:.1f}]")
     for shape, rows in result["shapes"].items():
         table = Table(title=f"Ouro {shape} shape, random weights, CPU, batch 1: prompt {opts['prompt_len']}, "
-                            f"{opts['new_tokens']} new tokens, median [min-max] of {opts['repeats']}")
+                            f"{opts['new_tokens']} new tokens, median \\[min-max] of {opts['repeats']}")
         for name in ("variant", "prefill tok/s", "decode tok/s", "decode x no-cache", "decode x bf16 torch",
-                     "prefill x bf16 torch", "GB/token", "% roofline", "peak RSS GiB", "other load"):
+                     "prefill x bf16 torch", "GB/token", "row GB/s", "% roofline", "peak RSS GiB", "other load"):
             table.add_column(name, justify="right")
         for row in rows:
             table.add_row(row["variant"]["name"], _fmt(row["prefill_tok_s"], 1), _fmt(row["decode_tok_s"], 2),
                           _ratio(row["decode_vs_no-cache"]), _ratio(row["decode_vs_bf16-torch"]),
                           _ratio(row["prefill_vs_bf16-torch"]), f"{row['bytes_per_token'] / 1e9:.2f}",
+                          f"{row['bandwidth_gb_s']:.1f}",
                           f"{row['pct_roofline']:.0f}%", f"{row['peak_rss_bytes'] / (1 << 30):.2f}",
                           "-" if row["other_cores_max"] is None else f"{row['other_cores_max']:.2f}")
         console.print(table)
