@@ -187,3 +187,20 @@ def test_int8_model_uses_the_decode_kernel(make_checkpoint) -> None:  # noqa: AN
         layer.decode_kernel = None  # torch's fused int8 op for the same rows
         theirs = layer(x)
     assert (ours.float() - theirs.float()).abs().max() <= theirs.float().abs().max() * 2**-6
+
+
+def test_a_left_over_build_lock_does_not_block_loading() -> None:
+    """A process killed inside torch's builder leaves `lock` behind; a built library must still load."""
+    import subprocess
+    import sys
+
+    from looplm.kernels.extension import build_name, cache_dir
+
+    lock = cache_dir() / build_name() / "lock"
+    lock.touch()
+    try:
+        code = "from looplm.kernels.extension import load_extension; print(load_extension().cpu_path())"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == cpu_path
+    finally:
+        lock.unlink(missing_ok=True)

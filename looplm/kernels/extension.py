@@ -10,8 +10,10 @@ so on stderr.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import sys
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -42,8 +44,28 @@ def build_name() -> str:
     return f"looplm_cpu_kernels_{digest.hexdigest()[:12]}"
 
 
-def _already_built(directory: Path, name: str) -> bool:
-    return any(directory.glob(f"{name}*.so"))
+STALE_LOCK_SECONDS = 600  # no build takes this long; an older lock was left by a killed process
+
+
+def _built_library(directory: Path, name: str) -> Path | None:
+    return next(iter(sorted(directory.glob(f"{name}*.so"))), None)
+
+
+def _import_library(name: str, library: Path) -> ModuleType:
+    """Import an already built extension directly. torch's `load` would take its build lock
+    and run ninja even for an up-to-date build; a process killed meanwhile leaves the lock
+    behind and every later load waits on it forever."""
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _clear_stale_lock(directory: Path) -> None:
+    lock = directory / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        print(f"looplm: removing a stale build lock {lock}", file=sys.stderr)
+        lock.unlink(missing_ok=True)
 
 
 @cache
@@ -54,8 +76,14 @@ def load_extension(verbose: bool = False) -> ModuleType:
     name = build_name()
     directory = cache_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
-    if not _already_built(directory, name):
-        print(f"looplm: compiling CPU kernels into {directory} (one time, about a minute)", file=sys.stderr)
+    library = _built_library(directory, name)
+    if library is not None:
+        try:
+            return _import_library(name, library)
+        except ImportError as error:  # a half-written or foreign build: rebuild it
+            print(f"looplm: rebuilding CPU kernels ({error})", file=sys.stderr)
+    print(f"looplm: compiling CPU kernels into {directory} (one time, about a minute)", file=sys.stderr)
+    _clear_stale_lock(directory)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's toolchain chatter (compiler version notes)
