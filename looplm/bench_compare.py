@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +39,9 @@ import torch
 from looplm.bench import (
     BUSY_OTHER_CORES,
     CpuMeter,
+    _spread,
     bench_home,
+    emit_json,
     ensure_checkpoint,
     machine_info,
     measure_read_bandwidth,
@@ -188,10 +189,6 @@ def run_row_in_child(spec: dict, emulate_avx2: bool = False) -> dict:
 # The driver
 
 
-def _spread(values: Sequence[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - log: Callable[[str], None]
     options.check()
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -323,10 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_report(result)
-    document = json.dumps(result, separators=(",", ":"))
-    if options.json_out:
-        Path(options.json_out).expanduser().write_text(document + "\n")
-    print(document, flush=True)
+    emit_json(result, options.json_out)
     return 0
 
 
