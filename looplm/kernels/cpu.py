@@ -29,6 +29,8 @@ from torch import nn
 from looplm.errors import ConfigError
 from looplm.kernels.extension import extension_or_reason
 from looplm.kernels.swap import replace_linears
+from looplm.models.ouro import Attention
+from looplm.quant.linear import Int8Linear
 
 MAX_SKINNY_ROWS = 8
 PrefillRoute = Literal["bf16", "fp32"]
@@ -70,10 +72,11 @@ def choose_prefill_route(cpu_path: str) -> PrefillRoute:
 def use_cpu_kernels(model: nn.Module) -> dict:
     """Swap every bf16 `nn.Linear` of a CPU model (except the exit gate) for `SkinnyLinear`
     (in place, parameters shared, tied weights stay tied) and give every attention module the
-    single-query decode kernel. Returns what was done, for `inspect` and the bench.
+    single-query decode kernel (and int8 layers the int8 kernel). Returns what was done; the
+    loader keeps it as `model.kernels` and the bench reports it.
 
-    Raises KernelBuildError-derived RuntimeError when the kernels cannot load; callers
-    choose whether that is fatal."""
+    Raises RuntimeError (saying why) when the kernels cannot load; callers choose whether
+    that is fatal."""
     kernels, path_or_reason = extension_or_reason()
     if kernels is None:
         raise RuntimeError(path_or_reason)
@@ -82,7 +85,8 @@ def use_cpu_kernels(model: nn.Module) -> dict:
     def make(name: str, linear: nn.Linear) -> nn.Module | None:
         # The exit gate stays on torch's op: it costs nothing, and a last-bit change in a
         # gate value can flip a threshold exit decision against the reference.
-        if name.endswith("early_exit_gate") or linear.weight.dtype != torch.bfloat16 or not linear.weight.is_cpu or isinstance(linear, SkinnyLinear):
+        skip = name.endswith("early_exit_gate") or isinstance(linear, SkinnyLinear)
+        if skip or linear.weight.dtype != torch.bfloat16 or not linear.weight.is_cpu:
             return None
         new = SkinnyLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight = linear.weight
@@ -92,9 +96,6 @@ def use_cpu_kernels(model: nn.Module) -> dict:
         return new
 
     replaced = replace_linears(model, make, include_tied=True)
-    from looplm.models.ouro import Attention
-    from looplm.quant.linear import Int8Linear
-
     attention = [m for m in model.modules() if isinstance(m, Attention)]
     for module in attention:
         module.decode_kernel = kernels.decode_attention_bf16
