@@ -22,7 +22,8 @@ from types import ModuleType
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp", "quant.cpp")]
-CFLAGS = ["-O3"]
+CFLAGS = ["-O3", "-fopenmp"]  # at::parallel_for only splits work across threads when built with OpenMP
+LDFLAGS = ["-fopenmp"]
 
 
 class KernelBuildError(RuntimeError):
@@ -88,7 +89,7 @@ def load_extension(verbose: bool = False) -> ModuleType:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's toolchain chatter (compiler version notes)
             return cpp_extension.load(
-                name, [str(s) for s in SOURCES], extra_cflags=CFLAGS, build_directory=str(directory), verbose=verbose
+                name, [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=verbose
             )
     except Exception as error:  # compiler missing, headers missing, link errors: all one story for the user
         raise KernelBuildError(f"could not build looplm's CPU kernels ({_short_reason(error)})") from error
