@@ -16,7 +16,7 @@ import torch
 
 from looplm.config import OuroConfig, read_json
 from looplm.errors import CheckpointError, ConfigError, HubError
-from looplm.kernels.cpu import apply_kernels
+from looplm.kernels.cpu import apply_kernels, int4_layout
 from looplm.models.ouro import OuroForCausalLM
 from looplm.safetensors_io import TensorEntry, index_file, read_into
 
@@ -53,14 +53,15 @@ def load(
         path = default_model_dir()
     else:
         path = resolve_path(str(path_or_id))
+    layout = int4_layout(kernels, device, torch_dtype)
     if path.is_file() and path.suffix == ".gguf":
         model = _load_gguf(path, torch_dtype, device)
         if spec is not None:
             from looplm.quant import quantize_model
 
-            quantize_model(model, spec)
+            quantize_model(model, spec, int4_layout=layout)
     else:
-        model = _load_directory(path, torch_dtype, device, spec)
+        model = _load_directory(path, torch_dtype, device, spec, layout)
     if steps is not None:
         model.config = model.config.with_steps(steps)
     model.source = str(path_or_id) if path_or_id is not None else "default"
@@ -112,7 +113,8 @@ def _quant_spec(quant: str | None, group_size: int):  # noqa: ANN202 - QuantSpec
     return QuantSpec.parse(quant, group_size)
 
 
-def _load_directory(path: Path, dtype: torch.dtype, device: torch.device, spec=None) -> OuroForCausalLM:  # noqa: ANN001
+def _load_directory(path: Path, dtype: torch.dtype, device: torch.device, spec=None,  # noqa: ANN001
+                    int4_layout: str | None = None) -> OuroForCausalLM:
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
     config = OuroConfig.from_file(path / "config.json")
@@ -126,7 +128,8 @@ def _load_directory(path: Path, dtype: torch.dtype, device: torch.device, spec=N
     if stored is not None or spec is not None:
         from looplm.quant.checkpoint import load_quantized
 
-        model = load_quantized(path, config, entries, dtype, device, stored or spec, stored=stored is not None)
+        model = load_quantized(path, config, entries, dtype, device, stored or spec, stored=stored is not None,
+                               int4_layout=int4_layout)
     else:
         model = _empty_model(config, dtype, device)
         _fill_weights(model, entries, path)

@@ -204,3 +204,178 @@ def test_a_left_over_build_lock_does_not_block_loading() -> None:
         assert proc.returncode == 0 and proc.stdout.strip() == cpu_path
     finally:
         lock.unlink(missing_ok=True)
+
+
+# -- integer dot-product kernels (csrc/qdot.cpp) ---------------------------------------------------
+
+
+def reference_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantization in torch, same fp32 operations: blocks of 32,
+    xs = max|x| / 127, xq = round_half_even(x * (127 / max|x|)), zero-padded to a multiple of 128."""
+    rows, k = x.shape
+    kp = -(-k // 128) * 128
+    xf = torch.zeros(rows, kp)
+    xf[:, :k] = x.float()
+    blocks = xf.view(rows, kp // 32, 32)
+    amax = blocks.abs().amax(-1)
+    # a tensor / tensor division: `127.0 / amax` would multiply by a rounded reciprocal
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv[..., None])
+    return q.to(torch.int8).view(rows, kp), amax / 127, q.sum(-1).to(torch.int32)
+
+
+def dequantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """fp64 [M, K]: the activations the integer kernels actually multiply by."""
+    q, scale, _ = reference_activations(x)
+    return (q.double().view(x.shape[0], -1, 32) * scale.double()[..., None]).view(x.shape[0], -1)[:, : x.shape[1]]
+
+
+@pytest.mark.parametrize("in_features", [32, 64, 200, 2048])
+def test_activation_quantization_is_exactly_the_reference(in_features: int) -> None:
+    generator = torch.Generator().manual_seed(in_features)
+    x = (torch.randn(64, in_features, generator=generator) * torch.rand(64, 1, generator=generator) * 4).bfloat16()
+    x[1] = 0  # an all-zero row: scale 0, q 0
+    x[2, :32] = torch.tensor([0.5, -0.5] * 16).bfloat16()  # exact halves round to even
+    q, scale, sums = (torch.cat(parts) for parts in zip(*(kernels.quantize_activations(r) for r in x.split(8))))
+    ref_q, ref_scale, ref_sums = reference_activations(x)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale) and torch.equal(sums, ref_sums)
+    assert int(q.abs().max()) <= 127
+    assert (dequantized_activations(x) - x.double()).abs().max() <= x.double().abs().max() / 254 + 1e-12
+
+
+def check_dot_kernel(ours: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor, plain: torch.Tensor) -> None:
+    """Tight against the fp64 product of the same quantized values (fp32 accumulation error
+    only), loose against the product with unquantized activations."""
+    assert ours.dtype == torch.float32 and ours.shape == exact.shape
+    assert ((ours.double() - exact).abs() <= 2e-6 * magnitude + 1e-9).all()
+    assert (ours.double() - plain).norm() <= 0.02 * plain.norm()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("in_features", [32, 64, 96, 200, 2048, 5632])  # full chunks, 32-tails, odd tails
+def test_int8_dot_kernel_matches_reference(variant: str, rows: int, in_features: int) -> None:
+    generator = torch.Generator().manual_seed(rows * 7 + in_features)
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    q = torch.randint(-127, 128, (40, in_features), generator=generator, dtype=torch.int8)
+    scale = torch.rand(40, generator=generator) * 0.01
+    ours = kernels.int8_dot_linear(x, q, scale, fp32_out=True)
+    xd, w = dequantized_activations(x), q.double() * scale.double()[:, None]
+    magnitude = (xd.abs() @ (q.double().abs() + 128).T) * scale.double()  # the kernel's +128 offset included
+    check_dot_kernel(ours, xd @ w.T, magnitude, x.double() @ w.T)
+    bf16 = kernels.int8_dot_linear(x, q, scale)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, ours.bfloat16())
+
+
+def int4_weights(out_features: int, in_features: int, group: int, seed: int):  # noqa: ANN201
+    from looplm.quant.kernels import pack_int4_looplm, quantize_int4
+
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=generator) * 0.05 + 0.01
+    q, scale, low = quantize_int4(w, group)
+    dense = dequantize(q, scale, low, group)
+    return pack_int4_looplm(q, scale, low, group), dense
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = q.shape
+    return (q.double().view(n, -1, group) * scale.double()[..., None] + low.double()[..., None]).view(n, k)
+
+
+INT4_SHAPES = [(group, k) for group in (32, 64, 128, 256) for k in (96, 320, 384, 2048, 5632) if k % group == 0]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("group,in_features", INT4_SHAPES)  # 96, 320: padded to 128s
+def test_int4_dot_kernel_matches_reference(variant: str, rows: int, group: int, in_features: int) -> None:
+    (packed, scales, mins), w = int4_weights(48, in_features, group, rows + group + in_features)
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    ours = kernels.int4_dot_linear(x, packed, scales, mins, group, fp32_out=True)
+    xd = dequantized_activations(x)
+    check_dot_kernel(ours, xd @ w.T, xd.abs() @ w.abs().T, x.double() @ w.T)
+    assert torch.equal(kernels.int4_dot_linear(x, packed, scales, mins, group), ours.bfloat16())
+
+
+def test_int4_kernels_reject_bad_input() -> None:
+    (packed, scales, mins), _ = int4_weights(16, 256, 64, 0)
+    x = torch.randn(1, 256).bfloat16()
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        kernels.int4_dot_linear(torch.randn(9, 256).bfloat16(), packed, scales, mins, 64)
+    with pytest.raises(RuntimeError, match="group size"):
+        kernels.int4_dot_linear(x, packed, scales, mins, 48)
+    with pytest.raises(RuntimeError, match="packed width"):
+        kernels.int4_dot_linear(torch.randn(1, 512).bfloat16(), packed, scales, mins, 64)
+    with pytest.raises(RuntimeError, match="scales and mins"):
+        kernels.int4_dot_linear(x, packed, scales[:, :2].contiguous(), mins, 64)
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        kernels.int8_dot_linear(torch.randn(9, 16).bfloat16(), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("fp32_out", [False, True])
+def test_int4_dequantize_matches_reference(variant: str, group: int, fp32_out: bool) -> None:
+    from looplm.quant.kernels import unpack_int4_looplm
+
+    for in_features in (256, 768):
+        (packed, scales, mins), w = int4_weights(24, in_features, group, group)
+        ours = kernels.int4_dequantize(packed, scales, mins, group, in_features, fp32_out=fp32_out)
+        assert ours.dtype == (torch.float32 if fp32_out else torch.bfloat16) and ours.shape == (24, in_features)
+        # q * s + m in fp32 (rounding error relative to the larger of the two terms), then bf16
+        q = unpack_int4_looplm(packed, in_features).double()
+        expand = lambda t: t.double()[:, : in_features // group].repeat_interleave(group, dim=1)  # noqa: E731
+        fp32_error = (q * expand(scales)).abs() * 2**-22 + expand(mins).abs() * 2**-22
+        bound = fp32_error + (0 if fp32_out else w.abs() * 2**-8)
+        assert ((ours.double() - w).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 17])  # kernel rows and a prefill
+@pytest.mark.parametrize("route", ["bf16", "fp32"])
+def test_int4_module_in_looplm_layout(rows: int, route: str) -> None:
+    from looplm.quant import Int4Linear
+    from looplm.quant.kernels import dequantize_int4, quantize_int4
+
+    torch.manual_seed(3)
+    w = torch.randn(64, 192) * 0.05
+    q, scale, low = quantize_int4(w, 64)
+    layer = Int4Linear(q, scale, low, 64, None, torch.bfloat16, layout="looplm")
+    expected_w = dequantize(q, scale, low, 64)
+    assert torch.equal(layer.dequantized_weight(), dequantize_int4(q, scale, low, 64, torch.float32))
+    x = torch.randn(2, rows, 192).bfloat16()
+    fallback = layer(x)  # no kernels attached: dequantize + F.linear in torch
+    layer.cpu_kernels, layer.prefill_route = kernels, route
+    with torch.inference_mode():
+        ours = layer(x)
+    exact = x.double() @ expected_w.T
+    assert ours.shape == (2, rows, 64) and ours.dtype == torch.bfloat16
+    assert (ours.double() - exact).norm() <= 0.02 * exact.norm()
+    assert (fallback.double() - exact).norm() <= 0.01 * exact.norm()
+
+
+def test_quantized_models_use_the_integer_kernels(make_checkpoint) -> None:  # noqa: ANN001
+    from looplm.quant.linear import Int4Linear, Int8Linear
+
+    path = make_checkpoint()
+    int4 = looplm.load(path, dtype="bfloat16", quant="int4", group_size=32)
+    layer = int4.model.layers[0].mlp.up_proj
+    assert isinstance(layer, Int4Linear) and layer.layout == "looplm" and layer.cpu_kernels is kernels
+    assert int4.kernels["int4_linears"] == 7 * int4.config.num_hidden_layers
+    plain = looplm.load(path, dtype="bfloat16", quant="int4", group_size=32, kernels="torch")
+    assert plain.model.layers[0].mlp.up_proj.layout == "torch" and plain.kernels is None
+    int8 = looplm.load(path, dtype="bfloat16", quant="int8")
+    assert int8.model.layers[0].mlp.up_proj.decode_kernel is kernels.int8_dot_linear
+    assert isinstance(int8.model.layers[0].mlp.up_proj, Int8Linear)
+    prompt = torch.tensor([[5, 9, 2, 33, 7, 1]])
+    with torch.inference_mode():  # the quantized decode stays close to the torch route's logits
+        for fast, slow in ((int4, plain), (int8, looplm.load(path, dtype="bfloat16", quant="int8", kernels="torch"))):
+            a, b = fast.forward_steps(prompt[:, :4]).logits.float(), slow.forward_steps(prompt[:, :4]).logits.float()
+            assert (a - b).norm() <= 0.05 * b.norm()
+
+
+def test_quantize_model_on_a_kernel_model_uses_the_integer_kernels(make_checkpoint) -> None:  # noqa: ANN001
+    from looplm.quant import quantize_model
+
+    model = looplm.load(make_checkpoint(), dtype="bfloat16")
+    quantize_model(model, 4, group_size=32)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.layout == "looplm" and layer.cpu_kernels is kernels
+    assert model.kernels["int4_linears"] == 7 * model.config.num_hidden_layers

@@ -23,9 +23,11 @@ from looplm.quant.checkpoint import save_quantized
 from looplm.quant.kernels import (
     dequantize_int4,
     dequantize_int8,
+    pack_int4_looplm,
     pack_nibbles,
     quantize_int4,
     quantize_int8,
+    unpack_int4_looplm,
     unpack_nibbles,
 )
 
@@ -114,6 +116,25 @@ def test_int4_linear_fallback_for_shapes_the_cpu_kernel_rejects() -> None:
     assert not layer.fused
     x = torch.randn(3, 64)
     expected = F.linear(x, dequantize_int4(q, scale, low, 32, torch.float32))
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_features,group", [(256, 64), (96, 32), (384, 128), (512, 256)])
+def test_looplm_int4_layout_round_trip(in_features: int, group: int) -> None:
+    """looplm's packed layout (padded to 128 columns) gives back q exactly; padding is zero."""
+    w = torch.randn(24, in_features)
+    q, scale, low = quantize_int4(w, group)
+    packed, scales, mins = pack_int4_looplm(q, scale, low, group)
+    padded = -(-in_features // 128) * 128
+    assert packed.shape == (24, padded // 2) and scales.shape == mins.shape == (24, padded // group)
+    assert torch.equal(unpack_int4_looplm(packed, in_features), q)
+    assert not unpack_int4_looplm(packed, padded)[:, in_features:].any()
+    assert torch.equal(scales[:, : in_features // group], scale) and not scales[:, in_features // group :].any()
+    if in_features >= 128:  # byte j of each 64: column j low, column 64 + j high
+        assert int(packed[0, 5]) == int(q[0, 5]) | (int(q[0, 69]) << 4)
+    layer = Int4Linear(q, scale, low, group, None, torch.float32, layout="looplm")  # no C++ kernels: torch fallback
+    x = torch.randn(3, in_features)
+    expected = F.linear(x, dequantize_int4(q, scale, low, group, torch.float32))
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -13,7 +13,10 @@ for the pass (one layer at a time, freed right after).
 Attention: decode's single query per sequence goes to a C++ kernel that streams the cached
 K/V (all segments of the shared-KV cache, grouped-query heads unexpanded) in fp32.
 
-int8 weight-only layers (`looplm.quant.Int8Linear`) get an int8 decode kernel as well.
+Quantized layers (`looplm.quant`): `Int8Linear` and `Int4Linear` (in looplm's int4 layout,
+which the loader picks when these kernels will run the model) get integer dot-product
+decode kernels (`csrc/qdot.cpp`: activations quantized to int8 per block of 32 on the fly);
+int4 prefill dequantizes in C++ and runs a GEMM on the same route as the bf16 layers.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from looplm.errors import ConfigError
 from looplm.kernels.extension import extension_or_reason
 from looplm.kernels.swap import replace_linears
 from looplm.models.ouro import Attention
-from looplm.quant.linear import Int8Linear
+from looplm.quant.linear import Int4Linear, Int8Linear
 
 MAX_SKINNY_ROWS = 8
 PrefillRoute = Literal["bf16", "fp32"]
@@ -101,21 +104,39 @@ def use_cpu_kernels(model: nn.Module) -> dict:
         module.decode_kernel = kernels.decode_attention_bf16
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     for module in int8:
-        module.decode_kernel = kernels.int8_linear_bf16
+        module.decode_kernel = kernels.int8_dot_linear
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear) and m.layout == "looplm"]
+    for module in int4:
+        module.cpu_kernels = kernels
+        module.prefill_route = route
     return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced), "attention": len(attention),
-            "int8_linears": len(int8)}
+            "int8_linears": len(int8), "int4_linears": len(int4)}
 
 
 KERNEL_MODES = ("auto", "torch")
+
+
+def kernel_mode(mode: str) -> str:
+    """The requested mode after the `LOOPLM_KERNELS` override, checked."""
+    mode = os.environ.get("LOOPLM_KERNELS", mode)
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"kernels '{mode}' is not supported (choose {', '.join(KERNEL_MODES)})")
+    return mode
+
+
+def int4_layout(mode: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The in-memory int4 layout for a model about to be loaded: looplm's own when
+    `apply_kernels` will put looplm's kernels on it, else None (torch's, see `Int4Linear`)."""
+    if kernel_mode(mode) == "torch" or torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return None
+    return "looplm" if extension_or_reason()[0] is not None else None
 
 
 def apply_kernels(model: nn.Module, mode: str = "auto") -> dict | None:
     """The loader's policy: "auto" uses looplm's CPU kernels for a bf16 model on CPU and warns
     (once per process, never silently) when they cannot load; "torch" keeps plain torch ops.
     `LOOPLM_KERNELS=torch` in the environment forces "torch"."""
-    mode = os.environ.get("LOOPLM_KERNELS", mode)
-    if mode not in KERNEL_MODES:
-        raise ConfigError(f"kernels '{mode}' is not supported (choose {', '.join(KERNEL_MODES)})")
+    mode = kernel_mode(mode)
     first = next(model.parameters(), None)
     if mode == "torch" or first is None or first.device.type != "cpu" or first.dtype != torch.bfloat16:
         return None

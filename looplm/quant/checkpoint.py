@@ -61,8 +61,10 @@ def load_quantized(
     device: torch.device,
     spec: QuantSpec,
     stored: bool,
+    int4_layout: str | None = None,
 ) -> OuroForCausalLM:
-    """A quantized model from a directory: `stored` reads quantized tensors, else quantizes float ones."""
+    """A quantized model from a directory: `stored` reads quantized tensors, else quantizes float ones.
+    `int4_layout` picks the in-memory int4 layout (`Int4Linear`); the files are the same."""
     from looplm.loading import _fill_weights  # the float tensors load exactly as in a float checkpoint
 
     with torch.device("meta"):
@@ -96,7 +98,8 @@ def load_quantized(
                 del weight
             tensors = {k: v.to(device) for k, v in tensors.items()}
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module_from_portable(tensors, spec, None, dtype))
+            module = module_from_portable(tensors, spec, None, dtype, int4_layout)
+            setattr(model.get_submodule(parent) if parent else model, child, module)
     model.quantization = spec
     return model
 

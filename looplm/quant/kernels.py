@@ -88,3 +88,35 @@ def pack_int4_for_cpu(
     """(CPU-kernel packed weight, scales_and_zeros) for `aten._weight_int4pack_mm_for_cpu`."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)  # inner_k_tiles unused on CPU
     return packed, tinygemm_scales_and_zeros(scale, low, dtype)
+
+
+# looplm's int4 CPU layout (looplm/kernels/csrc/qdot.cpp): columns padded with q = 0 to a
+# multiple of 128; every 128 columns become 64 bytes, byte j = column j | column 64 + j << 4.
+LOOPLM_INT4_CHUNK = 128
+
+
+def pack_int4_looplm(
+    q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 `[N, Kp/2]`, fp32 scales `[N, Kp/g]`, fp32 mins `[N, Kp/g]`) for looplm's int4
+    kernels, Kp = K rounded up to 128; the padding groups have scale and min 0."""
+    n, k = q.shape
+    kp = -(-k // LOOPLM_INT4_CHUNK) * LOOPLM_INT4_CHUNK
+    if kp % group_size:
+        raise ValueError(f"group size {group_size} does not divide the padded width {kp}")
+    padded = torch.zeros(n, kp, dtype=torch.uint8, device=q.device)
+    padded[:, :k] = q
+    halves = padded.view(n, kp // LOOPLM_INT4_CHUNK, 2, LOOPLM_INT4_CHUNK // 2)
+    packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
+    scales = torch.zeros(n, kp // group_size, dtype=torch.float32, device=q.device)
+    mins = torch.zeros_like(scales)
+    scales[:, : k // group_size] = scale
+    mins[:, : k // group_size] = low
+    return packed, scales, mins
+
+
+def unpack_int4_looplm(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of `pack_int4_looplm`'s weight: uint8 q `[N, in_features]` in 0..15."""
+    n, half = packed.shape
+    chunks = packed.view(n, half // (LOOPLM_INT4_CHUNK // 2), 1, LOOPLM_INT4_CHUNK // 2)
+    return torch.cat((chunks & 0x0F, chunks >> 4), dim=2).reshape(n, half * 2)[:, :in_features]

@@ -6,9 +6,14 @@ Each module computes `x @ dequant(W).T (+ bias)` and picks its kernel per call:
   rows, where it beats bf16 by reading half the bytes; for more rows (prefill) it is 3-4x
   slower than a bf16 GEMM, so the weight is cast to the activation dtype and a plain GEMM
   runs, with the per-channel scale applied to the output (exact: it is per output column).
-- `Int4Linear` on CPU: `aten._weight_int4pack_mm_for_cpu` (fused, group-wise) for any number
-  of rows: dequantizing a group-wise int4 weight in eager PyTorch costs as much as the kernel
-  loses at M=512 (benchmarks/bench_quant_kernels.py), so there is no second route.
+  With looplm's C++ kernels loaded (`looplm.kernels.use_cpu_kernels`, bf16 CPU models), the
+  1-8 row case runs looplm's integer dot-product kernel instead (activations quantized to
+  int8 per block of 32 columns on the fly).
+- `Int4Linear` on CPU, torch layout: `aten._weight_int4pack_mm_for_cpu` (fused, group-wise)
+  for any number of rows.
+- `Int4Linear` on CPU, looplm layout (chosen at load time when looplm's kernels will run the
+  model): looplm's integer dot-product kernel for 1-8 rows, and for more rows a C++ dequantize
+  to bf16 (fp32 on CPUs without AVX-512 BF16) followed by a GEMM.
 - Anywhere else (cuda, or int4 shapes the CPU kernel rejects): dequantize, then `F.linear`.
   Correct, not fast; the cuda path is not exercised by the tests (they run on CPU).
 """
@@ -22,13 +27,16 @@ from torch import nn
 from looplm.quant.kernels import (
     dequantize_int4,
     pack_int4_for_cpu,
+    pack_int4_looplm,
     pack_nibbles,
+    unpack_int4_looplm,
     unpack_nibbles,
 )
 
 # Up to this many rows the fused int8 kernel beats cast + GEMM (measured crossover: 8-16 rows).
 FUSED_MAX_ROWS = 8
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts (looplm's too)
+INT4_LAYOUTS = ("torch", "looplm", "portable")
 
 
 class Int8Linear(nn.Module):
@@ -37,6 +45,8 @@ class Int8Linear(nn.Module):
     # Set by `looplm.kernels.use_cpu_kernels`: looplm's int8 decode kernel, called as
     # kernel(x_rows_bf16, weight_int8, scale_fp32); it streams the weights faster than torch's.
     decode_kernel = None
+    # fp32 copy of `scale` for that kernel, with the `scale._version` it was made from
+    _scale32: tuple[int, torch.Tensor] | None = None
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -52,7 +62,9 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)
         if self.decode_kernel is not None and x.dtype == torch.bfloat16 and x.is_cpu and rows.shape[0] <= FUSED_MAX_ROWS:
-            y = self.decode_kernel(rows, self.weight_int8, self.scale.float())
+            if self._scale32 is None or self._scale32[0] != self.scale._version:
+                self._scale32 = (self.scale._version, self.scale.float())
+            y = self.decode_kernel(rows.contiguous(), self.weight_int8, self._scale32[1])
         elif x.device.type == "cpu" and rows.shape[0] <= FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, scale)
         else:
@@ -68,9 +80,20 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """4-bit weight, asymmetric per group of `group_size` input columns.
 
-    On CPU (out_features a multiple of 16) the weight is held in the CPU kernel's packed
-    layout with (scale, zero) pairs; elsewhere as portable nibbles + scale/min, dequantized
-    per call."""
+    `layout` says how the weight is held:
+    - "torch": torch's CPU int4 kernel layout with (scale, zero) pairs in the activation dtype
+      (needs out_features % 16 == 0);
+    - "looplm": looplm's own packed layout with fp32 scales and mins
+      (`looplm.quant.kernels.pack_int4_looplm`), run by looplm's C++ kernels once
+      `use_cpu_kernels` has set `cpu_kernels`, else dequantized per call;
+    - "portable": nibbles + scale/min in the activation dtype, dequantized per call.
+    None picks "torch" on CPU where the shape allows, else "portable"."""
+
+    # Set by `looplm.kernels.use_cpu_kernels` on "looplm"-layout modules: the extension module.
+    cpu_kernels = None
+    # "fp32": prefill (more than 8 rows) dequantizes to fp32 and runs an fp32 GEMM (CPUs
+    # without AVX-512 BF16, as `looplm.kernels.cpu.SkinnyLinear` does); "bf16": a bf16 GEMM.
+    prefill_route = "bf16"
 
     def __init__(
         self,
@@ -80,15 +103,27 @@ class Int4Linear(nn.Module):
         group_size: int,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
+        layout: str | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.fused = q.device.type == "cpu" and self.out_features % 16 == 0 and group_size in INT4_GROUP_SIZES
-        if self.fused:
+        if layout is None:
+            torch_ok = q.device.type == "cpu" and self.out_features % 16 == 0 and group_size in INT4_GROUP_SIZES
+            layout = "torch" if torch_ok else "portable"
+        if layout not in INT4_LAYOUTS:
+            raise ValueError(f"int4 layout must be one of {', '.join(INT4_LAYOUTS)}, got {layout!r}")
+        self.layout = layout
+        self.fused = layout == "torch"
+        if layout == "torch":
             packed, scales_and_zeros = pack_int4_for_cpu(q, scale, low, dtype)
             self.register_buffer("weight_packed", packed)
             self.register_buffer("scales_and_zeros", scales_and_zeros)
+        elif layout == "looplm":
+            packed, scales, mins = pack_int4_looplm(q, scale, low, group_size)
+            self.register_buffer("weight_looplm", packed)
+            self.register_buffer("scales_looplm", scales)
+            self.register_buffer("mins_looplm", mins)
         else:
             self.register_buffer("weight_nibbles", pack_nibbles(q))
             self.register_buffer("scale", scale.to(dtype).contiguous())
@@ -96,10 +131,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The weight the kernel multiplies by, in the activation dtype (for tests and fallbacks)."""
-        if self.fused:
+        """The weight the kernel multiplies by (for tests and fallbacks): in the activation dtype,
+        fp32 for the "looplm" layout (whose scales and mins are fp32)."""
+        if self.layout == "torch":
             eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
             return self._fused(eye).T.contiguous()
+        if self.layout == "looplm":
+            groups = self.in_features // self.group_size
+            q = unpack_int4_looplm(self.weight_looplm, self.in_features)
+            return dequantize_int4(q, self.scales_looplm[:, :groups], self.mins_looplm[:, :groups], self.group_size,
+                                   torch.float32)
         q = unpack_nibbles(self.weight_nibbles)
         return dequantize_int4(q, self.scale, self.low, self.group_size, self.scale.dtype)
 
@@ -108,12 +149,24 @@ class Int4Linear(nn.Module):
         sz = sz if sz.dtype == rows.dtype else sz.to(rows.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight_packed, self.group_size, sz)
 
+    def _looplm(self, rows: torch.Tensor) -> torch.Tensor:
+        kernels = self.cpu_kernels
+        args = (self.weight_looplm, self.scales_looplm, self.mins_looplm, self.group_size)
+        if rows.shape[0] <= FUSED_MAX_ROWS:
+            return kernels.int4_dot_linear(rows.contiguous(), *args)
+        if self.prefill_route == "fp32":
+            weight = kernels.int4_dequantize(*args, self.in_features, fp32_out=True)
+            return F.linear(rows.float(), weight).to(rows.dtype)
+        return F.linear(rows, kernels.int4_dequantize(*args, self.in_features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.fused:
+        if self.layout == "torch":
             if x.device.type != "cpu":
                 raise RuntimeError("this Int4Linear was packed for CPU; quantize the model on its target device")
             y = self._fused(rows)
+        elif self.cpu_kernels is not None and x.dtype == torch.bfloat16 and x.is_cpu:
+            y = self._looplm(rows)
         else:
             y = F.linear(rows, self.dequantized_weight().to(x.dtype))
         if self.bias is not None:
@@ -122,4 +175,4 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
-                f"group_size={self.group_size}, fused={self.fused}")
+                f"group_size={self.group_size}, layout={self.layout}")

@@ -81,34 +81,54 @@ def expected_shapes(out_features: int, in_features: int, spec: QuantSpec) -> dic
 
 
 def module_from_portable(
-    tensors: dict[str, torch.Tensor], spec: QuantSpec, bias: torch.Tensor | None, dtype: torch.dtype
+    tensors: dict[str, torch.Tensor],
+    spec: QuantSpec,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    int4_layout: str | None = None,
 ) -> nn.Module:
+    """`int4_layout`: see `Int4Linear` (None: torch's layout where it applies)."""
     if spec.bits == 8:
         return Int8Linear(tensors["qweight"], tensors["scales"], bias, dtype)
     q = unpack_nibbles(tensors["qweight"])
-    return Int4Linear(q, tensors["scales"], tensors["mins"], spec.group_size, bias, dtype)
+    return Int4Linear(q, tensors["scales"], tensors["mins"], spec.group_size, bias, dtype, int4_layout)
 
 
-def quantize_linear(name: str, linear: nn.Linear, spec: QuantSpec) -> nn.Module:
+def quantize_linear(name: str, linear: nn.Linear, spec: QuantSpec, int4_layout: str | None = None) -> nn.Module:
     """The quantized replacement of `linear`; the linear's float weight is released (its
     storage freed unless shared), since `replace_linears` keeps every old module alive until
     it returns and the float copies would otherwise pile up."""
     tensors = portable_tensors(name, linear.weight, spec)
-    module = module_from_portable(tensors, spec, linear.bias, linear.weight.dtype)
+    module = module_from_portable(tensors, spec, linear.bias, linear.weight.dtype, int4_layout)
     linear.weight.data = torch.empty(0, dtype=linear.weight.dtype, device=linear.weight.device)
     return module
 
 
-def quantize_model(model: nn.Module, bits: int | str | QuantSpec, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    bits: int | str | QuantSpec,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    int4_layout: str | None = None,
+) -> nn.Module:
     """Swap the layer projections for quantized modules, in place (`bits`: 8, 4, "int8", "int4").
 
     One linear at a time: its float weight is freed as soon as its module is swapped, so peak
-    memory stays near the float model's size. Returns the model."""
+    memory stays near the float model's size. A model already running on looplm's CPU kernels
+    (`model.kernels` set by the loader) gets them for its quantized layers too. Returns the model."""
+    kernels_on = bool(getattr(model, "kernels", None))
+    if kernels_on and int4_layout is None:
+        int4_layout = "looplm"
     spec = bits if isinstance(bits, QuantSpec) else QuantSpec.parse(bits, group_size)
     for name, module in model.named_modules():  # check every shape before touching anything
         if isinstance(module, nn.Linear) and spec.selects(name):
             check_shape(name, module.out_features, module.in_features, spec)
     with torch.no_grad():
-        replace_linears(model, lambda name, linear: quantize_linear(name, linear, spec) if spec.selects(name) else None)
+        replace_linears(
+            model, lambda name, linear: quantize_linear(name, linear, spec, int4_layout) if spec.selects(name) else None
+        )
     model.quantization = spec
+    if kernels_on:
+        from looplm.kernels.cpu import use_cpu_kernels  # looplm.kernels imports this package
+
+        model.kernels = use_cpu_kernels(model)
     return model

@@ -166,8 +166,25 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
 
 at::Tensor int8_linear_bf16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
 
+// qdot.cpp
+std::vector<at::Tensor> quantize_activations(const at::Tensor& x);
+at::Tensor int8_dot_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, bool fp32_out);
+at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                           const at::Tensor& mins, int64_t group, bool fp32_out);
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group,
+                           int64_t k, bool fp32_out);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear_bf16", &int8_linear_bf16, "bf16 x @ (scale * int8 W).T for 1-8 rows");
+  m.def("int8_linear_bf16", &int8_linear_bf16, "bf16 x @ (scale * int8 W).T for 1-8 rows (fp32 FMA)");
+  m.def("quantize_activations", &quantize_activations, "bf16 rows -> int8 blocks of 32, scales, block sums");
+  m.def("int8_dot_linear", &int8_dot_linear, "bf16 x @ (scale * int8 W).T for 1-8 rows, int8 activations",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("fp32_out") = false);
+  m.def("int4_dot_linear", &int4_dot_linear, "bf16 x @ packed int4 W.T for 1-8 rows, int8 activations",
+        py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("mins"), py::arg("group"),
+        py::arg("fp32_out") = false);
+  m.def("int4_dequantize", &int4_dequantize, "packed int4 W -> dense [N, K] bf16 (or fp32)",
+        py::arg("packed"), py::arg("scales"), py::arg("mins"), py::arg("group"), py::arg("k"),
+        py::arg("fp32_out") = false);
   m.def("decode_attention_bf16", &decode_attention_bf16, "single-query bf16 attention over KV segments");
   m.def("skinny_linear_bf16", &skinny_linear_bf16, "bf16 x @ w.T for 1-8 rows, fp32 accumulation");
   m.def("cpu_path", &cpu_path, "which kernel variant this CPU runs");

@@ -1,0 +1,562 @@
+// Integer dot-product kernels for quantized decode (1-8 activation rows), and the int4
+// dequantizer for prefill.
+//
+// Decode streams every weight once per token. Widening int8/int4 weights to fp32 before an
+// FMA costs more instructions than the memory it saves, so these kernels quantize the
+// activations instead and multiply integers:
+//
+//   activations: each bf16 row, once per call, in blocks of 32: xs_b = max|x| / 127,
+//                xq = round(x / xs_b) in [-127, 127] (round half to even); padded with zero
+//                blocks up to a multiple of 128 columns.
+//   int8 weight: w = q * ws[n], q in [-127, 127]      y = ws[n] * sum_b xs_b * dot_b(q, xq)
+//   int4 weight: w = q * s[n,g] + m[n,g], q in 0..15  y = sum_g s[n,g] * sum_{b in g} xs_b * dot_b(q, xq)
+//                                                        + sum_g m[n,g] * sum_{b in g} xs_b * sum(xq in b)
+//
+// dot_b, the exact integer dot product of one 32-column block, comes from vpdpbusd (AVX-512
+// VNNI: u8 x s8, four products summed into each int32 lane) or from vpmaddubsw + vpmaddwd
+// (AVX2). Each block's int32 lanes are converted to fp32 and multiplied by the block's scale.
+//
+// int4 packed layout (made at load time by looplm.quant.kernels.pack_int4_looplm): row n,
+// columns padded with q = 0 to a multiple of 128, every 128 columns stored as 64 bytes; byte j
+// holds column j in its low nibble and column 64 + j in its high nibble. One AND gives 64
+// consecutive columns, one shift + AND the next 64. Scales and mins are fp32 [N, groups],
+// zero-padded to the padded width.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+extern bool looplm_force_avx2;  // gemv.cpp
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;
+constexpr int64_t kBlock = 32;   // activation quantization block
+constexpr int64_t kChunk = 128;  // padded width unit (one packed int4 chunk)
+
+bool use_vnni() {
+  if (looplm_force_avx2) return false;
+  static const bool value = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vnni");
+  return value;
+}
+
+bool has_avx2() {
+  static const bool value = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return value;
+}
+
+bool use_avx512bf16() {
+  if (looplm_force_avx2) return false;
+  static const bool value = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl");
+  return value;
+}
+
+int64_t padded(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }
+
+// ---- activation quantization -------------------------------------------------------------
+
+struct QuantRows {
+  at::Tensor q;      // int8 [M, Kp]
+  at::Tensor scale;  // fp32 [M, Kp/32], xs_b (0 for all-zero and padding blocks)
+  at::Tensor sum;    // int32 [M, Kp/32], sum of xq over the block
+  at::Tensor lanes;  // fp32 [M, Kp/4]: xs_b repeated over the 8 int32 lanes of its block (VNNI layout)
+};
+
+__attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+__attribute__((target("avx2,fma"))) inline int hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline float hmax_ps(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One full block of 32 bf16 values. _mm256_cvtps_epi32 rounds half to even (default MXCSR).
+__attribute__((target("avx2,fma"))) void quantize_block(const uint16_t* x, int8_t* q, float* scale, int32_t* sum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = load_bf16x8(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
+  }
+  const float m = hmax_ps(amax);
+  const float inv = m > 0.f ? 127.f / m : 0.f;
+  *scale = m / 127.f;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  __m256i iv[4];
+  for (int i = 0; i < 4; ++i) iv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vinv));
+  *sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3])));
+  // packs interleave 128-bit lanes; the permute puts the 32 bytes back in column order
+  __m256i ab = _mm256_packs_epi32(iv[0], iv[1]), cd = _mm256_packs_epi32(iv[2], iv[3]);
+  __m256i bytes = _mm256_packs_epi16(ab, cd);
+  bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
+}
+
+QuantRows quantize_rows(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1), kp = padded(k), blocks = kp / kBlock;
+  QuantRows out;
+  out.q = at::zeros({m, kp}, x.options().dtype(at::kChar));
+  out.scale = at::zeros({m, blocks}, x.options().dtype(at::kFloat));
+  out.sum = at::zeros({m, blocks}, x.options().dtype(at::kInt));
+  out.lanes = at::empty({m, kp / 4}, x.options().dtype(at::kFloat));
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  int8_t* qp = out.q.data_ptr<int8_t>();
+  float* sp = out.scale.data_ptr<float>();
+  int32_t* up = out.sum.data_ptr<int32_t>();
+  float* lp = out.lanes.data_ptr<float>();
+  uint16_t tail[kBlock];
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t b = 0; b * kBlock < k; ++b) {
+      const int64_t start = b * kBlock, n = std::min<int64_t>(kBlock, k - start);
+      const uint16_t* src = xp + r * k + start;
+      if (n < kBlock) {  // a partial last block: zero-padded copy
+        std::memset(tail, 0, sizeof(tail));
+        std::memcpy(tail, src, n * sizeof(uint16_t));
+        src = tail;
+      }
+      quantize_block(src, qp + r * kp + start, sp + r * blocks + b, up + r * blocks + b);
+      if (n < kBlock) std::memset(qp + r * kp + start + n, 0, kBlock - n);
+    }
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int l = 0; l < 8; ++l) lp[r * (kp / 4) + b * 8 + l] = sp[r * blocks + b];
+  }
+  return out;
+}
+
+// ---- int8 ---------------------------------------------------------------------------------
+
+// dpbusd wants one unsigned operand. The weights are made unsigned by flipping their sign bit
+// (q ^ 0x80 = q + 128 as u8, one XOR per 64 weights shared by every row), so
+//   dpbusd(q + 128, xq) = dot(q, xq) + 128 * sum(xq).
+// The second term does not depend on the output channel: sum_b xs_b * 128 * sum_b(xq) is
+// subtracted once per row at the end. No saturation: dpbusd accumulates exactly in int32.
+template <int Rows>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_vnni(const int8_t* xq, const float* lanes,
+                                                                      const float* correction, const int8_t* w,
+                                                                      const float* wscale, float* y, int64_t n_begin,
+                                                                      int64_t n_end, int64_t k, int64_t kp, int64_t n) {
+  constexpr int U = Rows <= 2 ? 2 : 1;  // independent accumulator chains per row
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t full = k / 64;
+  const int64_t rem = k % 64;
+  const __mmask64 rem_mask = rem ? (~0ULL >> (64 - rem)) : 0;
+  for (int64_t o = n_begin; o < n_end; ++o) {
+    const int8_t* row = w + o * k;
+    __m512 acc[Rows][U];
+    for (int r = 0; r < Rows; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + U <= full; c += U) {
+      for (int u = 0; u < U; ++u) {
+        const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(row + 64 * (c + u)), flip);
+        for (int r = 0; r < Rows; ++r) {
+          __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xq + r * kp + 64 * (c + u)));
+          acc[r][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(lanes + r * (kp / 4) + 16 * (c + u)), acc[r][u]);
+        }
+      }
+    }
+    for (; c < full + (rem ? 1 : 0); ++c) {  // the last whole chunk when U = 2, then a partial one
+      const __m512i raw = c < full ? _mm512_loadu_si512(row + 64 * c) : _mm512_maskz_loadu_epi8(rem_mask, row + 64 * c);
+      const __m512i wu = _mm512_xor_si512(raw, flip);  // padding becomes 128, multiplied by xq = 0
+      for (int r = 0; r < Rows; ++r) {
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xq + r * kp + 64 * c));
+        acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(lanes + r * (kp / 4) + 16 * c), acc[r][0]);
+      }
+    }
+    for (int r = 0; r < Rows; ++r) {
+      __m512 total = acc[r][0];
+      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[r][u]);
+      y[r * n + o] = (_mm512_reduce_add_ps(total) - correction[r]) * wscale[o];
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// AVX2: vpmaddubsw needs an unsigned operand too, and saturates its int16 pair sums. With
+// |w| as the unsigned side and xq carrying w's sign (vpsignb), every pair sum is at most
+// 2 * 127 * 127 < 32767, so nothing saturates.
+template <int Rows>
+__attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* xq, const float* scale, const int8_t* w,
+                                                   const float* wscale, float* y, int64_t n_begin, int64_t n_end,
+                                                   int64_t k, int64_t kp, int64_t n) {
+  constexpr int U = Rows <= 2 ? 2 : 1;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t blocks = (k + kBlock - 1) / kBlock, full = k / kBlock;
+  alignas(32) int8_t tail[kBlock];
+  for (int64_t o = n_begin; o < n_end; ++o) {
+    const int8_t* row = w + o * k;
+    __m256 acc[Rows][U];
+    for (int r = 0; r < Rows; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int8_t* src = row + b * kBlock;
+      if (b >= full) {
+        std::memset(tail, 0, sizeof(tail));
+        std::memcpy(tail, src, k - b * kBlock);
+        src = tail;
+      }
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const __m256i wabs = _mm256_abs_epi8(wv);
+      const int u = U == 1 ? 0 : static_cast<int>(b & 1);
+      for (int r = 0; r < Rows; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * kp + b * kBlock));
+        const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
+        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        acc[r][u] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(scale + r * (kp / kBlock) + b), acc[r][u]);
+      }
+    }
+    for (int r = 0; r < Rows; ++r) {
+      __m256 total = acc[r][0];
+      for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[r][u]);
+      y[r * n + o] = hsum_ps(total) * wscale[o];
+    }
+  }
+}
+
+// ---- int4 ---------------------------------------------------------------------------------
+
+// q is unsigned (0..15) and xq signed: dpbusd(q, xq) directly. Per 128 columns: one load, two
+// ANDs and a shift give columns 0-63 (lo) and 64-127 (hi); each dpbusd covers two blocks
+// (lanes 0-7 and 8-15), whose fp32 lanes are scaled by the per-lane activation scales.
+// Group >= 128: the block sums are collected per group and scaled by s[n, g] once per group.
+// Group 32 / 64: s[n, g] is folded into each block's lane scale.
+template <int Rows, int G>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4_vnni(const int8_t* xq, const float* lanes,
+                                                                      const float* xgroup, const uint8_t* w,
+                                                                      const float* scales, const float* mins, float* y,
+                                                                      int64_t n_begin, int64_t n_end, int64_t kp,
+                                                                      int64_t n) {
+  const int64_t chunks = kp / kChunk, groups = kp / G;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t o = n_begin; o < n_end; ++o) {
+    const uint8_t* row = w + o * (kp / 2);
+    const float* s = scales + o * groups;
+    __m512 acc[Rows], acc2[Rows];
+    for (int r = 0; r < Rows; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
+    if constexpr (G >= 128) {
+      constexpr int64_t per_group = G / kChunk;
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 glo[Rows], ghi[Rows];
+        for (int r = 0; r < Rows; ++r) glo[r] = ghi[r] = _mm512_setzero_ps();
+        for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+          const __m512i v = _mm512_loadu_si512(row + 64 * c);
+          const __m512i lo = _mm512_and_si512(v, low4);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          for (int r = 0; r < Rows; ++r) {
+            const int8_t* xr = xq + r * kp + kChunk * c;
+            const float* lr = lanes + r * (kp / 4) + 32 * c;
+            __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
+            __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(xr + 64));
+            glo[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dlo), _mm512_loadu_ps(lr), glo[r]);
+            ghi[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), _mm512_loadu_ps(lr + 16), ghi[r]);
+          }
+        }
+        const __m512 sg = _mm512_set1_ps(s[g]);
+        for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(glo[r], ghi[r]), sg, acc[r]);
+      }
+    } else {
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m512i v = _mm512_loadu_si512(row + 64 * c);
+        const __m512i lo = _mm512_and_si512(v, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        __m512 slo, shi;  // s[n, g] for each lane's block
+        if constexpr (G == 64) {
+          slo = _mm512_set1_ps(s[2 * c]);
+          shi = _mm512_set1_ps(s[2 * c + 1]);
+        } else {
+          slo = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[4 * c]), _mm512_set1_ps(s[4 * c + 1]));
+          shi = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[4 * c + 2]), _mm512_set1_ps(s[4 * c + 3]));
+        }
+        for (int r = 0; r < Rows; ++r) {
+          const int8_t* xr = xq + r * kp + kChunk * c;
+          const float* lr = lanes + r * (kp / 4) + 32 * c;
+          __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
+          __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(xr + 64));
+          acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dlo), _mm512_loadu_ps(lr)), slo, acc[r]);
+          acc2[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dhi), _mm512_loadu_ps(lr + 16)), shi, acc2[r]);
+        }
+      }
+    }
+    // the min term: sum_g m[n, g] * (sum over the group's blocks of xs_b * sum(xq))
+    const float* m = mins + o * groups;
+    for (int r = 0; r < Rows; ++r) {
+      __m512 macc = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 mask = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+        macc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, m + g), _mm512_maskz_loadu_ps(mask, xgroup + r * groups + g), macc);
+      }
+      y[r * n + o] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r], acc2[r]), macc));
+    }
+  }
+}
+
+// AVX2: vpmaddubsw(q, xq) with q <= 15 unsigned: pair sums are at most 2 * 15 * 127, no
+// saturation. Per 32-byte half h of a 128-column chunk: lo = block h, hi = block 2 + h.
+template <int Rows, int G>
+__attribute__((target("avx2,fma"))) void int4_avx2(const int8_t* xq, const float* xscale, const float* xgroup,
+                                                   const uint8_t* w, const float* scales, const float* mins, float* y,
+                                                   int64_t n_begin, int64_t n_end, int64_t kp, int64_t n) {
+  const int64_t chunks = kp / kChunk, groups = kp / G, blocks = kp / kBlock;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t o = n_begin; o < n_end; ++o) {
+    const uint8_t* row = w + o * (kp / 2);
+    const float* s = scales + o * groups;
+    __m256 acc[Rows];
+    for (int r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * c + 32 * h));
+        const __m256i q[2] = {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)};
+        for (int part = 0; part < 2; ++part) {
+          const int64_t b = 4 * c + 2 * part + h;  // block index
+          const __m256 sg = _mm256_set1_ps(s[b * kBlock / G]);
+          for (int r = 0; r < Rows; ++r) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * kp + b * kBlock));
+            const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q[part], xv), ones));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_broadcast_ss(xscale + r * blocks + b)), sg, acc[r]);
+          }
+        }
+      }
+    }
+    const float* m = mins + o * groups;
+    for (int r = 0; r < Rows; ++r) {
+      float total = hsum_ps(acc[r]);
+      for (int64_t g = 0; g < groups; ++g) total += m[g] * xgroup[r * groups + g];
+      y[r * n + o] = total;
+    }
+  }
+}
+
+int64_t grain_for(int64_t row_bytes) { return std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(row_bytes, 1)); }
+
+template <typename Fn>
+void dispatch_rows(int64_t rows, Fn&& fn) {
+  switch (rows) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+template <typename Fn>
+void dispatch_group(int64_t group, Fn&& fn) {
+  switch (group) {
+    case 32: fn(std::integral_constant<int, 32>{}); break;
+    case 64: fn(std::integral_constant<int, 64>{}); break;
+    case 128: fn(std::integral_constant<int, 128>{}); break;
+    default: fn(std::integral_constant<int, 256>{}); break;
+  }
+}
+
+void check_rows(const at::Tensor& x, int64_t k, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2, name, ": bf16 CPU [M, K] input");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, name, ": 1 to 8 rows");
+  TORCH_CHECK(x.size(1) == k, name, ": shape mismatch");
+  TORCH_CHECK(has_avx2(), name, ": needs AVX2+FMA");
+}
+
+void check_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group, int64_t kp,
+                const char* name) {
+  TORCH_CHECK(group == 32 || group == 64 || group == 128 || group == 256, name, ": group size 32, 64, 128 or 256");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(), name,
+              ": contiguous uint8 [N, Kp/2] packed weight");
+  TORCH_CHECK(kp % group == 0 && packed.size(1) * 2 == kp, name, ": packed width does not match the input width");
+  for (const at::Tensor* t : {&scales, &mins})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == packed.size(0) &&
+                    t->size(1) == kp / group,
+                name, ": fp32 [N, Kp/group] scales and mins");
+}
+
+at::Tensor finish(at::Tensor y, bool fp32_out) { return fp32_out ? y : y.to(at::kBFloat16); }
+
+}  // namespace
+
+// x [M, K] bf16 -> [xq int8 [M, Kp], xs fp32 [M, Kp/32], sum(xq) int32 [M, Kp/32]], Kp = K
+// rounded up to 128: the kernels' activation quantization, exposed for tests.
+std::vector<at::Tensor> quantize_activations(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2, "quantize_activations: bf16 CPU [M, K] input");
+  TORCH_CHECK(has_avx2(), "quantize_activations: needs AVX2+FMA");
+  QuantRows qr = quantize_rows(x.contiguous());
+  return {qr.q, qr.scale, qr.sum};
+}
+
+// x [M, K] bf16 (M <= 8), q [N, K] int8, scale [N] fp32 -> [M, N] (bf16, or fp32 if asked).
+at::Tensor int8_dot_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, bool fp32_out) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "int8_dot_linear: contiguous int8 [N, K] weight");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == q.size(0), "int8_dot_linear: fp32 scale [N]");
+  check_rows(x, q.size(1), "int8_dot_linear");
+  const int64_t m = x.size(0), k = q.size(1), n = q.size(0), kp = padded(k);
+  QuantRows qr = quantize_rows(x.contiguous());
+  at::Tensor sc = scale.contiguous();
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const int8_t *xq = qr.q.data_ptr<int8_t>(), *wp = q.data_ptr<int8_t>();
+  const float *sp = sc.data_ptr<float>(), *lanes = qr.lanes.data_ptr<float>(), *xs = qr.scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float correction[kMaxRows];
+  const int64_t blocks = kp / kBlock;
+  for (int64_t r = 0; r < m; ++r) {  // 128 * sum_b xs_b * sum_b(xq), see int8_vnni
+    double c = 0;
+    for (int64_t b = 0; b < blocks; ++b) c += double(xs[r * blocks + b]) * qr.sum.data_ptr<int32_t>()[r * blocks + b];
+    correction[r] = static_cast<float>(128.0 * c);
+  }
+  const bool vnni = use_vnni();
+  dispatch_rows(m, [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    at::parallel_for(0, n, grain_for(k), [&](int64_t b, int64_t e) {
+      if (vnni) int8_vnni<R>(xq, lanes, correction, wp, sp, yp, b, e, k, kp, n);
+      else int8_avx2<R>(xq, xs, wp, sp, yp, b, e, k, kp, n);
+    });
+  });
+  return finish(y, fp32_out);
+}
+
+// x [M, K] bf16 (M <= 8); packed [N, Kp/2] uint8, scales and mins fp32 [N, Kp/group] in the
+// layout described at the top -> [M, N] (bf16, or fp32 if asked).
+at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                           const at::Tensor& mins, int64_t group, bool fp32_out) {
+  const int64_t m = x.size(0), k = x.size(1), kp = padded(k), n = packed.size(0);
+  check_rows(x, k, "int4_dot_linear");
+  check_int4(packed, scales, mins, group, kp, "int4_dot_linear");
+  QuantRows qr = quantize_rows(x.contiguous());
+  const int64_t groups = kp / group, blocks = kp / kBlock, per_group = group / kBlock;
+  // per row and group: sum over the group's blocks of xs_b * sum(xq), for the min term
+  at::Tensor xgroup = at::zeros({m, groups}, x.options().dtype(at::kFloat));
+  {
+    const float* xs = qr.scale.data_ptr<float>();
+    const int32_t* xsum = qr.sum.data_ptr<int32_t>();
+    float* xg = xgroup.data_ptr<float>();
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t b = 0; b < blocks; ++b) xg[r * groups + b / per_group] += xs[r * blocks + b] * xsum[r * blocks + b];
+  }
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const int8_t* xq = qr.q.data_ptr<int8_t>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *mp = mins.data_ptr<float>(), *xg = xgroup.data_ptr<float>();
+  const float *lanes = qr.lanes.data_ptr<float>(), *xs = qr.scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool vnni = use_vnni();
+  dispatch_rows(m, [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    dispatch_group(group, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      at::parallel_for(0, n, grain_for(kp / 2), [&](int64_t b, int64_t e) {
+        if (vnni) int4_vnni<R, G>(xq, lanes, xg, wp, sp, mp, yp, b, e, kp, n);
+        else int4_avx2<R, G>(xq, xs, xg, wp, sp, mp, yp, b, e, kp, n);
+      });
+    });
+  });
+  return finish(y, fp32_out);
+}
+
+namespace {
+
+// One 128-column chunk: 64 packed bytes -> 128 values q * s + m (s, m per 32-column block).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequant_chunk_bf16(const uint8_t* p, const float* s,
+                                                                               const float* m, int64_t group,
+                                                                               int64_t col, uint16_t* out, int64_t k) {
+  const __m512i v = _mm512_loadu_si512(p);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i halves[2] = {_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)};
+  for (int h = 0; h < 2; ++h) {
+    for (int quarter = 0; quarter < 4; ++quarter) {
+      const int64_t c = col + 64 * h + 16 * quarter;
+      if (c >= k) return;
+      const int64_t g = c / group;
+      __m128i bytes = _mm512_extracti32x4_epi32(halves[h], 0);
+      switch (quarter) {
+        case 1: bytes = _mm512_extracti32x4_epi32(halves[h], 1); break;
+        case 2: bytes = _mm512_extracti32x4_epi32(halves[h], 2); break;
+        case 3: bytes = _mm512_extracti32x4_epi32(halves[h], 3); break;
+        default: break;
+      }
+      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+      const __m512 w = _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(m[g]));
+      const __m256i b16 = (__m256i)_mm512_cvtneps_pbh(w);
+      if (k - c >= 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), b16);
+      else _mm256_mask_storeu_epi16(out + c, static_cast<__mmask16>((1u << (k - c)) - 1), b16);
+    }
+  }
+}
+
+// Portable version (fp32 output, or bf16 rounded to nearest even), auto-vectorised for AVX2.
+template <bool Bf16>
+__attribute__((target("avx2,fma"))) void dequant_chunk_generic(const uint8_t* p, const float* s, const float* m,
+                                                                int64_t group, int64_t col, void* out, int64_t k) {
+  float vals[kChunk];
+  for (int j = 0; j < 64; ++j) {
+    vals[j] = float(p[j] & 0x0F);
+    vals[64 + j] = float(p[j] >> 4);
+  }
+  const int64_t limit = std::min<int64_t>(kChunk, k - col);
+  for (int64_t j = 0; j < limit; ++j) {
+    const int64_t g = (col + j) / group;
+    const float w = vals[j] * s[g] + m[g];
+    if constexpr (Bf16) {
+      uint32_t bits;
+      std::memcpy(&bits, &w, 4);
+      bits += 0x7FFF + ((bits >> 16) & 1);
+      static_cast<uint16_t*>(out)[col + j] = static_cast<uint16_t>(bits >> 16);
+    } else {
+      static_cast<float*>(out)[col + j] = w;
+    }
+  }
+}
+
+}  // namespace
+
+// The packed int4 weight as a dense [N, K] matrix (bf16, or fp32 if asked), for prefill GEMMs.
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group,
+                           int64_t k, bool fp32_out) {
+  const int64_t kp = padded(k), n = packed.size(0);
+  check_int4(packed, scales, mins, group, kp, "int4_dequantize");
+  TORCH_CHECK(has_avx2(), "int4_dequantize: needs AVX2+FMA");
+  at::Tensor out = at::empty({n, k}, packed.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *mp = mins.data_ptr<float>();
+  const int64_t groups = kp / group;
+  const bool bf16_native = !fp32_out && use_avx512bf16();
+  at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / kp), [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      for (int64_t c = 0; c < kp / kChunk; ++c) {
+        const uint8_t* p = wp + o * (kp / 2) + 64 * c;
+        const float *s = sp + o * groups, *m = mp + o * groups;
+        if (fp32_out) {
+          dequant_chunk_generic<false>(p, s, m, group, kChunk * c, out.data_ptr<float>() + o * k, k);
+        } else {
+          auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + o * k;
+          if (bf16_native) dequant_chunk_bf16(p, s, m, group, kChunk * c, dst, k);
+          else dequant_chunk_generic<true>(p, s, m, group, kChunk * c, dst, k);
+        }
+      }
+    }
+  });
+  return out;
+}
