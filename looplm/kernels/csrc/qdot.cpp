@@ -61,12 +61,20 @@ int64_t padded(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }
 
 // ---- activation quantization -------------------------------------------------------------
 
+// Per-call activation buffers, reused: a decode step makes hundreds of these calls, and
+// allocating tensors for them costs about as much as quantizing. Filled by the calling
+// thread, read by the at::parallel_for workers while it waits.
 struct QuantRows {
-  at::Tensor q;      // int8 [M, Kp]
-  at::Tensor scale;  // fp32 [M, Kp/32], xs_b (0 for all-zero and padding blocks)
-  at::Tensor sum;    // int32 [M, Kp/32], sum of xq over the block
-  at::Tensor lanes;  // fp32 [M, Kp/4]: xs_b repeated over the 8 int32 lanes of its block (VNNI layout)
+  int64_t kp = 0, blocks = 0;
+  std::vector<int8_t> q;       // [M, Kp]
+  std::vector<float> scale;    // [M, Kp/32], xs_b (0 for all-zero and padding blocks)
+  std::vector<int32_t> sum;    // [M, Kp/32], sum of xq over the block
+  std::vector<float> lanes;    // [M, Kp/4]: xs_b repeated over the 8 int32 lanes of its block (VNNI layout)
+  std::vector<float> group;    // int4: [M, groups], sum over the group's blocks of xs_b * sum(xq)
+  std::vector<float> y;        // [M, N] fp32 result before the bf16 rounding
 };
+
+thread_local QuantRows scratch;
 
 __attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p) {
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -110,18 +118,20 @@ __attribute__((target("avx2,fma"))) void quantize_block(const uint16_t* x, int8_
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
 }
 
-QuantRows quantize_rows(const at::Tensor& x) {
+QuantRows& quantize_rows(const at::Tensor& x) {
   const int64_t m = x.size(0), k = x.size(1), kp = padded(k), blocks = kp / kBlock;
-  QuantRows out;
-  out.q = at::zeros({m, kp}, x.options().dtype(at::kChar));
-  out.scale = at::zeros({m, blocks}, x.options().dtype(at::kFloat));
-  out.sum = at::zeros({m, blocks}, x.options().dtype(at::kInt));
-  out.lanes = at::empty({m, kp / 4}, x.options().dtype(at::kFloat));
+  QuantRows& out = scratch;
+  out.kp = kp;
+  out.blocks = blocks;
+  out.q.assign(m * kp, 0);
+  out.scale.assign(m * blocks, 0.f);
+  out.sum.assign(m * blocks, 0);
+  out.lanes.resize(m * kp / 4);
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  int8_t* qp = out.q.data_ptr<int8_t>();
-  float* sp = out.scale.data_ptr<float>();
-  int32_t* up = out.sum.data_ptr<int32_t>();
-  float* lp = out.lanes.data_ptr<float>();
+  int8_t* qp = out.q.data();
+  float* sp = out.scale.data();
+  int32_t* up = out.sum.data();
+  float* lp = out.lanes.data();
   uint16_t tail[kBlock];
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t b = 0; b * kBlock < k; ++b) {
@@ -395,7 +405,22 @@ void check_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Te
                 name, ": fp32 [N, Kp/group] scales and mins");
 }
 
-at::Tensor finish(at::Tensor y, bool fp32_out) { return fp32_out ? y : y.to(at::kBFloat16); }
+// The fp32 result in `scratch.y` as an [M, N] tensor: fp32, or bf16 rounded to nearest even.
+at::Tensor finish(const at::Tensor& x, int64_t m, int64_t n, bool fp32_out) {
+  at::Tensor out = at::empty({m, n}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
+  const float* y = scratch.y.data();
+  if (fp32_out) {
+    std::memcpy(out.data_ptr<float>(), y, m * n * sizeof(float));
+    return out;
+  }
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < m * n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, y + i, 4);
+    dst[i] = std::isnan(y[i]) ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -404,8 +429,16 @@ at::Tensor finish(at::Tensor y, bool fp32_out) { return fp32_out ? y : y.to(at::
 std::vector<at::Tensor> quantize_activations(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2, "quantize_activations: bf16 CPU [M, K] input");
   TORCH_CHECK(has_avx2(), "quantize_activations: needs AVX2+FMA");
-  QuantRows qr = quantize_rows(x.contiguous());
-  return {qr.q, qr.scale, qr.sum};
+  const at::Tensor xc = x.contiguous();
+  QuantRows& qr = quantize_rows(xc);
+  const int64_t m = x.size(0);
+  at::Tensor q = at::empty({m, qr.kp}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({m, qr.blocks}, x.options().dtype(at::kFloat));
+  at::Tensor sum = at::empty({m, qr.blocks}, x.options().dtype(at::kInt));
+  std::memcpy(q.data_ptr<int8_t>(), qr.q.data(), qr.q.size());
+  std::memcpy(scale.data_ptr<float>(), qr.scale.data(), qr.scale.size() * sizeof(float));
+  std::memcpy(sum.data_ptr<int32_t>(), qr.sum.data(), qr.sum.size() * sizeof(int32_t));
+  return {q, scale, sum};
 }
 
 // x [M, K] bf16 (M <= 8), q [N, K] int8, scale [N] fp32 -> [M, N] (bf16, or fp32 if asked).
@@ -414,17 +447,17 @@ at::Tensor int8_dot_linear(const at::Tensor& x, const at::Tensor& q, const at::T
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == q.size(0), "int8_dot_linear: fp32 scale [N]");
   check_rows(x, q.size(1), "int8_dot_linear");
   const int64_t m = x.size(0), k = q.size(1), n = q.size(0), kp = padded(k);
-  QuantRows qr = quantize_rows(x.contiguous());
-  at::Tensor sc = scale.contiguous();
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const int8_t *xq = qr.q.data_ptr<int8_t>(), *wp = q.data_ptr<int8_t>();
-  const float *sp = sc.data_ptr<float>(), *lanes = qr.lanes.data_ptr<float>(), *xs = qr.scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const at::Tensor xc = x.contiguous(), sc = scale.contiguous();
+  QuantRows& qr = quantize_rows(xc);
+  qr.y.resize(m * n);
+  const int8_t *xq = qr.q.data(), *wp = q.data_ptr<int8_t>();
+  const float *sp = sc.data_ptr<float>(), *lanes = qr.lanes.data(), *xs = qr.scale.data();
+  float* yp = qr.y.data();
   float correction[kMaxRows];
   const int64_t blocks = kp / kBlock;
   for (int64_t r = 0; r < m; ++r) {  // 128 * sum_b xs_b * sum_b(xq), see int8_vnni
     double c = 0;
-    for (int64_t b = 0; b < blocks; ++b) c += double(xs[r * blocks + b]) * qr.sum.data_ptr<int32_t>()[r * blocks + b];
+    for (int64_t b = 0; b < blocks; ++b) c += double(xs[r * blocks + b]) * qr.sum[r * blocks + b];
     correction[r] = static_cast<float>(128.0 * c);
   }
   const bool vnni = use_vnni();
@@ -435,7 +468,7 @@ at::Tensor int8_dot_linear(const at::Tensor& x, const at::Tensor& q, const at::T
       else int8_avx2<R>(xq, xs, wp, sp, yp, b, e, k, kp, n);
     });
   });
-  return finish(y, fp32_out);
+  return finish(x, m, n, fp32_out);
 }
 
 // x [M, K] bf16 (M <= 8); packed [N, Kp/2] uint8, scales and mins fp32 [N, Kp/group] in the
@@ -445,23 +478,20 @@ at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
   const int64_t m = x.size(0), k = x.size(1), kp = padded(k), n = packed.size(0);
   check_rows(x, k, "int4_dot_linear");
   check_int4(packed, scales, mins, group, kp, "int4_dot_linear");
-  QuantRows qr = quantize_rows(x.contiguous());
+  const at::Tensor xc = x.contiguous();
+  QuantRows& qr = quantize_rows(xc);
   const int64_t groups = kp / group, blocks = kp / kBlock, per_group = group / kBlock;
   // per row and group: sum over the group's blocks of xs_b * sum(xq), for the min term
-  at::Tensor xgroup = at::zeros({m, groups}, x.options().dtype(at::kFloat));
-  {
-    const float* xs = qr.scale.data_ptr<float>();
-    const int32_t* xsum = qr.sum.data_ptr<int32_t>();
-    float* xg = xgroup.data_ptr<float>();
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t b = 0; b < blocks; ++b) xg[r * groups + b / per_group] += xs[r * blocks + b] * xsum[r * blocks + b];
-  }
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const int8_t* xq = qr.q.data_ptr<int8_t>();
+  qr.group.assign(m * groups, 0.f);
+  float* xg = qr.group.data();
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t b = 0; b < blocks; ++b) xg[r * groups + b / per_group] += qr.scale[r * blocks + b] * qr.sum[r * blocks + b];
+  qr.y.resize(m * n);
+  const int8_t* xq = qr.q.data();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float *sp = scales.data_ptr<float>(), *mp = mins.data_ptr<float>(), *xg = xgroup.data_ptr<float>();
-  const float *lanes = qr.lanes.data_ptr<float>(), *xs = qr.scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const float *sp = scales.data_ptr<float>(), *mp = mins.data_ptr<float>();
+  const float *lanes = qr.lanes.data(), *xs = qr.scale.data();
+  float* yp = qr.y.data();
   const bool vnni = use_vnni();
   dispatch_rows(m, [&](auto rows) {
     constexpr int R = decltype(rows)::value;
@@ -473,7 +503,7 @@ at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
       });
     });
   });
-  return finish(y, fp32_out);
+  return finish(x, m, n, fp32_out);
 }
 
 namespace {
