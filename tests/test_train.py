@@ -11,6 +11,7 @@ import socket
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -19,7 +20,7 @@ import looplm
 from looplm import assets
 from looplm.assets import Asset, fetch_asset
 from looplm.exit import exit_distribution
-from looplm.train.data import TokenBatches, arithmetic_documents, train_tokenizer, write_data_dir
+from looplm.train.data import TokenBatches, answer_mask, arithmetic_documents, train_tokenizer, write_data_dir
 from looplm.train.objective import exit_log_probs, per_step_token_loss, stage1_loss, stage2_loss, stage2_targets
 from looplm.train.trainer import TrainConfig, lr_at, read_log, train
 
@@ -102,6 +103,41 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def masked_data_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`data_dir` with a loss mask on the arithmetic source: only the answers count."""
+    import shutil
+
+    from looplm.tokenizer import Tokenizer
+
+    out = tmp_path_factory.mktemp("masked")
+    shutil.copytree(data_dir, out, dirs_exist_ok=True)
+    np.save(out / "arithmetic.mask.npy", answer_mask(np.load(out / "arithmetic.npy"), Tokenizer.from_dir(out)))
+    meta = json.loads((out / "data.json").read_text())
+    meta["sources"]["arithmetic"]["loss_mask"] = "arithmetic.mask.npy"
+    (out / "data.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_answer_mask_marks_answers_and_line_ends(data_dir: Path) -> None:
+    from looplm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(data_dir)
+    text = "12+3=15\n7-2=5\n"
+    ids = tokenizer.encode(text)
+    mask = answer_mask(np.asarray(ids, dtype=np.uint16), tokenizer)
+    counted = "".join(tokenizer.decode([i]) for i, m in zip(ids, mask) if m)
+    assert counted == "15\n5\n"
+
+
+def test_masked_batches_count_only_answers(masked_data_dir: Path) -> None:
+    batches = TokenBatches(masked_data_dir, 32, seed=1)
+    tokens, mask = batches.global_batch_with_mask(3, 8)
+    assert torch.equal(tokens, batches.global_batch(3, 8)) and mask.shape == tokens.shape and mask.dtype == torch.bool
+    arithmetic = [row for row in range(8) if not mask[row].all()]  # text rows count every token
+    assert arithmetic and all(0 < mask[row].sum() < 24 for row in arithmetic)
+
+
 def _config(data_dir: Path, out: Path, **overrides: object) -> TrainConfig:
     base = dict(data_dir=data_dir, out_dir=out, model_config=dict(TINY_MODEL), steps=6, batch_size=4, seq_len=32,
                 lr=3e-3, warmup_steps=2, progress=False, device="cpu")
@@ -131,6 +167,14 @@ def test_training_reduces_loss_and_checkpoint_loads(data_dir: Path, tmp_path: Pa
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     ids = model.tokenizer.encode("12+3=")
     assert len(model.generate(ids, max_new_tokens=3)[0]) == 3
+
+
+def test_micro_batches_with_a_loss_mask_match_one_batch(masked_data_dir: Path, tmp_path: Path) -> None:
+    train(_config(masked_data_dir, tmp_path / "one", steps=3, bf16=False))
+    train(_config(masked_data_dir, tmp_path / "four", steps=3, bf16=False, micro_batch=1))
+    one = [r["loss"] for r in read_log(tmp_path / "one" / "train_log.jsonl")]
+    four = [r["loss"] for r in read_log(tmp_path / "four" / "train_log.jsonl")]
+    assert four == pytest.approx(one, rel=1e-5, abs=1e-6)
 
 
 def test_resume_gives_identical_next_losses(data_dir: Path, tmp_path: Path) -> None:
@@ -167,11 +211,13 @@ def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig) -> None:
     train(config)
 
 
-def test_ddp_two_processes_match_one(data_dir: Path, tmp_path: Path) -> None:
+def test_ddp_two_processes_match_one(masked_data_dir: Path, tmp_path: Path) -> None:
     # fp32 so that only the all-reduce order differs; 2 processes x 2 sequences = the same global batch of 4.
-    single = _config(data_dir, tmp_path / "single", steps=4, bf16=False)
+    # The answers-only loss mask gives the two processes different token counts: the loss must still be the
+    # global batch's masked mean.
+    single = _config(masked_data_dir, tmp_path / "single", steps=4, bf16=False)
     train(single)
-    double = _config(data_dir, tmp_path / "ddp", steps=4, bf16=False)
+    double = _config(masked_data_dir, tmp_path / "ddp", steps=4, bf16=False)
     mp.spawn(_ddp_worker, args=(2, _free_port(), double), nprocs=2, join=True)
     one = [r["loss"] for r in read_log(tmp_path / "single" / "train_log.jsonl")]
     two = [r["loss"] for r in read_log(tmp_path / "ddp" / "train_log.jsonl")]

@@ -234,12 +234,33 @@ def build_tiny_corpus(
                           tokenizer)
 
 
+def answer_mask(tokens: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
+    """uint8 per token of an arithmetic stream: 1 for the answer, i.e. every token after a token
+    ending in `=` up to and including the token that ends the line (newline or end of text)."""
+    vocab = tokenizer.vocab_size
+    texts = [tokenizer.decode([i]) for i in range(vocab)]
+    opens = np.array([t.endswith("=") for t in texts])
+    closes = np.array(["\n" in t for t in texts])
+    closes[tokenizer.token_to_id(END_OF_TEXT)] = True
+    mask = np.zeros(tokens.shape, dtype=np.uint8)
+    inside = False
+    for index, token in enumerate(tokens.tolist()):
+        if inside:
+            mask[index] = 1
+            inside = not closes[token]
+        elif opens[token]:
+            inside = True
+    return mask
+
+
 def build_arithmetic_phase(
-    like: Path, out: Path, arithmetic_weight: float, n_problems: int, max_digits: int, max_terms: int, seed: int
+    like: Path, out: Path, arithmetic_weight: float, n_problems: int, max_digits: int, max_terms: int, seed: int,
+    answer_loss: bool = False,
 ) -> dict:
     """A second-phase data directory: `like`'s tokenizer and text tokens, a new arithmetic source.
 
-    A resumed run can switch to it (same tokenizer, so the same ids) for a curriculum step.
+    A resumed run can switch to it (same tokenizer, so the same ids) for a curriculum step. With
+    `answer_loss`, only the arithmetic answers count in the loss (`answer_mask`); text counts in full.
     """
     like, out = Path(like), Path(out)
     tokenizer = Tokenizer.from_dir(like)
@@ -254,6 +275,10 @@ def build_arithmetic_phase(
     meta["sources"]["text"]["weight"] = 1.0 - arithmetic_weight
     meta["sources"]["arithmetic"] = {"documents": len(docs), "tokens": int(tokens.size), "weight": arithmetic_weight,
                                      "max_digits": max_digits, "max_terms": max_terms}
+    if answer_loss:
+        mask = answer_mask(tokens, tokenizer)
+        np.save(out / "arithmetic.mask.npy", mask)
+        meta["sources"]["arithmetic"].update(loss_mask="arithmetic.mask.npy", counted_tokens=int(mask.sum()))
     (out / "data.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -262,7 +287,11 @@ def build_arithmetic_phase(
 
 
 class TokenBatches:
-    """Windows of `seq_len + 1` tokens drawn from the sources by weight; batch s depends only on (seed, s)."""
+    """Windows of `seq_len + 1` tokens drawn from the sources by weight; batch s depends only on (seed, s).
+
+    A source may carry a loss mask (`"loss_mask": "<file>.npy"` in data.json, one uint8 per
+    token): only the tokens it marks count in the loss, e.g. the answers of a synthetic task.
+    Sources without one count every token."""
 
     def __init__(self, data_dir: Path, seq_len: int, seed: int = 0) -> None:
         meta_file = Path(data_dir) / "data.json"
@@ -271,23 +300,41 @@ class TokenBatches:
         meta = json.loads(meta_file.read_text())["sources"]
         self.names = sorted(meta)
         self.streams = [torch.from_numpy(np.load(Path(data_dir) / f"{n}.npy").astype(np.int64)) for n in self.names]
+        self.masks = [None if "loss_mask" not in meta[n] else torch.from_numpy(np.load(Path(data_dir) / meta[n]["loss_mask"]))
+                      for n in self.names]
         weights = torch.tensor([float(meta[n]["weight"]) for n in self.names])
         self.weights = weights / weights.sum()
-        for name, stream in zip(self.names, self.streams):
+        for name, stream, mask in zip(self.names, self.streams, self.masks):
             if stream.numel() <= seq_len + 1:
                 raise LooplmError(f"{data_dir}/{name}.npy has {stream.numel()} tokens, fewer than seq_len + 1")
+            if mask is not None and mask.shape != stream.shape:
+                raise LooplmError(f"{data_dir}: the loss mask of '{name}' has {mask.numel()} entries for "
+                                  f"{stream.numel()} tokens; rebuild the data directory")
         self.seq_len, self.seed = seq_len, seed
+
+    def _windows(self, step: int, batch_size: int) -> list[tuple[int, int]]:
+        """(source index, start) of each window of step `step`."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        picks = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+        windows = []
+        for pick in picks.tolist():
+            start = int(torch.randint(0, self.streams[pick].numel() - self.seq_len - 1, (1,), generator=generator))
+            windows.append((pick, start))
+        return windows
 
     def global_batch(self, step: int, batch_size: int) -> torch.Tensor:
         """`[batch_size, seq_len + 1]` token windows for optimizer step `step`."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        picks = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
-        rows = []
-        for pick in picks.tolist():
-            stream = self.streams[pick]
-            start = int(torch.randint(0, stream.numel() - self.seq_len - 1, (1,), generator=generator))
-            rows.append(stream[start : start + self.seq_len + 1])
-        return torch.stack(rows)
+        return self.global_batch_with_mask(step, batch_size)[0]
+
+    def global_batch_with_mask(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token windows and, aligned with them, a bool `[batch_size, seq_len + 1]` mask of tokens that count."""
+        span = self.seq_len + 1
+        rows, masks = [], []
+        for pick, start in self._windows(step, batch_size):
+            rows.append(self.streams[pick][start : start + span])
+            mask = self.masks[pick]
+            masks.append(torch.ones(span, dtype=torch.bool) if mask is None else mask[start : start + span].bool())
+        return torch.stack(rows), torch.stack(masks)
 
 
 def main(argv: list[str]) -> None:
@@ -302,13 +349,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-terms", type=int, default=2)
     parser.add_argument("--problems", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--answer-loss", action="store_true",
+                        help="with --like: only the arithmetic answers count in the loss (text counts in full)")
     args = parser.parse_args(argv)
     if args.like is None:
         meta = build_tiny_corpus(args.out, arithmetic_weight=args.arithmetic_weight, seed=args.seed,
                                  n_problems=args.problems, max_digits=args.max_digits, max_terms=args.max_terms)
     else:
         meta = build_arithmetic_phase(args.like, args.out, args.arithmetic_weight, args.problems, args.max_digits,
-                                      args.max_terms, seed=args.seed + 2)
+                                      args.max_terms, seed=args.seed + 2, answer_loss=args.answer_loss)
     print(json.dumps(meta, indent=2))
 
 

@@ -1,8 +1,10 @@
 """LoopLM training objectives (spec section 8), as pure functions of per-step tensors.
 
 Shapes: T UT steps, B rows, S positions, V vocab. `targets` are the next-token ids `[B, S]`
-and `mask` `[B, S]` marks positions that count (None: all). Every reduction is a mean over
-counted positions, so a batch split across processes averages back to the same value.
+and `mask` `[B, S]` marks positions that count (None: all). Every reduction is a sum over
+counted positions divided by `count` (default: how many this batch counts). A trainer that
+splits one batch over processes or micro-batches passes `count` = the whole batch's count /
+the number of pieces, so the pieces' losses average back to the whole batch's mean.
 
 - Stage I: sum_t p(t|x) * L_t  -  beta * H(p), per position, with p the exit distribution.
 - Stage II: the LM is frozen; the gate at step t >= 2 learns, by binary cross-entropy,
@@ -45,12 +47,12 @@ def exit_log_probs(gate_logits: torch.Tensor) -> torch.Tensor:
     return log_p
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of `[B, S]` values over the positions `mask` marks."""
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None, count: float | None = None) -> torch.Tensor:
+    """Sum of `[B, S]` values over the positions `mask` marks, over `count` (default: the number marked)."""
     if mask is None:
-        return values.mean()
+        return values.sum() / (count or values.numel())
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    return (values * mask).sum() / (count or mask.sum().clamp_min(1.0))
 
 
 @dataclass
@@ -68,6 +70,7 @@ def stage1_loss(
     targets: torch.Tensor,
     mask: torch.Tensor | None = None,
     beta: float = 0.1,
+    count: float | None = None,
 ) -> Stage1Loss:
     """Entropy-regularised expected next-token loss (spec 8.1) for logits `[T, B, S, V]`, gate logits `[T, B, S]`."""
     assert step_logits.shape[:3] == gate_logits.shape, (step_logits.shape, gate_logits.shape)
@@ -76,10 +79,10 @@ def stage1_loss(
     p = log_p.exp()
     expected = (p * token_loss).sum(0)  # (B, S)
     entropy = -(p * log_p).sum(0)  # (B, S)
-    expected_ce, mean_entropy = _masked_mean(expected, mask), _masked_mean(entropy, mask)
+    expected_ce, mean_entropy = _masked_mean(expected, mask, count), _masked_mean(entropy, mask, count)
     with torch.no_grad():
-        step_ce = torch.stack([_masked_mean(step, mask) for step in token_loss])
-        mean_p = torch.stack([_masked_mean(step, mask) for step in p])
+        step_ce = torch.stack([_masked_mean(step, mask, count) for step in token_loss])
+        mean_p = torch.stack([_masked_mean(step, mask, count) for step in p])
     return Stage1Loss(expected_ce - beta * mean_entropy, expected_ce.detach(), mean_entropy.detach(), step_ce, mean_p)
 
 
@@ -103,6 +106,7 @@ def stage2_loss(
     mask: torch.Tensor | None = None,
     k: float = STAGE2_K,
     gamma: float = STAGE2_GAMMA,
+    count: float | None = None,
 ) -> Stage2Loss:
     """Focused adaptive gate loss (spec 8.2): (1/T) sum_{t=2..T} BCE(1 - lambda_t, w_t), mean over positions.
 
@@ -114,7 +118,7 @@ def stage2_loss(
     z = gate_logits[1:].float()
     # -[w log(1 - lambda) + (1 - w) log lambda], with log(1 - lambda) = logsigmoid(-z), log lambda = logsigmoid(z).
     bce = -(w * F.logsigmoid(-z) + (1.0 - w) * F.logsigmoid(z))  # (T-1, B, S)
-    step_bce = torch.stack([_masked_mean(step, mask) for step in bce])
+    step_bce = torch.stack([_masked_mean(step, mask, count) for step in bce])
     with torch.no_grad():
-        mean_w = torch.stack([_masked_mean(step, mask) for step in w])
+        mean_w = torch.stack([_masked_mean(step, mask, count) for step in w])
     return Stage2Loss(step_bce.sum() / steps, step_bce.detach(), mean_w)

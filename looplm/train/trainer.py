@@ -5,7 +5,8 @@ Contract:
 - One optimizer step sees `batch_size` sequences (the *global* batch) of `seq_len` tokens,
   split evenly over the processes and, inside a process, into micro-batches of `micro_batch`.
   The data of step s depends only on (seed, s), so a resumed run or an N-process run sees the
-  same global batch as a single-process run; losses are means over all tokens of the batch.
+  same global batch as a single-process run; losses are means over the counted tokens of the
+  whole global batch (all of them, unless a data source has a loss mask, e.g. answers only).
 - Distributed: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DDP, gloo on CPU and
   nccl on GPU. Only rank 0 writes files.
 - Output directory = an HF-layout checkpoint (`looplm.train.saving`) loadable by `looplm.load`,
@@ -273,16 +274,22 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        tokens = batches.global_batch(step, config.batch_size)[rank * local_batch : (rank + 1) * local_batch]
+        tokens, counted = batches.global_batch_with_mask(step, config.batch_size)
+        # Every piece (process x micro-batch) divides by its share of the global batch's count, so
+        # the pieces' losses average (DDP) and add up (accumulation) to the global masked mean.
+        count = float(counted[:, 1:].sum().clamp_min(1)) / (world * accum)
+        mine = slice(rank * local_batch, (rank + 1) * local_batch)
+        tokens, counted = tokens[mine], counted[mine]
         sums: dict[str, torch.Tensor] = {}
         for index in range(accum):
             chunk = tokens[index * micro : (index + 1) * micro].to(device)
             inputs, targets = chunk[:, :-1], chunk[:, 1:]
-            # DDP all-reduces only on the last micro-batch; equal-sized micro-batches make the mean exact.
+            mask = counted[index * micro : (index + 1) * micro, 1:].to(device)
+            # DDP all-reduces only on the last micro-batch.
             sync = index == accum - 1 or world == 1
             with _maybe_no_sync(module, sync), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 logits, gate_logits = module(inputs)
-                parts = _loss(config, logits, gate_logits, targets)
+                parts = _loss(config, logits, gate_logits, targets, mask, count)
             (parts["loss"] / accum).backward()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0) + value.detach().float() / accum
@@ -311,15 +318,17 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     return row
 
 
-def _loss(config: TrainConfig, logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor) -> dict:
+def _loss(config: TrainConfig, logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor,
+          mask: torch.Tensor, count: float) -> dict:
     if config.stage == 1:
-        result = stage1_loss(logits, gate_logits, targets, beta=config.beta)
+        result = stage1_loss(logits, gate_logits, targets, mask=mask, beta=config.beta, count=count)
         return {"loss": result.loss, "expected_ce": result.expected_ce, "entropy": result.entropy,
                 "step_ce": result.step_ce, "exit_probs": result.exit_probs}
     token_loss = per_step_token_loss(logits.detach(), targets)
-    result = stage2_loss(gate_logits, token_loss)
+    result = stage2_loss(gate_logits, token_loss, mask=mask, count=count)
+    weights = mask.to(token_loss.dtype)
     return {"loss": result.loss, "step_bce": result.step_bce, "continue_target": result.continue_target,
-            "step_ce": token_loss.mean(dim=(1, 2))}
+            "step_ce": (token_loss * weights).sum(dim=(1, 2)) / count}
 
 
 class _maybe_no_sync:
