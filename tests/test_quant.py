@@ -130,8 +130,8 @@ def test_looplm_int4_layout_round_trip(in_features: int, group: int) -> None:
     assert torch.equal(unpack_int4_looplm(packed, in_features), q)
     assert not unpack_int4_looplm(packed, padded)[:, in_features:].any()
     assert torch.equal(scales[:, : in_features // group], scale) and not scales[:, in_features // group :].any()
-    if in_features >= 128:  # byte j of each 64: column j low, column 64 + j high
-        assert int(packed[0, 5]) == int(q[0, 5]) | (int(q[0, 69]) << 4)
+    assert int(packed[0, 5]) == int(q[0, 5]) | (int(q[0, 21]) << 4)  # byte j of a block: column j, 16 + j
+    assert int(packed[1, 20]) == int(q[1, 36]) | (int(q[1, 52]) << 4)
     layer = Int4Linear(q, scale, low, group, None, torch.float32, layout="looplm")  # no C++ kernels: torch fallback
     x = torch.randn(3, in_features)
     expected = F.linear(x, dequantize_int4(q, scale, low, group, torch.float32))

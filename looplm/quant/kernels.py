@@ -91,7 +91,7 @@ def pack_int4_for_cpu(
 
 
 # looplm's int4 CPU layout (looplm/kernels/csrc/qdot.cpp): columns padded with q = 0 to a
-# multiple of 128; every 128 columns become 64 bytes, byte j = column j | column 64 + j << 4.
+# multiple of 128; every block of 32 columns becomes 16 bytes, byte j = column j | column 16 + j << 4.
 LOOPLM_INT4_CHUNK = 128
 
 
@@ -106,7 +106,7 @@ def pack_int4_looplm(
         raise ValueError(f"group size {group_size} does not divide the padded width {kp}")
     padded = torch.zeros(n, kp, dtype=torch.uint8, device=q.device)
     padded[:, :k] = q
-    halves = padded.view(n, kp // LOOPLM_INT4_CHUNK, 2, LOOPLM_INT4_CHUNK // 2)
+    halves = padded.view(n, kp // 32, 2, 16)
     packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
     scales = torch.zeros(n, kp // group_size, dtype=torch.float32, device=q.device)
     mins = torch.zeros_like(scales)
@@ -118,5 +118,5 @@ def pack_int4_looplm(
 def unpack_int4_looplm(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of `pack_int4_looplm`'s weight: uint8 q `[N, in_features]` in 0..15."""
     n, half = packed.shape
-    chunks = packed.view(n, half // (LOOPLM_INT4_CHUNK // 2), 1, LOOPLM_INT4_CHUNK // 2)
-    return torch.cat((chunks & 0x0F, chunks >> 4), dim=2).reshape(n, half * 2)[:, :in_features]
+    blocks = packed.view(n, half // 16, 1, 16)
+    return torch.cat((blocks & 0x0F, blocks >> 4), dim=2).reshape(n, half * 2)[:, :in_features]

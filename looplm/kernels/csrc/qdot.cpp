@@ -17,9 +17,13 @@
 // (AVX2). Each block's int32 lanes are converted to fp32 and multiplied by the block's scale.
 //
 // int4 packed layout (made at load time by looplm.quant.kernels.pack_int4_looplm): row n,
-// columns padded with q = 0 to a multiple of 128, every 128 columns stored as 64 bytes; byte j
-// holds column j in its low nibble and column 64 + j in its high nibble. One AND gives 64
-// consecutive columns, one shift + AND the next 64. Scales and mins are fp32 [N, groups],
+// columns padded with q = 0 to a multiple of 128; every block of 32 columns is 16 bytes, byte
+// j holding column j in its low nibble and column 16 + j in its high nibble. So in 64 bytes
+// (4 blocks) each int32 lane of the low nibbles and the lane of the high nibbles at the same
+// place belong to the same block: two vpdpbusd (low nibbles x the blocks' first 16
+// activations, high nibbles x the last 16) accumulate into one int32 vector whose lanes
+// 4b..4b+3 hold block b, and one conversion + one FMA per 128 weights scales it. The
+// activations are laid out to match once per call. Scales and mins are fp32 [N, groups],
 // zero-padded to the padded width.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -71,6 +75,8 @@ struct QuantRows {
   std::vector<int32_t> sum;    // [M, Kp/32], sum of xq over the block
   std::vector<float> lanes;    // [M, Kp/4]: xs_b repeated over the 8 int32 lanes of its block (VNNI layout)
   std::vector<float> group;    // int4: [M, groups], sum over the group's blocks of xs_b * sum(xq)
+  std::vector<int8_t> q4;      // int4: [M, Kp], per 128 columns the 4 blocks' first 16 values, then their last 16
+  std::vector<float> lanes4;   // int4: [M, Kp/8], xs_b repeated over 4 lanes (the int4 kernels' lane layout)
   std::vector<float> y;        // [M, N] fp32 result before the bf16 rounding
 };
 
@@ -149,6 +155,24 @@ QuantRows& quantize_rows(const at::Tensor& x) {
       for (int l = 0; l < 8; ++l) lp[r * (kp / 4) + b * 8 + l] = sp[r * blocks + b];
   }
   return out;
+}
+
+// The activations in the int4 kernels' order (see the top of the file).
+void arrange_for_int4(QuantRows& qr, int64_t m) {
+  const int64_t kp = qr.kp;
+  qr.q4.resize(m * kp);
+  qr.lanes4.resize(m * kp / 8);
+  for (int64_t r = 0; r < m; ++r) {
+    const int8_t* src = qr.q.data() + r * kp;
+    int8_t* dst = qr.q4.data() + r * kp;
+    for (int64_t c = 0; c < kp; c += kChunk)
+      for (int b = 0; b < 4; ++b) {
+        std::memcpy(dst + c + 16 * b, src + c + 32 * b, 16);
+        std::memcpy(dst + c + 64 + 16 * b, src + c + 32 * b + 16, 16);
+      }
+    for (int64_t b = 0; b < qr.blocks; ++b)
+      for (int l = 0; l < 4; ++l) qr.lanes4[r * (kp / 8) + 4 * b + l] = qr.scale[r * qr.blocks + b];
+  }
 }
 
 // ---- int8 ---------------------------------------------------------------------------------
@@ -248,11 +272,9 @@ __attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* xq, const float
 
 // ---- int4 ---------------------------------------------------------------------------------
 
-// q is unsigned (0..15) and xq signed: dpbusd(q, xq) directly. Per 128 columns: one load, two
-// ANDs and a shift give columns 0-63 (lo) and 64-127 (hi); each dpbusd covers two blocks
-// (lanes 0-7 and 8-15), whose fp32 lanes are scaled by the per-lane activation scales.
-// Group >= 128: the block sums are collected per group and scaled by s[n, g] once per group.
-// Group 32 / 64: s[n, g] is folded into each block's lane scale.
+// q is unsigned (0..15) and xq signed: dpbusd(q, xq) directly, no offset. Per 128 columns
+// (64 bytes): one load, two ANDs and a shift, two dpbusd into one int32 vector (lanes 4b..4b+3:
+// block b), one conversion, and the block scales: s[n, g] * xs_b per lane.
 template <int Rows, int G>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4_vnni(const int8_t* xq, const float* lanes,
                                                                       const float* xgroup, const uint8_t* w,
@@ -261,75 +283,53 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4_vnni(const int8
                                                                       int64_t n) {
   const int64_t chunks = kp / kChunk, groups = kp / G;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // G = 32: lane l, scale l / 4
+  constexpr int U = Rows <= 2 ? 2 : 1;  // independent accumulator chains per row
   for (int64_t o = n_begin; o < n_end; ++o) {
     const uint8_t* row = w + o * (kp / 2);
     const float* s = scales + o * groups;
-    __m512 acc[Rows], acc2[Rows];
-    for (int r = 0; r < Rows; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
-    if constexpr (G >= 128) {
-      constexpr int64_t per_group = G / kChunk;
-      for (int64_t g = 0; g < groups; ++g) {
-        __m512 glo[Rows], ghi[Rows];
-        for (int r = 0; r < Rows; ++r) glo[r] = ghi[r] = _mm512_setzero_ps();
-        for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-          const __m512i v = _mm512_loadu_si512(row + 64 * c);
-          const __m512i lo = _mm512_and_si512(v, low4);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-          for (int r = 0; r < Rows; ++r) {
-            const int8_t* xr = xq + r * kp + kChunk * c;
-            const float* lr = lanes + r * (kp / 4) + 32 * c;
-            __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
-            __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(xr + 64));
-            glo[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dlo), _mm512_loadu_ps(lr), glo[r]);
-            ghi[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), _mm512_loadu_ps(lr + 16), ghi[r]);
-          }
-        }
-        const __m512 sg = _mm512_set1_ps(s[g]);
-        for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(glo[r], ghi[r]), sg, acc[r]);
-      }
-    } else {
-      for (int64_t c = 0; c < chunks; ++c) {
-        const __m512i v = _mm512_loadu_si512(row + 64 * c);
-        const __m512i lo = _mm512_and_si512(v, low4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        __m512 slo, shi;  // s[n, g] for each lane's block
-        if constexpr (G == 64) {
-          slo = _mm512_set1_ps(s[2 * c]);
-          shi = _mm512_set1_ps(s[2 * c + 1]);
-        } else {
-          slo = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[4 * c]), _mm512_set1_ps(s[4 * c + 1]));
-          shi = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[4 * c + 2]), _mm512_set1_ps(s[4 * c + 3]));
-        }
-        for (int r = 0; r < Rows; ++r) {
-          const int8_t* xr = xq + r * kp + kChunk * c;
-          const float* lr = lanes + r * (kp / 4) + 32 * c;
-          __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
-          __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(xr + 64));
-          acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dlo), _mm512_loadu_ps(lr)), slo, acc[r]);
-          acc2[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dhi), _mm512_loadu_ps(lr + 16)), shi, acc2[r]);
-        }
+    __m512 acc[Rows][U];
+    for (int r = 0; r < Rows; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i v = _mm512_loadu_si512(row + 64 * c);
+      const __m512i lo = _mm512_and_si512(v, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      __m512 sl;  // s[n, g] for each lane's block
+      if constexpr (G >= 128) sl = _mm512_set1_ps(s[c * kChunk / G]);
+      else if constexpr (G == 64) sl = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[2 * c]), _mm512_set1_ps(s[2 * c + 1]));
+      else sl = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * c)));
+      const int u = U == 1 ? 0 : static_cast<int>(c & 1);
+      for (int r = 0; r < Rows; ++r) {
+        const int8_t* xr = xq + r * kp + kChunk * c;
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
+        d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr + 64));
+        const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(lanes + r * (kp / 8) + 16 * c));
+        acc[r][u] = _mm512_fmadd_ps(scaled, sl, acc[r][u]);
       }
     }
     // the min term: sum_g m[n, g] * (sum over the group's blocks of xs_b * sum(xq))
     const float* m = mins + o * groups;
     for (int r = 0; r < Rows; ++r) {
-      __m512 macc = _mm512_setzero_ps();
+      __m512 total = acc[r][0];
+      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[r][u]);
       for (int64_t g = 0; g < groups; g += 16) {
         const __mmask16 mask = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
-        macc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, m + g), _mm512_maskz_loadu_ps(mask, xgroup + r * groups + g), macc);
+        total = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, m + g), _mm512_maskz_loadu_ps(mask, xgroup + r * groups + g), total);
       }
-      y[r * n + o] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r], acc2[r]), macc));
+      y[r * n + o] = _mm512_reduce_add_ps(total);
     }
   }
 }
 
-// AVX2: vpmaddubsw(q, xq) with q <= 15 unsigned: pair sums are at most 2 * 15 * 127, no
-// saturation. Per 32-byte half h of a 128-column chunk: lo = block h, hi = block 2 + h.
+// AVX2: vpmaddubsw(q, xq) with q <= 15 unsigned: pair sums are at most 2 * 15 * 127, and the
+// low- and high-nibble products of a lane add up to at most 4 * 15 * 127, so nothing
+// saturates in int16. Per 32 bytes (2 blocks): int32 lanes 0-3 block 0, 4-7 block 1.
 template <int Rows, int G>
-__attribute__((target("avx2,fma"))) void int4_avx2(const int8_t* xq, const float* xscale, const float* xgroup,
+__attribute__((target("avx2,fma"))) void int4_avx2(const int8_t* xq, const float* lanes, const float* xgroup,
                                                    const uint8_t* w, const float* scales, const float* mins, float* y,
                                                    int64_t n_begin, int64_t n_end, int64_t kp, int64_t n) {
-  const int64_t chunks = kp / kChunk, groups = kp / G, blocks = kp / kBlock;
+  const int64_t chunks = kp / kChunk, groups = kp / G;
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int64_t o = n_begin; o < n_end; ++o) {
     const uint8_t* row = w + o * (kp / 2);
@@ -337,17 +337,19 @@ __attribute__((target("avx2,fma"))) void int4_avx2(const int8_t* xq, const float
     __m256 acc[Rows];
     for (int r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < 2; ++h) {  // blocks 2h and 2h + 1 of the chunk
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * c + 32 * h));
-        const __m256i q[2] = {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)};
-        for (int part = 0; part < 2; ++part) {
-          const int64_t b = 4 * c + 2 * part + h;  // block index
-          const __m256 sg = _mm256_set1_ps(s[b * kBlock / G]);
-          for (int r = 0; r < Rows; ++r) {
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * kp + b * kBlock));
-            const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q[part], xv), ones));
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_broadcast_ss(xscale + r * blocks + b)), sg, acc[r]);
-          }
+        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        const int64_t b0 = 4 * c + 2 * h;  // first block
+        const __m256 sl = _mm256_setr_m128(_mm_set1_ps(s[b0 * kBlock / G]), _mm_set1_ps(s[(b0 + 1) * kBlock / G]));
+        for (int r = 0; r < Rows; ++r) {
+          const int8_t* xr = xq + r * kp + kChunk * c + 32 * h;
+          const __m256i pairs = _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64))));
+          const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+          const __m256 scaled = _mm256_mul_ps(d, _mm256_loadu_ps(lanes + r * (kp / 8) + 16 * c + 8 * h));
+          acc[r] = _mm256_fmadd_ps(scaled, sl, acc[r]);
         }
       }
     }
@@ -486,11 +488,12 @@ at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
   float* xg = qr.group.data();
   for (int64_t r = 0; r < m; ++r)
     for (int64_t b = 0; b < blocks; ++b) xg[r * groups + b / per_group] += qr.scale[r * blocks + b] * qr.sum[r * blocks + b];
+  arrange_for_int4(qr, m);
   qr.y.resize(m * n);
-  const int8_t* xq = qr.q.data();
+  const int8_t* xq = qr.q4.data();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float *sp = scales.data_ptr<float>(), *mp = mins.data_ptr<float>();
-  const float *lanes = qr.lanes.data(), *xs = qr.scale.data();
+  const float* lanes = qr.lanes4.data();
   float* yp = qr.y.data();
   const bool vnni = use_vnni();
   dispatch_rows(m, [&](auto rows) {
@@ -499,7 +502,7 @@ at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
       constexpr int G = decltype(g)::value;
       at::parallel_for(0, n, grain_for(kp / 2), [&](int64_t b, int64_t e) {
         if (vnni) int4_vnni<R, G>(xq, lanes, xg, wp, sp, mp, yp, b, e, kp, n);
-        else int4_avx2<R, G>(xq, xs, xg, wp, sp, mp, yp, b, e, kp, n);
+        else int4_avx2<R, G>(xq, lanes, xg, wp, sp, mp, yp, b, e, kp, n);
       });
     });
   });
@@ -508,54 +511,29 @@ at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
 
 namespace {
 
-// One 128-column chunk: 64 packed bytes -> 128 values q * s + m (s, m per 32-column block).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequant_chunk_bf16(const uint8_t* p, const float* s,
-                                                                               const float* m, int64_t group,
-                                                                               int64_t col, uint16_t* out, int64_t k) {
-  const __m512i v = _mm512_loadu_si512(p);
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i halves[2] = {_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)};
-  for (int h = 0; h < 2; ++h) {
-    for (int quarter = 0; quarter < 4; ++quarter) {
-      const int64_t c = col + 64 * h + 16 * quarter;
-      if (c >= k) return;
-      const int64_t g = c / group;
-      __m128i bytes = _mm512_extracti32x4_epi32(halves[h], 0);
-      switch (quarter) {
-        case 1: bytes = _mm512_extracti32x4_epi32(halves[h], 1); break;
-        case 2: bytes = _mm512_extracti32x4_epi32(halves[h], 2); break;
-        case 3: bytes = _mm512_extracti32x4_epi32(halves[h], 3); break;
-        default: break;
-      }
-      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-      const __m512 w = _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(m[g]));
-      const __m256i b16 = (__m256i)_mm512_cvtneps_pbh(w);
-      if (k - c >= 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), b16);
-      else _mm256_mask_storeu_epi16(out + c, static_cast<__mmask16>((1u << (k - c)) - 1), b16);
-    }
-  }
+// One 32-column block: 16 packed bytes -> 32 values q * s + m.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequant_block_bf16(const uint8_t* p, float s,
+                                                                                       float m, uint16_t* out) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+  const __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(lo, vs, vm)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(hi, vs, vm)));
 }
 
 // Portable version (fp32 output, or bf16 rounded to nearest even), auto-vectorised for AVX2.
 template <bool Bf16>
-__attribute__((target("avx2,fma"))) void dequant_chunk_generic(const uint8_t* p, const float* s, const float* m,
-                                                                int64_t group, int64_t col, void* out, int64_t k) {
-  float vals[kChunk];
-  for (int j = 0; j < 64; ++j) {
-    vals[j] = float(p[j] & 0x0F);
-    vals[64 + j] = float(p[j] >> 4);
-  }
-  const int64_t limit = std::min<int64_t>(kChunk, k - col);
-  for (int64_t j = 0; j < limit; ++j) {
-    const int64_t g = (col + j) / group;
-    const float w = vals[j] * s[g] + m[g];
+__attribute__((target("avx2,fma"))) void dequant_block_generic(const uint8_t* p, float s, float m, void* out) {
+  for (int j = 0; j < 32; ++j) {
+    const float w = float(j < 16 ? (p[j] & 0x0F) : (p[j - 16] >> 4)) * s + m;
     if constexpr (Bf16) {
       uint32_t bits;
       std::memcpy(&bits, &w, 4);
       bits += 0x7FFF + ((bits >> 16) & 1);
-      static_cast<uint16_t*>(out)[col + j] = static_cast<uint16_t>(bits >> 16);
+      static_cast<uint16_t*>(out)[j] = static_cast<uint16_t>(bits >> 16);
     } else {
-      static_cast<float*>(out)[col + j] = w;
+      static_cast<float*>(out)[j] = w;
     }
   }
 }
@@ -573,17 +551,20 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, c
   const float *sp = scales.data_ptr<float>(), *mp = mins.data_ptr<float>();
   const int64_t groups = kp / group;
   const bool bf16_native = !fp32_out && use_avx512bf16();
+  const int64_t full = k / kBlock;  // int4 widths are multiples of the group size, so of 32
+  TORCH_CHECK(full * kBlock == k, "int4_dequantize: the width must be a multiple of 32");
   at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / kp), [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) {
-      for (int64_t c = 0; c < kp / kChunk; ++c) {
-        const uint8_t* p = wp + o * (kp / 2) + 64 * c;
-        const float *s = sp + o * groups, *m = mp + o * groups;
+      const float *s = sp + o * groups, *m = mp + o * groups;
+      for (int64_t blk = 0; blk < full; ++blk) {
+        const uint8_t* p = wp + o * (kp / 2) + 16 * blk;
+        const int64_t g = blk * kBlock / group;
         if (fp32_out) {
-          dequant_chunk_generic<false>(p, s, m, group, kChunk * c, out.data_ptr<float>() + o * k, k);
+          dequant_block_generic<false>(p, s[g], m[g], out.data_ptr<float>() + o * k + blk * kBlock);
         } else {
-          auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + o * k;
-          if (bf16_native) dequant_chunk_bf16(p, s, m, group, kChunk * c, dst, k);
-          else dequant_chunk_generic<true>(p, s, m, group, kChunk * c, dst, k);
+          auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + o * k + blk * kBlock;
+          if (bf16_native) dequant_block_bf16(p, s[g], m[g], dst);
+          else dequant_block_generic<true>(p, s[g], m[g], dst);
         }
       }
     }
