@@ -11,7 +11,8 @@ Rows:
   of its tokens costs a full prefill, so it decodes only `baseline_tokens` tokens per repeat.
 - `bf16, torch ops`: cached decode with plain torch ops (what a straight port would do).
 - `bf16`: looplm's default path (its C++ CPU kernels, `looplm.kernels`).
-- `int8`, `int4`: weight-only quantization of the layer projections (`looplm.quant`).
+- `int8`, `int4`: the layer projections quantized (`looplm.quant`); with looplm's kernels their
+  decode runs integer dot products on activations quantized to int8 per block of 32.
 
 The roofline is the read bandwidth measured inside each row's process just before it is
 timed (`torch.sum` over a 512 MiB buffer, same thread count; on a shared machine the load
