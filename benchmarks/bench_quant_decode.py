@@ -4,9 +4,11 @@ Random weights (hidden 2048, intermediate 5632, 16 heads, vocab 49152, T = 4); `
 sets the depth (24 in Ouro-1.4B; fewer keeps the run short, at the cost of giving the
 unquantized lm_head a larger share of the bytes read per token). The three models decode the
 same tokens in turn (teacher forced, every loop, full KV cache), repeats interleaved, so the
-ratios hold on a shared machine. Each model runs with torch's own linears (LOOPLM_KERNELS=torch).
+ratios hold on a shared machine. `--kernels torch` (default) runs each model with torch's own
+linears (LOOPLM_KERNELS=torch); `--kernels auto` with looplm's C++ kernels (bf16 GEMV, and the
+integer dot-product kernels for the quantized layers).
 
-    nice -n 5 python benchmarks/bench_quant_decode.py --layers 8 --threads 1
+    nice -n 5 python benchmarks/bench_quant_decode.py --layers 8 --threads 1 [--kernels auto]
     nice -n 5 python benchmarks/bench_quant_decode.py --model ~/.cache/looplm/bench/ouro-1.4b-random-bf16-v1-seed0
 """
 
@@ -43,8 +45,9 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernels", default="torch", choices=["torch", "auto"])
     args = parser.parse_args()
-    os.environ["LOOPLM_KERNELS"] = "torch"
+    os.environ["LOOPLM_KERNELS"] = args.kernels
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +67,8 @@ def main() -> None:
             teacher_forced(model, ids, args.prefix, "last", None, "full", False)
             times[name].append((time.perf_counter() - start) / args.new_tokens)
     layers = next(iter(models.values())).config.num_hidden_layers
-    print(f"{layers} layers x 4 loops, {torch.get_num_threads()} threads, {args.new_tokens} tokens after a "
+    print(f"{layers} layers x 4 loops, kernels {args.kernels}, {torch.get_num_threads()} threads, "
+          f"{args.new_tokens} tokens after a "
           f"{args.prefix}-token prefill, median of {args.repeats}")
     print("| weights | ms / token | speed-up vs bf16 |")
     print("|---|---|---|")
