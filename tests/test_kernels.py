@@ -272,7 +272,7 @@ def int4_weights(out_features: int, in_features: int, group: int, seed: int):  #
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(out_features, in_features, generator=generator) * 0.05 + 0.01
     q, scale, low = quantize_int4(w, group)
-    dense = dequantize(q, scale, low, group)
+    dense = dequantize(q, scale.half(), low.half(), group)  # the layout holds fp16 scales and mins
     return pack_int4_looplm(q, scale, low, group), dense
 
 
@@ -338,8 +338,8 @@ def test_int4_module_in_looplm_layout(rows: int, route: str) -> None:
     w = torch.randn(64, 192) * 0.05
     q, scale, low = quantize_int4(w, 64)
     layer = Int4Linear(q, scale, low, 64, None, torch.bfloat16, layout="looplm")
-    expected_w = dequantize(q, scale, low, 64)
-    assert torch.equal(layer.dequantized_weight(), dequantize_int4(q, scale, low, 64, torch.float32))
+    expected_w = dequantize(q, scale.half(), low.half(), 64)
+    assert torch.equal(layer.dequantized_weight(), dequantize_int4(q, scale.half(), low.half(), 64, torch.float32))
     x = torch.randn(2, rows, 192).bfloat16()
     fallback = layer(x)  # no kernels attached: dequantize + F.linear in torch
     layer.cpu_kernels, layer.prefill_route = kernels, route

@@ -129,12 +129,13 @@ def test_looplm_int4_layout_round_trip(in_features: int, group: int) -> None:
     assert packed.shape == (24, padded // 2) and scales.shape == mins.shape == (24, padded // group)
     assert torch.equal(unpack_int4_looplm(packed, in_features), q)
     assert not unpack_int4_looplm(packed, padded)[:, in_features:].any()
-    assert torch.equal(scales[:, : in_features // group], scale) and not scales[:, in_features // group :].any()
+    assert scales.dtype == mins.dtype == torch.float16  # rounded once: 2^-11 relative
+    assert torch.equal(scales[:, : in_features // group], scale.half()) and not scales[:, in_features // group :].any()
     assert int(packed[0, 5]) == int(q[0, 5]) | (int(q[0, 21]) << 4)  # byte j of a block: column j, 16 + j
     assert int(packed[1, 20]) == int(q[1, 36]) | (int(q[1, 52]) << 4)
     layer = Int4Linear(q, scale, low, group, None, torch.float32, layout="looplm")  # no C++ kernels: torch fallback
     x = torch.randn(3, in_features)
-    expected = F.linear(x, dequantize_int4(q, scale, low, group, torch.float32))
+    expected = F.linear(x, dequantize_int4(q, scale.half(), low.half(), group, torch.float32))
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 

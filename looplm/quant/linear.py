@@ -83,7 +83,7 @@ class Int4Linear(nn.Module):
     `layout` says how the weight is held:
     - "torch": torch's CPU int4 kernel layout with (scale, zero) pairs in the activation dtype
       (needs out_features % 16 == 0);
-    - "looplm": looplm's own packed layout with fp32 scales and mins
+    - "looplm": looplm's own packed layout with fp16 scales and mins
       (`looplm.quant.kernels.pack_int4_looplm`), run by looplm's C++ kernels once
       `use_cpu_kernels` has set `cpu_kernels`, else dequantized per call;
     - "portable": nibbles + scale/min in the activation dtype, dequantized per call.
@@ -132,7 +132,7 @@ class Int4Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the kernel multiplies by (for tests and fallbacks): in the activation dtype,
-        fp32 for the "looplm" layout (whose scales and mins are fp32)."""
+        fp32 for the "looplm" layout (from its fp16 scales and mins)."""
         if self.layout == "torch":
             eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
             return self._fused(eye).T.contiguous()
