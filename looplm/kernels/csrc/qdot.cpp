@@ -15,6 +15,8 @@
 // dot_b, the exact integer dot product of one 32-column block, comes from vpdpbusd (AVX-512
 // VNNI: u8 x s8, four products summed into each int32 lane) or from vpmaddubsw + vpmaddwd
 // (AVX2). Each block's int32 lanes are converted to fp32 and multiplied by the block's scale.
+// Dispatch at run time: VNNI where the CPU has AVX-512 VNNI/BW/VL (unless looplm_force_avx2,
+// set from LOOPLM_CPU_ISA=avx2), else AVX2; output channels are split with at::parallel_for.
 //
 // int4 packed layout (made at load time by looplm.quant.kernels.pack_int4_looplm): row n,
 // columns padded with q = 0 to a multiple of 128; every block of 32 columns is 16 bytes, byte
@@ -280,9 +282,7 @@ __attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* xq, const float
 template <int Rows, int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void int4_vnni(
     const int8_t* xq, const float* lanes, const float* xgroup, const uint8_t* w, const uint16_t* scales,
-    const uint16_t* mins, float* y,
-                                                                      int64_t n_begin, int64_t n_end, int64_t kp,
-                                                                      int64_t n) {
+    const uint16_t* mins, float* y, int64_t n_begin, int64_t n_end, int64_t kp, int64_t n) {
   const int64_t chunks = kp / kChunk, groups = kp / G;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // G = 32: lane l, scale l / 4
