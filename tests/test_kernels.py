@@ -96,6 +96,46 @@ def test_load_swaps_bf16_linears_and_keeps_the_gate(make_checkpoint) -> None:  #
     assert fast.generate(prompt, 12) == plain.generate(prompt, 12)
 
 
+@pytest.mark.parametrize("shape", [(1, 64), (3, 256), (8, 2048), (2, 5, 2050), (1, 5632)])
+def test_fused_rms_norm_is_bit_identical_to_the_module(shape: tuple[int, ...]) -> None:
+    from looplm.models.ouro import RMSNorm
+
+    torch.manual_seed(shape[-1])
+    norm = RMSNorm(shape[-1], 1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1]) * 0.5 + 1)
+        x = (torch.randn(*shape) * 3).bfloat16()
+        assert torch.equal(kernels.rms_norm_bf16(x, norm.weight, 1e-6), norm(x))
+    with pytest.raises(RuntimeError, match="weight"):
+        kernels.rms_norm_bf16(x, norm.weight[:-1], 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 1, 128), (2, 4, 7, 64), (3, 2, 5, 32)])
+def test_fused_rope_is_bit_identical_to_eager(shape: tuple[int, int, int, int]) -> None:
+    from looplm.models.ouro import apply_rope, rope_tables
+
+    batch, heads, seq, dim = shape
+    torch.manual_seed(dim)
+    x = (torch.randn(batch, seq, heads, dim) * 2).bfloat16().transpose(1, 2)  # strided, as after a projection
+    cos, sin = rope_tables(torch.randint(0, 3000, (batch, seq)), dim, 1e4, torch.bfloat16)
+    out = kernels.rope_bf16(x, cos, sin)
+    assert out.is_contiguous() and torch.equal(out, apply_rope(x, cos, sin))
+    with pytest.raises(RuntimeError, match="cos/sin"):
+        kernels.rope_bf16(x, cos[:, :, :-2], sin[:, :, :-2])
+
+
+def test_load_fuses_norms_and_rope(make_checkpoint) -> None:  # noqa: ANN001
+    path = make_checkpoint(num_key_value_heads=2)
+    fast = looplm.load(path, dtype="bfloat16")
+    layers = fast.config.num_hidden_layers
+    assert fast.kernels["norms"] == 4 * layers + 1  # sandwich norms + the final norm
+    assert fast.model.layers[0].self_attn.rope_kernel is not None
+    assert looplm.load(path, dtype="bfloat16", kernels="torch").model.norm.kernel is None
+    # Training a kernel model stays on eager ops (autograd): the norm's output has a grad_fn.
+    x = torch.randn(2, fast.config.hidden_size, dtype=torch.bfloat16)
+    assert fast.model.norm(x).grad_fn is not None
+
+
 def test_unknown_kernel_mode_is_a_clear_error() -> None:
     model = torch.nn.Linear(4, 4).bfloat16()
     with pytest.raises(looplm.errors.ConfigError, match="kernels 'fast'"):

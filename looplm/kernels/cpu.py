@@ -10,6 +10,9 @@ Prefill is a real GEMM. CPUs with AVX-512 BF16 run bf16 GEMM fast through oneDNN
 CPUs run it several times slower than fp32 GEMM, so there the weights are upcast to fp32
 for the pass (one layer at a time, freed right after).
 
+Norms and rotary embeddings: fused C++ ops (`csrc/fused.cpp`) with the eager modules' exact
+rounding, one call each instead of about ten tensor ops, for decode's per-op overhead.
+
 Attention: decode's single query per sequence goes to a C++ kernel that streams the cached
 K/V (all segments of the shared-KV cache, grouped-query heads unexpanded) in fp32.
 
@@ -32,7 +35,7 @@ from torch import nn
 from looplm.errors import ConfigError
 from looplm.kernels.extension import extension_or_reason
 from looplm.kernels.swap import replace_linears
-from looplm.models.ouro import Attention
+from looplm.models.ouro import Attention, RMSNorm
 from looplm.quant.linear import Int4Linear, Int8Linear
 
 MAX_SKINNY_ROWS = 8
@@ -102,6 +105,12 @@ def use_cpu_kernels(model: nn.Module) -> dict:
     attention = [m for m in model.modules() if isinstance(m, Attention)]
     for module in attention:
         module.decode_kernel = kernels.decode_attention_bf16
+        module.rope_kernel = kernels.rope_bf16
+    # Norms and RoPE: fused, bit-identical to the eager ops (tests/test_kernels.py); at decode a
+    # layer pass is otherwise ~40 small tensor ops whose dispatch cost rivals a narrow model's GEMVs.
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    for module in norms:
+        module.kernel = kernels.rms_norm_bf16
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     for module in int8:
         module.decode_kernel = kernels.int8_dot_linear
@@ -110,7 +119,7 @@ def use_cpu_kernels(model: nn.Module) -> dict:
         module.cpu_kernels = kernels
         module.prefill_route = route
     return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced), "attention": len(attention),
-            "int8_linears": len(int8), "int4_linears": len(int4)}
+            "norms": len(norms), "int8_linears": len(int8), "int4_linears": len(int4)}
 
 
 KERNEL_MODES = ("auto", "torch")

@@ -29,17 +29,30 @@ from looplm.exit import ExitPolicy, StepView, exit_distribution, gather_steps, s
 
 
 class RMSNorm(nn.Module):
+    # Set per module by `looplm.kernels.use_cpu_kernels`: a fused bf16 CPU kernel with these
+    # numerics, called as kernel(x, weight, eps) (one call instead of eight tensor ops).
+    kernel = None
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and _inference_bf16_cpu(x, self.weight):
+            return self.kernel(x, self.weight, self.eps)
         dtype = x.dtype
         y = x.to(torch.float32)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         # Cast before the weight product, as the reference does (bit parity in bf16).
         return self.weight * y.to(dtype)
+
+
+def _inference_bf16_cpu(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether looplm's bf16 CPU inference kernels may replace eager ops for `x` (no autograd)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+    dtypes_ok = x.dtype == torch.bfloat16 and (weight is None or weight.dtype == torch.bfloat16)
+    return dtypes_ok and x.is_cpu and not needs_grad
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +136,7 @@ class Attention(nn.Module):
     # Set by `looplm.kernels.use_cpu_kernels`: a single-query attention kernel for bf16
     # decode, called as kernel(q, keys, values, mask) with the cache's segments.
     decode_kernel = None
+    rope_kernel = None  # set per module by `looplm.kernels.use_cpu_kernels`: fused bf16 RoPE, same rounding
 
     def __init__(self, config: OuroConfig) -> None:
         super().__init__()
@@ -149,7 +163,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope_kernel is not None and _inference_bf16_cpu(q) and not k.requires_grad:
+            q, k = self.rope_kernel(q, cos, sin), self.rope_kernel(k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             segments = cache.update(slot, cache.length, k, v, rows)  # [(B, Hkv, S_i, D), ...]
             if self.decode_kernel is not None and seq == 1 and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():

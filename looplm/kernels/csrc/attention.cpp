@@ -163,10 +163,14 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
     mask_ptr = mask_c.data_ptr<bool>();
   }
 
-  at::Tensor q32 = q.to(at::kFloat).contiguous();  // [B, H, 1, D], tiny
-  at::Tensor out32 = at::zeros({batch, heads, 1, dim}, q.options().dtype(at::kFloat));
-  const float* qp = q32.data_ptr<float>();
-  float* op = out32.data_ptr<float>();
+  // fp32 copies of q and the output in plain buffers: tensor ops (to, zeros) would each cost a
+  // dispatch, which at decode is comparable to the attention itself for short contexts.
+  const at::Tensor qc = q.contiguous();  // [B, H, 1, D], tiny
+  const at::BFloat16* q_bf16 = qc.data_ptr<at::BFloat16>();
+  std::vector<float> q32(batch * heads * dim), out32(batch * heads * dim, 0.f);
+  for (size_t i = 0; i < q32.size(); ++i) q32[i] = static_cast<float>(q_bf16[i]);
+  const float* qp = q32.data();
+  float* op = out32.data();
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
 
   const ScoresFn scores_fn = use_avx512() ? scores_avx512 : scores_avx2;
@@ -204,5 +208,8 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
       for (int64_t d = 0; d < dim; ++d) acc[d] *= inverse;
     }
   });
-  return out32.to(at::kBFloat16);
+  at::Tensor out = at::empty({batch, heads, 1, dim}, q.options());
+  at::BFloat16* out_bf16 = out.data_ptr<at::BFloat16>();
+  for (size_t i = 0; i < out32.size(); ++i) out_bf16[i] = at::BFloat16(out32[i]);  // round to nearest even
+  return out;
 }

@@ -150,7 +150,12 @@ at::Tensor skinny_linear_bf16(const at::Tensor& x, const at::Tensor& w) {
     case 7: run_rows<7>(xc, wc, y32, x32); break;
     default: run_rows<8>(xc, wc, y32, x32); break;
   }
-  return y32.to(at::kBFloat16);
+  // Round to bf16 here rather than with a tensor op: one dispatch less per decode GEMV.
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  const float* y32p = y32.data_ptr<float>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  for (int64_t i = 0, count = y.numel(); i < count; ++i) yp[i] = at::BFloat16(y32p[i]);
+  return y;
 }
 
 void set_force_avx2(bool value) { looplm_force_avx2 = value; }
@@ -165,6 +170,10 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
                                  const std::vector<at::Tensor>& values, const c10::optional<at::Tensor>& mask);
 
 at::Tensor int8_linear_bf16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
+
+// fused.cpp
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor rope_bf16(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 // qdot.cpp
 std::vector<at::Tensor> quantize_activations(const at::Tensor& x);
@@ -186,6 +195,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed"), py::arg("scales"), py::arg("mins"), py::arg("group"), py::arg("k"),
         py::arg("fp32_out") = false);
   m.def("decode_attention_bf16", &decode_attention_bf16, "single-query bf16 attention over KV segments");
+  m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows, the eager module's rounding, one pass");
+  m.def("rope_bf16", &rope_bf16, "rotary embedding (rotate-half) of bf16 [B, H, S, D], the eager rounding");
   m.def("skinny_linear_bf16", &skinny_linear_bf16, "bf16 x @ w.T for 1-8 rows, fp32 accumulation");
   m.def("cpu_path", &cpu_path, "which kernel variant this CPU runs");
   m.def("set_force_avx2", &set_force_avx2, "use the AVX2 variant even where AVX-512 BF16 exists (tests)");
