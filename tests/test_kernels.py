@@ -229,6 +229,20 @@ def test_int8_model_uses_the_decode_kernel(make_checkpoint) -> None:  # noqa: AN
     assert (ours.float() - theirs.float()).abs().max() <= theirs.float().abs().max() * 2**-6
 
 
+def test_int8_prefill_follows_the_cpu_route(make_checkpoint) -> None:  # noqa: ANN001
+    model = looplm.load(make_checkpoint(), dtype="bfloat16", quant="int8")
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.prefill_route == choose_prefill_route(cpu_path)
+    x = torch.randn(2, 12, layer.in_features).bfloat16()  # 24 rows: prefill
+    exact = (x.double() @ layer.dequantized_weight().double().T)
+    with torch.inference_mode():
+        for route in ("bf16", "fp32"):
+            layer.prefill_route = route
+            out = layer(x)
+            assert out.dtype == torch.bfloat16 and out.shape == (2, 12, layer.out_features)
+            assert (out.double() - exact).abs().max() <= exact.abs().max() * 2**-7, route
+
+
 def test_a_left_over_build_lock_does_not_block_loading() -> None:
     """A process killed inside torch's builder leaves `lock` behind; a built library must still load."""
     import subprocess

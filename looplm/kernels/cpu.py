@@ -114,6 +114,7 @@ def use_cpu_kernels(model: nn.Module) -> dict:
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     for module in int8:
         module.decode_kernel = kernels.int8_dot_linear
+        module.prefill_route = route
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear) and m.layout == "looplm"]
     for module in int4:
         module.cpu_kernels = kernels

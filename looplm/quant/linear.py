@@ -47,6 +47,9 @@ class Int8Linear(nn.Module):
     decode_kernel = None
     # fp32 copy of `scale` for that kernel, with the `scale._version` it was made from
     _scale32: tuple[int, torch.Tensor] | None = None
+    # Prefill (more than FUSED_MAX_ROWS rows) of a bf16 model: "fp32" on CPUs without AVX-512 BF16,
+    # where a bf16 GEMM is several times slower than fp32 (set by `use_cpu_kernels`).
+    prefill_route = "bf16"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -67,6 +70,8 @@ class Int8Linear(nn.Module):
             y = self.decode_kernel(rows.contiguous(), self.weight_int8, self._scale32[1])
         elif x.device.type == "cpu" and rows.shape[0] <= FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, scale)
+        elif self.prefill_route == "fp32" and x.dtype == torch.bfloat16 and x.is_cpu:
+            y = (F.linear(rows.float(), self.weight_int8.float()) * self.scale.float()).to(x.dtype)
         else:
             y = F.linear(rows, self.weight_int8.to(x.dtype)) * scale
         if self.bias is not None:
