@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Retrain the embedded default model (looplm/data/tiny-ouro) from scratch on CPU; recipe in docs/tiny-ouro.md.
-#   bash scripts/train_tiny_ouro.sh [WORK_DIR]        (about 30 min of compute on 2 idle CPU cores; 1.5-2 h shared)
+#   bash scripts/train_tiny_ouro.sh [WORK_DIR]        (about 1.5 h of compute on 2 idle CPU cores; more when shared)
 # Data comes from pinned PyPI packages (train splits only); nothing else is downloaded.
-# Two phases, replayed exactly as they ran: phase A is the previous tiny-ouro run (1000 + 100 steps); phase B
-# continues it for 200 + 50 steps on 1-digit arithmetic chains.
+# Three phases, replayed as they ran: phase A is the first tiny-ouro run (1000 + 100 steps); phase B continues it for
+# 200 + 50 steps on 1-digit arithmetic chains; phase C (the shipped model) for 800 + 50 more steps with the loss on
+# the arithmetic answers only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/tiny-ouro-run}
@@ -19,6 +20,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   --max-terms 2 --problems 200000
 [ -f "$WORK/data_1d/data.json" ] || python -m looplm.train.data "$WORK/data_1d" --like "$WORK/data" \
   --arithmetic-weight 0.65 --max-digits 1 --max-terms 4 --problems 300000
+# Phase C: the same task with fresh problems (seed 10), 75% of the windows, and only the answers (the tokens after
+# `=` through the newline) count in the loss; text windows count every token.
+[ -f "$WORK/data_c/data.json" ] || python -m looplm.train.data "$WORK/data_c" --like "$WORK/data" \
+  --arithmetic-weight 0.75 --max-digits 1 --max-terms 4 --problems 300000 --answer-loss --seed 10
 
 # 2. Phase A, Stage I: expected next-token loss under the exit distribution - 0.1 x its entropy; LM and gate
 # together. Planned as 1500 steps; stopped at the step-750 checkpoint (slow shared machine) and resumed with a
@@ -42,12 +47,25 @@ python -m looplm train --data "$WORK/data_1d" --out "$WORK/cont2" --init-from "$
   --steps 50 --batch-size 8 --seq-len 256 --lr 5e-3 --warmup 5 --min-lr-ratio 0.1 --weight-decay 0.0 \
   --seed 3 --no-progress
 
-# 4. Measure (accuracy per loop count with 95% CIs, gate early exit) and ship.
-python scripts/tiny_ouro_report.py "$WORK/cont2" --out docs/tiny-ouro --n 500
+# 4. Phase C, Stage I from phase B's model. Planned as 1200 steps with 2 threads; the shared machine made that
+# 11 s/step, so it was stopped after the step-100 checkpoint and resumed with one thread and an 800-step cosine.
+STAGE_C=(--data "$WORK/data_c" --out "$WORK/contC1" --init-from "$WORK/cont2" --batch-size 8 --seq-len 256
+  --lr 1.5e-3 --warmup 50 --min-lr-ratio 0.1 --weight-decay 0.1 --beta 0.1 --seed 4 --save-every 100 --no-progress)
+python -m looplm train "${STAGE_C[@]}" --steps 1200 --stop-at 100
+python -m looplm train "${STAGE_C[@]}" --steps 800 --resume
+# Phase C, Stage II (the shipped model).
+python -m looplm train --data "$WORK/data_c" --out "$WORK/contC2" --init-from "$WORK/contC1" --stage 2 \
+  --steps 50 --batch-size 8 --seq-len 256 --lr 5e-3 --warmup 5 --min-lr-ratio 0.1 --weight-decay 0.0 \
+  --seed 5 --no-progress
+
+# 5. Measure (accuracy per loop count with 95% CIs, gate early exit) and ship.
+python scripts/tiny_ouro_report.py "$WORK/contC2" --out docs/tiny-ouro --n 500
 mkdir -p looplm/data/tiny-ouro
-for f in config.json model.safetensors generation_config.json tokenizer.json tokenizer_config.json; do
-  cp "$WORK/cont2/$f" looplm/data/tiny-ouro/
+for f in config.json model.safetensors tokenizer.json tokenizer_config.json; do
+  cp "$WORK/contC2/$f" looplm/data/tiny-ouro/
 done
+# Sampling defaults (temperature 0.7, top-p 0.9): greedy decoding of a model this small loops on digits.
+cp docs/tiny-ouro/generation_config.json looplm/data/tiny-ouro/
 cp "$WORK/stage1/train_loss.png" docs/tiny-ouro/stage1_loss.png
 cp "$WORK/stage2/train_loss.png" docs/tiny-ouro/stage2_loss.png
 cp "$WORK/stage1/train_log.jsonl" docs/tiny-ouro/stage1_log.jsonl
@@ -56,3 +74,7 @@ cp "$WORK/cont1/train_loss.png" docs/tiny-ouro/phaseB_stage1_loss.png
 cp "$WORK/cont2/train_loss.png" docs/tiny-ouro/phaseB_stage2_loss.png
 cp "$WORK/cont1/train_log.jsonl" docs/tiny-ouro/phaseB_stage1_log.jsonl
 cp "$WORK/cont2/train_log.jsonl" docs/tiny-ouro/phaseB_stage2_log.jsonl
+cp "$WORK/contC1/train_loss.png" docs/tiny-ouro/phaseC_stage1_loss.png
+cp "$WORK/contC2/train_loss.png" docs/tiny-ouro/phaseC_stage2_loss.png
+cp "$WORK/contC1/train_log.jsonl" docs/tiny-ouro/phaseC_stage1_log.jsonl
+cp "$WORK/contC2/train_log.jsonl" docs/tiny-ouro/phaseC_stage2_log.jsonl

@@ -77,7 +77,9 @@ def test_generate_streams_text_and_timings() -> None:
 
 
 def test_generate_json_is_greedy_and_deterministic(default_model) -> None:  # noqa: ANN001
-    runs = [json.loads(invoke("generate", "Hello", "--max-new-tokens", "12", "--json").stdout) for _ in range(2)]
+    # The embedded model samples by default (its generation_config.json); --temperature 0 is greedy.
+    runs = [json.loads(invoke("generate", "Hello", "--max-new-tokens", "12", "--json", "--temperature", "0").stdout)
+            for _ in range(2)]
     first = runs[0]
     assert first["finish_reason"] == "length" and len(first["new_ids"]) == 12
     assert first["prompt_ids"] == default_model.tokenizer.encode("Hello")
@@ -86,6 +88,10 @@ def test_generate_json_is_greedy_and_deterministic(default_model) -> None:  # no
     assert 1 <= first["mean_exit_step"] <= default_model.config.total_ut_steps
     assert first["text"] == default_model.tokenizer.decode(first["new_ids"])
     assert runs[1]["new_ids"] == first["new_ids"] and runs[1]["text"] == first["text"]
+    sampled = [json.loads(invoke("generate", "Hello", "--max-new-tokens", "12", "--json", "--seed", str(seed)).stdout)
+               ["new_ids"] for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
+    assert sampled[0] != sampled[2]  # and different seeds sample differently
 
 
 def test_generate_json_reports_exit_steps_and_kv_mode(default_model) -> None:  # noqa: ANN001
@@ -125,7 +131,7 @@ def test_stop_string_is_cut_and_held_back(default_model) -> None:  # noqa: ANN00
     assert text == full[: full.index(stop)]
     assert chunks[-1].finish_reason == "stop" and all(c.finish_reason is None for c in chunks[:-1])
     assert len(chunks[-1].token_ids) < 24
-    result = invoke("generate", "The", "--max-new-tokens", "24", "--stop", stop, "--json")
+    result = invoke("generate", "The", "--max-new-tokens", "24", "--stop", stop, "--json", "--temperature", "0")
     assert json.loads(result.stdout)["text"] == text
 
 
@@ -234,7 +240,8 @@ def test_chat_shows_reasoning_apart_and_keeps_answers_only(monkeypatch: pytest.M
 
 def test_chat_show_steps_reports_mean_steps_and_loops_saved(default_model) -> None:  # noqa: ANN001
     """--show-steps prints one line per reply, with the numbers the library's stats give."""
-    args = ["chat", "--dtype", "float32", "--max-new-tokens", "12", "--exit-policy", "gate", "--exit-threshold", "0.5"]
+    args = ["chat", "--dtype", "float32", "--max-new-tokens", "12", "--exit-policy", "gate", "--exit-threshold", "0.5",
+            "--temperature", "0"]  # greedy, like the library call below (the embedded model samples by default)
     skipping = invoke(*args, "--skip-compute", "--show-steps", input="hi\nagain\n")
     assert skipping.exit_code == 0, skipping.output
     lines = [line for line in skipping.stderr.splitlines() if line.startswith("mean steps per token")]

@@ -37,7 +37,8 @@ def arithmetic(
     seed: Annotated[int, typer.Option(help="Seed that picks the held-out problems.")] = 1234,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results JSON here.")] = None,
 ) -> None:
-    """Exact-match accuracy on held-out a+b / a-b problems, per loop count (default: read the last loop)."""
+    """Exact-match accuracy on held-out arithmetic (1-digit chains of 2-4 terms, e.g. 7-8+9-5=), per loop count
+    (default: read the last loop)."""
     from looplm.eval.arithmetic import evaluate_arithmetic, format_table
 
     step_list = parse_steps(steps)
