@@ -60,7 +60,6 @@ def candidates(weight: torch.Tensor, x: torch.Tensor, group: int, copies: int) -
     if kernels is not None and dtype == torch.bfloat16 and rows <= 8:
         looplm_rows = {
             "bf16 looplm GEMV": each(lambda w, *_: kernels.skinny_linear_bf16(x, w)),
-            "int8 looplm fp32-FMA kernel (old)": each(lambda w, q8, *m: kernels.int8_linear_bf16(x, q8, m[6])),
             "int8 looplm dot kernel": each(lambda w, q8, *m: kernels.int8_dot_linear(x, q8, m[6])),
             f"int4 looplm dot kernel g{group}": each(lambda *m: kernels.int4_dot_linear(x, *m[9], group)),
         }

@@ -169,8 +169,6 @@ std::string cpu_path() {
 at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tensor>& keys,
                                  const std::vector<at::Tensor>& values, const c10::optional<at::Tensor>& mask);
 
-at::Tensor int8_linear_bf16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
-
 // fused.cpp
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rope_bf16(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
@@ -184,7 +182,6 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, c
                            int64_t k, bool fp32_out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear_bf16", &int8_linear_bf16, "bf16 x @ (scale * int8 W).T for 1-8 rows (fp32 FMA)");
   m.def("quantize_activations", &quantize_activations, "bf16 rows -> int8 blocks of 32, scales, block sums");
   m.def("int8_dot_linear", &int8_dot_linear, "bf16 x @ (scale * int8 W).T for 1-8 rows, int8 activations",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("fp32_out") = false);
