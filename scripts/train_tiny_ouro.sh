@@ -66,15 +66,14 @@ for f in config.json model.safetensors tokenizer.json tokenizer_config.json; do
 done
 # Sampling defaults (temperature 0.7, top-p 0.9): greedy decoding of a model this small loops on digits.
 cp docs/tiny-ouro/generation_config.json looplm/data/tiny-ouro/
-cp "$WORK/stage1/train_loss.png" docs/tiny-ouro/stage1_loss.png
-cp "$WORK/stage2/train_loss.png" docs/tiny-ouro/stage2_loss.png
-cp "$WORK/stage1/train_log.jsonl" docs/tiny-ouro/stage1_log.jsonl
-cp "$WORK/stage2/train_log.jsonl" docs/tiny-ouro/stage2_log.jsonl
-cp "$WORK/cont1/train_loss.png" docs/tiny-ouro/phaseB_stage1_loss.png
-cp "$WORK/cont2/train_loss.png" docs/tiny-ouro/phaseB_stage2_loss.png
-cp "$WORK/cont1/train_log.jsonl" docs/tiny-ouro/phaseB_stage1_log.jsonl
-cp "$WORK/cont2/train_log.jsonl" docs/tiny-ouro/phaseB_stage2_log.jsonl
-cp "$WORK/contC1/train_loss.png" docs/tiny-ouro/phaseC_stage1_loss.png
-cp "$WORK/contC2/train_loss.png" docs/tiny-ouro/phaseC_stage2_loss.png
-cp "$WORK/contC1/train_log.jsonl" docs/tiny-ouro/phaseC_stage1_log.jsonl
-cp "$WORK/contC2/train_log.jsonl" docs/tiny-ouro/phaseC_stage2_log.jsonl
+# Every run's loss log and plot, as docs/tiny-ouro/<name>_log.jsonl and <name>_loss.png.
+publish_logs() {
+  cp "$WORK/$1/train_loss.png" "docs/tiny-ouro/$2_loss.png"
+  cp "$WORK/$1/train_log.jsonl" "docs/tiny-ouro/$2_log.jsonl"
+}
+publish_logs stage1 stage1
+publish_logs stage2 stage2
+publish_logs cont1 phaseB_stage1
+publish_logs cont2 phaseB_stage2
+publish_logs contC1 phaseC_stage1
+publish_logs contC2 phaseC_stage2
