@@ -45,7 +45,7 @@ class Int8Linear(nn.Module):
     # Set by `looplm.kernels.use_cpu_kernels`: looplm's int8 decode kernel, called as
     # kernel(x_rows_bf16, weight_int8, scale_fp32); it streams the weights faster than torch's.
     decode_kernel = None
-    # fp32 copy of `scale` for that kernel, with the `scale._version` it was made from
+    # fp32 copy of `scale` (`_scale_fp32`), with the `scale._version` it was made from
     _scale32: tuple[int, torch.Tensor] | None = None
     # Prefill (more than FUSED_MAX_ROWS rows) of a bf16 model: "fp32" on CPUs without AVX-512 BF16,
     # where a bf16 GEMM is several times slower than fp32 (set by `use_cpu_kernels`).
@@ -61,17 +61,21 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.to(self.scale.dtype) * self.scale[:, None]
 
+    def _scale_fp32(self) -> torch.Tensor:
+        """`scale` in fp32, cached until the buffer changes (looplm's kernel and the fp32 route use it)."""
+        if self._scale32 is None or self._scale32[0] != self.scale._version:
+            self._scale32 = (self.scale._version, self.scale.float())
+        return self._scale32[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)
         if self.decode_kernel is not None and x.dtype == torch.bfloat16 and x.is_cpu and rows.shape[0] <= FUSED_MAX_ROWS:
-            if self._scale32 is None or self._scale32[0] != self.scale._version:
-                self._scale32 = (self.scale._version, self.scale.float())
-            y = self.decode_kernel(rows.contiguous(), self.weight_int8, self._scale32[1])
+            y = self.decode_kernel(rows.contiguous(), self.weight_int8, self._scale_fp32())
         elif x.device.type == "cpu" and rows.shape[0] <= FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, scale)
         elif self.prefill_route == "fp32" and x.dtype == torch.bfloat16 and x.is_cpu:
-            y = (F.linear(rows.float(), self.weight_int8.float()) * self.scale.float()).to(x.dtype)
+            y = (F.linear(rows.float(), self.weight_int8.float()) * self._scale_fp32()).to(x.dtype)
         else:
             y = F.linear(rows, self.weight_int8.to(x.dtype)) * scale
         if self.bias is not None:
