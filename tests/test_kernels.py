@@ -352,6 +352,27 @@ def test_int4_kernels_reject_bad_input() -> None:
         kernels.int8_dot_linear(torch.randn(9, 16).bfloat16(), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4))
 
 
+def test_weight_prefetch_changes_no_result(variant: str) -> None:
+    """Prefetching (the AVX2 bf16 GEMV's) only moves weights into cache earlier: with it off
+    the kernel returns the same bits. Rows of 11 KiB, so prefetches run past rows and past
+    the matrix."""
+    x = torch.randn(2, 5632).bfloat16()
+    w = torch.randn(64, 5632).bfloat16()
+
+    def outputs() -> list[torch.Tensor]:
+        return [kernels.skinny_linear_bf16(x, w), kernels.skinny_linear_bf16(x[:1], w)]
+
+    on = outputs()
+    try:
+        kernels.set_prefetch_bytes(0)
+        off = outputs()
+    finally:
+        kernels.set_prefetch_bytes(16384)
+    assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
+    with pytest.raises(RuntimeError, match="0 \\(off\\) to 1 MiB"):
+        kernels.set_prefetch_bytes(-1)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("fp32_out", [False, True])
 def test_int4_dequantize_matches_reference(variant: str, group: int, fp32_out: bool) -> None:

@@ -22,6 +22,7 @@ from types import ModuleType
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp", "qdot.cpp", "fused.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "stream.h"]  # part of the build's identity, not compiled alone
 CFLAGS = ["-O3", "-fopenmp"]  # at::parallel_for only splits work across threads when built with OpenMP
 LDFLAGS = ["-fopenmp"]
 
@@ -37,7 +38,7 @@ def cache_dir() -> Path:
 
 def build_name() -> str:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     digest.update(" ".join(CFLAGS).encode())
     digest.update(torch.__version__.encode())

@@ -37,6 +37,7 @@
 #include <cstring>
 #include <vector>
 
+
 extern bool looplm_force_avx2;  // gemv.cpp
 
 namespace {
@@ -237,38 +238,48 @@ __attribute__((target("avx2,fma"))) inline float hsum_ps(__m256 v) {
 // |w| as the unsigned side and xq carrying w's sign (vpsignb), every pair sum is at most
 // 2 * 127 * 127 < 32767, so nothing saturates.
 template <int Rows>
+__attribute__((target("avx2,fma"), always_inline)) inline void int8_block_avx2(const int8_t* xq, const float* scale,
+                                                                             const int8_t* src, int64_t b, int64_t kp,
+                                                                             __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i wabs = _mm256_abs_epi8(wv);
+  for (int r = 0; r < Rows; ++r) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * kp + b * kBlock));
+    const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
+    const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+    acc[r] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(scale + r * (kp / kBlock) + b), acc[r]);
+  }
+}
+
+template <int Rows>
 __attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* xq, const float* scale, const int8_t* w,
                                                    const float* wscale, float* y, int64_t n_begin, int64_t n_end,
                                                    int64_t k, int64_t kp, int64_t n) {
-  constexpr int U = Rows <= 2 ? 2 : 1;
-  const __m256i ones = _mm256_set1_epi16(1);
+  constexpr int U = Rows <= 2 ? 2 : 1;  // accumulator sets, unrolled by hand (see int4_vnni)
   const int64_t blocks = (k + kBlock - 1) / kBlock, full = k / kBlock;
   alignas(32) int8_t tail[kBlock];
   for (int64_t o = n_begin; o < n_end; ++o) {
     const int8_t* row = w + o * k;
-    __m256 acc[Rows][U];
-    for (int r = 0; r < Rows; ++r)
-      for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
+    __m256 acc[U][Rows];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < Rows; ++r) acc[u][r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + U <= full; b += U) {
+      for (int u = 0; u < U; ++u) int8_block_avx2<Rows>(xq, scale, row + (b + u) * kBlock, b + u, kp, acc[u]);
+    }
+    for (; b < blocks; ++b) {  // the last whole block when U = 2, then a partial one
       const int8_t* src = row + b * kBlock;
       if (b >= full) {
         std::memset(tail, 0, sizeof(tail));
         std::memcpy(tail, src, k - b * kBlock);
         src = tail;
       }
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-      const __m256i wabs = _mm256_abs_epi8(wv);
-      const int u = U == 1 ? 0 : static_cast<int>(b & 1);
-      for (int r = 0; r < Rows; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * kp + b * kBlock));
-        const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
-        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-        acc[r][u] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(scale + r * (kp / kBlock) + b), acc[r][u]);
-      }
+      int8_block_avx2<Rows>(xq, scale, src, b, kp, acc[0]);
     }
     for (int r = 0; r < Rows; ++r) {
-      __m256 total = acc[r][0];
-      for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[r][u]);
+      __m256 total = acc[0][r];
+      for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[u][r]);
       y[r * n + o] = hsum_ps(total) * wscale[o];
     }
   }
@@ -280,46 +291,56 @@ __attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* xq, const float
 // (64 bytes): one load, two ANDs and a shift, two dpbusd into one int32 vector (lanes 4b..4b+3:
 // block b), one conversion, and the block scales: s[n, g] * xs_b per lane.
 template <int Rows, int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"), always_inline)) inline void int4_chunk_vnni(
+    const int8_t* xq, const float* lanes, const uint8_t* row, const uint16_t* s, int64_t c, int64_t kp,
+    __m512* acc) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i v = _mm512_loadu_si512(row + 64 * c);
+  const __m512i lo = _mm512_and_si512(v, low4);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+  __m512 sl;  // s[n, g] for each lane's block
+  if constexpr (G >= 128) {
+    sl = _mm512_set1_ps(_cvtsh_ss(s[c * kChunk / G]));
+  } else if constexpr (G == 64) {
+    sl = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(s[2 * c])), _mm512_set1_ps(_cvtsh_ss(s[2 * c + 1])));
+  } else {  // G = 32: lane l takes scale l / 4
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m128 four = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 4 * c)));
+    sl = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const int8_t* xr = xq + r * kp + kChunk * c;
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
+    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr + 64));
+    const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(lanes + r * (kp / 8) + 16 * c));
+    acc[r] = _mm512_fmadd_ps(scaled, sl, acc[r]);
+  }
+}
+
+template <int Rows, int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void int4_vnni(
     const int8_t* xq, const float* lanes, const float* xgroup, const uint8_t* w, const uint16_t* scales,
     const uint16_t* mins, float* y, int64_t n_begin, int64_t n_end, int64_t kp, int64_t n) {
   const int64_t chunks = kp / kChunk, groups = kp / G;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // G = 32: lane l, scale l / 4
-  constexpr int U = Rows <= 2 ? 2 : 1;  // independent accumulator chains per row
+  // Few rows: two accumulator sets, alternate chunks, to hide the FMA latency. The chunk loop
+  // is unrolled by hand so every accumulator index is a constant: indexed by (c & 1) at run
+  // time, the compiler kept them on the stack, a store and a reload per chunk.
+  constexpr int U = Rows <= 2 ? 2 : 1;
   for (int64_t o = n_begin; o < n_end; ++o) {
     const uint8_t* row = w + o * (kp / 2);
     const uint16_t* s = scales + o * groups;
-    __m512 acc[Rows][U];
-    for (int r = 0; r < Rows; ++r)
-      for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512i v = _mm512_loadu_si512(row + 64 * c);
-      const __m512i lo = _mm512_and_si512(v, low4);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      __m512 sl;  // s[n, g] for each lane's block
-      if constexpr (G >= 128) {
-        sl = _mm512_set1_ps(_cvtsh_ss(s[c * kChunk / G]));
-      } else if constexpr (G == 64) {
-        sl = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(s[2 * c])), _mm512_set1_ps(_cvtsh_ss(s[2 * c + 1])));
-      } else {
-        const __m128 four = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 4 * c)));
-        sl = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
-      }
-      const int u = U == 1 ? 0 : static_cast<int>(c & 1);
-      for (int r = 0; r < Rows; ++r) {
-        const int8_t* xr = xq + r * kp + kChunk * c;
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
-        d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr + 64));
-        const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(lanes + r * (kp / 8) + 16 * c));
-        acc[r][u] = _mm512_fmadd_ps(scaled, sl, acc[r][u]);
-      }
-    }
+    __m512 acc[U][Rows];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < Rows; ++r) acc[u][r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + U <= chunks; c += U)
+      for (int u = 0; u < U; ++u) int4_chunk_vnni<Rows, G>(xq, lanes, row, s, c + u, kp, acc[u]);
+    for (; c < chunks; ++c) int4_chunk_vnni<Rows, G>(xq, lanes, row, s, c, kp, acc[0]);
     // the min term: sum_g m[n, g] * (sum over the group's blocks of xs_b * sum(xq))
     const uint16_t* m = mins + o * groups;
     for (int r = 0; r < Rows; ++r) {
-      __m512 total = acc[r][0];
-      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[r][u]);
+      __m512 total = acc[0][r];
+      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][r]);
       for (int64_t g = 0; g < groups; g += 16) {
         const __mmask16 mask = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
         const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + g));
@@ -346,7 +367,7 @@ __attribute__((target("avx2,fma,f16c"))) void int4_avx2(const int8_t* xq, const 
     __m256 acc[Rows];
     for (int r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      for (int h = 0; h < 2; ++h) {  // blocks 2h and 2h + 1 of the chunk
+          for (int h = 0; h < 2; ++h) {  // blocks 2h and 2h + 1 of the chunk
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * c + 32 * h));
         const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         const int64_t b0 = 4 * c + 2 * h;  // first block

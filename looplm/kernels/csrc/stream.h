@@ -1,0 +1,30 @@
+// Software prefetch for a decode kernel's weight stream.
+//
+// A decode GEMV reads each weight once, front to back, and the hardware prefetchers usually
+// keep up. Where they did not, an explicit prefetch into L2 a fixed distance ahead helped:
+// looplm's AVX2 bf16 GEMV (each bf16 weight widened to fp32 before its FMA) decoded Ouro-1.4B
+// 1.2-1.4x faster with it (2-core Zen 4 VM, AVX2 kernels forced, two A/B runs in one
+// process each). Elsewhere it did not pay and is not used: the AVX-512 BF16 GEMV got about
+// 10% slower, and the integer kernels (qdot.cpp) gained 1-3% with VNNI and lost up to 11%
+// on AVX2 once their accumulators stayed in registers. 8-24 KiB ahead did about as well as
+// each other. A prefetch past the end of a thread's rows fetches lines another thread (or
+// nobody) reads; it never faults.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace looplm {
+
+// Bytes ahead (default 16 KiB); 0 turns prefetching off, so a benchmark can compare both in
+// one process. Set by the extension's set_prefetch_bytes; defined in gemv.cpp. Kernels copy
+// it to a local once per call.
+extern int64_t prefetch_bytes;
+
+// Call once per 64 bytes of the stream, with the address about to be loaded.
+inline void prefetch_ahead(const void* p, int64_t ahead) {
+  if (ahead) _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T1);
+}
+
+}  // namespace looplm
