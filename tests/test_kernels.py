@@ -441,3 +441,127 @@ def test_quantize_model_on_a_kernel_model_uses_the_integer_kernels(make_checkpoi
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.layout == "looplm" and layer.cpu_kernels is kernels
     assert model.kernels["int4_linears"] == 7 * model.config.num_hidden_layers
+
+
+def test_fp32_prefill_gemm_matches_fp32_linear(monkeypatch) -> None:  # noqa: ANN001
+    from looplm.kernels import fp32_gemm
+
+    x = torch.randn(2, 37, 96).bfloat16()
+    w = torch.randn(80, 96).bfloat16()
+    expected = F.linear(x.double(), w.double())
+    ours = fp32_gemm.upcast_linear(x, w)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (2, 37, 80)
+    assert ((ours.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-3).all()  # bf16 rounding of the result
+    monkeypatch.setattr(fp32_gemm, "onednn_linear_available", lambda: False)  # torch builds without oneDNN
+    assert torch.equal(fp32_gemm.upcast_linear(x, w), F.linear(x.float(), w.float()).bfloat16())
+
+
+def test_fp32_weight_buffer_is_reused_per_thread(monkeypatch) -> None:  # noqa: ANN001
+    import threading
+
+    from looplm.kernels import fp32_gemm
+
+    big = fp32_gemm.fp32_weight_buffer((64, 32))
+    small = fp32_gemm.fp32_weight_buffer((16, 8))
+    assert small.shape == (16, 8) and small.data_ptr() == big.data_ptr()  # the same memory, no new allocation
+    other: list[torch.Tensor] = []
+    thread = threading.Thread(target=lambda: other.append(fp32_gemm.fp32_weight_buffer((16, 8))))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != small.data_ptr()  # another thread never writes into this one's buffer
+    monkeypatch.setattr(fp32_gemm, "MAX_KEPT_ELEMENTS", 100)
+    assert fp32_gemm.fp32_weight_buffer((64, 32)).data_ptr() != big.data_ptr()  # too large to keep: a one-off
+
+
+def test_int4_dequantize_into_a_given_buffer() -> None:
+    (packed, scales, mins), _ = int4_weights(48, 384, 128, 5)
+    fresh = kernels.int4_dequantize(packed, scales, mins, 128, 384, fp32_out=True)
+    out = torch.full((48, 384), float("nan"))
+    assert kernels.int4_dequantize(packed, scales, mins, 128, 384, fp32_out=True, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, fresh)
+    with pytest.raises(RuntimeError, match="out must be"):
+        kernels.int4_dequantize(packed, scales, mins, 128, 384, fp32_out=True, out=torch.empty(48, 384).bfloat16())
+    with pytest.raises(RuntimeError, match="out must be"):
+        kernels.int4_dequantize(packed, scales, mins, 128, 384, fp32_out=True, out=torch.empty(48, 383))
+
+
+def test_fp32_prefill_gemm_across_inference_and_grad_modes() -> None:
+    from looplm.kernels.fp32_gemm import upcast_linear
+
+    x, w = torch.randn(20, 64).bfloat16(), torch.randn(5000, 64).bfloat16()  # a buffer larger than other tests'
+    with torch.inference_mode():
+        first = upcast_linear(x, w)  # the buffer is made here
+    with torch.no_grad():
+        assert torch.equal(upcast_linear(x, w), first)  # and written to outside inference mode
+
+
+def _without_groups(model):  # noqa: ANN001, ANN202
+    for layer in model.model.layers:
+        layer.self_attn.qkv_group = None
+        layer.mlp.gate_up_group = None
+    return model
+
+
+def _greedy_logits(model, prompt: torch.Tensor, tokens: int) -> list[torch.Tensor]:  # noqa: ANN001
+    from looplm.generate import stream_generate
+
+    seen = []
+    original = model.lm_head.forward
+    model.lm_head.forward = lambda x: seen.append(original(x).clone()) or seen[-1]
+    with torch.inference_mode():
+        for _ in stream_generate(model, prompt, tokens, eos_token_ids=[]):
+            pass
+    return seen
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_shared_input_groups_decode_the_same_bits(make_checkpoint, quant: str | None) -> None:  # noqa: ANN001
+    """q/k/v and gate/up as groups: decode calls the same kernels with the same inputs, so
+    every logit of a greedy generation is bit-identical to the modules' path."""
+    path = make_checkpoint(num_key_value_heads=2)  # grouped-query: k/v narrower than q
+    grouped = looplm.load(path, dtype="bfloat16", quant=quant, group_size=32)
+    assert grouped.kernels["shared_input_groups"] == 2 * grouped.config.num_hidden_layers
+    plain = _without_groups(looplm.load(path, dtype="bfloat16", quant=quant, group_size=32))
+    prompt = torch.tensor([[5, 9, 2, 33, 7, 1]])
+    ours, reference = _greedy_logits(grouped, prompt, 5), _greedy_logits(plain, prompt, 5)
+    assert len(ours) == len(reference) >= 5
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_shared_input_groups_on_the_fp32_prefill_route(make_checkpoint, quant: str | None) -> None:  # noqa: ANN001
+    """The fp32 route's one wider GEMM agrees with the modules' fp32 GEMMs to fp32 accuracy."""
+    path = make_checkpoint(num_key_value_heads=2)
+    models = [looplm.load(path, dtype="bfloat16", quant=quant, group_size=32) for _ in range(2)]
+    for model in models:
+        for module in model.modules():
+            if hasattr(module, "prefill_route"):
+                module.prefill_route = "fp32"
+        for layer in model.model.layers:
+            for group in (layer.self_attn.qkv_group, layer.mlp.gate_up_group):
+                group.prefill_route = "fp32"
+    grouped, plain = models[0], _without_groups(models[1])
+    prompt = torch.randint(0, grouped.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = grouped.forward_steps(prompt).logits.float(), plain.forward_steps(prompt).logits.float()
+    assert (a - b).norm() <= 0.01 * b.norm()
+
+
+def test_shared_input_group_steps_aside(make_checkpoint) -> None:  # noqa: ANN001
+    from looplm.kernels.shared_input import SharedInputGroup
+    from looplm.quant import quantize_model
+
+    model = looplm.load(make_checkpoint(), dtype="bfloat16")
+    attention = model.model.layers[0].self_attn
+    group = attention.qkv_group
+    x = torch.randn(1, 1, model.config.hidden_size).bfloat16()
+    with torch.inference_mode():
+        assert group(x) is not None and group(x.float()) is None  # fp32 input: the modules run
+    with torch.enable_grad():
+        assert group(x) is None  # autograd on: the modules run
+    attention.k_proj.bias = torch.nn.Parameter(torch.zeros(attention.k_proj.out_features).bfloat16())
+    assert SharedInputGroup.build(attention, ("q_proj", "k_proj", "v_proj"), kernels, "bf16") is None  # a bias
+    quantize_model(model, 8)  # swaps the projections and rebuilds every group for the new modules
+    assert model.model.layers[1].self_attn.qkv_group.kind == "int8"
+    with torch.inference_mode():
+        assert group(x) is None  # the old group sees its modules were replaced and steps aside

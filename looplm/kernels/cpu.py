@@ -7,14 +7,17 @@ weights stream from memory; the C++ kernel (`csrc/gemv.cpp`) reads them near the
 bandwidth, where torch's bf16 `F.linear` at M=1 reaches a fraction of it.
 
 Prefill is a real GEMM. CPUs with AVX-512 BF16 run bf16 GEMM fast through oneDNN; AVX2-only
-CPUs run it several times slower than fp32 GEMM, so there the weights are upcast to fp32
-for the pass (one layer at a time, freed right after).
+CPUs run it several times slower than fp32 GEMM, so there each weight is upcast to fp32 for
+the pass, one at a time, into a reused buffer, for oneDNN's fp32 GEMM (`fp32_gemm`).
 
 Norms and rotary embeddings: fused C++ ops (`csrc/fused.cpp`) with the eager modules' exact
 rounding, one call each instead of about ten tensor ops, for decode's per-op overhead.
 
 Attention: decode's single query per sequence goes to a C++ kernel that streams the cached
 K/V (all segments of the shared-KV cache, grouped-query heads unexpanded) in fp32.
+
+Projections that share an input (q/k/v, gate/up) run as one group (`shared_input`): direct
+kernel calls at decode, one wider GEMM on the fp32 prefill route.
 
 Quantized layers (`looplm.quant`): `Int8Linear` and `Int4Linear` (in looplm's int4 layout,
 which the loader picks when these kernels will run the model) get integer dot-product
@@ -34,8 +37,10 @@ from torch import nn
 
 from looplm.errors import ConfigError
 from looplm.kernels.extension import extension_or_reason
+from looplm.kernels.fp32_gemm import upcast_linear
+from looplm.kernels.shared_input import SharedInputGroup
 from looplm.kernels.swap import replace_linears
-from looplm.models.ouro import Attention, RMSNorm
+from looplm.models.ouro import MLP, Attention, RMSNorm
 from looplm.quant.linear import Int4Linear, Int8Linear
 
 MAX_SKINNY_ROWS = 8
@@ -64,7 +69,7 @@ class SkinnyLinear(nn.Linear):
             out = kernels.skinny_linear_bf16(x.reshape(rows, x.shape[-1]), weight)
             out = out.view(*x.shape[:-1], weight.shape[0])
         elif self.prefill_route == "fp32":
-            out = F.linear(x.float(), weight.float()).to(torch.bfloat16)
+            out = upcast_linear(x, weight)
         else:
             out = F.linear(x, weight)
         return out if self.bias is None else out + self.bias
@@ -119,8 +124,16 @@ def use_cpu_kernels(model: nn.Module) -> dict:
     for module in int4:
         module.cpu_kernels = kernels
         module.prefill_route = route
+    groups = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.qkv_group = SharedInputGroup.build(module, ("q_proj", "k_proj", "v_proj"), kernels, route)
+            groups += module.qkv_group is not None
+        elif isinstance(module, MLP):
+            module.gate_up_group = SharedInputGroup.build(module, ("gate_proj", "up_proj"), kernels, route)
+            groups += module.gate_up_group is not None
     return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced), "attention": len(attention),
-            "norms": len(norms), "int8_linears": len(int8), "int4_linears": len(int4)}
+            "norms": len(norms), "int8_linears": len(int8), "int4_linears": len(int4), "shared_input_groups": groups}
 
 
 KERNEL_MODES = ("auto", "torch")

@@ -137,6 +137,9 @@ class Attention(nn.Module):
     # decode, called as kernel(q, keys, values, mask) with the cache's segments.
     decode_kernel = None
     rope_kernel = None  # set per module by `looplm.kernels.use_cpu_kernels`: fused bf16 RoPE, same rounding
+    # Set per module by `looplm.kernels.use_cpu_kernels`: q/k/v run together (x -> [q, k, v],
+    # or None where it does not apply); see looplm.kernels.shared_input.
+    qkv_group = None
 
     def __init__(self, config: OuroConfig) -> None:
         super().__init__()
@@ -160,9 +163,11 @@ class Attention(nn.Module):
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        projected = self.qkv_group(x) if self.qkv_group is not None else None
+        q, k, v = projected if projected is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope_kernel is not None and _inference_bf16_cpu(q) and not k.requires_grad:
             q, k = self.rope_kernel(q, cos, sin), self.rope_kernel(k, cos, sin)
         else:
@@ -186,6 +191,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    gate_up_group = None  # like Attention.qkv_group: x -> [gate, up] or None
+
     def __init__(self, config: OuroConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -193,7 +200,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        projected = self.gate_up_group(x) if self.gate_up_group is not None else None
+        gate, up = projected if projected is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

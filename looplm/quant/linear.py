@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looplm.kernels.fp32_gemm import fp32_weight_buffer, linear_fp32
 from looplm.quant.kernels import (
     dequantize_int4,
     pack_int4_for_cpu,
@@ -75,7 +76,9 @@ class Int8Linear(nn.Module):
         elif x.device.type == "cpu" and rows.shape[0] <= FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, scale)
         elif self.prefill_route == "fp32" and x.dtype == torch.bfloat16 and x.is_cpu:
-            y = (F.linear(rows.float(), self.weight_int8.float()) * self._scale_fp32()).to(x.dtype)
+            weight = fp32_weight_buffer(self.weight_int8.shape)
+            weight.copy_(self.weight_int8)
+            y = (linear_fp32(rows.float(), weight) * self._scale_fp32()).to(x.dtype)
         else:
             y = F.linear(rows, self.weight_int8.to(x.dtype)) * scale
         if self.bias is not None:
@@ -164,8 +167,9 @@ class Int4Linear(nn.Module):
         if rows.shape[0] <= FUSED_MAX_ROWS:
             return kernels.int4_dot_linear(rows.contiguous(), *args)
         if self.prefill_route == "fp32":
-            weight = kernels.int4_dequantize(*args, self.in_features, fp32_out=True)
-            return F.linear(rows.float(), weight).to(rows.dtype)
+            weight = fp32_weight_buffer((self.out_features, self.in_features))
+            kernels.int4_dequantize(*args, self.in_features, fp32_out=True, out=weight)
+            return linear_fp32(rows.float(), weight).to(rows.dtype)
         return F.linear(rows, kernels.int4_dequantize(*args, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -572,13 +572,23 @@ __attribute__((target("avx2,fma"))) void dequant_block_generic(const uint8_t* p,
 
 }  // namespace
 
-// The packed int4 weight as a dense [N, K] matrix (bf16, or fp32 if asked), for prefill GEMMs.
+// The packed int4 weight as a dense [N, K] matrix (bf16, or fp32 if asked), for prefill GEMMs;
+// written into `out` when given (a reused buffer: a fresh large tensor costs page faults).
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group,
-                           int64_t k, bool fp32_out) {
+                           int64_t k, bool fp32_out, const c10::optional<at::Tensor>& out_opt) {
   const int64_t kp = padded(k), n = packed.size(0);
   check_int4(packed, scales, mins, group, kp, "int4_dequantize");
   TORCH_CHECK(has_avx2(), "int4_dequantize: needs AVX2+FMA");
-  at::Tensor out = at::empty({n, k}, packed.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
+  const at::ScalarType dtype = fp32_out ? at::kFloat : at::kBFloat16;
+  at::Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK(out.scalar_type() == dtype && out.is_contiguous() && out.dim() == 2 && out.size(0) == n &&
+                    out.size(1) == k && out.device().is_cpu(),
+                "int4_dequantize: out must be a contiguous CPU [N, K] tensor of the output dtype");
+  } else {
+    out = at::empty({n, k}, packed.options().dtype(dtype));
+  }
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const at::Half *sp = scales.data_ptr<at::Half>(), *mp = mins.data_ptr<at::Half>();
   const int64_t groups = kp / group;
