@@ -16,8 +16,8 @@ rounding, one call each instead of about ten tensor ops, for decode's per-op ove
 Attention: decode's single query per sequence goes to a C++ kernel that streams the cached
 K/V (all segments of the shared-KV cache, grouped-query heads unexpanded) in fp32.
 
-Projections that share an input (q/k/v, gate/up) run as one group (`shared_input`): direct
-kernel calls at decode, one wider GEMM on the fp32 prefill route.
+Projections that share an input (q/k/v, gate/up) decode as one group (`shared_input`): their
+kernels called directly, without the modules' per-call overhead.
 
 Quantized layers (`looplm.quant`): `Int8Linear` and `Int4Linear` (in looplm's int4 layout,
 which the loader picks when these kernels will run the model) get integer dot-product
@@ -127,10 +127,10 @@ def use_cpu_kernels(model: nn.Module) -> dict:
     groups = 0
     for module in model.modules():
         if isinstance(module, Attention):
-            module.qkv_group = SharedInputGroup.build(module, ("q_proj", "k_proj", "v_proj"), kernels, route)
+            module.qkv_group = SharedInputGroup.build(module, ("q_proj", "k_proj", "v_proj"), kernels)
             groups += module.qkv_group is not None
         elif isinstance(module, MLP):
-            module.gate_up_group = SharedInputGroup.build(module, ("gate_proj", "up_proj"), kernels, route)
+            module.gate_up_group = SharedInputGroup.build(module, ("gate_proj", "up_proj"), kernels)
             groups += module.gate_up_group is not None
     return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced), "attention": len(attention),
             "norms": len(norms), "int8_linears": len(int8), "int4_linears": len(int4), "shared_input_groups": groups}

@@ -6,11 +6,9 @@ forward's dispatch checks, reshapes) adds up to milliseconds per token next to G
 tens to hundreds of microseconds. A group calls looplm's decode kernel for each member
 directly, the same calls the modules would make, so the results are the same bits.
 
-On the fp32 prefill route (AVX2-only CPUs) a group upcasts its members' weights into one
-fp32 buffer, one after another, and runs one wider GEMM: the input is upcast once instead of
-three times, and q/k/v's three 2048-wide GEMMs become one 6144-wide GEMM, which oneDNN runs
-faster (benchmarks/bench_prefill_gemm.py). fp32 accumulation either way; the bf16 route
-keeps the modules, bit for bit the reference's GEMMs.
+Decode only: prefill (more than 8 rows) runs the modules. On the fp32 prefill route one
+wider GEMM over the members' upcast weights measured no faster in a model (0.97x, AVX2
+emulated, one process) and needed twice the upcast buffer, so it was left out.
 
 The members keep their own weights: nothing is concatenated in memory, state dicts are
 unchanged, and the modules still run alone (training, other devices and dtypes).
@@ -24,7 +22,6 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from looplm.kernels.fp32_gemm import fp32_weight_buffer, linear_fp32
 from looplm.quant.linear import Int4Linear, Int8Linear
 
 MAX_DECODE_ROWS = 8  # the decode kernels' limit (looplm.kernels.cpu.MAX_SKINNY_ROWS)
@@ -45,27 +42,24 @@ class SharedInputGroup:
     """Projections of one input (attributes `names` of `owner`), as a callable returning their
     outputs, or None where the group does not apply (then the caller runs the modules)."""
 
-    def __init__(self, owner: nn.Module, names: Sequence[str], kind: str, kernels: ModuleType,
-                 prefill_route: str) -> None:
+    def __init__(self, owner: nn.Module, names: Sequence[str], kind: str, kernels: ModuleType) -> None:
         self.owner = owner
         self.names = list(names)
         self.members = [getattr(owner, name) for name in names]
         self.kind = kind
         self.kernels = kernels
-        self.prefill_route = prefill_route
         self.in_features = self.members[0].in_features
         self.sizes = [m.out_features for m in self.members]
 
     @classmethod
-    def build(cls, owner: nn.Module, names: Sequence[str], kernels: ModuleType,
-              prefill_route: str) -> SharedInputGroup | None:
+    def build(cls, owner: nn.Module, names: Sequence[str], kernels: ModuleType) -> SharedInputGroup | None:
         """A group when every member can take the group's path (same kind, same input width,
         no bias), else None."""
         members = [getattr(owner, name) for name in names]
         kinds = {_kind(m) for m in members}
         if len(kinds) != 1 or None in kinds or len({m.in_features for m in members}) != 1:
             return None
-        return cls(owner, names, kinds.pop(), kernels, prefill_route)
+        return cls(owner, names, kinds.pop(), kernels)
 
     def current(self) -> bool:
         """Whether the owner still holds these members (a module swapped in later, by
@@ -76,13 +70,9 @@ class SharedInputGroup:
         if x.dtype != torch.bfloat16 or not x.is_cpu or torch.is_grad_enabled() or not self.current():
             return None
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= MAX_DECODE_ROWS:
-            outputs = self._decode(rows.contiguous())
-        elif self.prefill_route == "fp32":
-            outputs = self._prefill_fp32(rows)
-        else:
+        if rows.shape[0] > MAX_DECODE_ROWS:
             return None
-        return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
+        return [y.view(*x.shape[:-1], y.shape[-1]) for y in self._decode(rows.contiguous())]
 
     def _decode(self, rows: torch.Tensor) -> list[torch.Tensor]:
         kernels = self.kernels
@@ -92,16 +82,3 @@ class SharedInputGroup:
             return [kernels.int8_dot_linear(rows, m.weight_int8, m._scale_fp32()) for m in self.members]
         return [kernels.int4_dot_linear(rows, m.weight_looplm, m.scales_looplm, m.mins_looplm, m.group_size)
                 for m in self.members]
-
-    def _prefill_fp32(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        weight = fp32_weight_buffer((sum(self.sizes), self.in_features))
-        for member, part in zip(self.members, weight.split(self.sizes), strict=True):
-            if self.kind == "bf16":
-                part.copy_(member.weight)
-            elif self.kind == "int8":
-                part.copy_(member.weight_int8).mul_(member._scale_fp32()[:, None])
-            else:
-                self.kernels.int4_dequantize(member.weight_looplm, member.scales_looplm, member.mins_looplm,
-                                             member.group_size, self.in_features, fp32_out=True, out=part)
-        out = linear_fp32(rows.float(), weight).to(rows.dtype)
-        return list(out.split(self.sizes, dim=-1))
