@@ -73,7 +73,7 @@ def main() -> int:
         speeds: dict[str, list[float]] = {name: [] for name in ROUTES}
         for _ in range(args.rounds):
             for name, fn in ROUTES.items():
-                speeds[name].append(flops / seconds(lambda fn=fn: fn(x, w)) / 1e9)
+                speeds[name].append(flops / seconds(lambda fn=fn, x=x, w=w: fn(x, w)) / 1e9)
         reference = statistics.median(speeds["bf16 F.linear (reference)"])
         print(f"\n{out_features}x{in_features}")
         for name, values in speeds.items():

@@ -58,8 +58,13 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def upcast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` for bf16 `x` and `weight`, computed in fp32, rounded back to x's dtype."""
+def upcast_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (bf16, int8, ...) converted to fp32 in this thread's buffer (see above)."""
     weight32 = fp32_weight_buffer(weight.shape)
     weight32.copy_(weight)
-    return linear_fp32(x.float(), weight32).to(x.dtype)
+    return weight32
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T` for bf16 `x` and `weight`, computed in fp32, rounded back to x's dtype."""
+    return linear_fp32(x.float(), upcast_weight(weight)).to(x.dtype)

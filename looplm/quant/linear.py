@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.kernels.fp32_gemm import fp32_weight_buffer, linear_fp32
+from looplm.kernels.fp32_gemm import fp32_weight_buffer, linear_fp32, upcast_weight
 from looplm.quant.kernels import (
     dequantize_int4,
     pack_int4_for_cpu,
@@ -76,9 +76,7 @@ class Int8Linear(nn.Module):
         elif x.device.type == "cpu" and rows.shape[0] <= FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, scale)
         elif self.prefill_route == "fp32" and x.dtype == torch.bfloat16 and x.is_cpu:
-            weight = fp32_weight_buffer(self.weight_int8.shape)
-            weight.copy_(self.weight_int8)
-            y = (linear_fp32(rows.float(), weight) * self._scale_fp32()).to(x.dtype)
+            y = (linear_fp32(rows.float(), upcast_weight(self.weight_int8)) * self._scale_fp32()).to(x.dtype)
         else:
             y = F.linear(rows, self.weight_int8.to(x.dtype)) * scale
         if self.bias is not None:
