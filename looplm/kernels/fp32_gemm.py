@@ -6,7 +6,8 @@ measured with oneDNN and ATen limited to AVX2 on a 2-core Zen 4 VM, M = 512, Our
 layer shapes, 2 threads (benchmarks/bench_prefill_gemm.py):
 
 - the upcast writes into a buffer kept between calls: a fresh 46 MB fp32 tensor per call
-  pays page faults on first touch, which cost about as much as a sixth of the GEMM;
+  pays page faults on first touch, which made the 2048x5632 and 5632x2048 GEMMs 15-25%
+  slower (no difference at 2048x2048);
 - oneDNN's fp32 matmul (`torch.ops.mkldnn._linear_pointwise`, the op torch's own compiler
   emits for CPU linears) ran 135-165 GFLOP/s where `F.linear` (MKL's sgemm) ran 100-125, and
   torch's bf16 GEMM 30-40.
