@@ -22,9 +22,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from looplm.quant.linear import Int4Linear, Int8Linear
-
-MAX_DECODE_ROWS = 8  # the decode kernels' limit (looplm.kernels.cpu.MAX_SKINNY_ROWS)
+from looplm.quant.linear import FUSED_MAX_ROWS, Int4Linear, Int8Linear
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -49,7 +47,6 @@ class SharedInputGroup:
         self.kind = kind
         self.kernels = kernels
         self.in_features = self.members[0].in_features
-        self.sizes = [m.out_features for m in self.members]
 
     @classmethod
     def build(cls, owner: nn.Module, names: Sequence[str], kernels: ModuleType) -> SharedInputGroup | None:
@@ -70,7 +67,7 @@ class SharedInputGroup:
         if x.dtype != torch.bfloat16 or not x.is_cpu or torch.is_grad_enabled() or not self.current():
             return None
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > MAX_DECODE_ROWS:
+        if rows.shape[0] > FUSED_MAX_ROWS:  # the decode kernels' row limit
             return None
         return [y.view(*x.shape[:-1], y.shape[-1]) for y in self._decode(rows.contiguous())]
 
