@@ -495,21 +495,27 @@ def test_fp32_prefill_gemm_across_inference_and_grad_modes() -> None:
         assert torch.equal(upcast_linear(x, w), first)  # and written to outside inference mode
 
 
-def _without_groups(model):  # noqa: ANN001, ANN202
+def _without_plans(model):  # noqa: ANN001, ANN202
     for layer in model.model.layers:
+        layer.decode_plan = None
+    return model
+
+
+def _modules_only(model):  # noqa: ANN001, ANN202
+    for layer in _without_plans(model).model.layers:
         layer.self_attn.qkv_group = None
         layer.mlp.gate_up_group = None
     return model
 
 
-def _greedy_logits(model, prompt: torch.Tensor, tokens: int) -> list[torch.Tensor]:  # noqa: ANN001
+def _greedy_logits(model, prompt: torch.Tensor, tokens: int, **options: object) -> list[torch.Tensor]:  # noqa: ANN001
     from looplm.generate import stream_generate
 
     seen = []
     original = model.lm_head.forward
     model.lm_head.forward = lambda x: seen.append(original(x).clone()) or seen[-1]
     with torch.inference_mode():
-        for _ in stream_generate(model, prompt, tokens, eos_token_ids=[]):
+        for _ in stream_generate(model, prompt, tokens, eos_token_ids=[], **options):
             pass
     return seen
 
@@ -519,9 +525,9 @@ def test_shared_input_groups_decode_the_same_bits(make_checkpoint, quant: str | 
     """q/k/v and gate/up as groups: decode calls the same kernels with the same inputs, so
     every logit of a greedy generation is bit-identical to the modules' path."""
     path = make_checkpoint(num_key_value_heads=2)  # grouped-query: k/v narrower than q
-    grouped = looplm.load(path, dtype="bfloat16", quant=quant, group_size=32)
+    grouped = _without_plans(looplm.load(path, dtype="bfloat16", quant=quant, group_size=32))
     assert grouped.kernels["shared_input_groups"] == 2 * grouped.config.num_hidden_layers
-    plain = _without_groups(looplm.load(path, dtype="bfloat16", quant=quant, group_size=32))
+    plain = _modules_only(looplm.load(path, dtype="bfloat16", quant=quant, group_size=32))
     prompt = torch.tensor([[5, 9, 2, 33, 7, 1]])
     ours, reference = _greedy_logits(grouped, prompt, 5), _greedy_logits(plain, prompt, 5)
     assert len(ours) == len(reference) >= 5
@@ -547,3 +553,70 @@ def test_shared_input_group_steps_aside(make_checkpoint) -> None:  # noqa: ANN00
     assert model.model.layers[1].self_attn.qkv_group.kind == "int8"
     with torch.inference_mode():
         assert group(x) is None  # the old group sees its modules were replaced and steps aside
+
+
+DECODE_PLAN_CASES = {
+    "bf16 gqa": ({"num_key_value_heads": 2}, None, {}),
+    "int8": ({}, "int8", {}),
+    "int4 gqa": ({"num_key_value_heads": 1}, "int4", {}),
+    "no sandwich norm": ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, None, {}),
+    "shared kv": ({}, None, {"kv_mode": "shared"}),
+    "early exit skips rows": ({}, "int4", {"exit_threshold": 0.5, "skip_compute": True}),
+    "two steps": ({}, None, {"steps": 2}),
+}
+
+
+def config_layers(model) -> int:  # noqa: ANN001
+    return model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("case", list(DECODE_PLAN_CASES))
+def test_decode_plans_give_the_same_bits(make_checkpoint, case: str) -> None:  # noqa: ANN001
+    """A layer's decode plan makes the modules' kernel calls in the same order: every logit of a
+    greedy generation (batched, left-padded) is bit-identical to the modules' path."""
+    overrides, quant, options = DECODE_PLAN_CASES[case]
+    path = make_checkpoint(**overrides)
+    planned = looplm.load(path, dtype="bfloat16", quant=quant, group_size=32)
+    assert planned.kernels["decode_plans"] == planned.config.num_hidden_layers
+    plain = _modules_only(looplm.load(path, dtype="bfloat16", quant=quant, group_size=32))
+    prompts = [[5, 9, 2, 33, 7, 1], [8, 4, 11]]  # rows of different lengths: left padding and a mask
+    ran = []
+    for layer in planned.model.layers:
+        plan = layer.decode_plan
+        layer.decode_plan = lambda *args, plan=plan: ran.append(plan(*args)) or ran[-1]
+    ours, reference = _greedy_logits(planned, prompts, 5, **options), _greedy_logits(plain, prompts, 5, **options)
+    assert sum(out is not None for out in ran) >= 4 * config_layers(planned)  # the plans ran every decode pass
+    assert len(ours) == len(reference) >= 5
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
+
+
+def test_decode_plan_steps_aside(make_checkpoint) -> None:  # noqa: ANN001
+    from looplm.cache import KVCache
+    from looplm.kernels.decode_layer import LayerDecodePlan
+    from looplm.models.ouro import AttentionBias
+    from looplm.quant import quantize_model
+
+    model = looplm.load(make_checkpoint(), dtype="bfloat16")
+    config = model.config
+    layer = model.model.layers[0]
+    plan = layer.decode_plan
+    cache = KVCache(config.total_ut_steps, config.num_hidden_layers, 1, config.num_key_value_heads, 16,
+                    config.head_dim, torch.bfloat16)
+    x = torch.randn(1, 1, config.hidden_size).bfloat16()
+    cos = sin = torch.ones(1, 1, config.head_dim).bfloat16()
+    bias = AttentionBias(None, False)
+    with torch.inference_mode():
+        assert plan(x, cos, sin, bias, cache, 0) is not None
+        assert plan(x, cos, sin, bias, None, 0) is None  # no cache
+        assert plan(x.float(), cos, sin, bias, cache, 0) is None  # fp32: the modules run
+        assert plan(x.expand(1, 2, -1), cos, sin, bias, cache, 0) is None  # more than one new token
+    with torch.enable_grad():
+        assert plan(x, cos, sin, bias, cache, 0) is None  # autograd on
+    layer.post_attention_layernorm_2 = torch.nn.Identity()  # a swapped submodule
+    with torch.inference_mode():
+        assert plan(x, cos, sin, bias, cache, 0) is None
+    layer.mlp.down_proj.bias = torch.nn.Parameter(torch.zeros(config.hidden_size).bfloat16())
+    assert LayerDecodePlan.build(layer, kernels) is None  # a projection without a kernel path
+    quantize_model(model, 4, group_size=32)  # swaps projections: plans are rebuilt for the new modules
+    assert model.kernels["decode_plans"] == config.num_hidden_layers - 1  # (layer 0 has a bias now)
+    assert model.model.layers[1].decode_plan.qkv.kind == "int4"

@@ -38,9 +38,10 @@ from torch import nn
 from looplm.errors import ConfigError
 from looplm.kernels.extension import extension_or_reason
 from looplm.kernels.fp32_gemm import upcast_linear
+from looplm.kernels.decode_layer import LayerDecodePlan
 from looplm.kernels.shared_input import SharedInputGroup
 from looplm.kernels.swap import replace_linears
-from looplm.models.ouro import MLP, Attention, RMSNorm
+from looplm.models.ouro import MLP, Attention, DecoderLayer, RMSNorm
 from looplm.quant.linear import Int4Linear, Int8Linear
 
 MAX_SKINNY_ROWS = 8
@@ -132,8 +133,14 @@ def use_cpu_kernels(model: nn.Module) -> dict:
         elif isinstance(module, MLP):
             module.gate_up_group = SharedInputGroup.build(module, ("gate_proj", "up_proj"), kernels)
             groups += module.gate_up_group is not None
+    plans = 0
+    for module in model.modules():
+        if isinstance(module, DecoderLayer):
+            module.decode_plan = LayerDecodePlan.build(module, kernels)
+            plans += module.decode_plan is not None
     return {"kernel": path_or_reason, "prefill": route, "linears": len(replaced), "attention": len(attention),
-            "norms": len(norms), "int8_linears": len(int8), "int4_linears": len(int4), "shared_input_groups": groups}
+            "norms": len(norms), "int8_linears": len(int8), "int4_linears": len(int4), "shared_input_groups": groups,
+            "decode_plans": plans}
 
 
 KERNEL_MODES = ("auto", "torch")

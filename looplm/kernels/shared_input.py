@@ -61,7 +61,8 @@ class SharedInputGroup:
     def current(self) -> bool:
         """Whether the owner still holds these members (a module swapped in later, by
         quantization say, is not this group's to run)."""
-        return all(getattr(self.owner, name) is member for name, member in zip(self.names, self.members, strict=True))
+        modules = self.owner._modules  # the dict behind getattr: decode checks this per call
+        return all(modules.get(name) is member for name, member in zip(self.names, self.members, strict=True))
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         if x.dtype != torch.bfloat16 or not x.is_cpu or torch.is_grad_enabled() or not self.current():
@@ -69,13 +70,18 @@ class SharedInputGroup:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > FUSED_MAX_ROWS:  # the decode kernels' row limit
             return None
-        return [y.view(*x.shape[:-1], y.shape[-1]) for y in self._decode(rows.contiguous())]
+        return [y.view(*x.shape[:-1], y.shape[-1]) for y in self.decode(rows.contiguous())]
 
-    def _decode(self, rows: torch.Tensor) -> list[torch.Tensor]:
+    def decode(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The members' outputs `[M, N_i]` for contiguous bf16 rows `[M, K]`, M <= 8 (no checks).
+
+        Weights are read from the modules' parameter and buffer dicts, not by attribute:
+        `nn.Module.__getattr__` costs about a microsecond per lookup, and a layer pass made
+        about thirty of them."""
         kernels = self.kernels
         if self.kind == "bf16":
-            return [kernels.skinny_linear_bf16(rows, m.weight) for m in self.members]
+            return [kernels.skinny_linear_bf16(rows, m._parameters["weight"]) for m in self.members]
         if self.kind == "int8":
-            return [kernels.int8_dot_linear(rows, m.weight_int8, m._scale_fp32()) for m in self.members]
-        return [kernels.int4_dot_linear(rows, m.weight_looplm, m.scales_looplm, m.mins_looplm, m.group_size)
-                for m in self.members]
+            return [kernels.int8_dot_linear(rows, m._buffers["weight_int8"], m._scale_fp32()) for m in self.members]
+        return [kernels.int4_dot_linear(rows, b["weight_looplm"], b["scales_looplm"], b["mins_looplm"], m.group_size)
+                for m, b in ((m, m._buffers) for m in self.members)]

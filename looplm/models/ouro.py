@@ -209,6 +209,10 @@ class DecoderLayer(nn.Module):
     """Sandwich-norm layer. Naming trap kept from the checkpoint: `post_attention_layernorm`
     is the pre-MLP norm, and the `_2` norms wrap the sublayer outputs before the residual add."""
 
+    # Set per layer by `looplm.kernels.use_cpu_kernels`: the one-token decode pass as direct
+    # kernel calls (looplm.kernels.decode_layer), or None; it returns None where it does not apply.
+    decode_plan = None
+
     def __init__(self, config: OuroConfig) -> None:
         super().__init__()
         eps = config.rms_norm_eps
@@ -233,6 +237,10 @@ class DecoderLayer(nn.Module):
         slot: int,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.decode_plan is not None:
+            out = self.decode_plan(x, cos, sin, bias, cache, slot, rows)
+            if out is not None:
+                return out
         attn = self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, slot, rows)
         x = x + self.input_layernorm_2(attn)
         mlp = self.mlp(self.post_attention_layernorm(x))

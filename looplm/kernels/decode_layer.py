@@ -1,0 +1,99 @@
+"""One decoder layer's single-token decode pass as direct calls to looplm's CPU kernels.
+
+Decode runs the layer stack once per UT step: 96 layer passes per token on Ouro-1.4B, 192 on
+2.6B. Through the modules each pass makes about nine `nn.Module` calls and forty attribute
+lookups on top of its ~20 kernel calls, and on an int4 model that Python work was about a
+sixth of the token time (session-5 breakdown in docs/benchmarks.md). A plan holds what the
+pass needs (the kernels, the norm weights, the projection groups) and makes the same kernel
+calls the modules would, in the same order, so the result is the same bits.
+
+A plan applies to bf16 CPU inference with a KV cache, one new token per row and at most 8
+rows; anything else (prefill, training, fp32, a swapped module) returns None and the caller
+runs the modules.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from looplm.kernels.shared_input import SharedInputGroup
+from looplm.quant.linear import FUSED_MAX_ROWS
+
+
+def _norm_weight(module: nn.Module, rms_kernel: object) -> torch.Tensor | None | bool:
+    """The weight of a norm the plan can run (None for an Identity), or False if it cannot."""
+    if isinstance(module, nn.Identity):
+        return None
+    if getattr(module, "kernel", None) is not rms_kernel or module.weight.dtype != torch.bfloat16:
+        return False
+    return module.weight
+
+
+class LayerDecodePlan:
+    """Callable as the layer: `plan(x, cos, sin, bias, cache, slot, rows)` -> new hidden state,
+    or None where it does not apply."""
+
+    def __init__(self, layer: nn.Module, kernels: ModuleType, groups: tuple[SharedInputGroup, ...]) -> None:
+        self.layer = layer
+        self.attn, self.mlp = layer.self_attn, layer.mlp
+        self.qkv, self.o, self.gate_up, self.down = groups
+        self.norm_modules = (layer.input_layernorm, layer.input_layernorm_2,
+                             layer.post_attention_layernorm, layer.post_attention_layernorm_2)
+        self.norm_weights = tuple(_norm_weight(m, kernels.rms_norm_bf16) for m in self.norm_modules)
+        self.eps = layer.input_layernorm.eps
+        self.heads, self.kv_heads, self.head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
+        self.rms_norm, self.rope, self.attention = kernels.rms_norm_bf16, kernels.rope_bf16, kernels.decode_attention_bf16
+
+    @classmethod
+    def build(cls, layer: nn.Module, kernels: ModuleType) -> LayerDecodePlan | None:
+        """A plan when every piece of the layer has a kernel path, else None."""
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = (SharedInputGroup.build(attn, ("q_proj", "k_proj", "v_proj"), kernels),
+                  SharedInputGroup.build(attn, ("o_proj",), kernels),
+                  SharedInputGroup.build(mlp, ("gate_proj", "up_proj"), kernels),
+                  SharedInputGroup.build(mlp, ("down_proj",), kernels))
+        norms = (layer.input_layernorm, layer.input_layernorm_2, layer.post_attention_layernorm,
+                 layer.post_attention_layernorm_2)
+        eps = {m.eps for m in norms if not isinstance(m, nn.Identity)}
+        usable = (None not in groups and len(eps) == 1
+                  and all(_norm_weight(m, kernels.rms_norm_bf16) is not False for m in norms)
+                  and attn.decode_kernel is kernels.decode_attention_bf16 and attn.rope_kernel is kernels.rope_bf16)
+        return cls(layer, kernels, groups) if usable else None
+
+    def current(self) -> bool:
+        """Whether the layer still holds the modules and weights this plan was built from."""
+        layer = self.layer._modules
+        same = (layer["self_attn"] is self.attn and layer["mlp"] is self.mlp
+                and layer["input_layernorm"] is self.norm_modules[0] and layer["input_layernorm_2"] is self.norm_modules[1]
+                and layer["post_attention_layernorm"] is self.norm_modules[2]
+                and layer["post_attention_layernorm_2"] is self.norm_modules[3])
+        if not same or not all(g.current() for g in (self.qkv, self.o, self.gate_up, self.down)):
+            return False
+        weights = (w for w in self.norm_weights if w is not None)
+        return all(w.dtype == torch.bfloat16 for w in weights)
+
+    def _norm(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        weight = self.norm_weights[index]
+        return x if weight is None else self.rms_norm(x, weight, self.eps)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: object, cache: object,
+                 slot: int, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        batch, seq, hidden = x.shape
+        if (cache is None or seq != 1 or batch > FUSED_MAX_ROWS or x.dtype != torch.bfloat16 or not x.is_cpu
+                or torch.is_grad_enabled() or not self.current()):
+            return None
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        q, k, v = self.qkv.decode(self._norm(0, x).view(batch, hidden))
+        q = self.rope(q.view(batch, 1, heads, dim).transpose(1, 2), cos, sin)
+        k = self.rope(k.view(batch, 1, kv_heads, dim).transpose(1, 2), cos, sin)
+        v = v.view(batch, 1, kv_heads, dim).transpose(1, 2)
+        segments = cache.update(slot, cache.length, k, v, rows)
+        out = self.attention(q, [s[0] for s in segments], [s[1] for s in segments], bias.mask)
+        (attn,) = self.o.decode(out.reshape(batch, heads * dim))  # [B, H, 1, D]: one query, so already [B, H*D] in memory
+        x = x + self._norm(1, attn.view(batch, 1, hidden))
+        gate, up = self.gate_up.decode(self._norm(2, x).view(batch, hidden))
+        (mlp,) = self.down.decode(torch.nn.functional.silu(gate) * up)
+        return x + self._norm(3, mlp.view(batch, 1, hidden))
