@@ -110,13 +110,16 @@ def test_fused_rms_norm_is_bit_identical_to_the_module(shape: tuple[int, ...]) -
         kernels.rms_norm_bf16(x, norm.weight[:-1], 1e-6)
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 1, 128), (2, 4, 7, 64), (3, 2, 5, 32)])
-def test_fused_rope_is_bit_identical_to_eager(shape: tuple[int, int, int, int]) -> None:
+@pytest.mark.parametrize("shape", [(1, 16, 1, 128), (2, 4, 7, 64), (3, 2, 5, 32), (1, 3, 2, 6)])
+@pytest.mark.parametrize("every_other", [False, True])  # True: head_dim not contiguous (the generic loop)
+def test_fused_rope_is_bit_identical_to_eager(shape: tuple[int, int, int, int], every_other: bool) -> None:
     from looplm.models.ouro import apply_rope, rope_tables
 
     batch, heads, seq, dim = shape
     torch.manual_seed(dim)
-    x = (torch.randn(batch, seq, heads, dim) * 2).bfloat16().transpose(1, 2)  # strided, as after a projection
+    x = (torch.randn(batch, seq, heads, dim * (2 if every_other else 1)) * 2).bfloat16().transpose(1, 2)
+    x = x[..., ::2] if every_other else x  # strided either way, as after a projection
+    x[0, 0, 0, :2] = torch.tensor([1e38, -3e-39])  # overflow to inf in a product, and a subnormal
     cos, sin = rope_tables(torch.randint(0, 3000, (batch, seq)), dim, 1e4, torch.bfloat16)
     out = kernels.rope_bf16(x, cos, sin)
     assert out.is_contiguous() and torch.equal(out, apply_rope(x, cos, sin))

@@ -12,8 +12,36 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace {
+
+// bf16 <-> fp32 as c10::BFloat16 converts (round to nearest even, NaN -> 0x7FC0), written as
+// plain integer ops so the compiler can vectorise the loop around them.
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, 4);
+  return value;
+}
+
+inline uint16_t float_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// The norm's output loop: bf16(w * bf16(x * inv)), vectorised where the CPU has AVX2.
+inline void scale_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t h, float inv) {
+  for (int64_t j = 0; j < h; ++j)
+    out[j] = float_to_bf16(bf16_to_float(w[j]) * bf16_to_float(float_to_bf16(bf16_to_float(x[j]) * inv)));
+}
+
+__attribute__((target("avx2"))) void scale_row_avx2(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t h,
+                                                    float inv) {
+  scale_row(x, w, out, h, inv);
+}
 
 void norm_rows(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* out, int64_t begin, int64_t end,
                int64_t h, float eps) {
@@ -31,12 +59,36 @@ void norm_rows(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* ou
     for (int l = 0; l < kLanes; ++l) sum += partial[l];
     for (; i < h; ++i) sum += static_cast<float>(row[i]) * static_cast<float>(row[i]);
     const float inv = 1.0f / std::sqrt(sum / static_cast<float>(h) + eps);
-    c10::BFloat16* dst = out + r * h;
-    for (int64_t j = 0; j < h; ++j) {
-      const c10::BFloat16 normed(static_cast<float>(row[j]) * inv);
-      dst[j] = c10::BFloat16(static_cast<float>(w[j]) * static_cast<float>(normed));
-    }
+    static const bool avx2 = __builtin_cpu_supports("avx2");
+    (avx2 ? scale_row_avx2 : scale_row)(reinterpret_cast<const uint16_t*>(row), reinterpret_cast<const uint16_t*>(w),
+                                        reinterpret_cast<uint16_t*>(out + r * h), h, inv);
   }
+}
+
+// One contiguous row of RoPE (see rope_bf16). Half the time of the strided loop's c10
+// conversions at head_dim 128, where decode calls it twice per layer pass.
+template <bool Rotated>
+inline void rope_half(const uint16_t* x, const uint16_t* partner, const uint16_t* c, const uint16_t* s, uint16_t* out,
+                      int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float rotated = Rotated ? -bf16_to_float(partner[j]) : bf16_to_float(partner[j]);
+    const float a = bf16_to_float(float_to_bf16(bf16_to_float(x[j]) * bf16_to_float(c[j])));
+    const float r = bf16_to_float(float_to_bf16(rotated * bf16_to_float(s[j])));
+    out[j] = float_to_bf16(a + r);
+  }
+}
+
+__attribute__((target("avx2"))) void rope_row_avx2(const uint16_t* x, const uint16_t* c, const uint16_t* s,
+                                                   uint16_t* out, int64_t d) {
+  const int64_t half = d / 2;
+  rope_half<true>(x, x + half, c, s, out, half);  // first half: rotate_half gives -x2
+  rope_half<false>(x + half, x, c + half, s + half, out + half, half);
+}
+
+void rope_row(const uint16_t* x, const uint16_t* c, const uint16_t* s, uint16_t* out, int64_t d) {
+  const int64_t half = d / 2;
+  rope_half<true>(x, x + half, c, s, out, half);
+  rope_half<false>(x + half, x, c + half, s + half, out + half, half);
 }
 
 }  // namespace
@@ -78,7 +130,20 @@ at::Tensor rope_bf16(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   const auto* sp = sn.data_ptr<c10::BFloat16>();
   auto* op = out.data_ptr<c10::BFloat16>();
   const int64_t sb = x.stride(0), sh = x.stride(1), ss = x.stride(2), sd = x.stride(3), half = d / 2;
+  static const bool avx2 = __builtin_cpu_supports("avx2");
   at::parallel_for(0, b * h * s, std::max<int64_t>(64, (1 << 14) / d), [&](int64_t begin, int64_t end) {
+    if (sd == 1) {  // the usual layout: each row's head_dim values are contiguous
+      const auto* xb = reinterpret_cast<const uint16_t*>(xp);
+      const auto* cb = reinterpret_cast<const uint16_t*>(cp);
+      const auto* sb_ = reinterpret_cast<const uint16_t*>(sp);
+      auto* ob = reinterpret_cast<uint16_t*>(op);
+      for (int64_t index = begin; index < end; ++index) {
+        const int64_t bi = index / (h * s), hi = (index / s) % h, si = index % s;
+        const int64_t table = (bi * s + si) * d;
+        (avx2 ? rope_row_avx2 : rope_row)(xb + bi * sb + hi * sh + si * ss, cb + table, sb_ + table, ob + index * d, d);
+      }
+      return;
+    }
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bi = index / (h * s), hi = (index / s) % h, si = index % s;
       const c10::BFloat16* row = xp + bi * sb + hi * sh + si * ss;
