@@ -1,9 +1,15 @@
 """`looplm bench`: the no-cache baseline, bf16, int8 and int4 side by side, in one run.
 
-Every row runs in its own fresh interpreter (so its peak RSS is its own) on the same random
-checkpoint with a real Ouro shape, and is timed the same way: `repeats` times a random
+Every repeat of every row runs in its own fresh interpreter (so its peak RSS is its own) on
+the same random checkpoint with a real Ouro shape, and is timed the same way: a random
 `prompt_len`-token prompt, then `new_tokens` greedy tokens. Prefill tok/s is the prompt
 length over the time to the first token; decode tok/s counts the tokens after the first.
+
+The rows take turns: round r runs repeat r of every row, one after the other. On a shared
+machine the memory bandwidth drifts by tens of percent over minutes (and between processes),
+so a row timed in one block could land in a fast or a slow stretch; taking turns spreads the
+drift over all rows, and each round gives a paired ratio (row / reference, same round),
+reported as median [min-max] next to the ratio of medians.
 
 Rows:
 - `no-cache (reference)`: bf16 with torch's ops, every token recomputing the whole sequence,
@@ -204,31 +210,47 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
     for shape in options.shapes:
         log(f"checkpoint: {shape} under {workdir}")
         path, _ = ensure_checkpoint(shape, workdir, options.seed)
-        rows = []
-        for key in options.rows[shape]:
-            variant = VARIANTS[key]
-            if variant.quant == "int4":
-                variant = Variant(f"int4 g{options.group_size}", "int4", options.group_size)
-            log(f"{shape}: {variant.name} ({options.repeats} repeats, fresh process)")
-            spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
-                    "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
-                    "repeats": options.repeats, "threads": options.threads, "seed": options.seed}
-            row = run_row_in_child(spec, options.emulate_avx2)
-            row["key"] = key
-            row["prefill_tok_s"] = _spread([s["prefill_tok_s"] for s in row["samples"]])
-            row["decode_tok_s"] = _spread([s["decode_tok_s"] for s in row["samples"]])
-            row["other_cores_max"] = max((s["other_cores"] for s in row["samples"] if s["other_cores"] is not None),
-                                         default=None)
-            row["roofline_tok_s"] = row["bandwidth_gb_s"] * 1e9 / row["bytes_per_token"]
-            row["pct_roofline"] = 100 * row["decode_tok_s"]["median"] / row["roofline_tok_s"]
-            rows.append(row)
+        variants = {key: _variant(key, options.group_size) for key in options.rows[shape]}
+        parts: dict[str, list[dict]] = {key: [] for key in variants}
+        for repeat in range(options.repeats):
+            for key, variant in variants.items():
+                log(f"{shape}: {variant.name} (round {repeat + 1}/{options.repeats}, fresh process)")
+                spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
+                        "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
+                        "repeats": 1, "threads": options.threads, "seed": options.seed + repeat}
+                parts[key].append(run_row_in_child(spec, options.emulate_avx2))
+        rows = [_merge_row(key, row_parts) for key, row_parts in parts.items()]
         _add_ratios(rows)
         result["shapes"][shape] = rows
     return result
 
 
+def _variant(key: str, group_size: int) -> Variant:
+    variant = VARIANTS[key]
+    return Variant(f"int4 g{group_size}", "int4", group_size) if variant.quant == "int4" else variant
+
+
+def _merge_row(key: str, parts: list[dict]) -> dict:
+    """One row from its rounds (one child process each)."""
+    row = dict(parts[0])
+    row["key"] = key
+    row["samples"] = [sample for part in parts for sample in part["samples"]]
+    row["load_seconds"] = _spread([part["load_seconds"] for part in parts])
+    row["bandwidth_samples_gb_s"] = [part["bandwidth_gb_s"] for part in parts]
+    row["bandwidth_gb_s"] = _spread(row["bandwidth_samples_gb_s"])["median"]
+    row["peak_rss_bytes"] = max(part["peak_rss_bytes"] for part in parts)
+    row["prefill_tok_s"] = _spread([s["prefill_tok_s"] for s in row["samples"]])
+    row["decode_tok_s"] = _spread([s["decode_tok_s"] for s in row["samples"]])
+    row["other_cores_max"] = max((s["other_cores"] for s in row["samples"] if s["other_cores"] is not None),
+                                 default=None)
+    row["roofline_tok_s"] = row["bandwidth_gb_s"] * 1e9 / row["bytes_per_token"]
+    row["pct_roofline"] = 100 * row["decode_tok_s"]["median"] / row["roofline_tok_s"]
+    return row
+
+
 def _add_ratios(rows: list[dict]) -> None:
-    """Decode and prefill speed relative to the no-cache row and to the bf16 torch-ops row."""
+    """Decode and prefill speed relative to the no-cache, bf16 torch-ops and looplm bf16 rows:
+    the ratio of medians, and per round the paired ratio (median [min-max] over rounds)."""
     by_key = {row["key"]: row for row in rows}
     for reference in ("no-cache", "bf16-torch", "bf16"):
         base = by_key.get(reference)
@@ -236,6 +258,11 @@ def _add_ratios(rows: list[dict]) -> None:
             for what in ("decode", "prefill"):
                 ratio = None if base is None else row[f"{what}_tok_s"]["median"] / base[f"{what}_tok_s"]["median"]
                 row[f"{what}_vs_{reference}"] = ratio
+                paired = None
+                if base is not None:
+                    pairs = zip(row["samples"], base["samples"], strict=True)
+                    paired = _spread([mine[f"{what}_tok_s"] / theirs[f"{what}_tok_s"] for mine, theirs in pairs])
+                row[f"{what}_vs_{reference}_paired"] = paired
 
 
 def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.console.Console
@@ -252,14 +279,17 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
                   f"read bandwidth {bw['gb_s']['median']:.1f} GB/s [{bw['gb_s']['min']:.1f}-{bw['gb_s']['max']:.1f}]")
     for shape, rows in result["shapes"].items():
         table = Table(title=f"Ouro {shape} shape, random weights, CPU, batch 1: prompt {opts['prompt_len']}, "
-                            f"{opts['new_tokens']} new tokens, median \\[min-max] of {opts['repeats']}")
+                            f"{opts['new_tokens']} new tokens, median \\[min-max] of {opts['repeats']} rounds "
+                            "(ratios: paired within a round)")
         for name in ("variant", "prefill tok/s", "decode tok/s", "decode x no-cache", "decode x bf16 torch",
-                     "prefill x bf16 torch", "GB/token", "row GB/s", "% roofline", "peak RSS GiB", "other load"):
+                     "decode x bf16 looplm", "prefill x bf16 torch", "GB/token", "row GB/s", "% roofline",
+                     "peak RSS GiB", "other load"):
             table.add_column(name, justify="right")
         for row in rows:
             table.add_row(row["variant"]["name"], _fmt(row["prefill_tok_s"], 1), _fmt(row["decode_tok_s"], 2),
-                          _ratio(row["decode_vs_no-cache"]), _ratio(row["decode_vs_bf16-torch"]),
-                          _ratio(row["prefill_vs_bf16-torch"]), f"{row['bytes_per_token'] / 1e9:.2f}",
+                          _paired(row["decode_vs_no-cache_paired"]), _paired(row["decode_vs_bf16-torch_paired"]),
+                          _paired(row["decode_vs_bf16_paired"]), _paired(row["prefill_vs_bf16-torch_paired"]),
+                          f"{row['bytes_per_token'] / 1e9:.2f}",
                           f"{row['bandwidth_gb_s']:.1f}",
                           f"{row['pct_roofline']:.0f}%", f"{row['peak_rss_bytes'] / (1 << 30):.2f}",
                           "-" if row["other_cores_max"] is None else f"{row['other_cores_max']:.2f}")
@@ -275,8 +305,13 @@ def _fmt(spread: dict, digits: int) -> str:
     return f"{spread['median']:.{digits}f} [{spread['min']:.{digits}f}-{spread['max']:.{digits}f}]"
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _paired(spread: dict | None) -> str:
+    """A per-round ratio: median, and [min-max] when there were several rounds."""
+    if spread is None:
+        return "-"
+    if spread["n"] == 1:
+        return f"{spread['median']:.2f}x"
+    return f"{spread['median']:.2f}x [{spread['min']:.2f}-{spread['max']:.2f}]"
 
 
 def build_parser() -> argparse.ArgumentParser:

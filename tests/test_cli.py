@@ -331,6 +331,12 @@ def test_bench_compare_table_runs_on_the_tiny_shape(tmp_path: Path) -> None:
     assert [row["key"] for row in rows] == ["no-cache", "bf16", "int8"]
     assert rows[0]["decode_vs_no-cache"] == 1.0 and rows[0]["tokens"] == 2 and rows[1]["tokens"] == 3
     assert all(row["decode_tok_s"]["n"] == 2 and row["pct_roofline"] > 0 for row in rows)
+    # rounds: each repeat of each row in its own process, and a ratio per round against the same round's row
+    assert all(len(row["bandwidth_samples_gb_s"]) == 2 and row["load_seconds"]["n"] == 2 for row in rows)
+    paired = rows[2]["decode_vs_no-cache_paired"]
+    assert rows[0]["decode_vs_no-cache_paired"]["median"] == 1.0 and paired["n"] == 2
+    speeds = [[s["decode_tok_s"] for s in row["samples"]] for row in (rows[2], rows[0])]
+    assert paired["min"] == pytest.approx(min(a / b for a, b in zip(*speeds)))
     assert rows[1]["kernels"]["linears"] > 0 and rows[0]["kernels"] is None  # looplm kernels vs torch ops
     assert rows[2]["layer_bytes"] < rows[1]["layer_bytes"] * 0.6  # int8 layers: about half of bf16
 
