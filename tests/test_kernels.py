@@ -615,6 +615,11 @@ def test_decode_plan_steps_aside(make_checkpoint) -> None:  # noqa: ANN001
         assert plan(x.expand(1, 2, -1), cos, sin, bias, cache, 0) is None  # more than one new token
     with torch.enable_grad():
         assert plan(x, cos, sin, bias, cache, 0) is None  # autograd on
+    norm = layer.input_layernorm
+    norm.weight = torch.nn.Parameter(norm.weight.detach().clone())  # a new weight tensor: the plan's is stale
+    with torch.inference_mode():
+        assert plan(x, cos, sin, bias, cache, 0) is None
+    layer.decode_plan = plan = LayerDecodePlan.build(layer, kernels)
     layer.post_attention_layernorm_2 = torch.nn.Identity()  # a swapped submodule
     with torch.inference_mode():
         assert plan(x, cos, sin, bias, cache, 0) is None

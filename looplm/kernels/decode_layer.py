@@ -8,8 +8,9 @@ pass needs (the kernels, the norm weights, the projection groups) and makes the 
 calls the modules would, in the same order, so the result is the same bits.
 
 A plan applies to bf16 CPU inference with a KV cache, one new token per row and at most 8
-rows; anything else (prefill, training, fp32, a swapped module) returns None and the caller
-runs the modules.
+rows; anything else (prefill, training, fp32, a swapped module or norm weight) returns None
+and the caller runs the modules. The plan takes its kernels from `use_cpu_kernels`: code that
+later takes a kernel off a module by hand should clear `layer.decode_plan` too.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from looplm.kernels.shared_input import SharedInputGroup
 from looplm.quant.linear import FUSED_MAX_ROWS
 
 
-def _norm_weight(module: nn.Module, rms_kernel: object) -> torch.Tensor | None | bool:
-    """The weight of a norm the plan can run (None for an Identity), or False if it cannot."""
+def _norm_usable(module: nn.Module, rms_kernel: object) -> bool:
+    """Whether the plan can run this norm: an Identity (no norm), or an RMSNorm on `rms_kernel`."""
     if isinstance(module, nn.Identity):
-        return None
-    if getattr(module, "kernel", None) is not rms_kernel or module.weight.dtype != torch.bfloat16:
-        return False
-    return module.weight
+        return True
+    return getattr(module, "kernel", None) is rms_kernel and module.weight.dtype == torch.bfloat16
+
+
+def _norm_weight(module: nn.Module) -> torch.Tensor | None:
+    return None if isinstance(module, nn.Identity) else module.weight
 
 
 class LayerDecodePlan:
@@ -42,7 +45,7 @@ class LayerDecodePlan:
         self.qkv, self.o, self.gate_up, self.down = groups
         self.norm_modules = (layer.input_layernorm, layer.input_layernorm_2,
                              layer.post_attention_layernorm, layer.post_attention_layernorm_2)
-        self.norm_weights = tuple(_norm_weight(m, kernels.rms_norm_bf16) for m in self.norm_modules)
+        self.norm_weights = tuple(_norm_weight(m) for m in self.norm_modules)
         self.eps = layer.input_layernorm.eps
         self.heads, self.kv_heads, self.head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
         self.rms_norm, self.rope, self.attention = kernels.rms_norm_bf16, kernels.rope_bf16, kernels.decode_attention_bf16
@@ -59,12 +62,13 @@ class LayerDecodePlan:
                  layer.post_attention_layernorm_2)
         eps = {m.eps for m in norms if not isinstance(m, nn.Identity)}
         usable = (None not in groups and len(eps) == 1
-                  and all(_norm_weight(m, kernels.rms_norm_bf16) is not False for m in norms)
+                  and all(_norm_usable(m, kernels.rms_norm_bf16) for m in norms)
                   and attn.decode_kernel is kernels.decode_attention_bf16 and attn.rope_kernel is kernels.rope_bf16)
         return cls(layer, kernels, groups) if usable else None
 
     def current(self) -> bool:
-        """Whether the layer still holds the modules and weights this plan was built from."""
+        """Whether the layer still holds the modules and weights this plan was built from
+        (read from the modules' dicts: attribute lookups on modules cost about a microsecond)."""
         layer = self.layer._modules
         same = (layer["self_attn"] is self.attn and layer["mlp"] is self.mlp
                 and layer["input_layernorm"] is self.norm_modules[0] and layer["input_layernorm_2"] is self.norm_modules[1]
@@ -72,8 +76,8 @@ class LayerDecodePlan:
                 and layer["post_attention_layernorm_2"] is self.norm_modules[3])
         if not same or not all(g.current() for g in (self.qkv, self.o, self.gate_up, self.down)):
             return False
-        weights = (w for w in self.norm_weights if w is not None)
-        return all(w.dtype == torch.bfloat16 for w in weights)
+        return all(w is None or (m._parameters.get("weight") is w and w.dtype == torch.bfloat16)
+                   for m, w in zip(self.norm_modules, self.norm_weights, strict=True))
 
     def _norm(self, index: int, x: torch.Tensor) -> torch.Tensor:
         weight = self.norm_weights[index]
