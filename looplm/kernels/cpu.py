@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from looplm.errors import ConfigError
+from looplm.kernels.decode_layer import LayerDecodePlan
 from looplm.kernels.extension import extension_or_reason
 from looplm.kernels.fp32_gemm import upcast_linear
-from looplm.kernels.decode_layer import LayerDecodePlan
 from looplm.kernels.shared_input import SharedInputGroup
 from looplm.kernels.swap import replace_linears
 from looplm.models.ouro import MLP, Attention, DecoderLayer, RMSNorm
