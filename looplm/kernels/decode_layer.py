@@ -16,12 +16,24 @@ later takes a kernel off a module by hand should clear `layer.decode_plan` too.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from looplm.kernels.shared_input import SharedInputGroup
 from looplm.quant.linear import FUSED_MAX_ROWS
+
+if TYPE_CHECKING:
+    from looplm.cache import KVCache
+    from looplm.models.ouro import AttentionBias
+
+
+def _norms(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """The layer's four norms in the order a pass applies them (Identity where it has none)."""
+    return (layer.input_layernorm, layer.input_layernorm_2, layer.post_attention_layernorm,
+            layer.post_attention_layernorm_2)
 
 
 def _norm_usable(module: nn.Module, rms_kernel: object) -> bool:
@@ -43,8 +55,7 @@ class LayerDecodePlan:
         self.layer = layer
         self.attn, self.mlp = layer.self_attn, layer.mlp
         self.qkv, self.o, self.gate_up, self.down = groups
-        self.norm_modules = (layer.input_layernorm, layer.input_layernorm_2,
-                             layer.post_attention_layernorm, layer.post_attention_layernorm_2)
+        self.norm_modules = _norms(layer)
         self.norm_weights = tuple(_norm_weight(m) for m in self.norm_modules)
         self.eps = layer.input_layernorm.eps
         self.heads, self.kv_heads, self.head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
@@ -58,8 +69,7 @@ class LayerDecodePlan:
                   SharedInputGroup.build(attn, ("o_proj",), kernels),
                   SharedInputGroup.build(mlp, ("gate_proj", "up_proj"), kernels),
                   SharedInputGroup.build(mlp, ("down_proj",), kernels))
-        norms = (layer.input_layernorm, layer.input_layernorm_2, layer.post_attention_layernorm,
-                 layer.post_attention_layernorm_2)
+        norms = _norms(layer)
         eps = {m.eps for m in norms if not isinstance(m, nn.Identity)}
         usable = (None not in groups and len(eps) == 1
                   and all(_norm_usable(m, kernels.rms_norm_bf16) for m in norms)
@@ -83,8 +93,8 @@ class LayerDecodePlan:
         weight = self.norm_weights[index]
         return x if weight is None else self.rms_norm(x, weight, self.eps)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: object, cache: object,
-                 slot: int, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: AttentionBias,
+                 cache: KVCache | None, slot: int, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         batch, seq, hidden = x.shape
         if (cache is None or seq != 1 or batch > FUSED_MAX_ROWS or x.dtype != torch.bfloat16 or not x.is_cpu
                 or torch.is_grad_enabled() or not self.current()):
@@ -99,5 +109,5 @@ class LayerDecodePlan:
         (attn,) = self.o.decode(out.reshape(batch, heads * dim))  # [B, H, 1, D]: one query, so already [B, H*D] in memory
         x = x + self._norm(1, attn.view(batch, 1, hidden))
         gate, up = self.gate_up.decode(self._norm(2, x).view(batch, hidden))
-        (mlp,) = self.down.decode(torch.nn.functional.silu(gate) * up)
+        (mlp,) = self.down.decode(F.silu(gate) * up)
         return x + self._norm(3, mlp.view(batch, 1, hidden))
