@@ -30,10 +30,12 @@ if TYPE_CHECKING:
     from looplm.models.ouro import AttentionBias
 
 
-def _norms(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
-    """The layer's four norms in the order a pass applies them (Identity where it has none)."""
-    return (layer.input_layernorm, layer.input_layernorm_2, layer.post_attention_layernorm,
-            layer.post_attention_layernorm_2)
+# The layer's four norms in the order a pass applies them (Identity where it has none).
+NORM_NAMES = ("input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2")
+
+
+def _norms(layer: nn.Module) -> tuple[nn.Module, ...]:
+    return tuple(getattr(layer, name) for name in NORM_NAMES)
 
 
 def _norm_usable(module: nn.Module, rms_kernel: object) -> bool:
@@ -81,9 +83,7 @@ class LayerDecodePlan:
         (read from the modules' dicts: attribute lookups on modules cost about a microsecond)."""
         layer = self.layer._modules
         same = (layer["self_attn"] is self.attn and layer["mlp"] is self.mlp
-                and layer["input_layernorm"] is self.norm_modules[0] and layer["input_layernorm_2"] is self.norm_modules[1]
-                and layer["post_attention_layernorm"] is self.norm_modules[2]
-                and layer["post_attention_layernorm_2"] is self.norm_modules[3])
+                and all(layer[name] is m for name, m in zip(NORM_NAMES, self.norm_modules, strict=True)))
         if not same or not all(g.current() for g in (self.qkv, self.o, self.gate_up, self.down)):
             return False
         return all(w is None or (m._parameters.get("weight") is w and w.dtype == torch.bfloat16)

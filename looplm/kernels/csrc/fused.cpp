@@ -78,17 +78,15 @@ inline void rope_half(const uint16_t* x, const uint16_t* partner, const uint16_t
   }
 }
 
-__attribute__((target("avx2"))) void rope_row_avx2(const uint16_t* x, const uint16_t* c, const uint16_t* s,
-                                                   uint16_t* out, int64_t d) {
+inline void rope_row(const uint16_t* x, const uint16_t* c, const uint16_t* s, uint16_t* out, int64_t d) {
   const int64_t half = d / 2;
   rope_half<true>(x, x + half, c, s, out, half);  // first half: rotate_half gives -x2
   rope_half<false>(x + half, x, c + half, s + half, out + half, half);
 }
 
-void rope_row(const uint16_t* x, const uint16_t* c, const uint16_t* s, uint16_t* out, int64_t d) {
-  const int64_t half = d / 2;
-  rope_half<true>(x, x + half, c, s, out, half);
-  rope_half<false>(x + half, x, c + half, s + half, out + half, half);
+__attribute__((target("avx2"))) void rope_row_avx2(const uint16_t* x, const uint16_t* c, const uint16_t* s,
+                                                   uint16_t* out, int64_t d) {
+  rope_row(x, c, s, out, d);
 }
 
 }  // namespace
