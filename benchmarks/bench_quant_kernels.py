@@ -61,12 +61,12 @@ def candidates(weight: torch.Tensor, x: torch.Tensor, group: int, copies: int) -
         looplm_rows = {
             "bf16 looplm GEMV": each(lambda w, *_: kernels.skinny_linear_bf16(x, w)),
             "int8 looplm dot kernel": each(lambda w, q8, *m: kernels.int8_dot_linear(x, q8, m[6])),
-            f"int4 looplm dot kernel g{group}": each(lambda *m: kernels.int4_dot_linear(x, *m[9], group)),
+            f"int4 looplm dot kernel g{group}": each(lambda *m: kernels.int4_dot_linear(x, *m[9], group, weight.shape[0])),
         }
     elif kernels is not None and dtype == torch.bfloat16:
         looplm_rows = {
             f"int4 looplm dequantize + F.linear g{group}": each(
-                lambda *m: F.linear(x, kernels.int4_dequantize(*m[9], group, k))
+                lambda *m: F.linear(x, kernels.int4_dequantize(*m[9], group, k, weight.shape[0]))
             ),
         }
     return {

@@ -331,26 +331,31 @@ INT4_SHAPES = [(group, k) for group in (32, 64, 128, 256) for k in (96, 320, 384
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
 @pytest.mark.parametrize("group,in_features", INT4_SHAPES)  # 96, 320: padded to 128s
 def test_int4_dot_kernel_matches_reference(variant: str, rows: int, group: int, in_features: int) -> None:
-    (packed, scales, mins), w = int4_weights(48, in_features, group, rows + group + in_features)
+    out_features = 40 if rows % 2 else 48  # a partial last tile of 16 rows, and whole tiles
+    (packed, scales, mins), w = int4_weights(out_features, in_features, group, rows + group + in_features)
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, in_features, generator=generator).bfloat16()
-    ours = kernels.int4_dot_linear(x, packed, scales, mins, group, fp32_out=True)
+    ours = kernels.int4_dot_linear(x, packed, scales, mins, group, out_features, fp32_out=True)
     xd = dequantized_activations(x)
     check_dot_kernel(ours, xd @ w.T, xd.abs() @ w.abs().T, x.double() @ w.T)
-    assert torch.equal(kernels.int4_dot_linear(x, packed, scales, mins, group), ours.bfloat16())
+    assert torch.equal(kernels.int4_dot_linear(x, packed, scales, mins, group, out_features), ours.bfloat16())
 
 
 def test_int4_kernels_reject_bad_input() -> None:
     (packed, scales, mins), _ = int4_weights(16, 256, 64, 0)
     x = torch.randn(1, 256).bfloat16()
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
-        kernels.int4_dot_linear(torch.randn(9, 256).bfloat16(), packed, scales, mins, 64)
+        kernels.int4_dot_linear(torch.randn(9, 256).bfloat16(), packed, scales, mins, 64, 16)
     with pytest.raises(RuntimeError, match="group size"):
-        kernels.int4_dot_linear(x, packed, scales, mins, 48)
+        kernels.int4_dot_linear(x, packed, scales, mins, 48, 16)
     with pytest.raises(RuntimeError, match="packed width"):
-        kernels.int4_dot_linear(torch.randn(1, 512).bfloat16(), packed, scales, mins, 64)
+        kernels.int4_dot_linear(torch.randn(1, 512).bfloat16(), packed, scales, mins, 64, 16)
     with pytest.raises(RuntimeError, match="scales and mins"):
-        kernels.int4_dot_linear(x, packed, scales[:, :2].contiguous(), mins, 64)
+        kernels.int4_dot_linear(x, packed, scales[:, :2].contiguous(), mins, 64, 16)
+    with pytest.raises(RuntimeError, match="packed weight"):  # 17 rows need two tiles
+        kernels.int4_dot_linear(x, packed, scales, mins, 64, 17)
+    with pytest.raises(RuntimeError, match="packed weight"):
+        kernels.int4_dequantize(packed, scales, mins, 64, 256, 0)
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
         kernels.int8_dot_linear(torch.randn(9, 16).bfloat16(), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4))
 
@@ -382,13 +387,13 @@ def test_int4_dequantize_matches_reference(variant: str, group: int, fp32_out: b
     from looplm.quant.kernels import unpack_int4_looplm
 
     for in_features in (256, 768):
-        (packed, scales, mins), w = int4_weights(24, in_features, group, group)
-        ours = kernels.int4_dequantize(packed, scales, mins, group, in_features, fp32_out=fp32_out)
+        (packed, scales, mins), w = int4_weights(24, in_features, group, group)  # 1.5 tiles of 16 rows
+        ours = kernels.int4_dequantize(packed, scales, mins, group, in_features, 24, fp32_out=fp32_out)
         assert ours.dtype == (torch.float32 if fp32_out else torch.bfloat16) and ours.shape == (24, in_features)
         # q * s + m in fp32 (rounding error relative to the larger of the two terms), then bf16
-        q = unpack_int4_looplm(packed, in_features).double()
-        expand = lambda t: t.double()[:, : in_features // group].repeat_interleave(group, dim=1)  # noqa: E731
-        fp32_error = (q * expand(scales)).abs() * 2**-22 + expand(mins).abs() * 2**-22
+        q, scale, low = unpack_int4_looplm(packed, scales, mins, (24, in_features), group)
+        expand = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
+        fp32_error = (q.double() * expand(scale)).abs() * 2**-22 + expand(low).abs() * 2**-22
         bound = fp32_error + (0 if fp32_out else w.abs() * 2**-8)
         assert ((ours.double() - w).abs() <= bound).all()
 
@@ -400,7 +405,7 @@ def test_int4_module_in_looplm_layout(rows: int, route: str) -> None:
     from looplm.quant.kernels import dequantize_int4, quantize_int4
 
     torch.manual_seed(3)
-    w = torch.randn(64, 192) * 0.05
+    w = torch.randn(56, 192) * 0.05  # 3.5 tiles of 16 rows
     q, scale, low = quantize_int4(w, 64)
     layer = Int4Linear(q, scale, low, 64, None, torch.bfloat16, layout="looplm")
     expected_w = dequantize(q, scale.half(), low.half(), 64)
@@ -411,7 +416,7 @@ def test_int4_module_in_looplm_layout(rows: int, route: str) -> None:
     with torch.inference_mode():
         ours = layer(x)
     exact = x.double() @ expected_w.T
-    assert ours.shape == (2, rows, 64) and ours.dtype == torch.bfloat16
+    assert ours.shape == (2, rows, 56) and ours.dtype == torch.bfloat16
     assert (ours.double() - exact).norm() <= 0.02 * exact.norm()
     assert (fallback.double() - exact).norm() <= 0.01 * exact.norm()
 
@@ -478,14 +483,14 @@ def test_fp32_weight_buffer_is_reused_per_thread(monkeypatch) -> None:  # noqa: 
 
 def test_int4_dequantize_into_a_given_buffer() -> None:
     (packed, scales, mins), _ = int4_weights(48, 384, 128, 5)
-    fresh = kernels.int4_dequantize(packed, scales, mins, 128, 384, fp32_out=True)
+    fresh = kernels.int4_dequantize(packed, scales, mins, 128, 384, 48, fp32_out=True)
     out = torch.full((48, 384), float("nan"))
-    assert kernels.int4_dequantize(packed, scales, mins, 128, 384, fp32_out=True, out=out).data_ptr() == out.data_ptr()
+    assert kernels.int4_dequantize(packed, scales, mins, 128, 384, 48, fp32_out=True, out=out).data_ptr() == out.data_ptr()
     assert torch.equal(out, fresh)
     with pytest.raises(RuntimeError, match="out must be"):
-        kernels.int4_dequantize(packed, scales, mins, 128, 384, fp32_out=True, out=torch.empty(48, 384).bfloat16())
+        kernels.int4_dequantize(packed, scales, mins, 128, 384, 48, fp32_out=True, out=torch.empty(48, 384).bfloat16())
     with pytest.raises(RuntimeError, match="out must be"):
-        kernels.int4_dequantize(packed, scales, mins, 128, 384, fp32_out=True, out=torch.empty(48, 383))
+        kernels.int4_dequantize(packed, scales, mins, 128, 384, 48, fp32_out=True, out=torch.empty(48, 383))
 
 
 def test_fp32_prefill_gemm_across_inference_and_grad_modes() -> None:

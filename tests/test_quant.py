@@ -119,20 +119,26 @@ def test_int4_linear_fallback_for_shapes_the_cpu_kernel_rejects() -> None:
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("out_features", [24, 32])  # a partial last tile of 16 rows, and whole tiles
 @pytest.mark.parametrize("in_features,group", [(256, 64), (96, 32), (384, 128), (512, 256)])
-def test_looplm_int4_layout_round_trip(in_features: int, group: int) -> None:
-    """looplm's packed layout (padded to 128 columns) gives back q exactly; padding is zero."""
-    w = torch.randn(24, in_features)
+def test_looplm_int4_layout_round_trip(out_features: int, in_features: int, group: int) -> None:
+    """looplm's tiled layout (16-row tiles, columns padded to 128) gives back q, scale and min
+    exactly (the last two rounded to fp16 once); padding rows and columns are zero."""
+    w = torch.randn(out_features, in_features)
     q, scale, low = quantize_int4(w, group)
     packed, scales, mins = pack_int4_looplm(q, scale, low, group)
-    padded = -(-in_features // 128) * 128
-    assert packed.shape == (24, padded // 2) and scales.shape == mins.shape == (24, padded // group)
-    assert torch.equal(unpack_int4_looplm(packed, in_features), q)
-    assert not unpack_int4_looplm(packed, padded)[:, in_features:].any()
+    padded, tiles = -(-in_features // 128) * 128, -(-out_features // 16)
+    assert packed.shape == (tiles, padded * 8) and scales.shape == mins.shape == (tiles, padded // group * 16)
+    back_q, back_scale, back_low = unpack_int4_looplm(packed, scales, mins, (out_features, in_features), group)
+    assert torch.equal(back_q, q) and torch.equal(back_scale, scale.half()) and torch.equal(back_low, low.half())
+    everything, *_ = unpack_int4_looplm(packed, scales, mins, (tiles * 16, padded), group)
+    assert not everything[out_features:].any() and not everything[:, in_features:].any()
     assert scales.dtype == mins.dtype == torch.float16  # rounded once: 2^-11 relative
-    assert torch.equal(scales[:, : in_features // group], scale.half()) and not scales[:, in_features // group :].any()
-    assert int(packed[0, 5]) == int(q[0, 5]) | (int(q[0, 21]) << 4)  # byte j of a block: column j, 16 + j
-    assert int(packed[1, 20]) == int(q[1, 36]) | (int(q[1, 52]) << 4)
+    # tile 0, columns 8..15 (octet 1): row 3's 4 bytes start at 64 + 4 * 3; byte i = column 8 + i | 12 + i << 4
+    assert int(packed[0, 64 + 12 + 2]) == int(q[3, 10]) | (int(q[3, 14]) << 4)
+    # tile 1 starts Kp * 8 bytes in; row 17 is its row 1; scales: [group, row] per tile
+    assert int(packed[1, 4 * 1]) == int(q[17, 0]) | (int(q[17, 4]) << 4)
+    assert scales[1, 16 * 1 + 1] == scale[17, 1].half()
     layer = Int4Linear(q, scale, low, group, None, torch.float32, layout="looplm")  # no C++ kernels: torch fallback
     x = torch.randn(3, in_features)
     expected = F.linear(x, dequantize_int4(q, scale.half(), low.half(), group, torch.float32))

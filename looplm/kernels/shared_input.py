@@ -83,5 +83,6 @@ class SharedInputGroup:
             return [kernels.skinny_linear_bf16(rows, m._parameters["weight"]) for m in self.members]
         if self.kind == "int8":
             return [kernels.int8_dot_linear(rows, m._buffers["weight_int8"], m._scale_fp32()) for m in self.members]
-        return [kernels.int4_dot_linear(rows, b["weight_looplm"], b["scales_looplm"], b["mins_looplm"], m.group_size)
+        return [kernels.int4_dot_linear(rows, b["weight_looplm"], b["scales_looplm"], b["mins_looplm"], m.group_size,
+                                        m.out_features)
                 for m, b in ((m, m._buffers) for m in self.members)]

@@ -90,34 +90,50 @@ def pack_int4_for_cpu(
     return packed, tinygemm_scales_and_zeros(scale, low, dtype)
 
 
-# looplm's int4 CPU layout (looplm/kernels/csrc/qdot.cpp): columns padded with q = 0 to a
-# multiple of 128; every block of 32 columns becomes 16 bytes, byte j = column j | column 16 + j << 4.
+# looplm's int4 CPU layout (looplm/kernels/csrc/qdot.cpp explains it): output rows in tiles of
+# 16, columns padded with q = 0 to a multiple of 128; per tile and 8 columns, 64 bytes: 4 per
+# row, byte i = column i | column 4 + i << 4. Scales and mins per tile: [groups, 16 rows].
 LOOPLM_INT4_CHUNK = 128
+LOOPLM_INT4_TILE = 16
 
 
 def pack_int4_looplm(
     q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 `[N, Kp/2]`, fp16 scales `[N, Kp/g]`, fp16 mins `[N, Kp/g]`) for looplm's int4
-    kernels, Kp = K rounded up to 128; the padding groups have scale and min 0. fp16 (rounded
-    once here, relative error 2^-11) keeps decode's bytes at 4.25 bits per weight at g = 128."""
+    """(uint8 `[T, Kp*8]`, fp16 scales `[T, Kp/g*16]`, fp16 mins `[T, Kp/g*16]`) for looplm's
+    int4 kernels: T = ceil(N/16) tiles, Kp = K rounded up to 128; padding rows and columns have
+    q, scale and min 0. fp16 (rounded once here, relative error 2^-11) keeps decode's bytes at
+    4.25 bits per weight at g = 128."""
     n, k = q.shape
     kp = -(-k // LOOPLM_INT4_CHUNK) * LOOPLM_INT4_CHUNK
     if kp % group_size:
         raise ValueError(f"group size {group_size} does not divide the padded width {kp}")
-    padded = torch.zeros(n, kp, dtype=torch.uint8, device=q.device)
-    padded[:, :k] = q
-    halves = padded.view(n, kp // 32, 2, 16)
-    packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
-    scales = torch.zeros(n, kp // group_size, dtype=torch.float16, device=q.device)
-    mins = torch.zeros_like(scales)
-    scales[:, : k // group_size] = scale
-    mins[:, : k // group_size] = low
-    return packed, scales, mins
+    tiles = -(-n // LOOPLM_INT4_TILE)
+    padded = torch.zeros(tiles * LOOPLM_INT4_TILE, kp, dtype=torch.uint8, device=q.device)
+    padded[:n, :k] = q
+    v = padded.view(tiles, LOOPLM_INT4_TILE, kp // 8, 2, 4)  # tile, row, octet, nibble, byte
+    packed = (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).permute(0, 2, 1, 3).reshape(tiles, kp * 8).contiguous()
+
+    def tiled(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(tiles * LOOPLM_INT4_TILE, kp // group_size, dtype=torch.float16, device=q.device)
+        out[:n, : k // group_size] = values
+        return out.view(tiles, LOOPLM_INT4_TILE, -1).transpose(1, 2).reshape(tiles, -1).contiguous()
+
+    return packed, tiled(scale), tiled(low)
 
 
-def unpack_int4_looplm(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Inverse of `pack_int4_looplm`'s weight: uint8 q `[N, in_features]` in 0..15."""
-    n, half = packed.shape
-    blocks = packed.view(n, half // 16, 1, 16)
-    return torch.cat((blocks & 0x0F, blocks >> 4), dim=2).reshape(n, half * 2)[:, :in_features]
+def unpack_int4_looplm(
+    packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, shape: tuple[int, int], group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_int4_looplm` for an `[N, K]` weight: (uint8 q `[N, K]` in 0..15,
+    fp16 scale `[N, K/g]`, fp16 min `[N, K/g]`)."""
+    n, k = shape
+    tiles, width = packed.shape
+    v = packed.view(tiles, width // 64, LOOPLM_INT4_TILE, 4).permute(0, 2, 1, 3)  # tile, row, octet, byte
+    q = torch.stack((v & 0x0F, v >> 4), dim=3).reshape(tiles * LOOPLM_INT4_TILE, width // 8)
+
+    def untiled(values: torch.Tensor) -> torch.Tensor:
+        rows = values.view(tiles, -1, LOOPLM_INT4_TILE).transpose(1, 2).reshape(tiles * LOOPLM_INT4_TILE, -1)
+        return rows[:n, : k // group_size]
+
+    return q[:n, :k], untiled(scales), untiled(mins)

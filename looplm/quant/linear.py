@@ -147,10 +147,10 @@ class Int4Linear(nn.Module):
             eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
             return self._fused(eye).T.contiguous()
         if self.layout == "looplm":
-            groups = self.in_features // self.group_size
-            q = unpack_int4_looplm(self.weight_looplm, self.in_features)
-            return dequantize_int4(q, self.scales_looplm[:, :groups], self.mins_looplm[:, :groups], self.group_size,
-                                   torch.float32)
+            shape = (self.out_features, self.in_features)
+            q, scale, low = unpack_int4_looplm(self.weight_looplm, self.scales_looplm, self.mins_looplm, shape,
+                                               self.group_size)
+            return dequantize_int4(q, scale, low, self.group_size, torch.float32)
         q = unpack_nibbles(self.weight_nibbles)
         return dequantize_int4(q, self.scale, self.low, self.group_size, self.scale.dtype)
 
@@ -163,12 +163,12 @@ class Int4Linear(nn.Module):
         kernels = self.cpu_kernels
         args = (self.weight_looplm, self.scales_looplm, self.mins_looplm, self.group_size)
         if rows.shape[0] <= FUSED_MAX_ROWS:
-            return kernels.int4_dot_linear(rows.contiguous(), *args)
+            return kernels.int4_dot_linear(rows.contiguous(), *args, self.out_features)
         if self.prefill_route == "fp32":
             weight = fp32_weight_buffer((self.out_features, self.in_features))
-            kernels.int4_dequantize(*args, self.in_features, fp32_out=True, out=weight)
+            kernels.int4_dequantize(*args, self.in_features, self.out_features, fp32_out=True, out=weight)
             return linear_fp32(rows.float(), weight).to(rows.dtype)
-        return F.linear(rows, kernels.int4_dequantize(*args, self.in_features))
+        return F.linear(rows, kernels.int4_dequantize(*args, self.in_features, self.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

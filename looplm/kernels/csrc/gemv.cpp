@@ -190,9 +190,9 @@ at::Tensor rope_bf16(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 std::vector<at::Tensor> quantize_activations(const at::Tensor& x);
 at::Tensor int8_dot_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, bool fp32_out);
 at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                           const at::Tensor& mins, int64_t group, bool fp32_out);
+                           const at::Tensor& mins, int64_t group, int64_t n, bool fp32_out);
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group,
-                           int64_t k, bool fp32_out, const c10::optional<at::Tensor>& out);
+                           int64_t k, int64_t n, bool fp32_out, const c10::optional<at::Tensor>& out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "bf16 rows -> int8 blocks of 32, scales, block sums");
@@ -200,10 +200,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("fp32_out") = false);
   m.def("int4_dot_linear", &int4_dot_linear, "bf16 x @ packed int4 W.T for 1-8 rows, int8 activations",
         py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("mins"), py::arg("group"),
-        py::arg("fp32_out") = false);
+        py::arg("out_features"), py::arg("fp32_out") = false);
   m.def("int4_dequantize", &int4_dequantize, "packed int4 W -> dense [N, K] bf16 (or fp32)",
         py::arg("packed"), py::arg("scales"), py::arg("mins"), py::arg("group"), py::arg("k"),
-        py::arg("fp32_out") = false, py::arg("out") = py::none());
+        py::arg("out_features"), py::arg("fp32_out") = false, py::arg("out") = py::none());
   m.def("decode_attention_bf16", &decode_attention_bf16, "single-query bf16 attention over KV segments");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows, the eager module's rounding, one pass");
   m.def("rope_bf16", &rope_bf16, "rotary embedding (rotate-half) of bf16 [B, H, S, D], the eager rounding");

@@ -14,20 +14,24 @@
 //
 // dot_b, the exact integer dot product of one 32-column block, comes from vpdpbusd (AVX-512
 // VNNI: u8 x s8, four products summed into each int32 lane) or from vpmaddubsw + vpmaddwd
-// (AVX2). Each block's int32 lanes are converted to fp32 and multiplied by the block's scale.
+// (AVX2). Each block's int32 sums are converted to fp32 and multiplied by the block's scale.
 // Dispatch at run time: VNNI where the CPU has AVX-512 VNNI/BW/VL (unless looplm_force_avx2,
 // set from LOOPLM_CPU_ISA=avx2), else AVX2; output channels are split with at::parallel_for.
 //
-// int4 packed layout (made at load time by looplm.quant.kernels.pack_int4_looplm): row n,
-// columns padded with q = 0 to a multiple of 128; every block of 32 columns is 16 bytes, byte
-// j holding column j in its low nibble and column 16 + j in its high nibble. So in 64 bytes
-// (4 blocks) each int32 lane of the low nibbles and the lane of the high nibbles at the same
-// place belong to the same block: two vpdpbusd (low nibbles x the blocks' first 16
-// activations, high nibbles x the last 16) accumulate into one int32 vector whose lanes
-// 4b..4b+3 hold block b, and one conversion + one FMA per 128 weights scales it. The
-// activations are laid out to match once per call. Scales and mins are fp16 [N, groups]
-// (half the bytes of fp32: 4.25 instead of 4.5 bits per weight at g = 128), zero-padded to the
-// padded width.
+// int4 tiled layout (made at load time by looplm.quant.kernels.pack_int4_looplm): output rows
+// in tiles of 16 (the last tile padded with zero rows), columns padded with q = 0 to Kp, a
+// multiple of 128. A tile is Kp * 8 contiguous bytes: per 8 columns 8j..8j+7, 64 bytes, 4 per
+// row r of the tile, byte 4r + i holding column 8j + i in its low nibble and 8j + 4 + i in its
+// high nibble. So one 64-byte load is 16 rows x 4 columns per nibble: exactly vpdpbusd's
+// shape, with the row's 4 activation bytes broadcast, and its 16 int32 lanes are the tile's 16
+// output rows. No horizontal sums, the activations stay in column order, and the scale work
+// (one conversion and one FMA per 32 columns) covers 16 rows at once. Measured on a 2-core
+// Zen 4 VM against the earlier row-major layout (one row per pass, 4 blocks per 64 bytes):
+// 1.8-2.7x on cache-resident weights (1 thread), 1.4-1.6x streaming from memory on 1 thread
+// but 1.1-1.2x on 2, and 1.09x [0.93-1.15] over one pass of Ouro-1.4B's 168 projections
+// (9 interleaved rounds; docs/benchmarks.md, session 6). Scales and mins are fp16
+// [tiles, groups * 16], the tile's 16 rows side by side per group (half the bytes of fp32:
+// 4.25 instead of 4.5 bits per weight at g = 128); the padding has scale and min 0.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -44,7 +48,8 @@ namespace {
 
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kBlock = 32;   // activation quantization block
-constexpr int64_t kChunk = 128;  // padded width unit (one packed int4 chunk)
+constexpr int64_t kChunk = 128;  // padded width unit
+constexpr int64_t kTile = 16;    // int4: output rows per tile
 
 bool use_vnni() {
   if (looplm_force_avx2) return false;
@@ -56,13 +61,6 @@ bool use_vnni() {
 bool has_avx2() {
   static const bool value =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return value;
-}
-
-bool use_avx512bf16() {
-  if (looplm_force_avx2) return false;
-  static const bool value = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vl");
   return value;
 }
 
@@ -80,8 +78,6 @@ struct QuantRows {
   std::vector<int32_t> sum;    // [M, Kp/32], sum of xq over the block
   std::vector<float> lanes;    // [M, Kp/4]: xs_b repeated over the 8 int32 lanes of its block (VNNI layout)
   std::vector<float> group;    // int4: [M, groups], sum over the group's blocks of xs_b * sum(xq)
-  std::vector<int8_t> q4;      // int4: [M, Kp], per 128 columns the 4 blocks' first 16 values, then their last 16
-  std::vector<float> lanes4;   // int4: [M, Kp/8], xs_b repeated over 4 lanes (the int4 kernels' lane layout)
   std::vector<float> y;        // [M, N] fp32 result before the bf16 rounding
 };
 
@@ -160,24 +156,6 @@ QuantRows& quantize_rows(const at::Tensor& x) {
       for (int l = 0; l < 8; ++l) lp[r * (kp / 4) + b * 8 + l] = sp[r * blocks + b];
   }
   return out;
-}
-
-// The activations in the int4 kernels' order (see the top of the file).
-void arrange_for_int4(QuantRows& qr, int64_t m) {
-  const int64_t kp = qr.kp;
-  qr.q4.resize(m * kp);
-  qr.lanes4.resize(m * kp / 8);
-  for (int64_t r = 0; r < m; ++r) {
-    const int8_t* src = qr.q.data() + r * kp;
-    int8_t* dst = qr.q4.data() + r * kp;
-    for (int64_t c = 0; c < kp; c += kChunk)
-      for (int b = 0; b < 4; ++b) {
-        std::memcpy(dst + c + 16 * b, src + c + 32 * b, 16);
-        std::memcpy(dst + c + 64 + 16 * b, src + c + 32 * b + 16, 16);
-      }
-    for (int64_t b = 0; b < qr.blocks; ++b)
-      for (int l = 0; l < 4; ++l) qr.lanes4[r * (kp / 8) + 4 * b + l] = qr.scale[r * qr.blocks + b];
-  }
 }
 
 // ---- int8 ---------------------------------------------------------------------------------
@@ -287,108 +265,121 @@ __attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* xq, const float
 
 // ---- int4 ---------------------------------------------------------------------------------
 
-// q is unsigned (0..15) and xq signed: dpbusd(q, xq) directly, no offset. Per 128 columns
-// (64 bytes): one load, two ANDs and a shift, two dpbusd into one int32 vector (lanes 4b..4b+3:
-// block b), one conversion, and the block scales: s[n, g] * xs_b per lane.
-template <int Rows, int G>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"), always_inline)) inline void int4_chunk_vnni(
-    const int8_t* xq, const float* lanes, const uint8_t* row, const uint16_t* s, int64_t c, int64_t kp,
-    __m512* acc) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i v = _mm512_loadu_si512(row + 64 * c);
-  const __m512i lo = _mm512_and_si512(v, low4);
-  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-  __m512 sl;  // s[n, g] for each lane's block
-  if constexpr (G >= 128) {
-    sl = _mm512_set1_ps(_cvtsh_ss(s[c * kChunk / G]));
-  } else if constexpr (G == 64) {
-    sl = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(s[2 * c])), _mm512_set1_ps(_cvtsh_ss(s[2 * c + 1])));
-  } else {  // G = 32: lane l takes scale l / 4
-    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    const __m128 four = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 4 * c)));
-    sl = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
-  }
-  for (int r = 0; r < Rows; ++r) {
-    const int8_t* xr = xq + r * kp + kChunk * c;
-    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
-    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr + 64));
-    const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(lanes + r * (kp / 8) + 16 * c));
-    acc[r] = _mm512_fmadd_ps(scaled, sl, acc[r]);
-  }
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
 
+// One tile (16 output rows) per pass. Per 8 columns: one 64-byte load, two ANDs, and per
+// activation row two dpbusd with the row's 4 activation bytes broadcast. The low nibbles are
+// q; the high nibbles are left in place (16 q, at most 240 as u8): their int32 sums are exact
+// multiples of 16, so one arithmetic shift per block undoes it instead of a shift per load.
+// Per block of 32 columns, the 16 rows' int32 sums are converted and scaled by s[n, g] * xs_b.
 template <int Rows, int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void int4_vnni(
-    const int8_t* xq, const float* lanes, const float* xgroup, const uint8_t* w, const uint16_t* scales,
-    const uint16_t* mins, float* y, int64_t n_begin, int64_t n_end, int64_t kp, int64_t n) {
-  const int64_t chunks = kp / kChunk, groups = kp / G;
-  // Few rows: two accumulator sets, alternate chunks, to hide the FMA latency. The chunk loop
-  // is unrolled by hand so every accumulator index is a constant: indexed by (c & 1) at run
-  // time, the compiler kept them on the stack, a store and a reload per chunk.
-  constexpr int U = Rows <= 2 ? 2 : 1;
-  for (int64_t o = n_begin; o < n_end; ++o) {
-    const uint8_t* row = w + o * (kp / 2);
-    const uint16_t* s = scales + o * groups;
-    __m512 acc[U][Rows];
-    for (int u = 0; u < U; ++u)
-      for (int r = 0; r < Rows; ++r) acc[u][r] = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + U <= chunks; c += U)
-      for (int u = 0; u < U; ++u) int4_chunk_vnni<Rows, G>(xq, lanes, row, s, c + u, kp, acc[u]);
-    for (; c < chunks; ++c) int4_chunk_vnni<Rows, G>(xq, lanes, row, s, c, kp, acc[0]);
-    // the min term: sum_g m[n, g] * (sum over the group's blocks of xs_b * sum(xq))
-    const uint16_t* m = mins + o * groups;
-    for (int r = 0; r < Rows; ++r) {
-      __m512 total = acc[0][r];
-      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][r]);
-      for (int64_t g = 0; g < groups; g += 16) {
-        const __mmask16 mask = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
-        const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + g));
-        total = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, xgroup + r * groups + g), total);
-      }
-      y[r * n + o] = _mm512_reduce_add_ps(total);
-    }
-  }
-}
-
-// AVX2: vpmaddubsw(q, xq) with q <= 15 unsigned: pair sums are at most 2 * 15 * 127, and the
-// low- and high-nibble products of a lane add up to at most 4 * 15 * 127, so nothing
-// saturates in int16. Per 32 bytes (2 blocks): int32 lanes 0-3 block 0, 4-7 block 1.
-template <int Rows, int G>
-__attribute__((target("avx2,fma,f16c"))) void int4_avx2(const int8_t* xq, const float* lanes, const float* xgroup,
-                                                        const uint8_t* w, const uint16_t* scales, const uint16_t* mins,
-                                                        float* y,
-                                                   int64_t n_begin, int64_t n_end, int64_t kp, int64_t n) {
-  const int64_t chunks = kp / kChunk, groups = kp / G;
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int64_t o = n_begin; o < n_end; ++o) {
-    const uint8_t* row = w + o * (kp / 2);
-    const uint16_t* s = scales + o * groups;
-    __m256 acc[Rows];
-    for (int r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-          for (int h = 0; h < 2; ++h) {  // blocks 2h and 2h + 1 of the chunk
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * c + 32 * h));
-        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        const int64_t b0 = 4 * c + 2 * h;  // first block
-        const __m256 sl = _mm256_setr_m128(_mm_set1_ps(_cvtsh_ss(s[b0 * kBlock / G])),
-                                           _mm_set1_ps(_cvtsh_ss(s[(b0 + 1) * kBlock / G])));
+    const int8_t* xq, const float* xs, const float* xgroup, const uint8_t* w, const uint16_t* scales,
+    const uint16_t* mins, float* y, int64_t t_begin, int64_t t_end, int64_t kp, int64_t n) {
+  const int64_t groups = kp / G, blocks = kp / kBlock;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const uint8_t* tile = w + t * kp * 8;
+    const uint16_t* s = scales + t * groups * kTile;
+    __m512 acc[Rows];
+    for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + kTile * g)));
+      for (int64_t b = g * (G / kBlock); b < (g + 1) * (G / kBlock); ++b) {
+        __m512i lo_sum[Rows], hi_sum[Rows];
+        for (int r = 0; r < Rows; ++r) lo_sum[r] = hi_sum[r] = _mm512_setzero_si512();
+        const uint8_t* src = tile + b * (kBlock * 8);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m512i v = _mm512_loadu_si512(src + 64 * j);
+          const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(v, high4);
+          for (int r = 0; r < Rows; ++r) {
+            const int8_t* xr = xq + r * kp + b * kBlock + 8 * j;
+            lo_sum[r] = _mm512_dpbusd_epi32(lo_sum[r], lo, _mm512_set1_epi32(load_i32(xr)));
+            hi_sum[r] = _mm512_dpbusd_epi32(hi_sum[r], hi, _mm512_set1_epi32(load_i32(xr + 4)));
+          }
+        }
         for (int r = 0; r < Rows; ++r) {
-          const int8_t* xr = xq + r * kp + kChunk * c + 32 * h;
-          const __m256i pairs = _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
-              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64))));
-          const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-          const __m256 scaled = _mm256_mul_ps(d, _mm256_loadu_ps(lanes + r * (kp / 8) + 16 * c + 8 * h));
-          acc[r] = _mm256_fmadd_ps(scaled, sl, acc[r]);
+          const __m512i d = _mm512_add_epi32(lo_sum[r], _mm512_srai_epi32(hi_sum[r], 4));
+          const __m512 scale = _mm512_mul_ps(sv, _mm512_set1_ps(xs[r * blocks + b]));
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r]);
         }
       }
     }
-    const uint16_t* m = mins + o * groups;
+    // the min term: sum_g m[n, g] * (sum over the group's blocks of xs_b * sum(xq))
+    const uint16_t* m = mins + t * groups * kTile;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + kTile * g)));
+      for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xgroup[r * groups + g]), acc[r]);
+    }
+    const int64_t valid = std::min<int64_t>(kTile, n - kTile * t);  // the last tile may hold padding rows
+    const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1);
+    for (int r = 0; r < Rows; ++r) _mm512_mask_storeu_ps(y + r * n + kTile * t, keep, acc[r]);
+  }
+}
+
+// AVX2, the same layout: each 64-byte load is two halves of 8 rows. vpmaddubsw(q, xq) with
+// q <= 15 unsigned: pair sums are at most 2 * 15 * 127, and a lane's low- and high-nibble
+// products add up to at most 4 * 15 * 127, so nothing saturates in int16 (which is why the
+// high nibbles are shifted down here, unlike the VNNI kernel).
+template <int Rows, int G>
+__attribute__((target("avx2,fma,f16c"))) void int4_avx2(const int8_t* xq, const float* xs, const float* xgroup,
+                                                        const uint8_t* w, const uint16_t* scales, const uint16_t* mins,
+                                                        float* y, int64_t t_begin, int64_t t_end, int64_t kp,
+                                                        int64_t n) {
+  const int64_t groups = kp / G, blocks = kp / kBlock;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const uint8_t* tile = w + t * kp * 8;
+    const uint16_t* s = scales + t * groups * kTile;
+    __m256 acc[2][Rows];
+    for (int h = 0; h < 2; ++h)
+      for (int r = 0; r < Rows; ++r) acc[h][r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 sv[2];
+      for (int h = 0; h < 2; ++h)
+        sv[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + kTile * g + 8 * h)));
+      for (int64_t b = g * (G / kBlock); b < (g + 1) * (G / kBlock); ++b) {
+        __m256i sum[2][Rows];
+        for (int h = 0; h < 2; ++h)
+          for (int r = 0; r < Rows; ++r) sum[h][r] = _mm256_setzero_si256();
+        const uint8_t* src = tile + b * (kBlock * 8);
+        for (int j = 0; j < 4; ++j) {
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * j + 32 * h));
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int r = 0; r < Rows; ++r) {
+              const int8_t* xr = xq + r * kp + b * kBlock + 8 * j;
+              const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xr))),
+                                                     _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xr + 4))));
+              sum[h][r] = _mm256_add_epi32(sum[h][r], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        }
+        for (int r = 0; r < Rows; ++r) {
+          const __m256 xsb = _mm256_set1_ps(xs[r * blocks + b]);
+          for (int h = 0; h < 2; ++h)
+            acc[h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[h][r]), _mm256_mul_ps(sv[h], xsb), acc[h][r]);
+        }
+      }
+    }
+    const uint16_t* m = mins + t * groups * kTile;
+    for (int64_t g = 0; g < groups; ++g)
+      for (int h = 0; h < 2; ++h) {
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + kTile * g + 8 * h)));
+        for (int r = 0; r < Rows; ++r)
+          acc[h][r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xgroup[r * groups + g]), acc[h][r]);
+      }
+    const int64_t valid = std::min<int64_t>(kTile, n - kTile * t);
+    alignas(32) float out[kTile];
     for (int r = 0; r < Rows; ++r) {
-      float total = hsum_ps(acc[r]);
-      for (int64_t g = 0; g < groups; ++g) total += _cvtsh_ss(m[g]) * xgroup[r * groups + g];
-      y[r * n + o] = total;
+      _mm256_store_ps(out, acc[0][r]);
+      _mm256_store_ps(out + 8, acc[1][r]);
+      std::memcpy(y + r * n + kTile * t, out, valid * sizeof(float));
     }
   }
 }
@@ -426,16 +417,20 @@ void check_rows(const at::Tensor& x, int64_t k, const char* name) {
   TORCH_CHECK(has_avx2(), name, ": needs AVX2+FMA");
 }
 
+// The tiled int4 layout (see the top of the file) for an [n, k] weight, kp = k padded to 128.
 void check_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group, int64_t kp,
-                const char* name) {
+                int64_t n, const char* name) {
   TORCH_CHECK(group == 32 || group == 64 || group == 128 || group == 256, name, ": group size 32, 64, 128 or 256");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(), name,
-              ": contiguous uint8 [N, Kp/2] packed weight");
-  TORCH_CHECK(kp % group == 0 && packed.size(1) * 2 == kp, name, ": packed width does not match the input width");
+  TORCH_CHECK(kp % group == 0, name, ": the group size does not divide the padded width");
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  TORCH_CHECK(n >= 1 && packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
+                  packed.size(0) == tiles,
+              name, ": contiguous uint8 [ceil(N/16), Kp*8] packed weight");
+  TORCH_CHECK(packed.size(1) == kp * 8, name, ": packed width does not match the input width");
   for (const at::Tensor* t : {&scales, &mins})
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == packed.size(0) &&
-                    t->size(1) == kp / group,
-                name, ": fp16 [N, Kp/group] scales and mins");
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == tiles &&
+                    t->size(1) == kp / group * kTile,
+                name, ": fp16 [ceil(N/16), Kp/group*16] scales and mins");
 }
 
 // The fp32 result in `scratch.y` as an [M, N] tensor: fp32, or bf16 rounded to nearest even.
@@ -504,13 +499,13 @@ at::Tensor int8_dot_linear(const at::Tensor& x, const at::Tensor& q, const at::T
   return finish(x, m, n, fp32_out);
 }
 
-// x [M, K] bf16 (M <= 8); packed [N, Kp/2] uint8, scales and mins fp32 [N, Kp/group] in the
-// layout described at the top -> [M, N] (bf16, or fp32 if asked).
+// x [M, K] bf16 (M <= 8); packed, scales and mins in the tiled layout described at the top,
+// for an [n, K] weight -> [M, n] (bf16, or fp32 if asked).
 at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                           const at::Tensor& mins, int64_t group, bool fp32_out) {
-  const int64_t m = x.size(0), k = x.size(1), kp = padded(k), n = packed.size(0);
+                           const at::Tensor& mins, int64_t group, int64_t n, bool fp32_out) {
+  const int64_t m = x.size(0), k = x.size(1), kp = padded(k);
   check_rows(x, k, "int4_dot_linear");
-  check_int4(packed, scales, mins, group, kp, "int4_dot_linear");
+  check_int4(packed, scales, mins, group, kp, n, "int4_dot_linear");
   const at::Tensor xc = x.contiguous();
   QuantRows& qr = quantize_rows(xc);
   const int64_t groups = kp / group, blocks = kp / kBlock, per_group = group / kBlock;
@@ -519,22 +514,22 @@ at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
   float* xg = qr.group.data();
   for (int64_t r = 0; r < m; ++r)
     for (int64_t b = 0; b < blocks; ++b) xg[r * groups + b / per_group] += qr.scale[r * blocks + b] * qr.sum[r * blocks + b];
-  arrange_for_int4(qr, m);
   qr.y.resize(m * n);
-  const int8_t* xq = qr.q4.data();
+  const int8_t* xq = qr.q.data();
+  const float* xs = qr.scale.data();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   const auto* mp = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
-  const float* lanes = qr.lanes4.data();
   float* yp = qr.y.data();
   const bool vnni = use_vnni();
+  const int64_t tiles = packed.size(0), grain = std::max<int64_t>(1, (1 << 16) / (kp * 8));
   dispatch_rows(m, [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     dispatch_group(group, [&](auto g) {
       constexpr int G = decltype(g)::value;
-      at::parallel_for(0, n, grain_for(kp / 2), [&](int64_t b, int64_t e) {
-        if (vnni) int4_vnni<R, G>(xq, lanes, xg, wp, sp, mp, yp, b, e, kp, n);
-        else int4_avx2<R, G>(xq, lanes, xg, wp, sp, mp, yp, b, e, kp, n);
+      at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
+        if (vnni) int4_vnni<R, G>(xq, xs, xg, wp, sp, mp, yp, b, e, kp, n);
+        else int4_avx2<R, G>(xq, xs, xg, wp, sp, mp, yp, b, e, kp, n);
       });
     });
   });
@@ -543,41 +538,55 @@ at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
 
 namespace {
 
-// One 32-column block: 16 packed bytes -> 32 values q * s + m.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequant_block_bf16(const uint8_t* p, float s,
-                                                                                       float m, uint16_t* out) {
-  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-  const __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(lo, vs, vm)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(hi, vs, vm)));
+// One row's 8 columns from their 4 packed bytes: q * s + m in fp32.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 dequant8(int32_t bytes, __m256 s, __m256 m) {
+  const __m256i shifts = _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28);  // low nibbles, then high
+  const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bytes), shifts), _mm256_set1_epi32(0x0F));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, m);
 }
 
-// Portable version (fp32 output, or bf16 rounded to nearest even), auto-vectorised for AVX2.
+// fp32 -> bf16, round to nearest even (finite values: weights are).
+__attribute__((target("avx2,fma"), always_inline)) inline __m128i to_bf16x8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit half: 4 values twice
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+// Rows [t_begin, t_end) of tiles, as dense rows of `out` (fp32, or bf16 when Bf16).
 template <bool Bf16>
-__attribute__((target("avx2,fma"))) void dequant_block_generic(const uint8_t* p, float s, float m, void* out) {
-  for (int j = 0; j < 32; ++j) {
-    const float w = float(j < 16 ? (p[j] & 0x0F) : (p[j - 16] >> 4)) * s + m;
-    if constexpr (Bf16) {
-      uint32_t bits;
-      std::memcpy(&bits, &w, 4);
-      bits += 0x7FFF + ((bits >> 16) & 1);
-      static_cast<uint16_t*>(out)[j] = static_cast<uint16_t>(bits >> 16);
-    } else {
-      static_cast<float*>(out)[j] = w;
+__attribute__((target("avx2,fma,f16c"))) void dequantize_tiles(const uint8_t* w, const uint16_t* scales,
+                                                              const uint16_t* mins, void* out, int64_t t_begin,
+                                                              int64_t t_end, int64_t group, int64_t k, int64_t kp,
+                                                              int64_t n) {
+  const int64_t groups = kp / group, octets = k / 8;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const uint8_t* tile = w + t * kp * 8;
+    for (int64_t r = 0; r < kTile && kTile * t + r < n; ++r) {
+      const int64_t row = kTile * t + r;
+      for (int64_t j = 0; j < octets; ++j) {
+        const int64_t g = j * 8 / group, at = t * groups * kTile + g * kTile + r;
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[at])), mn = _mm256_set1_ps(_cvtsh_ss(mins[at]));
+        const __m256 v = dequant8(load_i32(tile + 64 * j + 4 * r), s, mn);
+        if constexpr (Bf16)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + row * k + 8 * j), to_bf16x8(v));
+        else
+          _mm256_storeu_ps(static_cast<float*>(out) + row * k + 8 * j, v);
+      }
     }
   }
 }
 
 }  // namespace
 
-// The packed int4 weight as a dense [N, K] matrix (bf16, or fp32 if asked), for prefill GEMMs;
+// The packed int4 weight as a dense [n, k] matrix (bf16, or fp32 if asked), for prefill GEMMs;
 // written into `out` when given (a reused buffer: a fresh large tensor costs page faults).
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group,
-                           int64_t k, bool fp32_out, const c10::optional<at::Tensor>& out_opt) {
-  const int64_t kp = padded(k), n = packed.size(0);
-  check_int4(packed, scales, mins, group, kp, "int4_dequantize");
+                           int64_t k, int64_t n, bool fp32_out, const c10::optional<at::Tensor>& out_opt) {
+  const int64_t kp = padded(k);
+  check_int4(packed, scales, mins, group, kp, n, "int4_dequantize");
+  TORCH_CHECK(k % group == 0, "int4_dequantize: the width must be a multiple of the group size");
   TORCH_CHECK(has_avx2(), "int4_dequantize: needs AVX2+FMA");
   const at::ScalarType dtype = fp32_out ? at::kFloat : at::kBFloat16;
   at::Tensor out;
@@ -590,27 +599,12 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, c
     out = at::empty({n, k}, packed.options().dtype(dtype));
   }
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const at::Half *sp = scales.data_ptr<at::Half>(), *mp = mins.data_ptr<at::Half>();
-  const int64_t groups = kp / group;
-  const bool bf16_native = !fp32_out && use_avx512bf16();
-  const int64_t full = k / kBlock;  // int4 widths are multiples of the group size, so of 32
-  TORCH_CHECK(full * kBlock == k, "int4_dequantize: the width must be a multiple of 32");
-  at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / kp), [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-      const at::Half *s = sp + o * groups, *m = mp + o * groups;
-      for (int64_t blk = 0; blk < full; ++blk) {
-        const uint8_t* p = wp + o * (kp / 2) + 16 * blk;
-        const int64_t g = blk * kBlock / group;
-        const float sg = static_cast<float>(s[g]), mg = static_cast<float>(m[g]);
-        if (fp32_out) {
-          dequant_block_generic<false>(p, sg, mg, out.data_ptr<float>() + o * k + blk * kBlock);
-        } else {
-          auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + o * k + blk * kBlock;
-          if (bf16_native) dequant_block_bf16(p, sg, mg, dst);
-          else dequant_block_generic<true>(p, sg, mg, dst);
-        }
-      }
-    }
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const auto* mp = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
+  void* op = out.data_ptr();
+  at::parallel_for(0, packed.size(0), std::max<int64_t>(1, (1 << 16) / (kp * 8)), [&](int64_t b, int64_t e) {
+    if (fp32_out) dequantize_tiles<false>(wp, sp, mp, op, b, e, group, k, kp, n);
+    else dequantize_tiles<true>(wp, sp, mp, op, b, e, group, k, kp, n);
   });
   return out;
 }
