@@ -6,7 +6,11 @@
 // the output, in fp32, and reads grouped-query KV heads without expanding them. The keys
 // may come in several segments (the shared-KV cache keeps prefill and decoded tokens apart);
 // one softmax spans them all. Numerics follow torch's CPU flash attention: fp32 scores and
-// softmax, weights rounded to bf16 before they multiply V, fp32 accumulation.
+// softmax, weights rounded to bf16 before they multiply V, fp32 accumulation. With AVX-512 the
+// softmax is vectorised (exp by a polynomial, like torch's own vectorised exp, within about an
+// ulp of std::exp), and head sizes 64 and 128 keep q and the output row in registers: at 512
+// cached tokens and 16 heads a call went from 171 to 89 us on cache-resident K/V (1 thread)
+// and from 236 to 195 us with K/V coming from memory (2 threads, 2-core Zen 4 VM).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -79,6 +83,103 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void accumulate_avx512(floa
       _mm512_mask_storeu_ps(acc + d, tail_mask, _mm512_fmadd_ps(w, vv, _mm512_maskz_loadu_ps(tail_mask, acc + d)));
     }
   }
+}
+
+// The same two loops for a head size of 16 * C (C = 4, 8: head_dim 64, 128), with q and the
+// output row held in registers. The general loops above reload and store the fp32 output row
+// for every key and reduce one key's score at a time; these score four keys at once and keep
+// the running sums in registers. The arithmetic, and its order, is the same: the same bits.
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512 widen_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <int C>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void scores_avx512_fixed(const float* q, const uint16_t* k,
+                                                                             int64_t rows, int64_t dim, float* scores) {
+  __m512 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  int64_t s = 0;
+  for (; s + 4 <= rows; s += 4) {
+    __m512 acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c)
+      for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(qv[c], widen_bf16x16(k + (s + u) * dim + 16 * c), acc[u]);
+    for (int u = 0; u < 4; ++u) scores[s + u] = _mm512_reduce_add_ps(acc[u]);
+  }
+  for (; s < rows; ++s) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], widen_bf16x16(k + s * dim + 16 * c), acc);
+    scores[s] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+template <int C>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void accumulate_avx512_fixed(float* acc, const float* weights,
+                                                                                 const uint16_t* v, int64_t rows,
+                                                                                 int64_t dim) {
+  __m512 out[C];
+  for (int c = 0; c < C; ++c) out[c] = _mm512_loadu_ps(acc + 16 * c);
+  for (int64_t s = 0; s < rows; ++s) {
+    if (weights[s] == 0.f) continue;
+    const __m512 w = _mm512_set1_ps(weights[s]);
+    for (int c = 0; c < C; ++c) out[c] = _mm512_fmadd_ps(w, widen_bf16x16(v + s * dim + 16 * c), out[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * c, out[c]);
+}
+
+// exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial to r^6
+// (relative error below 2e-7, about one fp32 ulp: the weights are rounded to bf16 anyway),
+// times 2^n by vscalefps, which also takes care of underflow.
+__attribute__((target("avx512f"), always_inline)) inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // exp underflows to 0 well before this
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts, so r stays exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Lanes i.. of a run of `total` (the last 16 may be partial), and of those the unmasked keys.
+inline __mmask16 lanes_from(int64_t i, int64_t total) {
+  return total - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (total - i)) - 1);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __mmask16 kept_lanes(const bool* allowed,
+                                                                                               int64_t i, __mmask16 in) {
+  if (!allowed) return in;
+  const __m128i flags = _mm_maskz_loadu_epi8(in, allowed + i);
+  return _mm_mask_cmpneq_epi8_mask(in, flags, _mm_setzero_si128());
+}
+
+// The softmax of one head's `total` scores, in place: scores * scale, then the weights
+// exp(score - max) rounded to bf16 (masked keys: 0). Returns the fp32 sum of the unrounded
+// weights, which divides the output. Same steps as the scalar loop in decode_attention_bf16.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float softmax_avx512(float* scores, int64_t total, float scale,
+                                                                        const bool* allowed) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < total; i += 16) {
+    const __mmask16 in = lanes_from(i, total);
+    const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, scores + i), vscale);
+    _mm512_mask_storeu_ps(scores + i, in, s);
+    vmax = _mm512_mask_max_ps(vmax, kept_lanes(allowed, i, in), vmax, s);
+  }
+  const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  const __m512i round_bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < total; i += 16) {
+    const __mmask16 in = lanes_from(i, total);
+    const __m512 w = _mm512_maskz_mov_ps(kept_lanes(allowed, i, in), exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, scores + i), max_score)));
+    sum = _mm512_add_ps(sum, w);
+    const __m512i bits = _mm512_castps_si512(w);  // round to nearest even bf16, kept as fp32
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+    const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(round_bias, odd)), high_half);
+    _mm512_mask_storeu_ps(scores + i, in, _mm512_castsi512_ps(rounded));
+  }
+  return _mm512_reduce_add_ps(sum);
 }
 
 __attribute__((target("avx2,fma"))) inline __m256 widen_bf16x8(const uint16_t* p) {
@@ -173,8 +274,16 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
   float* op = out32.data();
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
 
-  const ScoresFn scores_fn = use_avx512() ? scores_avx512 : scores_avx2;
-  const AccumulateFn accumulate_fn = use_avx512() ? accumulate_avx512 : accumulate_avx2;
+  ScoresFn scores_fn = use_avx512() ? scores_avx512 : scores_avx2;
+  AccumulateFn accumulate_fn = use_avx512() ? accumulate_avx512 : accumulate_avx2;
+  const bool vector_softmax = use_avx512();
+  if (use_avx512() && dim == 128) {
+    scores_fn = scores_avx512_fixed<8>;
+    accumulate_fn = accumulate_avx512_fixed<8>;
+  } else if (use_avx512() && dim == 64) {
+    scores_fn = scores_avx512_fixed<4>;
+    accumulate_fn = accumulate_avx512_fixed<4>;
+  }
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(total);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -187,16 +296,20 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
       // Softmax in fp32; masked keys get weight 0. The weights are rounded to bf16 before
       // they multiply V, as torch's CPU flash attention does; the sum stays fp32.
       const bool* allowed = mask_ptr ? mask_ptr + b * total : nullptr;
-      float max_score = -std::numeric_limits<float>::infinity();
-      for (int64_t i = 0; i < total; ++i) {
-        scores[i] *= scale;
-        if (!allowed || allowed[i]) max_score = std::max(max_score, scores[i]);
-      }
       float denominator = 0.f;
-      for (int64_t i = 0; i < total; ++i) {
-        const float weight = (!allowed || allowed[i]) ? std::exp(scores[i] - max_score) : 0.f;
-        denominator += weight;
-        scores[i] = round_to_bf16(weight);
+      if (vector_softmax) {
+        denominator = softmax_avx512(scores.data(), total, scale, allowed);
+      } else {
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < total; ++i) {
+          scores[i] *= scale;
+          if (!allowed || allowed[i]) max_score = std::max(max_score, scores[i]);
+        }
+        for (int64_t i = 0; i < total; ++i) {
+          const float weight = (!allowed || allowed[i]) ? std::exp(scores[i] - max_score) : 0.f;
+          denominator += weight;
+          scores[i] = round_to_bf16(weight);
+        }
       }
       float* acc = op + bh * dim;
       pos = 0;
