@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from safetensors.torch import load_file
 
 from looplm.default_model import write_random_checkpoint
 
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ouro-tiny"
+# LOOPLM_FIXTURES points elsewhere, e.g. at a copy carried to a GPU machine (benchmarks/gpu_checks.sh).
+FIXTURE_DIR = Path(os.environ.get("LOOPLM_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "ouro-tiny"
 
 # The test models are tiny: a second thread buys nothing, and on a busy machine OpenMP's
 # barrier waits make tiny ops 10-50x slower. Benchmarks use every thread.

@@ -90,6 +90,30 @@ def pack_int4_for_cpu(
     return packed, tinygemm_scales_and_zeros(scale, low, dtype)
 
 
+# torch's CUDA int4 kernel (tinygemm, `aten._weight_int4pack_mm`) tiles K by 16 x inner_k_tiles
+# and N by 8; it takes bf16 activations and needs compute capability 8.0 or newer.
+CUDA_INT4_INNER_K_TILES = (8, 4, 2)
+
+
+def cuda_int4_inner_k_tiles(n: int, k: int, group_size: int) -> int | None:
+    """The largest inner_k_tiles the CUDA kernel accepts for an `[n, k]` weight, or None."""
+    if n % 8 or group_size not in (32, 64, 128, 256) or k % group_size:
+        return None
+    return next((tiles for tiles in CUDA_INT4_INNER_K_TILES if k % (16 * tiles) == 0), None)
+
+
+def pack_int4_for_cuda(
+    q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype, inner_k_tiles: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CUDA-kernel packed weight, scales_and_zeros) for `aten._weight_int4pack_mm`; `q` on the GPU.
+
+    The CUDA packer takes uint8 `[N, K/2]` with column 2j in the HIGH nibble (the reverse of
+    `pack_nibbles`), as torch's own int4 tests build it."""
+    pairs = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+    return packed, tinygemm_scales_and_zeros(scale, low, dtype)
+
+
 # looplm's int4 CPU layout (looplm/kernels/csrc/qdot.cpp explains it): output rows in tiles of
 # 16, columns padded with q = 0 to a multiple of 128; per tile and 8 columns, 64 bytes: 4 per
 # row, byte i = column i | column 4 + i << 4. Scales and mins per tile: [groups, 16 rows].

@@ -14,8 +14,11 @@ Each module computes `x @ dequant(W).T (+ bias)` and picks its kernel per call:
 - `Int4Linear` on CPU, looplm layout (chosen at load time when looplm's kernels will run the
   model): looplm's integer dot-product kernel for 1-8 rows, and for more rows a C++ dequantize
   to bf16 (fp32 on CPUs without AVX-512 BF16) followed by a GEMM.
-- Anywhere else (cuda, or int4 shapes the CPU kernel rejects): dequantize, then `F.linear`.
-  Correct, not fast; the cuda path is not exercised by the tests (they run on CPU).
+- `Int4Linear` on CUDA, "cuda" layout (bf16 models on compute capability 8.0+, chosen when the
+  module is built on the GPU): torch's fused int4 kernel `aten._weight_int4pack_mm` (tinygemm)
+  for any number of rows. Tested by `tests/test_cuda.py` where a GPU exists.
+- Anywhere else (int8 on CUDA, int4 shapes or dtypes these kernels reject): dequantize, then
+  `F.linear`. Correct, not fast.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from torch import nn
 
 from looplm.kernels.fp32_gemm import fp32_weight_buffer, linear_fp32, upcast_weight
 from looplm.quant.kernels import (
+    cuda_int4_inner_k_tiles,
     dequantize_int4,
     pack_int4_for_cpu,
+    pack_int4_for_cuda,
     pack_int4_looplm,
     pack_nibbles,
     unpack_int4_looplm,
@@ -37,7 +42,7 @@ from looplm.quant.kernels import (
 # Up to this many rows the fused int8 kernel beats cast + GEMM (measured crossover: 8-16 rows).
 FUSED_MAX_ROWS = 8
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts (looplm's too)
-INT4_LAYOUTS = ("torch", "looplm", "portable")
+INT4_LAYOUTS = ("torch", "looplm", "cuda", "portable")
 
 
 class Int8Linear(nn.Module):
@@ -87,6 +92,18 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
 
 
+def default_int4_layout(
+    device: torch.device, out_features: int, group_size: int, dtype: torch.dtype, inner_k_tiles: int | None
+) -> str:
+    """"torch" on CPU and "cuda" on a capable GPU where their kernels take the shape, else "portable"."""
+    if device.type == "cpu" and out_features % 16 == 0 and group_size in INT4_GROUP_SIZES:
+        return "torch"
+    if (device.type == "cuda" and inner_k_tiles is not None and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device) >= (8, 0)):
+        return "cuda"
+    return "portable"
+
+
 class Int4Linear(nn.Module):
     """4-bit weight, asymmetric per group of `group_size` input columns.
 
@@ -96,8 +113,10 @@ class Int4Linear(nn.Module):
     - "looplm": looplm's own packed layout with fp16 scales and mins
       (`looplm.quant.kernels.pack_int4_looplm`), run by looplm's C++ kernels once
       `use_cpu_kernels` has set `cpu_kernels`, else dequantized per call;
+    - "cuda": torch's CUDA int4 kernel layout (tinygemm) with (scale, zero) pairs in bf16;
     - "portable": nibbles + scale/min in the activation dtype, dequantized per call.
-    None picks "torch" on CPU where the shape allows, else "portable"."""
+    None picks "torch" on CPU and "cuda" on a GPU where the shape, dtype and device allow, else
+    "portable"."""
 
     # Set by `looplm.kernels.use_cpu_kernels` on "looplm"-layout modules: the extension module.
     cpu_kernels = None
@@ -118,14 +137,21 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
+        inner_k_tiles = cuda_int4_inner_k_tiles(self.out_features, self.in_features, group_size)
         if layout is None:
-            torch_ok = q.device.type == "cpu" and self.out_features % 16 == 0 and group_size in INT4_GROUP_SIZES
-            layout = "torch" if torch_ok else "portable"
+            layout = default_int4_layout(q.device, self.out_features, group_size, dtype, inner_k_tiles)
         if layout not in INT4_LAYOUTS:
             raise ValueError(f"int4 layout must be one of {', '.join(INT4_LAYOUTS)}, got {layout!r}")
         self.layout = layout
-        self.fused = layout == "torch"
-        if layout == "torch":
+        self.fused = layout in ("torch", "cuda")
+        if layout == "cuda":
+            if inner_k_tiles is None or dtype != torch.bfloat16 or q.device.type != "cuda":
+                raise ValueError(f"the cuda int4 layout needs a bf16 [N % 8, K] weight on a GPU, got "
+                                 f"{tuple(q.shape)} {dtype} on {q.device} with group size {group_size}")
+            packed, scales_and_zeros = pack_int4_for_cuda(q, scale, low, dtype, inner_k_tiles)
+            self.register_buffer("weight_packed", packed)
+            self.register_buffer("scales_and_zeros", scales_and_zeros)
+        elif layout == "torch":
             packed, scales_and_zeros = pack_int4_for_cpu(q, scale, low, dtype)
             self.register_buffer("weight_packed", packed)
             self.register_buffer("scales_and_zeros", scales_and_zeros)
@@ -143,8 +169,9 @@ class Int4Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the kernel multiplies by (for tests and fallbacks): in the activation dtype,
         fp32 for the "looplm" layout (from its fp16 scales and mins)."""
-        if self.layout == "torch":
-            eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
+        if self.layout in ("torch", "cuda"):
+            sz = self.scales_and_zeros
+            eye = torch.eye(self.in_features, dtype=sz.dtype, device=sz.device)
             return self._fused(eye).T.contiguous()
         if self.layout == "looplm":
             shape = (self.out_features, self.in_features)
@@ -156,6 +183,10 @@ class Int4Linear(nn.Module):
 
     def _fused(self, rows: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros
+        if self.layout == "cuda":  # the kernel takes bf16 activations only
+            out = torch.ops.aten._weight_int4pack_mm(rows.to(sz.dtype).contiguous(), self.weight_packed,
+                                                     self.group_size, sz)
+            return out.to(rows.dtype)
         sz = sz if sz.dtype == rows.dtype else sz.to(rows.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight_packed, self.group_size, sz)
 
@@ -172,9 +203,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.layout == "torch":
-            if x.device.type != "cpu":
-                raise RuntimeError("this Int4Linear was packed for CPU; quantize the model on its target device")
+        if self.layout in ("torch", "cuda"):
+            if x.device != self.weight_packed.device:
+                raise RuntimeError(f"this Int4Linear was packed for {self.weight_packed.device.type}, the input is on "
+                                   f"{x.device.type}; quantize the model on its target device")
             y = self._fused(rows)
         elif self.cpu_kernels is not None and x.dtype == torch.bfloat16 and x.is_cpu:
             y = self._looplm(rows)
