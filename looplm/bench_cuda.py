@@ -66,7 +66,7 @@ class CudaBenchOptions:
     # A `looplm.static_decode.MODES` entry. Eager kernels in a graph ("graph") still launch ~70
     # small kernels per (step, layer); compiling first fuses the elementwise work between GEMVs.
     mode: str = "compile+graph"
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"  # what was measured; max-autotune adds a GEMM search (not measured)
     bandwidth_mib: int = 4096
     bandwidth_repeats: int = 20
     int4_group_size: int = 128
