@@ -26,5 +26,5 @@ echo "== tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/tests.txt" | tail -25
 
 bench graph 120 --mode graph
-bench compiled-bf16 110 --mode compile+graph --dtypes bf16
-bench compiled-int4 110 --mode compile+graph --dtypes int4
+bench compiled-bf16 110 --mode compile+graph --dtypes bf16 --profile-steps 8
+bench compiled-int4 110 --mode compile+graph --dtypes int4 --profile-steps 8

@@ -71,6 +71,9 @@ class CudaBenchOptions:
     bandwidth_repeats: int = 20
     int4_group_size: int = 128
     seed: int = 0
+    # Decode steps traced with torch.profiler after the timed windows (0: none): kernel time per
+    # step against the step's wall time, and the kernels that take it.
+    profile_steps: int = 0
 
     def check(self) -> None:
         from looplm.bench import SHAPES
@@ -89,12 +92,12 @@ class CudaBenchOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ConfigError(f"--batch-sizes must be positive integers, got {self.batch_sizes!r}")
-        if self.warmup_steps < 0:
-            raise ConfigError("--warmup-steps must not be negative")
+        if self.warmup_steps < 0 or self.profile_steps < 0:
+            raise ConfigError("--warmup-steps and --profile-steps must not be negative")
 
     def cache_len(self) -> int:
-        """Positions the static cache needs: prompt, first token, warmup and every timed token."""
-        return self.prompt_len + 1 + self.warmup_steps + self.repeats * self.new_tokens
+        """Positions the static cache needs: prompt, first token, warmup, every timed and profiled token."""
+        return self.prompt_len + 1 + self.warmup_steps + self.repeats * self.new_tokens + self.profile_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +172,18 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_profile(row: dict, top: int = 10) -> list[str]:
+    """Lines for one row's profile: kernel time per step against wall time, then the top kernels."""
+    prof = row["profile"]
+    head = (f"profile {row['dtype']} batch {row['batch']}: {prof['kind']} time {prof['us_per_step'] / 1000:.2f} ms "
+            f"per step of {row['ms_per_step']['median']:.2f} ms wall, {prof['calls_per_step']:.0f} calls per step "
+            f"({prof['steps']} steps traced)")
+    lines = [head]
+    for entry in prof["top"][:top]:
+        lines.append(f"  {entry['us_per_step']:9.1f} us/step {entry['calls_per_step']:7.1f} calls  {entry['name']}")
+    return lines
+
+
 def format_report(result: dict) -> str:
     """Plain text: device card, bandwidth, the decode table, the target line."""
     dev, bw, opts = result["device"], result["bandwidth"], result["options"]
@@ -194,6 +209,9 @@ def format_report(result: dict) -> str:
             text += f", {target['pct_datasheet_roofline']:.0f}% of the datasheet roofline "
             text += f"({'met' if target['met_datasheet'] else 'not met'})"
         lines += ["", text]
+    for row in result["rows"]:
+        if "profile" in row:
+            lines += ["", *format_profile(row)]
     return "\n".join(lines)
 
 
@@ -319,6 +337,34 @@ def decode_bytes(model: OuroForCausalLM) -> dict:
     }
 
 
+def profile_decode(decoder: StaticDecoder, token: torch.Tensor, steps: int, device: torch.device) -> dict:
+    """Trace `steps` decode steps with torch.profiler: on CUDA the GPU kernels (CUPTI reports
+    those a graph replay launches too), elsewhere the CPU operators' self time. Kernel time per
+    step well below the step's wall time means the step waits on launches, not on kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as trace:
+        for _ in range(steps):
+            token = decoder.step(token)[0].argmax(-1)
+        if cuda:
+            torch.cuda.synchronize(device)
+    wanted = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = []
+    for event in trace.key_averages():
+        if event.device_type != wanted:
+            continue
+        micros = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if micros > 0:
+            events.append({"name": event.key[:120], "calls_per_step": event.count / steps, "us_per_step": micros / steps})
+    events.sort(key=lambda entry: entry["us_per_step"], reverse=True)
+    return {"kind": "GPU kernel" if cuda else "CPU operator", "steps": steps,
+            "us_per_step": sum(e["us_per_step"] for e in events),
+            "calls_per_step": sum(e["calls_per_step"] for e in events), "top": events[:25]}
+
+
 def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions, device: torch.device) -> dict:
     """Prefill `repeats` + 1 times (the first untimed), then warmup and `repeats` timed decode windows.
 
@@ -345,7 +391,7 @@ def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions
             token = decoder.step(token)[0].argmax(-1)
         windows.append(timer.stop())
     per_seq = [options.new_tokens / s for s in windows]
-    return {
+    row = {
         "batch": batch,
         "status": "ok",
         "cache_len": options.cache_len(),
@@ -357,6 +403,9 @@ def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions
         "ms_per_step": spread([1000 * s / options.new_tokens for s in windows]),
         "kv_bytes_per_step": decoder.kv_bytes_read_per_step(),
     }
+    if options.profile_steps:
+        row["profile"] = profile_decode(decoder, token, options.profile_steps, device)
+    return row
 
 
 def run_static_bench(options: CudaBenchOptions, device: torch.device, log: Log | None = None) -> dict:
@@ -420,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", default=defaults.shape)
     parser.add_argument("--dtypes", default=",".join(defaults.dtypes), help="comma-separated: bf16,int4")
     parser.add_argument("--batch-sizes", default=",".join(map(str, defaults.batch_sizes)))
-    for name in ("prompt_len", "new_tokens", "repeats", "warmup_steps", "bandwidth_mib", "int4_group_size", "seed"):
+    for name in ("prompt_len", "new_tokens", "repeats", "warmup_steps", "bandwidth_mib", "int4_group_size", "seed",
+                 "profile_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--mode", choices=MODES, default=defaults.mode)
     parser.add_argument("--compile-mode", default=defaults.compile_mode)
@@ -437,7 +487,7 @@ def options_from_args(args: argparse.Namespace) -> CudaBenchOptions:
     return CudaBenchOptions(shape=args.shape, dtypes=dtypes, batch_sizes=batch_sizes, prompt_len=args.prompt_len,
                             new_tokens=args.new_tokens, repeats=args.repeats, warmup_steps=args.warmup_steps,
                             mode=args.mode, compile_mode=args.compile_mode, bandwidth_mib=args.bandwidth_mib,
-                            int4_group_size=args.int4_group_size, seed=args.seed)
+                            int4_group_size=args.int4_group_size, seed=args.seed, profile_steps=args.profile_steps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

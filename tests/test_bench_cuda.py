@@ -116,7 +116,7 @@ def test_target_not_met_and_missing() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"dtypes": ("fp8",)}, {"batch_sizes": (0,)}, {"mode": "fast"}, {"shape": "7b"},
-                                 {"new_tokens": 0}])
+                                 {"new_tokens": 0}, {"profile_steps": -1}])
 def test_bad_options(bad: dict) -> None:
     with pytest.raises(ConfigError):
         CudaBenchOptions(**bad).check()
@@ -136,6 +136,22 @@ def test_whole_benchmark_body_runs_on_cpu_with_the_tiny_shape() -> None:
     assert rows[("int4", 1)]["status"].startswith(("not available", "failed: quantize_model raised"))
     assert result["target"] is not None
     assert "| bf16 | 1 |" in format_report(result)
+
+
+def test_profile_reports_time_per_step_and_top_entries() -> None:
+    """--profile-steps traces decode steps after the timed windows (CPU operators here) and the
+    report prints the time per step against the step's wall time."""
+    options = CudaBenchOptions(shape="tiny", dtypes=("bf16",), batch_sizes=(1,), prompt_len=8, new_tokens=2,
+                               repeats=1, warmup_steps=0, mode="eager", bandwidth_mib=4, bandwidth_repeats=1,
+                               profile_steps=3)
+    assert options.cache_len() == 8 + 1 + 2 + 3
+    result = run_static_bench(options, torch.device("cpu"), log=lambda message: None)
+    profile = result["rows"][0]["profile"]
+    assert profile["kind"] == "CPU operator" and profile["steps"] == 3
+    assert profile["top"] and profile["us_per_step"] >= profile["top"][0]["us_per_step"] > 0
+    names = {entry["name"] for entry in profile["top"]}
+    assert any("linear" in name or "mm" in name for name in names)  # the projections show up
+    assert "profile bf16 batch 1: CPU operator time" in format_report(result)
 
 
 def test_int4_rows_when_looplm_quant_exists(make_checkpoint) -> None:  # noqa: ANN001
