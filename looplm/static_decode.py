@@ -178,13 +178,12 @@ class StaticDecoder:
         self._layer_pass = layer_pass
         if "compile" in self.mode:
             self._layer_pass = torch.compile(layer_pass, fullgraph=True, dynamic=False, mode=compile_mode)
-        self._fn = self._step_impl
         started = time.perf_counter()
         with torch.no_grad():
             if "graph" in self.mode:
                 self._capture(max(1, min(warmup, max_len - 1)))
             elif "compile" in self.mode:
-                self._fn()  # compile now, on the zero state, not inside the first timed token
+                self._step_impl()  # compile now, on the zero state, not inside the first timed token
         self.setup_seconds = time.perf_counter() - started
 
     # -- the static step ----------------------------------------------------------------------
@@ -215,11 +214,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
-                self._fn()
+                self._step_impl()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._graph_out = self._fn()
+            self._graph_out = self._step_impl()
         self._graph = graph
         # Warmup ran on the zero state and wrote garbage K/V at its first positions. `prefill`
         # overwrites the prompt positions and resets `key_valid`; a later position becomes
@@ -267,7 +266,7 @@ class StaticDecoder:
         if self._graph is not None:
             self._graph.replay()
             return self._graph_out
-        return self._fn()
+        return self._step_impl()
 
     def kv_bytes_read_per_step(self) -> int:
         """K and V bytes one step reads: every slot over the whole preallocated length."""
