@@ -44,6 +44,12 @@ def expected_meta(fixture_dir: Path) -> dict:
     return json.loads((fixture_dir / "expected.json").read_text())
 
 
+def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Prompts of the given lengths, token ids in [3, vocab) (clear of pad, bos and eos)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
 def small_config(**overrides: object) -> dict:
     """An Ouro config.json dict for a small random model; override any key."""
     config = {

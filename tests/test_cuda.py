@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_prompts
 
 import looplm
 from looplm.generate import generate
@@ -14,11 +15,6 @@ from looplm.static_decode import StaticDecoder, generate_static
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
-
-
-def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

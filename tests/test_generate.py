@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_prompts
 
 import looplm
 from looplm.errors import ConfigError, GenerationError
@@ -13,11 +14,6 @@ from looplm.errors import ConfigError, GenerationError
 def gqa_model(make_checkpoint):  # noqa: ANN001, ANN201
     path = make_checkpoint(seed=3, num_attention_heads=4, num_key_value_heads=2, total_ut_steps=3, rope_theta=5e5)
     return looplm.load(path, dtype="float32")
-
-
-def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
 def test_cache_matches_no_cache(gqa_model) -> None:  # noqa: ANN001

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_prompts
 
 import looplm
 from looplm.errors import GenerationError
 from looplm.generate import generate
 from looplm.static_decode import StaticDecoder, generate_static
-
-
-def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
 @pytest.fixture
