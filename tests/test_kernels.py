@@ -194,6 +194,30 @@ def test_decode_attention_with_sharp_scores(variant: str) -> None:
     assert (ours.double() - exact).abs().max() <= 2**-7 * exact.abs().max() + 1e-3
 
 
+def test_decode_attention_append_writes_the_cache_then_attends(variant: str) -> None:
+    """The full cache's decode step in one call: the new K/V land in their slot and position
+    and nowhere else, and the output is the same bits as a write followed by the attention."""
+    generator = torch.Generator().manual_seed(5)
+    slots, batch, kv_heads, max_len, dim, position = 3, 2, 2, 20, 64, 11
+    keys = torch.randn(slots, batch, kv_heads, max_len, dim, generator=generator).bfloat16()
+    values = torch.randn(slots, batch, kv_heads, max_len, dim, generator=generator).bfloat16()
+    expected_keys, expected_values = keys.clone(), values.clone()
+    q = torch.randn(batch, 4, 1, dim, generator=generator).bfloat16()
+    k, v = (torch.randn(batch, kv_heads, 1, dim, generator=generator).bfloat16() for _ in range(2))
+    mask = torch.rand(batch, 1, 1, position + 1, generator=generator) > 0.3
+    mask[..., -1] = True
+    out = kernels.decode_attention_append_bf16(q, k, v, keys, values, 1, position, mask)
+    expected_keys[1, :, :, position], expected_values[1, :, :, position] = k[:, :, 0], v[:, :, 0]
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    reference = kernels.decode_attention_bf16(q, [expected_keys[1, :, :, : position + 1]],
+                                              [expected_values[1, :, :, : position + 1]], mask)
+    assert torch.equal(out, reference)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.decode_attention_append_bf16(q, k, v, keys, values, 1, max_len, None)
+    with pytest.raises(RuntimeError, match="k, v must be"):
+        kernels.decode_attention_append_bf16(q, k[:1], v[:1], keys, values, 1, position, None)
+
+
 def test_decode_attention_rejects_bad_input() -> None:
     k = torch.randn(1, 2, 5, 16).bfloat16()
     with pytest.raises(RuntimeError, match="one query"):
@@ -607,6 +631,29 @@ def test_decode_plans_give_the_same_bits(make_checkpoint, case: str) -> None:  #
     ours, reference = _greedy_logits(planned, prompts, 5, **options), _greedy_logits(plain, prompts, 5, **options)
     assert sum(out is not None for out in ran) >= 4 * config_layers(planned)  # the plans ran every decode pass
     assert len(ours) == len(reference) >= 5
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_decode_plan_follows_weights_changed_after_it_was_built(make_checkpoint, quant: str | None) -> None:  # noqa: ANN001
+    """The one-call pass holds the layer's tensors (and an fp32 copy of an int8 scale): a weight
+    replaced or edited in place later must be what the next token uses."""
+    path = make_checkpoint()
+    planned = looplm.load(path, dtype="bfloat16", quant=quant, group_size=32)
+    plain = _modules_only(looplm.load(path, dtype="bfloat16", quant=quant, group_size=32))
+    prompt = torch.tensor([[5, 9, 2, 33, 7, 1]])
+    _greedy_logits(planned, prompt, 2)  # the plans have run (and hold their tensors)
+    for model in (planned, plain):
+        layer = model.model.layers[0]
+        with torch.no_grad():
+            if quant == "int8":
+                layer.mlp.down_proj.scale.mul_(1.5)  # in place: the kernel's fp32 copy is stale
+            elif quant == "int4":
+                buffers = layer.self_attn.q_proj._buffers
+                buffers["scales_looplm"] = buffers["scales_looplm"] * 1.5  # replaced
+            else:
+                layer.self_attn.o_proj.weight = torch.nn.Parameter(layer.self_attn.o_proj.weight * 1.5)
+    ours, reference = _greedy_logits(planned, prompt, 4), _greedy_logits(plain, prompt, 4)
     assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
 
 

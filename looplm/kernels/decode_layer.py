@@ -7,6 +7,11 @@ sixth of the token time (session-5 breakdown in docs/benchmarks.md). A plan hold
 pass needs (the kernels, the norm weights, the projection groups) and makes the same kernel
 calls the modules would, in the same order, so the result is the same bits.
 
+With the whole batch in a full KV cache (plain decode), the pass runs as one C++ call
+(`csrc/layer.cpp`: the same kernels in the same order, the K/V written into the cache by the
+attention call): the Python version's twenty calls per pass cost about a tenth of an int4
+token. Row subsets (early-exited rows) and the shared-KV cache take the Python version.
+
 A plan applies to bf16 CPU inference with a KV cache, one new token per row and at most 8
 rows; anything else (prefill, training, fp32, a swapped module or norm weight) returns None
 and the caller runs the modules. The plan takes its kernels from `use_cpu_kernels`: code that
@@ -22,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looplm.cache import KVCache
 from looplm.kernels.shared_input import SharedInputGroup
 from looplm.quant.linear import FUSED_MAX_ROWS
 
 if TYPE_CHECKING:
-    from looplm.cache import KVCache
     from looplm.models.ouro import AttentionBias
 
 
@@ -62,6 +67,21 @@ class LayerDecodePlan:
         self.eps = layer.input_layernorm.eps
         self.heads, self.kv_heads, self.head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
         self.rms_norm, self.rope, self.attention = kernels.rms_norm_bf16, kernels.rope_bf16, kernels.decode_attention_bf16
+        self.kernels = kernels
+        self.native, self.native_tensors = self._build_native()
+
+    def _build_native(self) -> tuple[object, list]:
+        """The pass as one C++ object (`csrc/layer.cpp`) over the tensors the layer holds now,
+        and a snapshot of those tensors to tell when it has gone stale."""
+        groups = (self.qkv, self.o, self.gate_up, self.down)
+        qkv, (o,), gate_up, (down,) = (g.projections() for g in groups)
+        native = self.kernels.DecodeLayer(qkv, o, gate_up, down, list(self.norm_weights), self.eps, self.heads,
+                                          self.kv_heads, self.head_dim)
+        return native, [entry for g in groups for entry in g.snapshot()]
+
+    def _native_current(self) -> bool:
+        return all(where.get(key) is tensor and tensor._version == version
+                   for where, key, tensor, version in self.native_tensors)
 
     @classmethod
     def build(cls, layer: nn.Module, kernels: ModuleType) -> LayerDecodePlan | None:
@@ -99,12 +119,18 @@ class LayerDecodePlan:
         if (cache is None or seq != 1 or batch > FUSED_MAX_ROWS or x.dtype != torch.bfloat16 or not x.is_cpu
                 or torch.is_grad_enabled() or not self.current()):
             return None
+        position = cache.length
+        if type(cache) is KVCache and rows is None and position < cache.max_len:
+            # the whole batch in a full cache: the pass is one C++ call, with the same kernels
+            if not self._native_current():
+                self.native, self.native_tensors = self._build_native()
+            return self.native.forward(x, cos, sin, cache.keys, cache.values, slot, position, bias.mask)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         q, k, v = self.qkv.decode(self._norm(0, x).view(batch, hidden))
-        q = self.rope(q.view(batch, 1, heads, dim).transpose(1, 2), cos, sin)
-        k = self.rope(k.view(batch, 1, kv_heads, dim).transpose(1, 2), cos, sin)
-        v = v.view(batch, 1, kv_heads, dim).transpose(1, 2)
-        segments = cache.update(slot, cache.length, k, v, rows)
+        # [B, H, 1, D] views: with one position, the same memory as [B, 1, H, D] transposed
+        q = self.rope(q.view(batch, heads, 1, dim), cos, sin)
+        k = self.rope(k.view(batch, kv_heads, 1, dim), cos, sin)
+        segments = cache.update(slot, position, k, v.view(batch, kv_heads, 1, dim), rows)
         out = self.attention(q, [s[0] for s in segments], [s[1] for s in segments], bias.mask)
         (attn,) = self.o.decode(out.reshape(batch, heads * dim))  # [B, H, 1, D]: one query, so already [B, H*D] in memory
         x = x + self._norm(1, attn.view(batch, 1, hidden))

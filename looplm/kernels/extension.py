@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp", "qdot.cpp", "fused.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp", "qdot.cpp", "fused.cpp", "layer.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "stream.h"]  # part of the build's identity, not compiled alone
 CFLAGS = ["-O3", "-fopenmp"]  # at::parallel_for only splits work across threads when built with OpenMP
 LDFLAGS = ["-fopenmp"]

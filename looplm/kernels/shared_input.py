@@ -72,6 +72,38 @@ class SharedInputGroup:
             return None
         return [y.view(*x.shape[:-1], y.shape[-1]) for y in self.decode(rows.contiguous())]
 
+    def _tensors(self, member: nn.Module) -> tuple[dict, list[str]]:
+        """The dict the member's kernel tensors live in, and their keys, for this group's kind."""
+        if self.kind == "bf16":
+            return member._parameters, ["weight"]
+        if self.kind == "int8":
+            return member._buffers, ["weight_int8", "scale"]
+        return member._buffers, ["weight_looplm", "scales_looplm", "mins_looplm"]
+
+    def projections(self) -> list:
+        """The members as the extension's `Projection`s (for `DecodeLayer`), made from the
+        tensors they hold now; `snapshot` tells when those have been replaced since."""
+        made = []
+        for member in self.members:
+            if self.kind == "bf16":
+                made.append(self.kernels.make_projection("bf16", [member._parameters["weight"]]))
+            elif self.kind == "int8":
+                made.append(self.kernels.make_projection("int8", [member._buffers["weight_int8"], member._scale_fp32()]))
+            else:
+                b = member._buffers
+                made.append(self.kernels.make_projection("int4", [b["weight_looplm"], b["scales_looplm"], b["mins_looplm"]],
+                                                         member.group_size, member.out_features))
+        return made
+
+    def snapshot(self) -> list[tuple[dict, str, torch.Tensor, int]]:
+        """(dict, key, tensor, version) of every tensor `projections` read: a later load or
+        in-place edit of a weight (an int8 scale is copied to fp32) makes them stale."""
+        entries = []
+        for member in self.members:
+            where, keys = self._tensors(member)
+            entries += [(where, key, where[key], where[key]._version) for key in keys]
+        return entries
+
     def decode(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """The members' outputs `[M, N_i]` for contiguous bf16 rows `[M, K]`, M <= 8 (no checks).
 

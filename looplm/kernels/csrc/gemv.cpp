@@ -181,6 +181,9 @@ std::string cpu_path() {
 
 at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tensor>& keys,
                                  const std::vector<at::Tensor>& values, const c10::optional<at::Tensor>& mask);
+at::Tensor decode_attention_append_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& keys, const at::Tensor& values, int64_t slot,
+                                        int64_t position, const c10::optional<at::Tensor>& mask);
 
 // fused.cpp
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -194,7 +197,11 @@ at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group,
                            int64_t k, int64_t n, bool fp32_out, const c10::optional<at::Tensor>& out);
 
+// layer.cpp
+void bind_decode_layer(pybind11::module& m);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  bind_decode_layer(m);
   m.def("quantize_activations", &quantize_activations, "bf16 rows -> int8 blocks of 32, scales, block sums");
   m.def("int8_dot_linear", &int8_dot_linear, "bf16 x @ (scale * int8 W).T for 1-8 rows, int8 activations",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("fp32_out") = false);
@@ -205,6 +212,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed"), py::arg("scales"), py::arg("mins"), py::arg("group"), py::arg("k"),
         py::arg("out_features"), py::arg("fp32_out") = false, py::arg("out") = py::none());
   m.def("decode_attention_bf16", &decode_attention_bf16, "single-query bf16 attention over KV segments");
+  m.def("decode_attention_append_bf16", &decode_attention_append_bf16,
+        "write one token's K/V into a full cache slot, then single-query attention over it");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows, the eager module's rounding, one pass");
   m.def("rope_bf16", &rope_bf16, "rotary embedding (rotate-half) of bf16 [B, H, S, D], the eager rounding");
   m.def("skinny_linear_bf16", &skinny_linear_bf16, "bf16 x @ w.T for 1-8 rows, fp32 accumulation");

@@ -41,6 +41,8 @@
 #include <cstring>
 #include <vector>
 
+#include "stream.h"
+
 
 extern bool looplm_force_avx2;  // gemv.cpp
 
@@ -343,6 +345,7 @@ __attribute__((target("avx2,fma,f16c"))) void int4_avx2(const int8_t* xq, const 
                                                         int64_t n) {
   const int64_t groups = kp / G, blocks = kp / kBlock;
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t ahead = looplm::prefetch_bytes;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const uint8_t* tile = w + t * kp * 8;
     const uint16_t* s = scales + t * groups * kTile;
@@ -359,6 +362,7 @@ __attribute__((target("avx2,fma,f16c"))) void int4_avx2(const int8_t* xq, const 
           for (int r = 0; r < Rows; ++r) sum[h][r] = _mm256_setzero_si256();
         const uint8_t* src = tile + b * (kBlock * 8);
         for (int j = 0; j < 4; ++j) {
+          looplm::prefetch_ahead(src + 64 * j, ahead);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * j + 32 * h));
             const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);

@@ -4,11 +4,14 @@
 // keep up. Where they did not, an explicit prefetch into L2 a fixed distance ahead helped:
 // looplm's AVX2 bf16 GEMV (each bf16 weight widened to fp32 before its FMA) decoded Ouro-1.4B
 // 1.2-1.4x faster with it (2-core Zen 4 VM, AVX2 kernels forced, two A/B runs in one
-// process each). Elsewhere it did not pay and is not used: the AVX-512 BF16 GEMV got about
-// 10% slower, and the integer kernels (qdot.cpp) gained 1-3% with VNNI and lost up to 11%
-// on AVX2 once their accumulators stayed in registers. 8-24 KiB ahead did about as well as
-// each other. A prefetch past the end of a thread's rows fetches lines another thread (or
-// nobody) reads; it never faults.
+// process each), and on a real AVX2-only Zen 3 the int4 AVX2 kernel streamed 1.11-1.20x
+// faster with it (2-16 KiB ahead, one UT step of Ouro-1.4B's 168 projections, 11 interleaved
+// rounds in one process). Elsewhere it did not pay and is not used: the AVX-512 BF16 GEMV got
+// about 10% slower, the VNNI integer kernels gained 1-3%, and the int8 AVX2 kernel 1.03-1.05x
+// on the Zen 3 (noise level; it lost up to 11% on the Zen 4 with AVX2 forced). 8-24 KiB ahead
+// did about as well as each other. A prefetch past the end of a thread's rows fetches lines
+// another thread (or nobody) reads; it never faults.
+
 #pragma once
 
 #include <immintrin.h>
