@@ -239,6 +239,7 @@ __attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* xq, const float
   constexpr int U = Rows <= 2 ? 2 : 1;  // accumulator sets, unrolled by hand (see int4_vnni)
   const int64_t blocks = (k + kBlock - 1) / kBlock, full = k / kBlock;
   alignas(32) int8_t tail[kBlock];
+  const int64_t ahead = looplm::prefetch_bytes;
   for (int64_t o = n_begin; o < n_end; ++o) {
     const int8_t* row = w + o * k;
     __m256 acc[U][Rows];
@@ -246,6 +247,7 @@ __attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* xq, const float
       for (int r = 0; r < Rows; ++r) acc[u][r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + U <= full; b += U) {
+      if (U == 2 || (b & 1) == 0) looplm::prefetch_ahead(row + b * kBlock, ahead);  // once per 64 bytes
       for (int u = 0; u < U; ++u) int8_block_avx2<Rows>(xq, scale, row + (b + u) * kBlock, b + u, kp, acc[u]);
     }
     for (; b < blocks; ++b) {  // the last whole block when U = 2, then a partial one

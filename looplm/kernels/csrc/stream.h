@@ -6,9 +6,9 @@
 // 1.2-1.4x faster with it (2-core Zen 4 VM, AVX2 kernels forced, two A/B runs in one
 // process each), and on a real AVX2-only Zen 3 the int4 AVX2 kernel streamed 1.11-1.20x
 // faster with it (2-16 KiB ahead, one UT step of Ouro-1.4B's 168 projections, 11 interleaved
-// rounds in one process). Elsewhere it did not pay and is not used: the AVX-512 BF16 GEMV got
-// about 10% slower, the VNNI integer kernels gained 1-3%, and the int8 AVX2 kernel 1.03-1.05x
-// on the Zen 3 (noise level; it lost up to 11% on the Zen 4 with AVX2 forced). 8-24 KiB ahead
+// rounds in one process), the int8 AVX2 kernel 1.03-1.11x (two runs of 9 rounds; on the Zen 4
+// with AVX2 forced it had lost up to 11%). Elsewhere it did not pay and is not used: the
+// AVX-512 BF16 GEMV got about 10% slower, the VNNI integer kernels gained 1-3%. 8-24 KiB ahead
 // did about as well as each other. A prefetch past the end of a thread's rows fetches lines
 // another thread (or nobody) reads; it never faults.
 
