@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -339,6 +340,20 @@ def test_bench_compare_table_runs_on_the_tiny_shape(tmp_path: Path) -> None:
     assert paired["min"] == pytest.approx(min(a / b for a, b in zip(*speeds)))
     assert rows[1]["kernels"]["linears"] > 0 and rows[0]["kernels"] is None  # looplm kernels vs torch ops
     assert rows[2]["layer_bytes"] < rows[1]["layer_bytes"] * 0.6  # int8 layers: about half of bf16
+
+
+def test_paired_decode_benchmark_script_runs_on_the_default_model() -> None:
+    """benchmarks/bench_decode_context.py: every row decodes and gets a paired ratio to the first."""
+    from looplm.default_model import default_model_dir
+
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_decode_context.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(default_model_dir()), "--rows", "bf16,int8",
+                           "--context", "16", "--tokens", "2", "--rounds", "2"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| bf16 |", "| int8 |"))]
+    assert len(rows) == 2 and rows[0].endswith("| 1.00x [1.00-1.00] |")
+    assert re.search(r"\| int8 \| [0-9.]+ \[[0-9.]+-[0-9.]+\] \| [0-9.]+x \[[0-9.]+-[0-9.]+\] \|", rows[1])
 
 
 def test_bench_detail_runs_on_the_tiny_shape(tmp_path: Path) -> None:
