@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,13 +196,18 @@ def test_decode_attention_with_sharp_scores(variant: str) -> None:
     assert (ours.double() - exact).abs().max() <= 2**-7 * exact.abs().max() + 1e-3
 
 
-def test_decode_attention_append_writes_the_cache_then_attends(variant: str) -> None:
+@pytest.mark.parametrize("view", [False, True])
+def test_decode_attention_append_writes_the_cache_then_attends(variant: str, view: bool) -> None:
     """The full cache's decode step in one call: the new K/V land in their slot and position
-    and nowhere else, and the output is the same bits as a write followed by the attention."""
+    and nowhere else, and the output is the same bits as a write followed by the attention.
+    `view`: the cache is the first rows of a larger batch buffer, as the server's batch uses it."""
     generator = torch.Generator().manual_seed(5)
     slots, batch, kv_heads, max_len, dim, position = 3, 2, 2, 20, 64, 11
-    keys = torch.randn(slots, batch, kv_heads, max_len, dim, generator=generator).bfloat16()
-    values = torch.randn(slots, batch, kv_heads, max_len, dim, generator=generator).bfloat16()
+    rows = batch + 2 if view else batch
+    all_keys = torch.randn(slots, rows, kv_heads, max_len, dim, generator=generator).bfloat16()
+    all_values = torch.randn(slots, rows, kv_heads, max_len, dim, generator=generator).bfloat16()
+    keys, values = all_keys[:, :batch], all_values[:, :batch]
+    before_keys, before_values = all_keys.clone(), all_values.clone()
     expected_keys, expected_values = keys.clone(), values.clone()
     q = torch.randn(batch, 4, 1, dim, generator=generator).bfloat16()
     k, v = (torch.randn(batch, kv_heads, 1, dim, generator=generator).bfloat16() for _ in range(2))
@@ -209,6 +216,8 @@ def test_decode_attention_append_writes_the_cache_then_attends(variant: str) -> 
     out = kernels.decode_attention_append_bf16(q, k, v, keys, values, 1, position, mask)
     expected_keys[1, :, :, position], expected_values[1, :, :, position] = k[:, :, 0], v[:, :, 0]
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    assert torch.equal(all_keys[:, batch:], before_keys[:, batch:])  # the larger buffer's other rows
+    assert torch.equal(all_values[:, batch:], before_values[:, batch:])
     reference = kernels.decode_attention_bf16(q, [expected_keys[1, :, :, : position + 1]],
                                               [expected_values[1, :, :, : position + 1]], mask)
     assert torch.equal(out, reference)
@@ -655,6 +664,39 @@ def test_decode_plan_follows_weights_changed_after_it_was_built(make_checkpoint,
                 layer.self_attn.o_proj.weight = torch.nn.Parameter(layer.self_attn.o_proj.weight * 1.5)
     ours, reference = _greedy_logits(planned, prompt, 4), _greedy_logits(plain, prompt, 4)
     assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
+
+
+def test_decode_plan_on_a_cache_over_the_first_rows_of_a_larger_buffer(make_checkpoint) -> None:  # noqa: ANN001
+    """The server's batch decodes into `KVCache.over(keys[:, :used], ...)`: a view whose rows are
+    strided. The one-call pass writes and reads it in place, the same bits as the modules."""
+    from looplm.cache import KVCache
+    from looplm.exit import LastPolicy
+
+    path = make_checkpoint(num_key_value_heads=2)
+    planned = looplm.load(path, dtype="bfloat16")
+    plain = _modules_only(looplm.load(path, dtype="bfloat16"))
+    config, steps = planned.config, planned.config.total_ut_steps
+    prompt = torch.tensor([[5, 9, 2, 33], [8, 4, 11, 7]])
+    positions = torch.arange(4).expand(2, 4)
+    calls = []
+    for layer in planned.model.layers:  # count the one-call passes
+        native = layer.decode_plan.native
+        layer.decode_plan.native = SimpleNamespace(forward=lambda *args, native=native: calls.append(1) or native.forward(*args))
+    logits, buffers = [], []
+    for model in (planned, plain):
+        big = model.make_cache(3, 12)  # room for three rows; the batch uses the first two
+        cache = KVCache.over(big.keys[:, :2], big.values[:, :2], steps, 0)
+        with torch.inference_mode():
+            model.run_steps(prompt, positions, None, cache)
+            for token in (3, 17, 6):
+                step_logits, _ = model.decode_step(torch.tensor([[token], [token]]), torch.tensor([[cache.length]] * 2),
+                                                   None, cache, steps, LastPolicy())
+                logits.append(step_logits)
+        buffers.append(big)
+        assert cache.length == 7 and not big.keys[:, 2].any()  # the third row was never written
+    assert all(torch.equal(a, b) for a, b in zip(logits[:3], logits[3:], strict=True))
+    assert torch.equal(buffers[0].keys, buffers[1].keys) and torch.equal(buffers[0].values, buffers[1].values)
+    assert len(calls) == 3 * steps * config.num_hidden_layers  # every decode pass took the one call
 
 
 def test_decode_plan_steps_aside(make_checkpoint) -> None:  # noqa: ANN001

@@ -85,14 +85,12 @@ class SharedInputGroup:
         tensors they hold now; `snapshot` tells when those have been replaced since."""
         made = []
         for member in self.members:
-            if self.kind == "bf16":
-                made.append(self.kernels.make_projection("bf16", [member._parameters["weight"]]))
-            elif self.kind == "int8":
-                made.append(self.kernels.make_projection("int8", [member._buffers["weight_int8"], member._scale_fp32()]))
-            else:
-                b = member._buffers
-                made.append(self.kernels.make_projection("int4", [b["weight_looplm"], b["scales_looplm"], b["mins_looplm"]],
-                                                         member.group_size, member.out_features))
+            where, keys = self._tensors(member)
+            tensors = [where[key] for key in keys]
+            if self.kind == "int8":
+                tensors[1] = member._scale_fp32()  # the kernel takes the scale in fp32
+            made.append(self.kernels.make_projection(self.kind, tensors, getattr(member, "group_size", 0),
+                                                     member.out_features))
         return made
 
     def snapshot(self) -> list[tuple[dict, str, torch.Tensor, int]]:

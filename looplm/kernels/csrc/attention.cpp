@@ -431,16 +431,20 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
 // A full KV cache's decode step in one call: write the new token's k, v [B, H_kv, 1, D] at
 // `position` of slot `slot` in keys/values [slots, B, H_kv, S_max, D], then attend over
 // positions 0..position. The cache's Python update (index, slice, copy, twice, then two
-// slices to read) cost about 50 us per layer pass, a twentieth of an int4 token.
+// slices to read) cost about 50 us per layer pass. The buffers may be views (the server's
+// batch uses the first B rows of a larger one) as long as each head's positions are
+// contiguous rows of D values.
 at::Tensor decode_attention_append_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& keys, const at::Tensor& values, int64_t slot,
                                         int64_t position, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(keys.dim() == 5 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous(),
-              "decode_attention_append_bf16: contiguous keys/values [slots, B, H_kv, S_max, D] of one shape");
+  TORCH_CHECK(keys.dim() == 5 && keys.sizes() == values.sizes(),
+              "decode_attention_append_bf16: keys/values [slots, B, H_kv, S_max, D] of one shape");
   TORCH_CHECK(keys.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 &&
                   k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "decode_attention_append_bf16: bf16 only");
   const int64_t batch = keys.size(1), kv_heads = keys.size(2), max_len = keys.size(3), dim = keys.size(4);
+  TORCH_CHECK(keys.stride(4) == 1 && keys.stride(3) == dim && values.stride(4) == 1 && values.stride(3) == dim,
+              "decode_attention_append_bf16: each head's positions must be contiguous rows");
   TORCH_CHECK(0 <= slot && slot < keys.size(0) && 0 <= position && position < max_len,
               "decode_attention_append_bf16: slot or position outside the cache");
   const std::vector<int64_t> one_token = {batch, kv_heads, 1, dim};
@@ -451,10 +455,13 @@ at::Tensor decode_attention_append_bf16(const at::Tensor& q, const at::Tensor& k
   auto* value_base = value_slot.data_ptr<at::BFloat16>();
   const auto* k_new = kc.data_ptr<at::BFloat16>();
   const auto* v_new = vc.data_ptr<at::BFloat16>();
-  for (int64_t row = 0; row < batch * kv_heads; ++row) {  // row = b * H_kv + h: [B, H_kv] is contiguous in both
-    const int64_t at = (row * max_len + position) * dim;
-    std::memcpy(key_base + at, k_new + row * dim, dim * sizeof(at::BFloat16));
-    std::memcpy(value_base + at, v_new + row * dim, dim * sizeof(at::BFloat16));
-  }
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t row = b * kv_heads + h;  // in k and v, contiguous [B, H_kv, 1, D]
+      std::memcpy(key_base + b * key_slot.stride(0) + h * key_slot.stride(1) + position * dim, k_new + row * dim,
+                  dim * sizeof(at::BFloat16));
+      std::memcpy(value_base + b * value_slot.stride(0) + h * value_slot.stride(1) + position * dim, v_new + row * dim,
+                  dim * sizeof(at::BFloat16));
+    }
   return decode_attention_bf16(q, {key_slot.narrow(2, 0, position + 1)}, {value_slot.narrow(2, 0, position + 1)}, mask);
 }

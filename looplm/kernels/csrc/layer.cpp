@@ -1,10 +1,11 @@
 // One decoder layer's single-token decode pass as one C++ call (looplm/kernels/decode_layer.py).
 //
 // Decode runs the layer stack once per UT step, 96 layer passes per token on Ouro-1.4B. The
-// Python plan made about twenty calls per pass (seven projections, four norms, two RoPEs, the
-// attention, SiLU, a multiply, two residual adds, views): at ~5 us of interpreter and
-// dispatch cost each, about 10% of an int4 token. Here the same kernels run in the same order
-// on the same tensors, so the result is the same bits, and Python pays one call per pass.
+// Python plan makes about twenty calls per pass (seven projections, four norms, two RoPEs, the
+// attention, SiLU, a multiply, two residual adds, views). Here the same kernels run in the
+// same order on the same tensors, so the result is the same bits, and Python pays one call per
+// pass: 1.3-1.5x faster decode on tiny-ouro, about 2% (noise level) on the 1.4B shape, whose
+// passes are dominated by streaming weights (docs/benchmarks.md, session 8).
 #include <torch/extension.h>
 
 #include <optional>
