@@ -387,8 +387,8 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
 
   const bool avx512 = use_avx512();
-  ScoresFn scores_fn = scores_avx512;
-  AccumulateFn accumulate_fn = accumulate_avx512;
+  ScoresFn scores_fn = avx512 ? scores_avx512 : scores_avx2;
+  AccumulateFn accumulate_fn = avx512 ? accumulate_avx512 : accumulate_avx2;
   if (avx512 && dim == 128) {
     scores_fn = scores_avx512_fixed<8>;
     accumulate_fn = accumulate_avx512_fixed<8>;
@@ -402,8 +402,7 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
       const int64_t b = bh / heads, h = bh % heads, kv = h / groups;
       int64_t pos = 0;
       for (const Segment& seg : segments) {
-        const int64_t at = b * seg.batch_stride + kv * seg.head_stride;
-        (avx512 ? scores_fn : scores_avx2)(qp + bh * dim, seg.key + at, seg.length, dim, &scores[pos]);
+        scores_fn(qp + bh * dim, seg.key + b * seg.batch_stride + kv * seg.head_stride, seg.length, dim, &scores[pos]);
         pos += seg.length;
       }
       // Softmax in fp32; masked keys get weight 0. The weights are rounded to bf16 before
@@ -414,8 +413,7 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const std::vector<at::Tens
       float* acc = op + bh * dim;
       pos = 0;
       for (const Segment& seg : segments) {
-        const int64_t at = b * seg.batch_stride + kv * seg.head_stride;
-        (avx512 ? accumulate_fn : accumulate_avx2)(acc, &scores[pos], seg.value + at, seg.length, dim);
+        accumulate_fn(acc, &scores[pos], seg.value + b * seg.batch_stride + kv * seg.head_stride, seg.length, dim);
         pos += seg.length;
       }
       const float inverse = denominator > 0.f ? 1.0f / denominator : 0.f;

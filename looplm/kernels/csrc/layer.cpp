@@ -8,7 +8,7 @@
 // passes are dominated by streaming weights (docs/benchmarks.md, session 8).
 #include <torch/extension.h>
 
-#include <optional>
+#include <string>
 #include <vector>
 
 // gemv.cpp, qdot.cpp, fused.cpp, attention.cpp
@@ -24,14 +24,19 @@ at::Tensor decode_attention_append_bf16(const at::Tensor& q, const at::Tensor& k
 
 // A projection without bias, as looplm's decode kernels run it: kind "bf16" (weight),
 // "int8" (weight_int8, fp32 scale) or "int4" (packed, scales, mins in looplm's tiled layout).
+// The kind is parsed once, here, not compared as a string on every call.
 struct Projection {
-  std::string kind;
+  enum class Kind { kBf16, kInt8, kInt4 };
+  Kind kind;
   std::vector<at::Tensor> tensors;
   int64_t group = 0, out_features = 0;
 
   at::Tensor operator()(const at::Tensor& rows) const {
-    if (kind == "bf16") return skinny_linear_bf16(rows, tensors[0]);
-    if (kind == "int8") return int8_dot_linear(rows, tensors[0], tensors[1], false);
+    switch (kind) {
+      case Kind::kBf16: return skinny_linear_bf16(rows, tensors[0]);
+      case Kind::kInt8: return int8_dot_linear(rows, tensors[0], tensors[1], false);
+      case Kind::kInt4: break;
+    }
     return int4_dot_linear(rows, tensors[0], tensors[1], tensors[2], group, out_features, false);
   }
 };
@@ -41,7 +46,10 @@ Projection make_projection(const std::string& kind, std::vector<at::Tensor> tens
   const size_t expected = kind == "bf16" ? 1 : kind == "int8" ? 2 : kind == "int4" ? 3 : 0;
   TORCH_CHECK(expected != 0, "Projection: kind must be bf16, int8 or int4, got ", kind);
   TORCH_CHECK(tensors.size() == expected, "Projection: ", kind, " takes ", expected, " tensors");
-  return Projection{kind, std::move(tensors), group, out_features};
+  const Projection::Kind parsed = expected == 1   ? Projection::Kind::kBf16
+                                  : expected == 2 ? Projection::Kind::kInt8
+                                                  : Projection::Kind::kInt4;
+  return Projection{parsed, std::move(tensors), group, out_features};
 }
 
 // The layer: q/k/v, o, gate/up and down projections, the four norm weights in pass order
