@@ -6,7 +6,9 @@ Layers, bottom up:
 - `decode_tokens` yields the next token of every row, one step at a time, from either the
   KV cache (prefill once, then one token per step) or full recomputation (`use_cache=False`,
   what the community "fixed" checkpoint does). Both read the logits of the step that the exit
-  rule picks for the last position, like the reference.
+  rule picks for the last position, like the reference. `decoder` picks, for the cached
+  case, the dynamic decode step (every option) or the static-shape one of
+  `looplm.static_decode` (CUDA graphs, `torch.compile`; full KV cache, every loop runs).
 - `stream_generate` adds stopping (eos ids, stop strings, budget) and yields `StepEvent`s.
 - `generate` collects the new token ids of each row.
 """
@@ -26,6 +28,9 @@ from looplm.sampling import SamplingParams, sample
 
 
 KV_MODES = ("full", "shared")
+# "dynamic": `OuroForCausalLM.decode_step`; the others are `looplm.static_decode` modes;
+# "auto" is the CUDA-graph static step on a GPU where the request allows it, else dynamic.
+DECODERS = ("auto", "dynamic", "eager", "compile", "graph", "compile+graph")
 
 
 @dataclass
@@ -50,6 +55,8 @@ class GenerationStats:
     kv_mode: str = "full"
     steps_available: int = 0  # loops each token may run (the model's T or the `steps` override)
     skipping: bool = False  # decoded tokens really stop computing at their exit step
+    decoder: str = "dynamic"  # the decode step that ran: "dynamic" or a static mode (see DECODERS)
+    setup_s: float = 0.0  # building the static decoder (capture, compile); 0 when reused or dynamic
 
     @property
     def mean_steps(self) -> float:
@@ -113,6 +120,28 @@ def prepare_inputs(
     return ids.long(), attention_mask
 
 
+def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mode: str, skip_compute: bool) -> str:
+    """'dynamic' or the static mode to run; refuses a static mode the request cannot use.
+
+    The static step keeps one K/V per (step, layer), runs every loop and needs a cache, so
+    `auto` picks it only on CUDA with the full KV cache and without compute skipping."""
+    if decoder not in DECODERS:
+        raise GenerationError(f"unknown decoder '{decoder}' (choose from {', '.join(DECODERS)})")
+    if decoder == "auto":
+        static_fits = use_cache and kv_mode == "full" and not skip_compute
+        return "graph" if static_fits and model.device.type == "cuda" else "dynamic"
+    if decoder != "dynamic":
+        refused = [what for what, bad in (("use_cache=False", not use_cache), (f"kv_mode='{kv_mode}'", kv_mode != "full"),
+                                          ("skip_compute", skip_compute)) if bad]
+        if refused:
+            raise GenerationError(f"the static decoder ('{decoder}') runs every loop with the full KV cache, so it "
+                                  f"cannot take {' or '.join(refused)}; use decoder='dynamic'")
+        if "graph" in decoder and model.device.type != "cuda":
+            raise GenerationError(f"decoder '{decoder}' captures a CUDA graph and needs a CUDA model "
+                                  f"(this one is on {model.device}); use 'eager' or 'dynamic'")
+    return decoder
+
+
 def decode_tokens(
     model: OuroForCausalLM,
     input_ids: torch.Tensor,
@@ -126,12 +155,19 @@ def decode_tokens(
     stats: GenerationStats,
     kv_mode: str = "full",
     skip_compute: bool = False,
+    decoder: str = "dynamic",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield `(tokens [B], exit_steps [B])` for each new position; the caller feeds nothing back.
 
     Inference mode is switched on around each model call only, never across a `yield`, so the
     caller's own code between tokens keeps its autograd state. `stats` times model work only.
+    `decoder` is 'dynamic' or a static mode already checked by `resolve_decoder`.
     """
+    stats.decoder = decoder
+    if decoder != "dynamic":
+        yield from _static_tokens(model, input_ids, attention_mask, max_new_tokens, sampling, generator, policy,
+                                  steps, stats, decoder)
+        return
     device = model.device
     ids = input_ids.to(device)
     batch, prompt_len = ids.shape
@@ -174,6 +210,41 @@ def decode_tokens(
         yield token, exit_step
 
 
+def _static_tokens(
+    model: OuroForCausalLM,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+    policy: ExitPolicy,
+    steps: int,
+    stats: GenerationStats,
+    mode: str,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`decode_tokens` through a (reused) `StaticDecoder`: same tokens, fixed-shape decode steps."""
+    from looplm.static_decode import static_decoder  # imported here: that module builds on this one
+
+    batch, prompt_len = ids.shape
+    start = time.perf_counter()
+    decoder = static_decoder(model, batch, prompt_len + max_new_tokens, steps, policy, mode)
+    stats.setup_s = time.perf_counter() - start if decoder.prompts_served == 0 else 0.0
+    start = time.perf_counter()
+    logits, exit_step = decoder.prefill(ids, mask)
+    token = sample(logits, sampling, generator)
+    stats.prefill_s = time.perf_counter() - start
+    stats.new_tokens = 1
+    # A CUDA graph's outputs are overwritten by the next step: hand out copies.
+    yield token, exit_step.clone()
+    for _ in range(max_new_tokens - 1):
+        start = time.perf_counter()
+        logits, exit_step = decoder.step(token)
+        token = sample(logits, sampling, generator)
+        stats.decode_s += time.perf_counter() - start
+        stats.new_tokens += 1
+        yield token, exit_step.clone()
+
+
 def stream_generate(
     model: OuroForCausalLM,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
@@ -192,8 +263,15 @@ def stream_generate(
     exit_policy: str | None = None,
     kv_mode: str = "full",
     skip_compute: bool = False,
+    decoder: str = "dynamic",
 ) -> Iterator[StepEvent]:
-    """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`."""
+    """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`.
+
+    `decoder` (see `DECODERS`): 'dynamic' is the default decode step; 'graph' (CUDA),
+    'compile', 'compile+graph' and 'eager' run the static-shape step of `looplm.static_decode`
+    (same tokens; full KV cache, every loop runs); 'auto' is 'graph' on CUDA where the
+    request allows it, else 'dynamic'.
+    """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
@@ -202,6 +280,7 @@ def stream_generate(
     steps = model.resolve_steps(steps)
     if kv_mode not in KV_MODES:
         raise GenerationError(f"kv_mode must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
+    decoder = resolve_decoder(decoder, model, use_cache, kv_mode, skip_compute)
     policy = make_policy(
         exit_policy, exit_threshold, steps, model.config.early_exit_threshold, model.config.early_exit_step
     )
@@ -230,7 +309,8 @@ def stream_generate(
     running = set(range(batch))
     produced: list[list[int]] = [[] for _ in range(batch)]
     tokens_iter = decode_tokens(
-        model, ids, mask, max_new_tokens, sampling, generator, policy, use_cache, steps, stats, kv_mode, skip_compute
+        model, ids, mask, max_new_tokens, sampling, generator, policy, use_cache, steps, stats, kv_mode, skip_compute,
+        decoder,
     )
     for index, (tokens, exit_steps) in enumerate(tokens_iter):
         event = StepEvent(index=index, tokens={}, exit_steps={})
@@ -268,18 +348,20 @@ def generate(
     kv_mode: str = "full",
     skip_compute: bool = False,
     return_stats: bool = False,
+    decoder: str = "dynamic",
 ) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
     """The new token ids of each sequence, ending with the eos id or stop-string token that ended it.
 
     `exit_threshold` picks which UT step's logits each token reads (None: the config's
     `early_exit_threshold`, evaluated in the model dtype like the reference). `attention_mask`
     marks left padding; lists of prompts of different lengths are left-padded automatically.
+    `decoder` picks the decode step, as in `stream_generate`.
     """
     produced: dict[int, list[int]] = {}
     stats = GenerationStats()
     for event in stream_generate(
         model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
-        use_cache, stop, attention_mask, steps, eos_token_ids, stats, exit_policy, kv_mode, skip_compute,
+        use_cache, stop, attention_mask, steps, eos_token_ids, stats, exit_policy, kv_mode, skip_compute, decoder,
     ):
         for row, token in event.tokens.items():
             produced.setdefault(row, []).append(token)

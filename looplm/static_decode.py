@@ -16,8 +16,9 @@ The prefill stays on the normal dynamic path (`run_steps`), writing into the sam
 
 `StaticDecoder` wraps this: on CUDA it can capture the step in a `torch.cuda.CUDAGraph`
 (mode "graph"), compile its layer pass with `torch.compile(fullgraph=True, dynamic=False)` ("compile"),
-or both ("compile+graph"); on CPU it runs eagerly (or compiled). `generate_static` is an
-opt-in generation loop on top of it; the default `looplm.generate` path is untouched.
+or both ("compile+graph"); on CPU it runs eagerly (or compiled). `looplm.generate(...,
+decoder=MODE)` runs through it (`static_decoder` keeps the last decoder with the model for
+reuse); the default decoder of the library is still the dynamic one.
 
 Cost of static shapes: attention reads the full `max_len` keys every step, so size the cache
 to what the generation needs (`generate_static` uses prompt + max_new_tokens, like `generate`).
@@ -26,6 +27,7 @@ to what the generation needs (`generate_static` uses prompt + max_new_tokens, li
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -34,9 +36,8 @@ import torch
 from looplm.cache import Segments
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, exit_distribution, make_policy
-from looplm.generate import GenerationStats, _check_inputs, prepare_inputs
+from looplm.generate import GenerationStats, generate
 from looplm.models.ouro import AttentionBias, OuroForCausalLM, StepOutput, positions_from_mask, rope_tables
-from looplm.sampling import SamplingParams, sample
 
 MODES = ("auto", "eager", "compile", "graph", "compile+graph")
 
@@ -172,6 +173,7 @@ class StaticDecoder:
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.slots = [StaticSlot(k, v, self.length) for k, v in zip(self.keys, self.values)]
         self.host_length = 0  # mirrors `length` without a device sync, for the overflow check
+        self.prompts_served = 0  # prefills so far (a reused decoder has served earlier requests)
         self.setup_seconds = 0.0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -252,6 +254,7 @@ class StaticDecoder:
         self.position.copy_(positions[:, -1:] + 1)
         self.length.fill_(prompt_len)
         self.host_length = prompt_len
+        self.prompts_served += 1
         return logits, exit_step
 
     @torch.no_grad()
@@ -273,76 +276,60 @@ class StaticDecoder:
         return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
 
 
+CAPACITY_BUCKET = 256  # cache lengths are rounded up to this, so nearby requests share one decoder
+_CACHED = "_looplm_static_decoder"  # the model attribute holding the last decoder built for it
+
+
+def _policy_key(policy: ExitPolicy) -> tuple:
+    """What makes two policies behave the same: their class and plain settings (not their state)."""
+    plain = (int, float, str, bool, type(None))
+    return type(policy), tuple(sorted((k, v) for k, v in vars(policy).items() if isinstance(v, plain)))
+
+
+def static_decoder(
+    model: OuroForCausalLM,
+    batch_size: int,
+    needed_len: int,
+    steps: int,
+    policy: ExitPolicy,
+    mode: str,
+    compile_mode: str = "default",
+) -> StaticDecoder:
+    """A `StaticDecoder` for this request, reusing the model's last one when it fits.
+
+    Building one allocates the cache and, in graph or compile modes, captures or compiles the
+    step (seconds on a GPU), so the last decoder stays with the model and serves every later
+    request with the same batch, steps, mode, exit rule and capacity bucket. Its capacity is
+    `needed_len` rounded up to `CAPACITY_BUCKET` positions (static attention reads the whole
+    capacity every step). It is rebuilt when the model's tensors moved (a captured graph
+    reads fixed addresses), e.g. after quantizing or moving the model.
+    """
+    capacity = -(-needed_len // CAPACITY_BUCKET) * CAPACITY_BUCKET
+    weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    key = (batch_size, capacity, steps, _policy_key(policy), resolve_mode(mode, model.device), compile_mode, weights)
+    cached = model.__dict__.get(_CACHED)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    model.__dict__.pop(_CACHED, None)  # free the old buffers before allocating new ones
+    decoder = StaticDecoder(model, batch_size, capacity, steps, policy, mode, compile_mode)
+    model.__dict__[_CACHED] = (key, decoder)
+    return decoder
+
+
 def generate_static(
     model: OuroForCausalLM,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    exit_threshold: float | None = None,
-    attention_mask: torch.Tensor | None = None,
-    steps: int | None = None,
-    eos_token_ids: Sequence[int] | None = None,
-    exit_policy: str | None = None,
     mode: str = "auto",
-    compile_mode: str = "default",
-    return_stats: bool = False,
+    **kwargs: object,
 ) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
-    """`looplm.generate.generate` through the static decode step (full KV cache, no compute skipping).
-
-    Same arguments and outputs as `generate` minus `stop`, `use_cache`, `kv_mode` and
-    `skip_compute`; `mode` picks eager / compile / CUDA graph and `compile_mode` is passed to
-    `torch.compile` (see `StaticDecoder`). Each row
-    stops at an eos id or after `max_new_tokens`; all rows keep computing until every row stops.
-    """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
-        raise GenerationError(f"exit_threshold must be in (0, 1], got {exit_threshold!r}")
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    steps = model.resolve_steps(steps)
-    config = model.config
-    policy = make_policy(exit_policy, exit_threshold, steps, config.early_exit_threshold, config.early_exit_step)
-    defaults = model.generation_defaults
-    eos = set(defaults.get("eos_token_ids", config.eos_token_ids) if eos_token_ids is None else eos_token_ids)
-    ids, mask = prepare_inputs(input_ids, attention_mask, defaults.get("pad_token_id", config.pad_token_id) or 0)
-    _check_inputs(model, ids, max_new_tokens)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-    elif not sampling.greedy:
-        generator = torch.Generator(device=model.device)
-        generator.seed()
-    batch, prompt_len = ids.shape
-    stats = GenerationStats(prompt_tokens=prompt_len, steps_per_token=[[] for _ in range(batch)], kv_mode="full")
-    decoder = StaticDecoder(model, batch, prompt_len + max_new_tokens, steps, policy, mode, compile_mode)
-
-    produced: list[list[int]] = [[] for _ in range(batch)]
-    running = set(range(batch))
-
-    def record(logits: torch.Tensor, exit_step: torch.Tensor) -> torch.Tensor:
-        token = sample(logits, sampling, generator)
-        tokens, exits = token.tolist(), exit_step.tolist()
-        for row in sorted(running):
-            produced[row].append(tokens[row])
-            stats.steps_per_token[row].append(exits[row] + 1)
-            if tokens[row] in eos:
-                running.discard(row)
-        stats.new_tokens += 1
-        return token
-
-    start = time.perf_counter()
-    token = record(*decoder.prefill(ids, mask))
-    stats.prefill_s = time.perf_counter() - start
-    for _ in range(max_new_tokens - 1):
-        if not running:
-            break
-        start = time.perf_counter()
-        token = record(*decoder.step(token))
-        stats.decode_s += time.perf_counter() - start
-    return (produced, stats) if return_stats else produced
+    """`looplm.generate` through the static decode step: `decoder=mode`, where 'auto' here is
+    'graph' on CUDA and 'eager' elsewhere. Takes `generate`'s other keyword arguments (a full
+    KV cache, no compute skipping)."""
+    return generate(model, input_ids, max_new_tokens, decoder=resolve_mode(mode, model.device), **kwargs)
 
 
-__all__ = ["MODES", "PrefillSlotCache", "StaticDecoder", "StaticSlot", "generate_static", "layer_pass", "resolve_mode"]
+__all__ = [
+    "CAPACITY_BUCKET", "MODES", "PrefillSlotCache", "StaticDecoder", "StaticSlot", "generate_static", "layer_pass",
+    "resolve_mode", "static_decoder",
+]

@@ -55,6 +55,7 @@ def stream_text(
     exit_policy: str | None = None,
     kv_mode: str = "full",
     skip_compute: bool = False,
+    decoder: str = "dynamic",
 ) -> Iterator[TextChunk]:
     tokenizer = _tokenizer(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -63,21 +64,21 @@ def stream_text(
     # A plain string gets BOS if the tokenizer asks for it; a chat template writes its own.
     prompt_ids = tokenizer.encode(render_prompt(model, prompt, enable_thinking), isinstance(prompt, str))
     stats = GenerationStats()
-    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    text_decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     held, new_ids, exit_steps, finish = "", [], [], "length"
     events = stream_generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
                              stop=stops or None, steps=steps, stats=stats, exit_policy=exit_policy,
-                             kv_mode=kv_mode, skip_compute=skip_compute)
+                             kv_mode=kv_mode, skip_compute=skip_compute, decoder=decoder)
     # closing(): stream_generate holds torch.inference_mode open until it is closed.
     with closing(events):
         for event in events:
             new_ids.append(event.tokens[0])
             exit_steps.append(event.exit_steps[0])
-            held += decoder.push(event.tokens[0])
+            held += text_decoder.push(event.tokens[0])
             done = 0 in event.finished
             if done:
                 finish = event.finished[0]
-                held += decoder.flush()
+                held += text_decoder.flush()
             cut = _find_stop(held, stops)
             if cut is not None:
                 held, finish = held[:cut], "stop"

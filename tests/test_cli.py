@@ -85,7 +85,8 @@ def test_generate_json_is_greedy_and_deterministic(default_model) -> None:  # no
     assert first["finish_reason"] == "length" and len(first["new_ids"]) == 12
     assert first["prompt_ids"] == default_model.tokenizer.encode("Hello")
     assert first["usage"] == {"prompt_tokens": len(first["prompt_ids"]), "new_tokens": 12}
-    assert set(first["timings"]) == {"prefill_s", "decode_s", "decode_tok_s"}
+    assert set(first["timings"]) == {"setup_s", "prefill_s", "decode_s", "decode_tok_s"}
+    assert first["decoder"] == "dynamic"  # --decoder auto on a CPU
     assert 1 <= first["mean_exit_step"] <= default_model.config.total_ut_steps
     assert first["text"] == default_model.tokenizer.decode(first["new_ids"])
     assert runs[1]["new_ids"] == first["new_ids"] and runs[1]["text"] == first["text"]
@@ -134,6 +135,23 @@ def test_stop_string_is_cut_and_held_back(default_model) -> None:  # noqa: ANN00
     assert len(chunks[-1].token_ids) < 24
     result = invoke("generate", "The", "--max-new-tokens", "24", "--stop", stop, "--json", "--temperature", "0")
     assert json.loads(result.stdout)["text"] == text
+
+
+def test_static_decoder_gives_the_dynamic_text_with_stop_strings(default_model) -> None:  # noqa: ANN001
+    """`--decoder eager` (the static-shape step, what a GPU replays as a CUDA graph) streams
+    the same greedy text as the dynamic step, and cuts it at the same stop string."""
+    args = ["generate", "The", "--max-new-tokens", "24", "--json", "--temperature", "0"]
+    dynamic = json.loads(invoke(*args, "--decoder", "dynamic").stdout)
+    static = json.loads(invoke(*args, "--decoder", "eager").stdout)
+    assert static["decoder"] == "eager" and dynamic["decoder"] == "dynamic"
+    assert static["new_ids"] == dynamic["new_ids"] and static["text"] == dynamic["text"]
+    assert static["steps_per_token"] == dynamic["steps_per_token"]
+    assert static["timings"]["setup_s"] > 0 and dynamic["timings"]["setup_s"] == 0
+    stop = dynamic["text"][len(dynamic["text"]) // 2 :][:3]
+    cut = [json.loads(invoke(*args, "--decoder", name, "--stop", stop).stdout) for name in ("dynamic", "eager")]
+    assert cut[0]["finish_reason"] == cut[1]["finish_reason"] == "stop"
+    assert cut[1]["text"] == cut[0]["text"] == dynamic["text"][: dynamic["text"].index(stop)]
+    assert cut[1]["new_ids"] == cut[0]["new_ids"]
 
 
 def test_unexpected_exception_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,6 +205,10 @@ def test_corrupt_config_is_one_line_error(tmp_path: Path) -> None:
         (["--stop", ""], "stop"),
         (["--exit-policy", "sometimes"], "exit-policy"),
         (["--kv-mode", "half"], "kv-mode"),
+        (["--decoder", "fast"], "--decoder"),
+        (["--device", "cpu", "--decoder", "graph"], "CUDA"),
+        (["--decoder", "eager", "--kv-mode", "shared"], "kv_mode='shared'"),
+        (["--decoder", "compile", "--skip-compute"], "skip_compute"),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], needle: str) -> None:

@@ -66,9 +66,32 @@ def test_static_decode_graph_modes_match_generate(make_checkpoint, mode: str) ->
     for kwargs in ({}, {"exit_threshold": 0.5}):
         dynamic, dyn_stats = generate(model, prompts, 20, eos_token_ids=[], return_stats=True, **kwargs)
         static, static_stats = generate_static(model, prompts, 20, eos_token_ids=[], return_stats=True,
-                                               mode=mode, compile_mode="default", **kwargs)
+                                               mode=mode, **kwargs)
         assert static == dynamic
         assert static_stats.steps_per_token == dyn_stats.steps_per_token
+
+
+def test_auto_decoder_replays_the_graph_with_stop_strings_and_reuse() -> None:
+    """On a GPU, `decoder="auto"` (what `looplm generate` uses) is the captured graph: the
+    embedded model's greedy text, exit steps and stop-string cut equal the dynamic step's, and a
+    second prompt reuses the captured decoder."""
+    from looplm.text import stream_text
+
+    model = looplm.load(None, dtype="float32", device="cuda")
+
+    def run(decoder: str, prompt: str, stop: list[str] | None = None):  # noqa: ANN202
+        chunks = list(stream_text(model, prompt, max_new_tokens=24, stop=stop, decoder=decoder))
+        return "".join(c.text for c in chunks), chunks[-1]
+
+    for prompt in ("The", "Once upon a time"):
+        text, last = run("dynamic", prompt)
+        graph_text, graph_last = run("auto", prompt)
+        assert graph_last.stats.decoder == "graph"
+        assert graph_text == text and graph_last.token_ids == last.token_ids
+        assert graph_last.stats.steps_per_token == last.stats.steps_per_token
+    assert graph_last.stats.setup_s == 0.0  # the second prompt replayed the first one's graph
+    stop = text[len(text) // 2 :][:3]
+    assert run("auto", "Once upon a time", [stop])[0] == run("dynamic", "Once upon a time", [stop])[0]
 
 
 def test_static_decoder_replays_for_a_second_prompt(make_checkpoint) -> None:  # noqa: ANN001

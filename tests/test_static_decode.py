@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import random_prompts
 
 import looplm
 from looplm.errors import GenerationError
-from looplm.generate import generate
-from looplm.static_decode import StaticDecoder, generate_static
+from looplm.generate import generate, resolve_decoder, stream_generate
+from looplm.static_decode import CAPACITY_BUCKET, StaticDecoder, generate_static, static_decoder
 
 
 @pytest.fixture
@@ -145,7 +147,60 @@ def test_compiled_step_matches_generate(gqa_model) -> None:  # noqa: ANN001
     counters.clear()
     prompts = random_prompts(300, [5, 19, 11], seed=1)
     dynamic = generate(gqa_model, prompts, 12, eos_token_ids=[], exit_threshold=0.5)
-    static = generate_static(gqa_model, prompts, 12, eos_token_ids=[], exit_threshold=0.5, mode="compile",
-                             compile_mode="default")
+    static = generate_static(gqa_model, prompts, 12, eos_token_ids=[], exit_threshold=0.5, mode="compile")
     assert static == dynamic
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_decoder_choice_and_refusals(gqa_model) -> None:  # noqa: ANN001
+    """'auto' is the CUDA graph on a GPU only where the request allows the static step; an
+    explicit static mode that cannot serve the request is refused, not silently replaced."""
+    gpu = SimpleNamespace(device=torch.device("cuda"))
+    assert resolve_decoder("auto", gpu, True, "full", False) == "graph"
+    assert resolve_decoder("auto", gpu, True, "shared", False) == "dynamic"
+    assert resolve_decoder("auto", gpu, True, "full", True) == "dynamic"
+    assert resolve_decoder("auto", gpu, False, "full", False) == "dynamic"
+    assert resolve_decoder("auto", gqa_model, True, "full", False) == "dynamic"  # a CPU model
+    assert resolve_decoder("eager", gqa_model, True, "full", False) == "eager"
+    for args, needle in [(("graph", gqa_model, True, "full", False), "CUDA"),
+                         (("eager", gqa_model, True, "shared", False), "kv_mode"),
+                         (("compile", gqa_model, True, "full", True), "skip_compute"),
+                         (("eager", gqa_model, False, "full", False), "use_cache"),
+                         (("fast", gqa_model, True, "full", False), "unknown decoder")]:
+        with pytest.raises(GenerationError, match=needle):
+            resolve_decoder(*args)
+    with pytest.raises(GenerationError, match="kv_mode"):
+        generate(gqa_model, [[1, 2, 3]], 4, decoder="eager", kv_mode="shared")
+
+
+def test_stream_generate_through_the_static_step(gqa_model) -> None:  # noqa: ANN001
+    """Events, finish reasons and stats from the static step equal the dynamic step's."""
+    prompts = random_prompts(300, [6, 13], seed=12)
+    eos = generate(gqa_model, prompts, 10, eos_token_ids=[])[1][4]
+    runs = {}
+    for decoder in ("dynamic", "eager"):
+        events = list(stream_generate(gqa_model, prompts, 10, eos_token_ids=[eos], decoder=decoder))
+        runs[decoder] = [(e.tokens, e.exit_steps, e.finished) for e in events]
+    assert runs["eager"] == runs["dynamic"]
+    assert any(e[2] for e in runs["eager"][:-1])  # a row stopped at eos before the budget ran out
+
+
+def test_static_decoder_is_reused_while_it_fits(gqa_model) -> None:  # noqa: ANN001
+    first, second = random_prompts(300, [9, 30], seed=13)
+    _, stats = generate(gqa_model, [first], 8, decoder="eager", return_stats=True)
+    built = static_decoder(gqa_model, 1, 17, 3, _gate(gqa_model), "eager")
+    assert stats.setup_s > 0 and built.max_len == CAPACITY_BUCKET
+    tokens, stats = generate(gqa_model, [second], 8, decoder="eager", return_stats=True)
+    assert stats.setup_s == 0.0 and static_decoder(gqa_model, 1, 38, 3, _gate(gqa_model), "eager") is built
+    assert tokens == generate(gqa_model, [second], 8)  # the reused decoder starts clean
+    assert static_decoder(gqa_model, 2, 38, 3, _gate(gqa_model), "eager") is not built  # another batch size
+    rebuilt = static_decoder(gqa_model, 1, CAPACITY_BUCKET + 1, 3, _gate(gqa_model), "eager")
+    assert rebuilt.max_len == 2 * CAPACITY_BUCKET
+    gqa_model.to(torch.bfloat16)  # new weight tensors: a captured graph would read the old ones
+    assert static_decoder(gqa_model, 1, CAPACITY_BUCKET + 1, 3, _gate(gqa_model), "eager") is not rebuilt
+
+
+def _gate(model):  # noqa: ANN001, ANN202
+    from looplm.exit import make_policy
+
+    return make_policy(None, None, 3, model.config.early_exit_threshold, model.config.early_exit_step)

@@ -37,6 +37,7 @@ def chat(
     exit_policy: common.ExitPolicyName = None,
     kv_mode: common.KvMode = "full",
     skip_compute: common.SkipCompute = False,
+    decoder: common.Decoder = "auto",
     system: Annotated[Optional[str], common.option("System prompt.", default_in_help=True)] = None,
     think: Annotated[bool, common.option("Open a <think> block in the prompt (enable_thinking).", "--think")] = False,
     hide_think: Annotated[bool, common.option("Do not show <think> reasoning.", "--hide-think")] = False,
@@ -46,7 +47,7 @@ def chat(
 ) -> None:
     """Chat with the model; one message per line, /reset and /exit."""
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
-    exits = common.ExitOptions(exit_policy, kv_mode, skip_compute)
+    exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)
     options = {**sampling.for_model(lm), **exits.as_kwargs()}
     start = [{"role": "system", "content": system}] if system else []

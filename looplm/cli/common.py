@@ -115,24 +115,37 @@ SkipCompute = Annotated[bool, option("Stop computing a token's loops once it exi
                                      "--skip-compute/--no-skip-compute")]
 
 
+Decoder = Annotated[str, option(
+    "Decode step: auto (the CUDA-graph static step on a GPU when --kv-mode is full and without "
+    "--skip-compute, else dynamic), dynamic (takes every option), or a static step: eager, compile, graph "
+    "(CUDA), compile+graph (CUDA); the static step runs every loop with the full KV cache.", "--decoder",
+)]
+
+
 @dataclass(frozen=True)
-class ExitOptions:
+class DecodeOptions:
+    """How tokens are decoded: the exit rule, the KV cache layout, compute skipping and the decode step."""
+
     exit_policy: Optional[str]
     kv_mode: str
     skip_compute: bool
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
         from looplm.errors import GenerationError
         from looplm.exit import POLICY_NAMES
-        from looplm.generate import KV_MODES
+        from looplm.generate import DECODERS, KV_MODES
 
         if self.exit_policy is not None and self.exit_policy not in POLICY_NAMES:
             raise GenerationError(f"--exit-policy must be one of {', '.join(POLICY_NAMES)}, got '{self.exit_policy}'")
         if self.kv_mode not in KV_MODES:
             raise GenerationError(f"--kv-mode must be one of {', '.join(KV_MODES)}, got '{self.kv_mode}'")
+        if self.decoder not in DECODERS:
+            raise GenerationError(f"--decoder must be one of {', '.join(DECODERS)}, got '{self.decoder}'")
 
     def as_kwargs(self) -> dict:
-        return {"exit_policy": self.exit_policy, "kv_mode": self.kv_mode, "skip_compute": self.skip_compute}
+        return {"exit_policy": self.exit_policy, "kv_mode": self.kv_mode, "skip_compute": self.skip_compute,
+                "decoder": self.decoder}
 
 
 @dataclass(frozen=True)

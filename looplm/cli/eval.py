@@ -63,7 +63,7 @@ def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_t
         task=task, steps=parse_steps(steps) if steps else [], limit=limit, batch_size=batch_size,
         policies=parse_policies(exit_policy, exit_threshold), shard=parse_shard(shard), chat=chat,
         num_fewshot=num_fewshot, max_new_tokens=max_new_tokens, allow_code_execution=allow_code_execution,
-        skip_compute=skip_compute, kv_mode=common.ExitOptions(None, kv_mode, skip_compute).kv_mode,
+        skip_compute=skip_compute, kv_mode=common.DecodeOptions(None, kv_mode, skip_compute).kv_mode,
     )
     if limit is not None and limit < 1:
         raise LooplmError(f"--limit must be at least 1, got {limit}")

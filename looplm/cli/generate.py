@@ -29,6 +29,7 @@ def generate(
     exit_policy: common.ExitPolicyName = None,
     kv_mode: common.KvMode = "full",
     skip_compute: common.SkipCompute = False,
+    decoder: common.Decoder = "auto",
     chat: Annotated[bool, common.option("Send the prompt as one user message via the chat template", "--chat")] = False,
     as_json: Annotated[bool, common.option("Print one JSON object (ids, text, timings).", "--json")] = False,
 ) -> None:
@@ -36,7 +37,7 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
-    exits = common.ExitOptions(exit_policy, kv_mode, skip_compute)
+    exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)
     request = [{"role": "user", "content": prompt}] if chat else prompt
     text = []
@@ -54,7 +55,9 @@ def generate(
             "prompt_ids": chunk.prompt_ids,
             "new_ids": chunk.token_ids,
             "usage": {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens},
-            "timings": {"prefill_s": stats.prefill_s, "decode_s": stats.decode_s, "decode_tok_s": stats.decode_tok_s},
+            "timings": {"setup_s": stats.setup_s, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
+                        "decode_tok_s": stats.decode_tok_s},
+            "decoder": stats.decoder,
             "mean_exit_step": chunk.mean_exit_step,
             "steps_per_token": stats.steps_per_token[0] if stats.steps_per_token else [],
             "mean_steps": stats.mean_steps,
@@ -64,8 +67,9 @@ def generate(
         }))
         return
     sys.stdout.write("\n")
+    setup = f"{stats.decoder} decoder built in {stats.setup_s:.2f} s | " if stats.setup_s else ""
     common.stderr().print(
-        f"{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s * 1000:.1f} ms | "
+        f"{setup}{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s * 1000:.1f} ms | "
         f"{stats.new_tokens} new tokens, {stats.decode_tok_s:.1f} tok/s | "
         f"mean exit step {chunk.mean_exit_step or 0:.2f} | finish: {chunk.finish_reason}",
         style="dim",
