@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, from the repository root on a CUDA machine whose python3 has torch:
-# the CUDA tests, then `looplm bench --device cuda` in graph mode (every row), then compiled +
-# graphed decode, one dtype per process so that a slow compile loses only its own rows.
+# The GPU checks, from the repository root on a CUDA machine whose python3 has torch. Stages:
+#   tests     the CUDA tests (tests/test_cuda.py)
+#   graph     `looplm bench --device cuda` in graph mode (every row)
+#   compiled  compiled + graphed decode, one dtype per process (a slow compile loses only its rows),
+#             with an 8-step profile
+#   ab        the static step's A/B options against the compiled bf16 run: FlexAttention, fused
+#             q|k|v and gate|up projections, both (batch 1 and 8, no profile)
+# `bash benchmarks/gpu_checks.sh` runs every stage; `bash benchmarks/gpu_checks.sh tests ab` only
+# those (a device call is limited to 10 minutes: split the stages over two calls if needed).
 # Writes everything under $OUT (default ./gpu-out). LOOPLM_FIXTURES: the folder holding
-# ouro-tiny/ when ../shared is not beside the checkout. On an H200 (2026-12-04) the steps took
-# 41 s, 46 s, 25 s and 33 s: about 3 minutes with start-up; the timeouts allow 8.
+# ouro-tiny/ when ../shared is not beside the checkout. On an H200 (2026-12-04) tests, graph and
+# the two compiled runs took 41 s, 46 s, 25 s and 33 s (about 3 minutes with start-up); the ab
+# stage and the tests added since have not run on a GPU yet.
 set -uo pipefail
 out=${OUT:-gpu-out}
+stages=${*:-tests graph compiled ab}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
@@ -22,9 +30,22 @@ bench() {  # bench NAME TIMEOUT ARGS...
     echo "== bench $name exit ${PIPESTATUS[0]}"
 }
 
-echo "== tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/tests.txt" | tail -25
-
-bench graph 120 --mode graph
-bench compiled-bf16 110 --mode compile+graph --dtypes bf16 --profile-steps 8
-bench compiled-int4 110 --mode compile+graph --dtypes int4 --profile-steps 8
+for stage in $stages; do
+    case $stage in
+        tests)
+            echo "== tests"
+            timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/tests.txt" | tail -25 ;;
+        graph)
+            bench graph 120 --mode graph ;;
+        compiled)
+            bench compiled-bf16 110 --mode compile+graph --dtypes bf16 --profile-steps 8
+            bench compiled-int4 110 --mode compile+graph --dtypes int4 --profile-steps 8 ;;
+        ab)
+            bench flex-bf16 90 --mode compile+graph --dtypes bf16 --attention flex
+            bench fused-bf16 90 --mode compile+graph --dtypes bf16 --fuse-projections
+            bench flex-fused-bf16 90 --mode compile+graph --dtypes bf16 --attention flex --fuse-projections ;;
+        *)
+            echo "unknown stage '$stage' (choose from tests graph compiled ab)" >&2
+            exit 2 ;;
+    esac
+done

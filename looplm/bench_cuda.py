@@ -36,7 +36,7 @@ from torch import nn
 from looplm.config import OuroConfig
 from looplm.errors import ConfigError, LooplmError
 from looplm.models.ouro import OuroForCausalLM
-from looplm.static_decode import MODES, StaticDecoder
+from looplm.static_decode import ATTENTIONS, MODES, StaticDecoder
 
 DTYPES = ("bf16", "int4")
 TARGET_PCT = 70.0  # issue 8: bf16 batch-1 decode at >= 70% of the HBM roofline
@@ -67,6 +67,10 @@ class CudaBenchOptions:
     # small kernels per (step, layer); compiling first fuses the elementwise work between GEMVs.
     mode: str = "compile+graph"
     compile_mode: str = "default"  # what was measured; max-autotune adds a GEMM search (not measured)
+    # A/B options of the static step (not measured on a GPU yet): FlexAttention instead of SDPA
+    # over the masked cache, and q|k|v, gate|up as one GEMM each (bf16 rows only).
+    attention: str = "sdpa"
+    fuse_projections: bool = False
     bandwidth_mib: int = 4096
     bandwidth_repeats: int = 20
     int4_group_size: int = 128
@@ -84,6 +88,8 @@ class CudaBenchOptions:
             raise ConfigError(f"--dtypes must be a subset of {', '.join(DTYPES)}, got {self.dtypes!r}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         positive = {"prompt_len": self.prompt_len, "new_tokens": self.new_tokens, "repeats": self.repeats,
                     "bandwidth_mib": self.bandwidth_mib, "bandwidth_repeats": self.bandwidth_repeats,
                     "int4_group_size": self.int4_group_size}
@@ -188,9 +194,10 @@ def format_report(result: dict) -> str:
     """Plain text: device card, bandwidth, the decode table, the target line."""
     dev, bw, opts = result["device"], result["bandwidth"], result["options"]
     sheet = result.get("datasheet_gb_s")
+    fused = ", q|k|v and gate|up fused in bf16 rows" if opts.get("fuse_projections") else ""
     lines = [
-        f"looplm bench --device {dev['type']}: Ouro {opts['shape']} shape, random weights, static decode "
-        f"(mode {opts['mode']}), {result['date']}",
+        (f"looplm bench --device {dev['type']}: Ouro {opts['shape']} shape, random weights, static decode "
+         f"(mode {opts['mode']}, attention {opts.get('attention', 'sdpa')}{fused}), {result['date']}"),
         f"device: {dev['name']}; torch {dev['torch']}" + (f", CUDA {dev['cuda']}" if dev.get("cuda") else ""),
         f"read bandwidth (torch.sum over {bw['buffer_bytes'] / (1 << 30):.1f} GiB): "
         f"{bw['read_gb_s']['median']:.0f} GB/s [{bw['read_gb_s']['min']:.0f}-{bw['read_gb_s']['max']:.0f}]; "
@@ -365,7 +372,8 @@ def profile_decode(decoder: StaticDecoder, token: torch.Tensor, steps: int, devi
             "calls_per_step": sum(e["calls_per_step"] for e in events), "top": events[:25]}
 
 
-def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions, device: torch.device) -> dict:
+def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions, device: torch.device,
+                   fuse: bool = False) -> dict:
     """Prefill `repeats` + 1 times (the first untimed), then warmup and `repeats` timed decode windows.
 
     Greedy tokens are fed back on the device (argmax -> next step), so the timed loop never
@@ -373,7 +381,8 @@ def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions
     timer = Timer(device)
     generator = torch.Generator().manual_seed(options.seed + batch)
     prompt = torch.randint(0, model.config.vocab_size, (batch, options.prompt_len), generator=generator).to(device)
-    decoder = StaticDecoder(model, batch, options.cache_len(), mode=options.mode, compile_mode=options.compile_mode)
+    decoder = StaticDecoder(model, batch, options.cache_len(), mode=options.mode, compile_mode=options.compile_mode,
+                            attention=options.attention, fuse_projections=fuse)
     prefill_s = []
     for run in range(options.repeats + 1):
         timer.start()
@@ -394,6 +403,8 @@ def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions
     row = {
         "batch": batch,
         "status": "ok",
+        "attention": options.attention,
+        "fused_projections": fuse,
         "cache_len": options.cache_len(),
         "setup_seconds": decoder.setup_seconds,
         "prefill_tok_s": spread([batch * options.prompt_len / s for s in prefill_s]),
@@ -438,7 +449,8 @@ def run_static_bench(options: CudaBenchOptions, device: torch.device, log: Log |
             for batch in options.batch_sizes:
                 log(f"decode: {dtype}, batch {batch}, prompt {options.prompt_len}, mode {options.mode}")
                 try:
-                    row = measure_decode(model, batch, options, device)
+                    # Fusing concatenates plain weights; quantized projections keep their own kernels.
+                    row = measure_decode(model, batch, options, device, fuse=options.fuse_projections and dtype != "int4")
                 except (RuntimeError, LooplmError) as exc:  # e.g. out of memory, a kernel the dtype lacks
                     rows.append({"dtype": dtype, "batch": batch, "status": f"failed: {type(exc).__name__}: {exc}"})
                     continue
@@ -474,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--mode", choices=MODES, default=defaults.mode)
     parser.add_argument("--compile-mode", default=defaults.compile_mode)
+    parser.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention,
+                        help="static-step attention: sdpa, or flex (FlexAttention; CUDA, compile modes)")
+    parser.add_argument("--fuse-projections", action="store_true",
+                        help="q|k|v and gate|up as one GEMM each in bf16 rows (copies those weights)")
     parser.add_argument("--json-out", default=None)
     return parser
 
@@ -487,7 +503,8 @@ def options_from_args(args: argparse.Namespace) -> CudaBenchOptions:
     return CudaBenchOptions(shape=args.shape, dtypes=dtypes, batch_sizes=batch_sizes, prompt_len=args.prompt_len,
                             new_tokens=args.new_tokens, repeats=args.repeats, warmup_steps=args.warmup_steps,
                             mode=args.mode, compile_mode=args.compile_mode, bandwidth_mib=args.bandwidth_mib,
-                            int4_group_size=args.int4_group_size, seed=args.seed, profile_steps=args.profile_steps)
+                            int4_group_size=args.int4_group_size, seed=args.seed, profile_steps=args.profile_steps,
+                            attention=args.attention, fuse_projections=args.fuse_projections)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

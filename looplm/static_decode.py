@@ -32,6 +32,8 @@ import time
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from looplm.cache import Segments
 from looplm.errors import GenerationError
@@ -40,6 +42,7 @@ from looplm.generate import GenerationStats, generate
 from looplm.models.ouro import AttentionBias, OuroForCausalLM, StepOutput, positions_from_mask, rope_tables
 
 MODES = ("auto", "eager", "compile", "graph", "compile+graph")
+ATTENTIONS = ("sdpa", "flex")  # how a static slot attends; flex: CUDA, compile modes only
 
 
 class StaticSlot:
@@ -58,8 +61,9 @@ class StaticSlot:
 
     mode = "static"
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, length: torch.Tensor) -> None:
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, length: torch.Tensor, attention=None) -> None:  # noqa: ANN001
         self.key, self.value, self.length = key, value, length
+        self.attention = attention  # None: `Attention.attend`'s SDPA; else called as attention(q, k, v, bias)
 
     def update(
         self, slot: int, start: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None = None
@@ -81,6 +85,50 @@ def layer_pass(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: 
     reused for every layer and step, since Dynamo lifts a module's weights to graph inputs
     and does not specialise on which layer or slot it is given."""
     return layer(h, cos, sin, bias, slot, 0)
+
+
+def fused_layer_pass(layer: torch.nn.Module, qkv: torch.Tensor, gate_up: torch.Tensor, h: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, bias: AttentionBias, slot: StaticSlot) -> torch.Tensor:
+    """`DecoderLayer.forward` with q/k/v as one GEMM and gate/up as another (weights `qkv`
+    `[(H + 2 H_kv) D, hidden]` and `gate_up` `[2 I, hidden]`): two launches instead of five per pass.
+    The weights are tensor arguments, so one compiled graph still serves every layer."""
+    attn = layer.self_attn
+    sizes = [attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim]
+    q, k, v = F.linear(layer.input_layernorm(h), qkv).split(sizes, dim=-1)
+    h = h + layer.input_layernorm_2(attn.attend(q, k, v, cos, sin, bias, slot, 0))
+    gate, up = F.linear(layer.post_attention_layernorm(h), gate_up).chunk(2, dim=-1)
+    return h + layer.post_attention_layernorm_2(layer.mlp.combine(gate, up))
+
+
+def flex_attention_over_valid_keys(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                   bias: AttentionBias) -> torch.Tensor:
+    """Attention of `q` `[B, H, 1, D]` over the whole static cache `[B, H_kv, S_max, D]` with
+    FlexAttention: keys not marked in the mask `[B, 1, 1, S_max]` score -inf. Compiled, it is
+    one fused kernel (a split-K decoding kernel on CUDA), and GQA reads the K/V heads in place
+    instead of repeating the full-length cache per query group as the SDPA path does."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    valid = bias.mask
+
+    def mask_invalid(score, b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - FlexAttention's score_mod signature
+        return torch.where(valid[b, 0, 0, kv_idx], score, float("-inf"))
+
+    return flex_attention(q, keys, values, score_mod=mask_invalid, enable_gqa=keys.shape[1] != q.shape[1])
+
+
+def fuse_layer_projections(model: OuroForCausalLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (q|k|v, gate|up) weights concatenated along the outputs: new tensors, so the
+    model is left as it was (the copies cost 69% of the layer weights again at the 1.4B shape)."""
+    fused = []
+    for index, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        modules = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+        if any(type(m) is not nn.Linear or m.bias is not None for m in modules):
+            raise GenerationError(f"fuse_projections needs plain unbiased nn.Linear projections (layer {index} has "
+                                  f"{', '.join(sorted({type(m).__name__ for m in modules}))}); quantized models cannot fuse")
+        fused.append((torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+                      torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()))
+    return fused
 
 
 class PrefillSlotCache:
@@ -149,6 +197,8 @@ class StaticDecoder:
         mode: str = "auto",
         compile_mode: str = "default",
         warmup: int = 2,
+        attention: str = "sdpa",
+        fuse_projections: bool = False,
     ) -> None:
         if batch_size < 1 or max_len < 2:
             raise GenerationError(f"need batch_size >= 1 and max_len >= 2, got {batch_size} and {max_len}")
@@ -160,6 +210,15 @@ class StaticDecoder:
         # Separate policy objects: the captured step owns tensors the prefill must not replace.
         self.policy, self.prefill_policy = policy, copy.deepcopy(policy)
         self.mode = resolve_mode(mode, model.device)
+        if attention not in ATTENTIONS:
+            raise GenerationError(f"unknown static attention '{attention}' (choose from {', '.join(ATTENTIONS)})")
+        if attention == "flex" and ("compile" not in self.mode or model.device.type != "cuda"):
+            # Uncompiled FlexAttention materialises every score; its compiled CPU kernel gave wrong
+            # outputs on torch 2.13 for head_dim 16 at some cache lengths (40, not 48 or 64).
+            raise GenerationError("attention='flex' is for CUDA models in a compile mode ('compile' or "
+                                  f"'compile+graph'); this one is on {model.device} in mode '{self.mode}'")
+        self.attention, self.fuse_projections = attention, fuse_projections
+        self.fused = fuse_layer_projections(model) if fuse_projections else None
         self.batch_size, self.max_len = batch_size, max_len
         device = model.device
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
@@ -171,15 +230,16 @@ class StaticDecoder:
         self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.length = torch.zeros(1, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.slots = [StaticSlot(k, v, self.length) for k, v in zip(self.keys, self.values)]
+        own_attention = flex_attention_over_valid_keys if attention == "flex" else None
+        self.slots = [StaticSlot(k, v, self.length, own_attention) for k, v in zip(self.keys, self.values)]
         self.host_length = 0  # mirrors `length` without a device sync, for the overflow check
         self.prompts_served = 0  # prefills so far (a reused decoder has served earlier requests)
         self.setup_seconds = 0.0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._layer_pass = layer_pass
+        self._layer_pass = fused_layer_pass if fuse_projections else layer_pass
         if "compile" in self.mode:
-            self._layer_pass = torch.compile(layer_pass, fullgraph=True, dynamic=False, mode=compile_mode)
+            self._layer_pass = torch.compile(self._layer_pass, fullgraph=True, dynamic=False, mode=compile_mode)
         started = time.perf_counter()
         with torch.no_grad():
             if "graph" in self.mode:
@@ -200,7 +260,11 @@ class StaticDecoder:
         states, gates = [], []
         for step in range(self.steps):
             for index, layer in enumerate(model.model.layers):
-                h = self._layer_pass(layer, h, cos, sin, bias, self.slots[step * num_layers + index])
+                slot = self.slots[step * num_layers + index]
+                if self.fused is not None:
+                    h = self._layer_pass(layer, *self.fused[index], h, cos, sin, bias, slot)
+                else:
+                    h = self._layer_pass(layer, h, cos, sin, bias, slot)
             h = model.model.norm(h)
             states.append(h)
             if model.model.early_exit_gate is not None:
@@ -330,6 +394,7 @@ def generate_static(
 
 
 __all__ = [
-    "CAPACITY_BUCKET", "MODES", "PrefillSlotCache", "StaticDecoder", "StaticSlot", "generate_static", "layer_pass",
+    "ATTENTIONS", "CAPACITY_BUCKET", "MODES", "PrefillSlotCache", "StaticDecoder", "StaticSlot",
+    "flex_attention_over_valid_keys", "fuse_layer_projections", "fused_layer_pass", "generate_static", "layer_pass",
     "resolve_mode", "static_decoder",
 ]

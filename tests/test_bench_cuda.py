@@ -116,7 +116,8 @@ def test_target_not_met_and_missing() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"dtypes": ("fp8",)}, {"batch_sizes": (0,)}, {"mode": "fast"}, {"shape": "7b"},
-                                 {"new_tokens": 0}, {"profile_steps": -1}])
+                                 {"new_tokens": 0}, {"profile_steps": -1},
+                                 {"attention": "paged"}])
 def test_bad_options(bad: dict) -> None:
     with pytest.raises(ConfigError):
         CudaBenchOptions(**bad).check()
@@ -136,6 +137,16 @@ def test_whole_benchmark_body_runs_on_cpu_with_the_tiny_shape() -> None:
     assert rows[("int4", 1)]["status"].startswith(("not available", "failed: quantize_model raised"))
     assert result["target"] is not None
     assert "| bf16 | 1 |" in format_report(result)
+
+
+def test_fused_projection_rows_on_cpu() -> None:
+    """--fuse-projections: bf16 rows decode through the fused step, int4 rows keep their kernels."""
+    options = CudaBenchOptions(shape="tiny", batch_sizes=(1,), prompt_len=8, new_tokens=3, repeats=2, warmup_steps=1,
+                               mode="eager", bandwidth_mib=4, bandwidth_repeats=2, fuse_projections=True)
+    result = run_static_bench(options, torch.device("cpu"), log=lambda message: None)
+    bf16 = next(r for r in result["rows"] if r["dtype"] == "bf16")
+    assert bf16["status"] == "ok" and bf16["fused_projections"] is True and bf16["attention"] == "sdpa"
+    assert "q|k|v and gate|up fused" in format_report(result)
 
 
 def test_profile_reports_time_per_step_and_top_entries() -> None:

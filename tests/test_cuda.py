@@ -71,6 +71,31 @@ def test_static_decode_graph_modes_match_generate(make_checkpoint, mode: str) ->
         assert static_stats.steps_per_token == dyn_stats.steps_per_token
 
 
+@pytest.mark.parametrize(("attention", "fuse"), [("flex", False), ("sdpa", True), ("flex", True)])
+def test_flex_attention_and_fused_projections_in_the_graph(make_checkpoint, attention: str, fuse: bool) -> None:  # noqa: ANN001
+    """The benchmark's A/B options, compiled and captured: FlexAttention over the masked static
+    cache (GQA heads read in place) and q|k|v, gate|up fused GEMMs give generate's tokens and
+    exit steps on a GQA, left-padded batch with early exits (fp32)."""
+    from looplm.exit import make_policy
+    from looplm.generate import prepare_inputs
+
+    path = make_checkpoint(seed=3, num_attention_heads=4, num_key_value_heads=2, total_ut_steps=3, head_dim=32)
+    model = looplm.load(path, dtype="float32", device="cuda")
+    ids, mask = prepare_inputs(random_prompts(300, [5, 19, 11], seed=1), None, 0)
+    dynamic, stats = generate(model, ids.tolist(), 12, attention_mask=mask, eos_token_ids=[], exit_threshold=0.5,
+                              return_stats=True)
+    decoder = StaticDecoder(model, 3, 40, policy=make_policy(None, 0.5, 3, None), mode="compile+graph",
+                            attention=attention, fuse_projections=fuse)
+    logits, exit_step = decoder.prefill(ids, mask)
+    tokens, exits = [logits.argmax(-1)], [exit_step.clone()]
+    for _ in range(11):
+        logits, exit_step = decoder.step(tokens[-1])
+        tokens.append(logits.argmax(-1))
+        exits.append(exit_step.clone())
+    assert torch.stack(tokens, 1).tolist() == dynamic
+    assert (torch.stack(exits, 1) + 1).tolist() == stats.steps_per_token
+
+
 def test_auto_decoder_replays_the_graph_with_stop_strings_and_reuse() -> None:
     """On a GPU, `decoder="auto"` (what `looplm generate` uses) is the captured graph: the
     embedded model's greedy text, exit steps and stop-string cut equal the dynamic step's, and a

@@ -162,9 +162,27 @@ class Attention(nn.Module):
         slot: int,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        batch, seq, _ = x.shape
         projected = self.qkv_group(x) if self.qkv_group is not None else None
         q, k, v = projected if projected is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        return self.attend(q, k, v, cos, sin, bias, cache, slot, rows)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: AttentionBias,
+        cache: KVCache | None,
+        slot: int,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Everything after the q/k/v projections `[B, S, H*D]`: RoPE, the cache, attention, o_proj.
+
+        A cache with an `attention` attribute (the static decoder's slots) computes the
+        attention itself, as `attention(q, keys, values, bias)` over its single segment."""
+        batch, seq, _ = q.shape
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -181,6 +199,10 @@ class Attention(nn.Module):
                 out = segmented_attention(q, segments, bias.mask)
                 return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
             k, v = segments[0]  # (B, Hkv, past + S, D)
+            own_attention = getattr(cache, "attention", None)
+            if own_attention is not None:
+                out = own_attention(q, k, v, bias)
+                return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
@@ -202,6 +224,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projected = self.gate_up_group(x) if self.gate_up_group is not None else None
         gate, up = projected if projected is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.combine(gate, up)
+
+    def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Everything after the gate and up projections."""
         return self.down_proj(F.silu(gate) * up)
 
 
