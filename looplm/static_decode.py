@@ -380,6 +380,12 @@ def static_decoder(
     return decoder
 
 
+def release_static_decoder(model: OuroForCausalLM) -> bool:
+    """Free the decoder `static_decoder` keeps with `model` (its K/V buffers and captured graph);
+    True if there was one. The next static request builds a new one."""
+    return model.__dict__.pop(_CACHED, None) is not None
+
+
 def generate_static(
     model: OuroForCausalLM,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
@@ -396,5 +402,5 @@ def generate_static(
 __all__ = [
     "ATTENTIONS", "CAPACITY_BUCKET", "MODES", "PrefillSlotCache", "StaticDecoder", "StaticSlot",
     "flex_attention_over_valid_keys", "fuse_layer_projections", "fused_layer_pass", "generate_static", "layer_pass",
-    "resolve_mode", "static_decoder",
+    "release_static_decoder", "resolve_mode", "static_decoder",
 ]

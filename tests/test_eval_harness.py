@@ -145,6 +145,32 @@ def test_generation_tasks_use_skip_and_kv_mode(tiny, monkeypatch: pytest.MonkeyP
     assert [r["n"] for r in results] == [3, 3] and 1.0 <= results[1]["mean_steps"] <= 4.0
 
 
+def test_generation_tasks_through_the_static_decoder(tiny, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: ANN001
+    """`decoder` reaches generate; the static step writes every item's output as the dynamic one does (fp32)."""
+    import looplm.generate
+
+    items = [Item(id=f"g{k}", messages=[{"role": "user", "content": f"{k}+2="}], answer=str(k + 2)) for k in range(3)]
+    task = Task("fakegen", "generate", "math_equiv", lambda shots: items, max_new_tokens=4)
+    monkeypatch.setitem(harness.get_task.__globals__["TASKS"], "fakegen", task)
+    seen, real = [], looplm.generate.generate
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(kwargs["decoder"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(looplm.generate, "generate", spy)
+    runs = {}
+    for decoder in ("dynamic", "eager"):
+        settings = EvalSettings(task="fakegen", steps=[2, 4], policies=[("gate", 0.5)], chat=False, batch_size=2,
+                                decoder=decoder)
+        run_eval(tiny, settings, tmp_path / f"{decoder}.jsonl")
+        lines = [json.loads(line) for line in (tmp_path / f"{decoder}.jsonl").read_text().splitlines()]
+        assert lines[0]["header"]["decoder"] == decoder
+        runs[decoder] = [(row["id"], row["key"], row["output"], row["step_sum"]) for row in lines[1:]]
+    assert set(seen) == {"dynamic", "eager"}
+    assert len(runs["eager"]) == 9 and runs["eager"] == runs["dynamic"]
+
+
 def test_policies_without_threshold_record_their_default(tiny, fake_task: Task) -> None:  # noqa: ANN001
     settings = EvalSettings(task="fake", steps=[4], policies=parse_policies("confidence,kl,weighted"), limit=1)
     results = run_eval(tiny, settings)["results"]

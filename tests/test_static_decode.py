@@ -11,7 +11,13 @@ from conftest import random_prompts
 import looplm
 from looplm.errors import GenerationError
 from looplm.generate import generate, resolve_decoder, stream_generate
-from looplm.static_decode import CAPACITY_BUCKET, StaticDecoder, generate_static, static_decoder
+from looplm.static_decode import (
+    CAPACITY_BUCKET,
+    StaticDecoder,
+    generate_static,
+    release_static_decoder,
+    static_decoder,
+)
 
 
 @pytest.fixture
@@ -196,7 +202,10 @@ def test_static_decoder_is_reused_while_it_fits(gqa_model) -> None:  # noqa: ANN
     rebuilt = static_decoder(gqa_model, 1, CAPACITY_BUCKET + 1, 3, _gate(gqa_model), "eager")
     assert rebuilt.max_len == 2 * CAPACITY_BUCKET
     gqa_model.to(torch.bfloat16)  # new weight tensors: a captured graph would read the old ones
-    assert static_decoder(gqa_model, 1, CAPACITY_BUCKET + 1, 3, _gate(gqa_model), "eager") is not rebuilt
+    latest = static_decoder(gqa_model, 1, CAPACITY_BUCKET + 1, 3, _gate(gqa_model), "eager")
+    assert latest is not rebuilt
+    assert release_static_decoder(gqa_model) and not release_static_decoder(gqa_model)
+    assert static_decoder(gqa_model, 1, CAPACITY_BUCKET + 1, 3, _gate(gqa_model), "eager") is not latest
 
 
 def _gate(model):  # noqa: ANN001, ANN202

@@ -55,7 +55,7 @@ def arithmetic(
 
 def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size,  # noqa: ANN001
               output, records, plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution,
-              skip_compute, kv_mode="full") -> None:
+              skip_compute, kv_mode="full", decoder="auto") -> None:
     from looplm.eval.harness import EvalSettings, parse_policies, parse_shard, plan
     from looplm.eval.report import results_table
 
@@ -63,8 +63,9 @@ def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_t
         task=task, steps=parse_steps(steps) if steps else [], limit=limit, batch_size=batch_size,
         policies=parse_policies(exit_policy, exit_threshold), shard=parse_shard(shard), chat=chat,
         num_fewshot=num_fewshot, max_new_tokens=max_new_tokens, allow_code_execution=allow_code_execution,
-        skip_compute=skip_compute, kv_mode=common.DecodeOptions(None, kv_mode, skip_compute).kv_mode,
+        skip_compute=skip_compute, kv_mode=kv_mode, decoder=decoder,
     )
+    common.DecodeOptions(None, kv_mode, skip_compute, decoder)  # checks --kv-mode and --decoder
     if limit is not None and limit < 1:
         raise LooplmError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
@@ -137,9 +138,10 @@ def _task_command(task: str, summary: str):  # noqa: ANN202
         allow_code_execution: Annotated[bool, typer.Option(help="Run model-written code (humaneval).")] = False,
         skip_compute: Annotated[bool, typer.Option(help="Generation: exited tokens run no further loops.")] = False,
         kv_mode: Annotated[str, typer.Option(help="Generation: KV cache mode, full or shared.")] = "full",
+        decoder: common.Decoder = "auto",
     ) -> None:
         _run_task(task, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size, output, records,
-                  plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution, skip_compute, kv_mode)
+                  plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution, skip_compute, kv_mode, decoder)
 
     command.__doc__ = summary
     eval_app.command(name=task)(command)

@@ -43,6 +43,7 @@ class EvalSettings:
     allow_code_execution: bool = False
     skip_compute: bool = False
     kv_mode: str = "full"  # generation tasks: "shared" keeps one K/V per layer for decoded tokens
+    decoder: str = "dynamic"  # generation tasks: the decode step (looplm.generate.DECODERS)
     code_timeout_s: float = 10.0
 
     def configs(self) -> list[Config]:
@@ -202,7 +203,7 @@ def run_eval(model, settings: EvalSettings, records_path: Path | None = None,  #
         model.resolve_steps(config.steps)  # validates the range before any work
     header = {"task": task.name, "model": model.source, "metric": task.metric,
               "chat": settings.chat, "num_fewshot": settings.num_fewshot,
-              "skip_compute": settings.skip_compute, "kv_mode": settings.kv_mode}
+              "skip_compute": settings.skip_compute, "kv_mode": settings.kv_mode, "decoder": settings.decoder}
     records = Records(records_path, header)
     if task.kind == "loglik":
         _run_loglik(model, task, items, configs, settings, records, progress)
@@ -287,7 +288,7 @@ def _run_generate(model, task: Task, items: list[Item], configs: list[Config], s
             new_ids, stats = generate(
                 model, prompts, max_new, steps=config.steps, exit_policy=config.exit_policy,
                 exit_threshold=config.exit_threshold, skip_compute=settings.skip_compute, kv_mode=settings.kv_mode,
-                return_stats=True,
+                return_stats=True, decoder=settings.decoder,
             )
             for item, ids, used in zip(chunk, new_ids, stats.steps_per_token):
                 text = tokenizer.decode(ids)
