@@ -4,8 +4,8 @@
 #   graph     `looplm bench --device cuda` in graph mode (every row)
 #   compiled  compiled + graphed decode, one dtype per process (a slow compile loses only its rows),
 #             with an 8-step profile
-#   ab        the static step's A/B options against the compiled bf16 run: FlexAttention, fused
-#             q|k|v and gate|up projections, both (batch 1 and 8, no profile)
+#   ab        the static step's A/B options against the compiled bf16 run: FlexAttention, matmul
+#             attention, fused q|k|v and gate|up projections, flex + fused (batch 1 and 8, no profile)
 # `bash benchmarks/gpu_checks.sh` runs every stage; `bash benchmarks/gpu_checks.sh tests ab` only
 # those (a device call is limited to 10 minutes: split the stages over two calls if needed).
 # Writes everything under $OUT (default ./gpu-out). LOOPLM_FIXTURES: the folder holding
@@ -42,6 +42,7 @@ for stage in $stages; do
             bench compiled-int4 110 --mode compile+graph --dtypes int4 --profile-steps 8 ;;
         ab)
             bench flex-bf16 90 --mode compile+graph --dtypes bf16 --attention flex
+            bench matmul-bf16 90 --mode compile+graph --dtypes bf16 --attention matmul
             bench fused-bf16 90 --mode compile+graph --dtypes bf16 --fuse-projections
             bench flex-fused-bf16 90 --mode compile+graph --dtypes bf16 --attention flex --fuse-projections ;;
         *)

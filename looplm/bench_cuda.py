@@ -67,8 +67,8 @@ class CudaBenchOptions:
     # small kernels per (step, layer); compiling first fuses the elementwise work between GEMVs.
     mode: str = "compile+graph"
     compile_mode: str = "default"  # what was measured; max-autotune adds a GEMM search (not measured)
-    # A/B options of the static step (not measured on a GPU yet): FlexAttention instead of SDPA
-    # over the masked cache, and q|k|v, gate|up as one GEMM each (bf16 rows only).
+    # A/B options of the static step (not measured on a GPU yet): FlexAttention or two matmuls
+    # instead of SDPA over the masked cache, and q|k|v, gate|up as one GEMM each (bf16 rows only).
     attention: str = "sdpa"
     fuse_projections: bool = False
     bandwidth_mib: int = 4096
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default=defaults.mode)
     parser.add_argument("--compile-mode", default=defaults.compile_mode)
     parser.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention,
-                        help="static-step attention: sdpa, or flex (FlexAttention; CUDA, compile modes)")
+                        help="static-step attention: sdpa, matmul, or flex (FlexAttention; CUDA, compile modes)")
     parser.add_argument("--fuse-projections", action="store_true",
                         help="q|k|v and gate|up as one GEMM each in bf16 rows (copies those weights)")
     parser.add_argument("--json-out", default=None)

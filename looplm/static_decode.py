@@ -39,10 +39,17 @@ from looplm.cache import Segments
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, exit_distribution, make_policy
 from looplm.generate import GenerationStats, generate
-from looplm.models.ouro import AttentionBias, OuroForCausalLM, StepOutput, positions_from_mask, rope_tables
+from looplm.models.ouro import (
+    AttentionBias,
+    OuroForCausalLM,
+    StepOutput,
+    positions_from_mask,
+    rope_tables,
+    segmented_attention,
+)
 
 MODES = ("auto", "eager", "compile", "graph", "compile+graph")
-ATTENTIONS = ("sdpa", "flex")  # how a static slot attends; flex: CUDA, compile modes only
+ATTENTIONS = ("sdpa", "matmul", "flex")  # how a static slot attends; flex: CUDA, compile modes only
 
 
 class StaticSlot:
@@ -114,6 +121,18 @@ def flex_attention_over_valid_keys(q: torch.Tensor, keys: torch.Tensor, values: 
         return torch.where(valid[b, 0, 0, kv_idx], score, float("-inf"))
 
     return flex_attention(q, keys, values, score_mod=mask_invalid, enable_gqa=keys.shape[1] != q.shape[1])
+
+
+def matmul_attention_over_valid_keys(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                     bias: AttentionBias) -> torch.Tensor:
+    """The same attention as two batched matmuls around an fp32 masked softmax
+    (`segmented_attention` with one segment): GQA groups share their K/V head without a copy,
+    and under `torch.compile` the mask, scaling and softmax fuse into one kernel."""
+    return segmented_attention(q, [(keys, values)], bias.mask)
+
+
+ATTENTION_FUNCTIONS = {"sdpa": None, "matmul": matmul_attention_over_valid_keys,
+                       "flex": flex_attention_over_valid_keys}
 
 
 def fuse_layer_projections(model: OuroForCausalLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -230,8 +249,8 @@ class StaticDecoder:
         self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.length = torch.zeros(1, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        own_attention = flex_attention_over_valid_keys if attention == "flex" else None
-        self.slots = [StaticSlot(k, v, self.length, own_attention) for k, v in zip(self.keys, self.values)]
+        self.slots = [StaticSlot(k, v, self.length, ATTENTION_FUNCTIONS[attention])
+                      for k, v in zip(self.keys, self.values)]
         self.host_length = 0  # mirrors `length` without a device sync, for the overflow check
         self.prompts_served = 0  # prefills so far (a reused decoder has served earlier requests)
         self.setup_seconds = 0.0
@@ -402,5 +421,5 @@ def generate_static(
 __all__ = [
     "ATTENTIONS", "CAPACITY_BUCKET", "MODES", "PrefillSlotCache", "StaticDecoder", "StaticSlot",
     "flex_attention_over_valid_keys", "fuse_layer_projections", "fused_layer_pass", "generate_static", "layer_pass",
-    "release_static_decoder", "resolve_mode", "static_decoder",
+    "matmul_attention_over_valid_keys", "release_static_decoder", "resolve_mode", "static_decoder",
 ]

@@ -71,10 +71,10 @@ def test_static_decode_graph_modes_match_generate(make_checkpoint, mode: str) ->
         assert static_stats.steps_per_token == dyn_stats.steps_per_token
 
 
-@pytest.mark.parametrize(("attention", "fuse"), [("flex", False), ("sdpa", True), ("flex", True)])
+@pytest.mark.parametrize(("attention", "fuse"), [("flex", False), ("matmul", False), ("sdpa", True), ("flex", True)])
 def test_flex_attention_and_fused_projections_in_the_graph(make_checkpoint, attention: str, fuse: bool) -> None:  # noqa: ANN001
-    """The benchmark's A/B options, compiled and captured: FlexAttention over the masked static
-    cache (GQA heads read in place) and q|k|v, gate|up fused GEMMs give generate's tokens and
+    """The benchmark's A/B options, compiled and captured: FlexAttention or matmul attention over
+    the masked static cache (GQA heads read in place) and q|k|v, gate|up fused GEMMs give generate's tokens and
     exit steps on a GQA, left-padded batch with early exits (fp32)."""
     from looplm.exit import make_policy
     from looplm.generate import prepare_inputs

@@ -231,16 +231,23 @@ def _padded(model, lengths: list[int], seed: int):  # noqa: ANN001, ANN202
     return prepare_inputs(random_prompts(model.config.vocab_size, lengths, seed=seed), None, 0)
 
 
-def test_fused_projections_give_generates_tokens(gqa_model) -> None:  # noqa: ANN001
-    """q|k|v and gate|up as one GEMM each (eager): generate's tokens and exit steps on a GQA,
-    left-padded batch, logits within fp32 rounding of the unfused step; the model is untouched."""
+@pytest.mark.parametrize(("attention", "fuse"), [("sdpa", True), ("matmul", False), ("matmul", True)])
+def test_static_step_variants_give_generates_tokens(gqa_model, attention: str, fuse: bool) -> None:  # noqa: ANN001
+    """Matmul attention (GQA without copying K/V) and q|k|v, gate|up as one GEMM each (eager):
+    generate's tokens and exit steps on a GQA, left-padded batch at an early-exiting threshold,
+    logits within fp32 rounding of the plain static step; the model is untouched."""
+    from looplm.exit import make_policy
+
     ids, mask = _padded(gqa_model, [5, 19, 11], seed=1)
     weights = {name: t.clone() for name, t in gqa_model.state_dict().items()}
-    plain = _greedy(StaticDecoder(gqa_model, 3, 40), ids, mask, 14)
-    fused = _greedy(StaticDecoder(gqa_model, 3, 40, fuse_projections=True), ids, mask, 14)
-    assert fused[0] == plain[0] == generate(gqa_model, ids.tolist(), 14, attention_mask=mask, eos_token_ids=[])
-    assert fused[1] == plain[1]
-    assert torch.allclose(fused[2], plain[2], rtol=1e-5, atol=1e-5)
+    expected, stats = generate(gqa_model, ids.tolist(), 14, attention_mask=mask, eos_token_ids=[], exit_threshold=0.5,
+                               return_stats=True)
+    plain = _greedy(StaticDecoder(gqa_model, 3, 40, policy=make_policy(None, 0.5, 3, None)), ids, mask, 14)
+    variant = _greedy(StaticDecoder(gqa_model, 3, 40, policy=make_policy(None, 0.5, 3, None), attention=attention,
+                                    fuse_projections=fuse), ids, mask, 14)
+    assert variant[0] == plain[0] == expected
+    assert variant[1] == plain[1] == stats.steps_per_token
+    assert torch.allclose(variant[2], plain[2], rtol=1e-5, atol=1e-5)
     assert all(torch.equal(t, weights[name]) for name, t in gqa_model.state_dict().items())
 
 
@@ -279,9 +286,10 @@ def test_flex_attention_over_valid_keys_equals_sdpa() -> None:
         assert torch.allclose(out, expected, atol=1e-5), float((out - expected).abs().max())
 
 
-def test_compiled_fused_projections_match_generate(gqa_model) -> None:  # noqa: ANN001
-    """Compiled fused layer passes on CPU: generate's tokens and exit steps at an
-    early-exiting threshold, with one compiled graph for all slots."""
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_compiled_fused_projections_match_generate(gqa_model, attention: str) -> None:  # noqa: ANN001
+    """Compiled fused layer passes on CPU, with either attention: generate's tokens and exit
+    steps at an early-exiting threshold, with one compiled graph for all slots."""
     from torch._dynamo.utils import counters
 
     from looplm.exit import make_policy
@@ -292,7 +300,7 @@ def test_compiled_fused_projections_match_generate(gqa_model) -> None:  # noqa: 
     torch._dynamo.reset()
     counters.clear()
     decoder = StaticDecoder(gqa_model, 3, 40, policy=make_policy(None, 0.5, 3, None), mode="compile",
-                            fuse_projections=True)
+                            attention=attention, fuse_projections=True)
     tokens, exits, _ = _greedy(decoder, ids, mask, 12)
     assert tokens == expected and exits == stats.steps_per_token
     assert counters["stats"]["unique_graphs"] == 1
