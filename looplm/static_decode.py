@@ -260,11 +260,20 @@ class StaticDecoder:
         if "compile" in self.mode:
             self._layer_pass = torch.compile(self._layer_pass, fullgraph=True, dynamic=False, mode=compile_mode)
         started = time.perf_counter()
-        with torch.no_grad():
-            if "graph" in self.mode:
-                self._capture(max(1, min(warmup, max_len - 1)))
-            elif "compile" in self.mode:
-                self._step_impl()  # compile now, on the zero state, not inside the first timed token
+        try:
+            with torch.no_grad():
+                if "graph" in self.mode:
+                    self._capture(max(1, min(warmup, max_len - 1)))
+                elif "compile" in self.mode:
+                    self._step_impl()  # compile now, on the zero state, not inside the first timed token
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            # e.g. a bf16 CPU model: Dynamo cannot trace looplm's C++ kernels (pybind functions).
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GenerationError(
+                f"torch.compile could not compile this model's decode step ({first_line}); a model on looplm's C++ "
+                "CPU kernels cannot be compiled: load it with kernels='torch' (LOOPLM_KERNELS=torch), or use the "
+                "'eager' or 'dynamic' decoder"
+            ) from exc
         self.setup_seconds = time.perf_counter() - started
 
     # -- the static step ----------------------------------------------------------------------

@@ -154,6 +154,14 @@ def test_static_decoder_gives_the_dynamic_text_with_stop_strings(default_model) 
     assert cut[1]["new_ids"] == cut[0]["new_ids"]
 
 
+def test_compiling_a_model_on_the_cpu_kernels_is_a_clear_error() -> None:
+    """The default bf16 CPU model runs looplm's C++ kernels, which Dynamo cannot trace."""
+    result = invoke("generate", "hi", "--decoder", "compile", "--max-new-tokens", "2")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: torch.compile could not compile") and "kernels='torch'" in last
+
+
 def test_unexpected_exception_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise RuntimeError("a bug")
