@@ -6,6 +6,8 @@
 #             with an 8-step profile
 #   ab        the static step's A/B options against the compiled bf16 run: FlexAttention, matmul
 #             attention, fused q|k|v and gate|up projections, flex + fused (batch 1 and 8, no profile)
+# Compare the ab runs afterwards, anywhere: python -m looplm.bench_cuda --compare \
+#   gpu-out/compiled-bf16.json gpu-out/{flex,matmul,fused,flex-fused}-bf16.json
 # `bash benchmarks/gpu_checks.sh` runs every stage; `bash benchmarks/gpu_checks.sh tests ab` only
 # those (a device call is limited to 10 minutes: split the stages over two calls if needed).
 # Writes everything under $OUT (default ./gpu-out). LOOPLM_FIXTURES: the folder holding

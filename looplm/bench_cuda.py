@@ -178,6 +178,30 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_table(runs: list[tuple[str, dict]]) -> str:
+    """Saved runs (name, JSON document) side by side, one line per decode row, with the speed-up
+    over the first run's row of the same dtype and batch (the runs being A/B variants)."""
+    baseline_name, baseline = runs[0]
+    base = {(r["dtype"], r["batch"]): r for r in baseline["rows"] if r.get("status") == "ok"}
+    header = ("| run | mode | attention | fused | dtype | batch | decode tok/s total, median [min-max] | ms/step "
+              f"| % roofline | vs {baseline_name} |")
+    columns = header.count("|") - 1
+    lines = [header, "|" + "---|" * columns]
+    for name, result in runs:
+        opts = result.get("options", {})
+        for row in result["rows"]:
+            head = f"| {name} | {opts.get('mode', '?')} | {row.get('attention', opts.get('attention', 'sdpa'))} "
+            head += f"| {'yes' if row.get('fused_projections') else 'no'} | {row['dtype']} | {row['batch']} "
+            if row.get("status") != "ok":
+                lines.append(head + f"| {row.get('status', 'not run')} |" + " |" * (columns - 7))
+                continue
+            agg, ref = row["tok_s_aggregate"], base.get((row["dtype"], row["batch"]))
+            ratio = f"{agg['median'] / ref['tok_s_aggregate']['median']:.2f}x" if ref else "-"
+            lines.append(head + f"| {agg['median']:.1f} [{agg['min']:.1f}-{agg['max']:.1f}] "
+                         f"| {row['ms_per_step']['median']:.2f} | {row['pct_roofline']:.0f}% | {ratio} |")
+    return "\n".join(lines)
+
+
 def format_profile(row: dict, top: int = 10) -> list[str]:
     """Lines for one row's profile: kernel time per step against wall time, then the top kernels."""
     prof = row["profile"]
@@ -491,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fuse-projections", action="store_true",
                         help="q|k|v and gate|up as one GEMM each in bf16 rows (copies those weights)")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--compare", nargs="+", metavar="JSON", default=None,
+                        help="print saved runs (--json-out files) side by side, speed-ups against the first; "
+                             "runs nothing, needs no GPU")
     return parser
 
 
@@ -510,6 +537,14 @@ def options_from_args(args: argparse.Namespace) -> CudaBenchOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run, print the report, and as the last stdout line the JSON document; 1 on a LooplmError."""
     args = build_parser().parse_args(argv)
+    if args.compare:
+        try:
+            runs = [(Path(name).stem, json.loads(Path(name).read_text())) for name in args.compare]
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read a saved run: {exc}", file=sys.stderr)
+            return 1
+        print(compare_table(runs))
+        return 0
     try:
         result = run_cuda_bench(options_from_args(args))
     except LooplmError as exc:
@@ -523,8 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CudaBenchOptions", "add_roofline", "build_random_model", "cuda_unavailable_reason", "format_report",
-           "main", "markdown_table", "run_cuda_bench", "run_static_bench"]
+__all__ = ["CudaBenchOptions", "add_roofline", "build_random_model", "compare_table", "cuda_unavailable_reason",
+           "format_report", "main", "markdown_table", "run_cuda_bench", "run_static_bench"]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +187,23 @@ def test_int4_rows_when_looplm_quant_exists(make_checkpoint) -> None:  # noqa: A
     options = CudaBenchOptions(prompt_len=6, new_tokens=2, repeats=2, warmup_steps=1, mode="eager")
     row = measure_decode(quantized, 1, options, torch.device("cpu"))
     assert row["status"] == "ok" and row["tok_s_aggregate"]["median"] > 0
+
+
+def test_compare_saved_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--compare prints saved runs side by side with speed-ups against the first, without a GPU."""
+    base = _synthetic_result([("bf16", 1, 134.0), ("bf16", 8, 880.0)])
+    variant = _synthetic_result([("bf16", 1, 201.0), ("bf16", 8, 880.0)])
+    variant["options"].update(mode="compile+graph", attention="flex")
+    for row in variant["rows"]:
+        row.update(attention="flex", fused_projections=True)
+    paths = []
+    for name, result in (("compiled-bf16", base), ("flex-fused-bf16", variant)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(result))
+    assert main(["--compare", *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "vs compiled-bf16" in lines[0] and len({line.count("|") for line in lines}) == 1
+    flex_b1 = next(line for line in lines if line.startswith("| flex-fused-bf16") and "| bf16 | 1 |" in line)
+    assert "| flex | yes |" in flex_b1 and "| 1.50x |" in flex_b1
+    assert any("not available" in line for line in lines)
+    assert main(["--compare", str(tmp_path / "missing.json")]) == 1
