@@ -86,7 +86,7 @@ def test_generate_json_is_greedy_and_deterministic(default_model) -> None:  # no
     assert first["prompt_ids"] == default_model.tokenizer.encode("Hello")
     assert first["usage"] == {"prompt_tokens": len(first["prompt_ids"]), "new_tokens": 12}
     assert set(first["timings"]) == {"setup_s", "prefill_s", "decode_s", "decode_tok_s"}
-    assert first["decoder"] == "dynamic"  # --decoder auto on a CPU
+    assert first["decoder"] == ("graph" if torch.cuda.is_available() else "dynamic")  # --decoder auto
     assert 1 <= first["mean_exit_step"] <= default_model.config.total_ut_steps
     assert first["text"] == default_model.tokenizer.decode(first["new_ids"])
     assert runs[1]["new_ids"] == first["new_ids"] and runs[1]["text"] == first["text"]
@@ -140,7 +140,7 @@ def test_stop_string_is_cut_and_held_back(default_model) -> None:  # noqa: ANN00
 def test_static_decoder_gives_the_dynamic_text_with_stop_strings(default_model) -> None:  # noqa: ANN001
     """`--decoder eager` (the static-shape step, what a GPU replays as a CUDA graph) streams
     the same greedy text as the dynamic step, and cuts it at the same stop string."""
-    args = ["generate", "The", "--max-new-tokens", "24", "--json", "--temperature", "0"]
+    args = ["generate", "The", "--max-new-tokens", "24", "--json", "--temperature", "0", "--device", "cpu"]
     dynamic = json.loads(invoke(*args, "--decoder", "dynamic").stdout)
     static = json.loads(invoke(*args, "--decoder", "eager").stdout)
     assert static["decoder"] == "eager" and dynamic["decoder"] == "dynamic"
@@ -156,7 +156,7 @@ def test_static_decoder_gives_the_dynamic_text_with_stop_strings(default_model) 
 
 def test_compiling_a_model_on_the_cpu_kernels_is_a_clear_error() -> None:
     """The default bf16 CPU model runs looplm's C++ kernels, which Dynamo cannot trace."""
-    result = invoke("generate", "hi", "--decoder", "compile", "--max-new-tokens", "2")
+    result = invoke("generate", "hi", "--decoder", "compile", "--max-new-tokens", "2", "--device", "cpu")
     assert result.exit_code == 1 and "Traceback" not in result.output
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: torch.compile could not compile") and "kernels='torch'" in last
