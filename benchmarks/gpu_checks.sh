@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, from the repository root on a CUDA machine whose python3 has torch. Stages:
 #   tests     the CUDA tests (tests/test_cuda.py)
-#   graph     `looplm bench --device cuda` in graph mode (every row)
+#   graph     `looplm bench --device cuda` in graph mode (every row), then the dynamic decode step
+#             (what `generate` runs without `decoder=`) for bf16
 #   compiled  compiled + graphed decode, one dtype per process (a slow compile loses only its rows),
 #             with an 8-step profile
 #   ab        the static step's A/B options against the compiled bf16 run: FlexAttention, matmul
@@ -38,7 +39,8 @@ for stage in $stages; do
             echo "== tests"
             timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/tests.txt" | tail -25 ;;
         graph)
-            bench graph 120 --mode graph ;;
+            bench graph 120 --mode graph
+            bench dynamic 90 --mode dynamic --dtypes bf16 ;;
         compiled)
             bench compiled-bf16 110 --mode compile+graph --dtypes bf16 --profile-steps 8
             bench compiled-int4 110 --mode compile+graph --dtypes int4 --profile-steps 8 ;;

@@ -5,7 +5,8 @@ What one run measures, for the Ouro-1.4B shape with random weights built directl
 per batch size (1 and 8 by default):
 - HBM read bandwidth: `torch.sum` over a bf16 buffer far larger than L2, timed with CUDA events
   (a `copy_` is timed too, for reference: it reads and writes);
-- prefill tok/s (the normal dynamic path) and decode tok/s through `StaticDecoder` (median and
+- prefill tok/s (the normal dynamic path) and decode tok/s through `StaticDecoder` (or, with
+  `--mode dynamic`, the dynamic `decode_step` that `generate` runs by default) (median and
   min-max over `repeats` windows of `new_tokens` tokens, after warmup);
 - bytes one decoded token reads (layer weights x UT steps + final norm/gate x steps + lm_head
   once + one embedding row; quantized buffers counted as stored), and % of the roofline
@@ -39,6 +40,9 @@ from looplm.models.ouro import OuroForCausalLM
 from looplm.static_decode import ATTENTIONS, MODES, StaticDecoder
 
 DTYPES = ("bf16", "int4")
+# "dynamic": `OuroForCausalLM.decode_step` over a growing `KVCache` (what `generate` runs by
+# default); the others are `StaticDecoder` modes.
+BENCH_MODES = ("dynamic", *(mode for mode in MODES if mode != "auto"))
 TARGET_PCT = 70.0  # issue 8: bf16 batch-1 decode at >= 70% of the HBM roofline
 # Published HBM bandwidth, GB/s, by a substring of `torch.cuda.get_device_name()` (first match wins).
 DATASHEET_GB_S: tuple[tuple[str, float], ...] = (
@@ -86,8 +90,8 @@ class CudaBenchOptions:
             raise ConfigError(f"unknown shape '{self.shape}' (choose {', '.join(SHAPES)})")
         if not self.dtypes or any(d not in DTYPES for d in self.dtypes):
             raise ConfigError(f"--dtypes must be a subset of {', '.join(DTYPES)}, got {self.dtypes!r}")
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode not in BENCH_MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(BENCH_MODES)}, got {self.mode!r}")
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         positive = {"prompt_len": self.prompt_len, "new_tokens": self.new_tokens, "repeats": self.repeats,
@@ -218,10 +222,13 @@ def format_report(result: dict) -> str:
     """Plain text: device card, bandwidth, the decode table, the target line."""
     dev, bw, opts = result["device"], result["bandwidth"], result["options"]
     sheet = result.get("datasheet_gb_s")
-    fused = ", q|k|v and gate|up fused in bf16 rows" if opts.get("fuse_projections") else ""
+    variant = f"mode {opts['mode']}"
+    if opts["mode"] != "dynamic":
+        variant += f", attention {opts.get('attention', 'sdpa')}"
+        variant += ", q|k|v and gate|up fused in bf16 rows" if opts.get("fuse_projections") else ""
     lines = [
-        (f"looplm bench --device {dev['type']}: Ouro {opts['shape']} shape, random weights, static decode "
-         f"(mode {opts['mode']}, attention {opts.get('attention', 'sdpa')}{fused}), {result['date']}"),
+        (f"looplm bench --device {dev['type']}: Ouro {opts['shape']} shape, random weights, decode "
+         f"({variant}), {result['date']}"),
         f"device: {dev['name']}; torch {dev['torch']}" + (f", CUDA {dev['cuda']}" if dev.get("cuda") else ""),
         f"read bandwidth (torch.sum over {bw['buffer_bytes'] / (1 << 30):.1f} GiB): "
         f"{bw['read_gb_s']['median']:.0f} GB/s [{bw['read_gb_s']['min']:.0f}-{bw['read_gb_s']['max']:.0f}]; "
@@ -368,7 +375,7 @@ def decode_bytes(model: OuroForCausalLM) -> dict:
     }
 
 
-def profile_decode(decoder: StaticDecoder, token: torch.Tensor, steps: int, device: torch.device) -> dict:
+def profile_decode(decoder: StaticDecoder | DynamicDecoder, token: torch.Tensor, steps: int, device: torch.device) -> dict:
     """Trace `steps` decode steps with torch.profiler: on CUDA the GPU kernels (CUPTI reports
     those a graph replay launches too), elsewhere the CPU operators' self time. Kernel time per
     step well below the step's wall time means the step waits on launches, not on kernels."""
@@ -396,6 +403,38 @@ def profile_decode(decoder: StaticDecoder, token: torch.Tensor, steps: int, devi
             "calls_per_step": sum(e["calls_per_step"] for e in events), "top": events[:25]}
 
 
+class DynamicDecoder:
+    """The dynamic decode step behind `StaticDecoder`'s interface, to time them the same way:
+    `prefill` runs `run_steps` into a reused `KVCache` (reset, not reallocated), `step` is one
+    `decode_step` (every UT step, the last one read, as the static step does at T=1.0)."""
+
+    def __init__(self, model: OuroForCausalLM, batch_size: int, max_len: int) -> None:
+        from looplm.exit import LastPolicy
+
+        self.model, self.policy, self.setup_seconds = model, LastPolicy(), 0.0
+        self.steps = model.config.total_ut_steps
+        self.cache = model.make_cache(batch_size, max_len, self.steps)
+        self.position: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.length = 0
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        out = self.model.run_steps(ids, positions, None, self.cache, self.steps)
+        self.position = positions[:, -1:] + 1
+        return self.model.readout(out, self.policy, position=-1)
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.decode_step(token.reshape(-1, 1), self.position, None, self.cache, self.steps, self.policy)
+        self.position = self.position + 1
+        return out
+
+    def kv_bytes_read_per_step(self) -> int:
+        """K and V bytes the last step read: the positions written so far, in every slot."""
+        return self.cache.bytes_per_decoded_token() * self.cache.length
+
+
 def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions, device: torch.device,
                    fuse: bool = False) -> dict:
     """Prefill `repeats` + 1 times (the first untimed), then warmup and `repeats` timed decode windows.
@@ -405,8 +444,11 @@ def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions
     timer = Timer(device)
     generator = torch.Generator().manual_seed(options.seed + batch)
     prompt = torch.randint(0, model.config.vocab_size, (batch, options.prompt_len), generator=generator).to(device)
-    decoder = StaticDecoder(model, batch, options.cache_len(), mode=options.mode, compile_mode=options.compile_mode,
-                            attention=options.attention, fuse_projections=fuse)
+    if options.mode == "dynamic":
+        decoder = DynamicDecoder(model, batch, options.cache_len())
+    else:
+        decoder = StaticDecoder(model, batch, options.cache_len(), mode=options.mode,
+                                compile_mode=options.compile_mode, attention=options.attention, fuse_projections=fuse)
     prefill_s = []
     for run in range(options.repeats + 1):
         timer.start()
@@ -508,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("prompt_len", "new_tokens", "repeats", "warmup_steps", "bandwidth_mib", "int4_group_size", "seed",
                  "profile_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--mode", choices=MODES, default=defaults.mode)
+    parser.add_argument("--mode", choices=BENCH_MODES, default=defaults.mode,
+                        help="dynamic (generate's default decode step) or a static-step mode")
     parser.add_argument("--compile-mode", default=defaults.compile_mode)
     parser.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention,
                         help="static-step attention: sdpa, matmul, or flex (FlexAttention; CUDA, compile modes)")
