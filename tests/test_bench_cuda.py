@@ -211,8 +211,8 @@ def test_compare_saved_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 
 def test_dynamic_mode_times_the_dynamic_decode_step() -> None:
     """--mode dynamic: the same rows through decode_step; K/V bytes count the written positions only."""
-    common = dict(shape="tiny", dtypes=("bf16",), batch_sizes=(1,), prompt_len=8, new_tokens=3, repeats=2,
-                  warmup_steps=1, bandwidth_mib=4, bandwidth_repeats=2)
+    common = {"shape": "tiny", "dtypes": ("bf16",), "batch_sizes": (1,), "prompt_len": 8, "new_tokens": 3,
+              "repeats": 2, "warmup_steps": 1, "bandwidth_mib": 4, "bandwidth_repeats": 2}
     rows = {mode: run_static_bench(CudaBenchOptions(mode=mode, **common), torch.device("cpu"),
                                    log=lambda message: None)["rows"][0] for mode in ("dynamic", "eager")}
     assert rows["dynamic"]["status"] == "ok" and rows["dynamic"]["tok_s_aggregate"]["n"] == 2
