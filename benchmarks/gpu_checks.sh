@@ -7,6 +7,7 @@
 #             with an 8-step profile
 #   ab        the static step's A/B options against the compiled bf16 run: FlexAttention, matmul
 #             attention, fused q|k|v and gate|up projections, flex + fused (batch 1 and 8, no profile)
+#   autotune  (only when named) fused + matmul compiled with Inductor's max-autotune GEMM search
 # Compare the ab runs afterwards, anywhere: python -m looplm.bench_cuda --compare \
 #   gpu-out/compiled-bf16.json gpu-out/{flex,matmul,fused,flex-fused}-bf16.json
 # `bash benchmarks/gpu_checks.sh` runs every stage; `bash benchmarks/gpu_checks.sh tests ab` only
@@ -49,8 +50,11 @@ for stage in $stages; do
             bench matmul-bf16 90 --mode compile+graph --dtypes bf16 --attention matmul
             bench fused-bf16 90 --mode compile+graph --dtypes bf16 --fuse-projections
             bench flex-fused-bf16 90 --mode compile+graph --dtypes bf16 --attention flex --fuse-projections ;;
+        autotune)  # not in the default stages: Inductor's GEMM search takes minutes
+            bench autotune-bf16 300 --mode compile+graph --dtypes bf16 --batch-sizes 1 --fuse-projections \
+                --attention matmul --compile-mode max-autotune-no-cudagraphs ;;
         *)
-            echo "unknown stage '$stage' (choose from tests graph compiled ab)" >&2
+            echo "unknown stage '$stage' (choose from tests graph compiled ab autotune)" >&2
             exit 2 ;;
     esac
 done
