@@ -21,7 +21,8 @@ decoder=MODE)` runs through it (`static_decoder` keeps the last decoder with the
 reuse); the default decoder of the library is still the dynamic one.
 
 Cost of static shapes: attention reads the full `max_len` keys every step, so size the cache
-to what the generation needs (`generate_static` uses prompt + max_new_tokens, like `generate`).
+to what the generation needs (`generate(decoder=...)` uses prompt + max_new_tokens rounded up
+to `CAPACITY_BUCKET`, so that nearby requests can reuse one decoder).
 """
 
 from __future__ import annotations

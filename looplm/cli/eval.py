@@ -70,8 +70,12 @@ def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_t
         raise LooplmError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise LooplmError(f"--batch-size must be at least 1, got {batch_size}")
-    plan(settings)  # data and flags are checked before the model loads
+    task_spec, _ = plan(settings)  # data and flags are checked before the model loads
     lm = common.load_model(model, dtype, device, None)
+    if task_spec.kind != "loglik":  # a decoder the device or the options rule out fails before any work
+        from looplm.generate import resolve_decoder
+
+        resolve_decoder(decoder, lm, True, kv_mode, skip_compute)
     settings.steps = settings.steps or list(range(1, lm.config.total_ut_steps + 1))
     if records is None:
         suffix = "" if settings.shard is None else f"-shard-{settings.shard[0]}-of-{settings.shard[1]}"
