@@ -139,6 +139,19 @@ def test_greedy_chat_golden(ckpt: GGUFCheckpoint) -> None:
     assert ckpt.tokenizer.decode(out) == "The capital of France is Paris."
 
 
+def test_static_decoder_on_the_llama_gguf(gguf_file: Path) -> None:
+    """A Llama model (one loop, no gate, GQA 9/3, tied embeddings) through the static decode
+    step: the golden chat answer, and the dynamic step's tokens for a left-padded batch."""
+    import looplm
+    from looplm.generate import generate
+
+    model = looplm.load(gguf_file, dtype="float32")
+    ids = model.tokenizer.encode(CHAT_PROMPT)
+    static = generate(model, [ids, ids[3:]], 8, temperature=0.0, decoder="eager")
+    assert static[0] == GOLDEN_CHAT_IDS
+    assert static == generate(model, [ids, ids[3:]], 8, temperature=0.0)
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
