@@ -10,6 +10,7 @@ dtype and place, so peak memory stays close to the weights' size.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +67,21 @@ def load(
         model.config = model.config.with_steps(steps)
     model.source = str(path_or_id) if path_or_id is not None else "default"
     model.kernels = apply_kernels(model, kernels)
+    warn_int8_on_cuda(model, device)
     return model.eval()
+
+
+def warn_int8_on_cuda(model: OuroForCausalLM, device: torch.device) -> bool:
+    """Warn (and return True) when int8 projections will run on a GPU, where looplm has no fused
+    int8 kernel: each call converts the whole int8 weight to the activation dtype first."""
+    from looplm.quant import Int8Linear
+
+    if device.type != "cuda" or not any(isinstance(m, Int8Linear) for m in model.modules()):
+        return False
+    warnings.warn("int8 on CUDA has no fused kernel in looplm: every projection converts its whole weight to the "
+                  "activation dtype on each call, so int8 saves GPU memory but not decode time; int4 runs torch's "
+                  "fused CUDA int4 kernel", stacklevel=3)
+    return True
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -305,3 +305,15 @@ def test_cli_quantize_error_exits_nonzero_without_traceback(make_checkpoint, tmp
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 1 and len(errors) == 1 and "gate_proj.qweight' missing" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_int8_on_cuda_warns_that_it_saves_memory_not_time(make_checkpoint) -> None:  # noqa: ANN001
+    """Checked on a CPU model with the device argument a GPU load would pass."""
+    from looplm.loading import warn_int8_on_cuda
+
+    int8 = looplm.load(make_checkpoint(seed=4), dtype="float32", quant="int8")
+    with pytest.warns(UserWarning, match="saves GPU memory but not decode time"):
+        assert warn_int8_on_cuda(int8, torch.device("cuda"))
+    assert not warn_int8_on_cuda(int8, torch.device("cpu"))
+    int4 = looplm.load(make_checkpoint(seed=4), dtype="float32", quant="int4", group_size=32)
+    assert not warn_int8_on_cuda(int4, torch.device("cuda"))
