@@ -120,6 +120,14 @@ def prepare_inputs(
     return ids.long(), attention_mask
 
 
+def _elapsed(start: float, device: torch.device) -> float:
+    """Seconds since `start`, after the device has finished: GPU work is asynchronous, so
+    without a sync the clock would stop when the kernels were queued, not when they ran."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mode: str, skip_compute: bool) -> str:
     """'dynamic' or the static mode to run; refuses a static mode the request cannot use.
 
@@ -190,7 +198,7 @@ def decode_tokens(
 
     start = time.perf_counter()
     token, exit_step = forward(ids, positions)
-    stats.prefill_s = time.perf_counter() - start
+    stats.prefill_s = _elapsed(start, device)
     stats.new_tokens = 1
     yield token, exit_step
     for _ in range(max_new_tokens - 1):
@@ -205,7 +213,7 @@ def decode_tokens(
             ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
             positions = torch.cat([positions, next_position], dim=1)
             token, exit_step = forward(ids, positions)
-        stats.decode_s += time.perf_counter() - start
+        stats.decode_s += _elapsed(start, device)
         stats.new_tokens += 1
         yield token, exit_step
 
@@ -228,11 +236,11 @@ def _static_tokens(
     batch, prompt_len = ids.shape
     start = time.perf_counter()
     decoder = static_decoder(model, batch, prompt_len + max_new_tokens, steps, policy, mode)
-    stats.setup_s = time.perf_counter() - start if decoder.prompts_served == 0 else 0.0
+    stats.setup_s = _elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
     start = time.perf_counter()
     logits, exit_step = decoder.prefill(ids, mask)
     token = sample(logits, sampling, generator)
-    stats.prefill_s = time.perf_counter() - start
+    stats.prefill_s = _elapsed(start, model.device)
     stats.new_tokens = 1
     # A CUDA graph's outputs are overwritten by the next step: hand out copies.
     yield token, exit_step.clone()
@@ -240,7 +248,7 @@ def _static_tokens(
         start = time.perf_counter()
         logits, exit_step = decoder.step(token)
         token = sample(logits, sampling, generator)
-        stats.decode_s += time.perf_counter() - start
+        stats.decode_s += _elapsed(start, model.device)
         stats.new_tokens += 1
         yield token, exit_step.clone()
 
