@@ -193,23 +193,24 @@ class Attention(nn.Module):
         if cache is not None:
             segments = cache.update(slot, cache.length, k, v, rows)  # [(B, Hkv, S_i, D), ...]
             if self.decode_kernel is not None and seq == 1 and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-                out = self.decode_kernel(q, [k for k, _ in segments], [v for _, v in segments], bias.mask)
-                return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+                return self._merge_heads(self.decode_kernel(q, [k for k, _ in segments], [v for _, v in segments],
+                                                            bias.mask))
             if len(segments) > 1:
-                out = segmented_attention(q, segments, bias.mask)
-                return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+                return self._merge_heads(segmented_attention(q, segments, bias.mask))
             k, v = segments[0]  # (B, Hkv, past + S, D)
             own_attention = getattr(cache, "attention", None)
             if own_attention is not None:
-                out = own_attention(q, k, v, bias)
-                return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+                return self._merge_heads(own_attention(q, k, v, bias))
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.mask, is_causal=bias.is_causal)
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias.mask, is_causal=bias.is_causal))
+
+    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs `[B, H, S, D]` -> `[B, S, H*D]` -> o_proj."""
+        batch, _, seq, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
