@@ -144,9 +144,9 @@ def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mo
         if refused:
             raise GenerationError(f"the static decoder ('{decoder}') runs every loop with the full KV cache, so it "
                                   f"cannot take {' or '.join(refused)}; use decoder='dynamic'")
-        if "graph" in decoder and model.device.type != "cuda":
-            raise GenerationError(f"decoder '{decoder}' captures a CUDA graph and needs a CUDA model "
-                                  f"(this one is on {model.device}); use 'eager' or 'dynamic'")
+        from looplm.static_decode import resolve_mode  # imported here: that module builds on this one
+
+        resolve_mode(decoder, model.device)  # a graph mode needs a CUDA model
     return decoder
 
 

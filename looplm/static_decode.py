@@ -194,7 +194,8 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     if mode == "auto":
         return "graph" if device.type == "cuda" else "eager"
     if "graph" in mode and device.type != "cuda":
-        raise GenerationError(f"static decode mode '{mode}' needs a CUDA model (this one is on {device})")
+        raise GenerationError(f"static decode mode '{mode}' captures a CUDA graph and needs a CUDA model (this one "
+                              f"is on {device}); use 'eager', or the 'dynamic' decoder")
     return mode
 
 
@@ -237,7 +238,7 @@ class StaticDecoder:
             # outputs on torch 2.13 for head_dim 16 at some cache lengths (40, not 48 or 64).
             raise GenerationError("attention='flex' is for CUDA models in a compile mode ('compile' or "
                                   f"'compile+graph'); this one is on {model.device} in mode '{self.mode}'")
-        self.attention, self.fuse_projections = attention, fuse_projections
+        self.attention = attention
         self.fused = fuse_layer_projections(model) if fuse_projections else None
         self.batch_size, self.max_len = batch_size, max_len
         device = model.device
