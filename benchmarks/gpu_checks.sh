@@ -5,20 +5,24 @@
 #             (what `generate` runs without `decoder=`) for bf16
 #   compiled  compiled + graphed decode, one dtype per process (a slow compile loses only its rows),
 #             with an 8-step profile
-#   ab        the static step's A/B options against the compiled bf16 run: FlexAttention, matmul
-#             attention, fused q|k|v and gate|up projections, flex + fused (batch 1 and 8, no profile)
+#   cdt       compiled bf16 with Inductor's coordinate descent tuning (on CUDA it turns one-row
+#             matmuls into reductions fused with the norms around them), with SDPA and with matmul
+#             attention (batch 1 and 8, no profile)
+#   ab        the static step's other A/B options against the compiled bf16 run: FlexAttention,
+#             matmul attention, fused q|k|v and gate|up projections, flex + fused
 #   autotune  (only when named) fused + matmul compiled with Inductor's max-autotune GEMM search
 # Compare the ab runs afterwards, anywhere: python -m looplm.bench_cuda --compare \
-#   gpu-out/compiled-bf16.json gpu-out/{flex,matmul,fused,flex-fused}-bf16.json
+#   gpu-out/compiled-bf16.json gpu-out/{cdt,cdt-matmul,flex,matmul,fused,flex-fused}-bf16.json
 # `bash benchmarks/gpu_checks.sh` runs every stage; `bash benchmarks/gpu_checks.sh tests ab` only
-# those (a device call is limited to 10 minutes: split the stages over two calls if needed).
+# those (a device call is limited to 10 minutes: run `tests graph compiled`, then `cdt ab`).
 # Writes everything under $OUT (default ./gpu-out). LOOPLM_FIXTURES: the folder holding
 # ouro-tiny/ when ../shared is not beside the checkout. On an H200 (2026-12-04) tests, graph and
 # the two compiled runs took 41 s, 46 s, 25 s and 33 s (about 3 minutes with start-up); the ab
-# stage and the tests added since have not run on a GPU yet.
+# stage and the tests added since have not run on a GPU yet (coordinate descent tunes each Triton
+# kernel at compile time: its runs get the longest timeouts).
 set -uo pipefail
 out=${OUT:-gpu-out}
-stages=${*:-tests graph compiled ab}
+stages=${*:-tests graph compiled cdt ab}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
@@ -45,6 +49,10 @@ for stage in $stages; do
         compiled)
             bench compiled-bf16 110 --mode compile+graph --dtypes bf16 --profile-steps 8
             bench compiled-int4 110 --mode compile+graph --dtypes int4 --profile-steps 8 ;;
+        cdt)
+            bench cdt-bf16 150 --mode compile+graph --dtypes bf16 --inductor-option coordinate_descent_tuning=true
+            bench cdt-matmul-bf16 150 --mode compile+graph --dtypes bf16 --attention matmul \
+                --inductor-option coordinate_descent_tuning=true ;;
         ab)
             bench flex-bf16 90 --mode compile+graph --dtypes bf16 --attention flex
             bench matmul-bf16 90 --mode compile+graph --dtypes bf16 --attention matmul
@@ -54,7 +62,7 @@ for stage in $stages; do
             bench autotune-bf16 300 --mode compile+graph --dtypes bf16 --batch-sizes 1 --fuse-projections \
                 --attention matmul --compile-mode max-autotune-no-cudagraphs ;;
         *)
-            echo "unknown stage '$stage' (choose from tests graph compiled ab autotune)" >&2
+            echo "unknown stage '$stage' (choose from tests graph compiled cdt ab autotune)" >&2
             exit 2 ;;
     esac
 done

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from looplm.config import OuroConfig
-from looplm.errors import ConfigError, LooplmError
+from looplm.errors import ConfigError, GenerationError, LooplmError
 from looplm.models.ouro import OuroForCausalLM
-from looplm.static_decode import ATTENTIONS, MODES, StaticDecoder
+from looplm.static_decode import ATTENTIONS, MODES, StaticDecoder, compile_settings
 
 DTYPES = ("bf16", "int4")
 # "dynamic": `OuroForCausalLM.decode_step` over a growing `KVCache` (what `generate` runs by
@@ -75,6 +75,9 @@ class CudaBenchOptions:
     # instead of SDPA over the masked cache, and q|k|v, gate|up as one GEMM each (bf16 rows only).
     attention: str = "sdpa"
     fuse_projections: bool = False
+    # Inductor config overrides for the compile modes, e.g. {"coordinate_descent_tuning": True}
+    # (`--inductor-option NAME=VALUE`); see `looplm.static_decode.compile_settings`.
+    inductor_options: dict = field(default_factory=dict)
     bandwidth_mib: int = 4096
     bandwidth_repeats: int = 20
     int4_group_size: int = 128
@@ -94,6 +97,13 @@ class CudaBenchOptions:
             raise ConfigError(f"--mode must be one of {', '.join(BENCH_MODES)}, got {self.mode!r}")
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.inductor_options:
+            if "compile" not in self.mode:
+                raise ConfigError(f"--inductor-option applies to the compile modes, not --mode {self.mode}")
+            try:
+                compile_settings(self.compile_mode, self.inductor_options)
+            except GenerationError as exc:
+                raise ConfigError(str(exc)) from None
         positive = {"prompt_len": self.prompt_len, "new_tokens": self.new_tokens, "repeats": self.repeats,
                     "bandwidth_mib": self.bandwidth_mib, "bandwidth_repeats": self.bandwidth_repeats,
                     "int4_group_size": self.int4_group_size}
@@ -182,6 +192,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mode_label(opts: dict) -> str:
+    """The run's mode, with its Inductor overrides when it had any."""
+    extra = opts.get("inductor_options") or {}
+    return " ".join([opts.get("mode", "?"), *(f"{k}={v}" for k, v in sorted(extra.items()))])
+
+
 def compare_table(runs: list[tuple[str, dict]]) -> str:
     """Saved runs (name, JSON document) side by side, one line per decode row, with the speed-up
     over the first run's row of the same dtype and batch (the runs being A/B variants)."""
@@ -194,7 +210,7 @@ def compare_table(runs: list[tuple[str, dict]]) -> str:
     for name, result in runs:
         opts = result.get("options", {})
         for row in result["rows"]:
-            head = f"| {name} | {opts.get('mode', '?')} | {row.get('attention', opts.get('attention', 'sdpa'))} "
+            head = f"| {name} | {mode_label(opts)} | {row.get('attention', opts.get('attention', 'sdpa'))} "
             head += f"| {'yes' if row.get('fused_projections') else 'no'} | {row['dtype']} | {row['batch']} "
             if row.get("status") != "ok":
                 lines.append(head + f"| {row.get('status', 'not run')} |" + " |" * (columns - 7))
@@ -226,6 +242,8 @@ def format_report(result: dict) -> str:
     if opts["mode"] != "dynamic":
         variant += f", attention {opts.get('attention', 'sdpa')}"
         variant += ", q|k|v and gate|up fused in bf16 rows" if opts.get("fuse_projections") else ""
+        if opts.get("inductor_options"):
+            variant += ", Inductor " + ", ".join(f"{k}={v}" for k, v in sorted(opts["inductor_options"].items()))
     lines = [
         (f"looplm bench --device {dev['type']}: Ouro {opts['shape']} shape, random weights, decode "
          f"({variant}), {result['date']}"),
@@ -448,7 +466,8 @@ def measure_decode(model: OuroForCausalLM, batch: int, options: CudaBenchOptions
         decoder = DynamicDecoder(model, batch, options.cache_len())
     else:
         decoder = StaticDecoder(model, batch, options.cache_len(), mode=options.mode,
-                                compile_mode=options.compile_mode, attention=options.attention, fuse_projections=fuse)
+                                compile_mode=options.compile_mode, attention=options.attention, fuse_projections=fuse,
+                                compile_options=options.inductor_options)
     prefill_s = []
     for run in range(options.repeats + 1):
         timer.start()
@@ -557,11 +576,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="static-step attention: sdpa, matmul, or flex (FlexAttention; CUDA, compile modes)")
     parser.add_argument("--fuse-projections", action="store_true",
                         help="q|k|v and gate|up as one GEMM each in bf16 rows (copies those weights)")
+    parser.add_argument("--inductor-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an Inductor config override for the compile modes, repeatable, e.g. "
+                             "coordinate_descent_tuning=true (true/false, numbers, else a string)")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--compare", nargs="+", metavar="JSON", default=None,
                         help="print saved runs (--json-out files) side by side, speed-ups against the first; "
                              "runs nothing, needs no GPU")
     return parser
+
+
+def parse_inductor_options(pairs: Sequence[str]) -> dict:
+    """`["coordinate_descent_tuning=true", "triton.max_tiles=3"]` -> `{name: True, name: 3}`."""
+    options: dict = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--inductor-option takes NAME=VALUE, got {pair!r}")
+        value: object = {"true": True, "false": False}.get(text.strip().lower(), text.strip())
+        if isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    value = kind(value)
+                    break
+                except ValueError:
+                    pass
+        options[name.strip()] = value
+    return options
 
 
 def options_from_args(args: argparse.Namespace) -> CudaBenchOptions:
@@ -574,7 +615,8 @@ def options_from_args(args: argparse.Namespace) -> CudaBenchOptions:
                             new_tokens=args.new_tokens, repeats=args.repeats, warmup_steps=args.warmup_steps,
                             mode=args.mode, compile_mode=args.compile_mode, bandwidth_mib=args.bandwidth_mib,
                             int4_group_size=args.int4_group_size, seed=args.seed, profile_steps=args.profile_steps,
-                            attention=args.attention, fuse_projections=args.fuse_projections)
+                            attention=args.attention, fuse_projections=args.fuse_projections,
+                            inductor_options=parse_inductor_options(args.inductor_option))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

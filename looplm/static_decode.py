@@ -199,6 +199,29 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
+def compile_settings(compile_mode: str, compile_options: dict | None) -> dict:
+    """`torch.compile` keyword arguments for a mode plus Inductor config overrides.
+
+    torch.compile takes a mode or an options dict, not both, so extra options are merged into
+    the mode's own options. E.g. `{"coordinate_descent_tuning": True}`: on CUDA, Inductor then
+    lowers a one-row matmul to a reduction it can fuse with the norm before it (its own note says
+    one-row matmuls reach peak bandwidth only so), instead of calling cuBLAS."""
+    if not compile_options:
+        return {"mode": compile_mode}
+    from torch import _inductor
+
+    try:
+        merged = dict(_inductor.list_mode_options(compile_mode))
+    except (KeyError, RuntimeError) as exc:  # "Unrecognized mode=..., should be one of: ..."
+        raise GenerationError(f"torch.compile: {exc}") from None
+    known = _inductor.config.get_config_copy()
+    unknown = sorted(name for name in compile_options if name not in known)
+    if unknown:
+        raise GenerationError(f"unknown Inductor option(s) {', '.join(unknown)} (see torch._inductor.config)")
+    merged.update(compile_options)
+    return {"options": merged}
+
+
 class StaticDecoder:
     """Prefill (dynamic) then one-token decode steps with fixed shapes, optionally graphed/compiled.
 
@@ -220,6 +243,7 @@ class StaticDecoder:
         warmup: int = 2,
         attention: str = "sdpa",
         fuse_projections: bool = False,
+        compile_options: dict | None = None,
     ) -> None:
         if batch_size < 1 or max_len < 2:
             raise GenerationError(f"need batch_size >= 1 and max_len >= 2, got {batch_size} and {max_len}")
@@ -260,7 +284,8 @@ class StaticDecoder:
         self._graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
         self._layer_pass = fused_layer_pass if fuse_projections else layer_pass
         if "compile" in self.mode:
-            self._layer_pass = torch.compile(self._layer_pass, fullgraph=True, dynamic=False, mode=compile_mode)
+            self._layer_pass = torch.compile(self._layer_pass, fullgraph=True, dynamic=False,
+                                             **compile_settings(compile_mode, compile_options))
         started = time.perf_counter()
         try:
             with torch.no_grad():

@@ -19,6 +19,7 @@ from looplm.bench_cuda import (
     main,
     markdown_table,
     measure_decode,
+    parse_inductor_options,
     quantize_int4,
     roofline_tok_s,
     run_cuda_bench,
@@ -119,10 +120,22 @@ def test_target_not_met_and_missing() -> None:
 
 @pytest.mark.parametrize("bad", [{"dtypes": ("fp8",)}, {"batch_sizes": (0,)}, {"mode": "fast"}, {"shape": "7b"},
                                  {"new_tokens": 0}, {"profile_steps": -1},
-                                 {"attention": "paged"}])
+                                 {"attention": "paged"},
+                                 {"mode": "graph", "inductor_options": {"coordinate_descent_tuning": True}},
+                                 {"mode": "compile", "inductor_options": {"no_such_option": 1}},
+                                 {"mode": "compile", "compile_mode": "fastest", "inductor_options": {"max_autotune": True}}])
 def test_bad_options(bad: dict) -> None:
     with pytest.raises(ConfigError):
         CudaBenchOptions(**bad).check()
+
+
+def test_inductor_option_parsing() -> None:
+    assert parse_inductor_options(["coordinate_descent_tuning=true", "triton.max_tiles=3", "a=0.5", "b=x y",
+                                   "c=False"]) == {"coordinate_descent_tuning": True, "triton.max_tiles": 3,
+                                                   "a": 0.5, "b": "x y", "c": False}
+    for bad in ("coordinate_descent_tuning", "=1"):
+        with pytest.raises(ConfigError, match="NAME=VALUE"):
+            parse_inductor_options([bad])
 
 
 def test_whole_benchmark_body_runs_on_cpu_with_the_tiny_shape() -> None:
@@ -193,7 +206,7 @@ def test_compare_saved_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     """--compare prints saved runs side by side with speed-ups against the first, without a GPU."""
     base = _synthetic_result([("bf16", 1, 134.0), ("bf16", 8, 880.0)])
     variant = _synthetic_result([("bf16", 1, 201.0), ("bf16", 8, 880.0)])
-    variant["options"].update(mode="compile+graph", attention="flex")
+    variant["options"].update(mode="compile+graph", attention="flex", inductor_options={"coordinate_descent_tuning": True})
     for row in variant["rows"]:
         row.update(attention="flex", fused_projections=True)
     paths = []
@@ -205,6 +218,7 @@ def test_compare_saved_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert "vs compiled-bf16" in lines[0] and len({line.count("|") for line in lines}) == 1
     flex_b1 = next(line for line in lines if line.startswith("| flex-fused-bf16") and "| bf16 | 1 |" in line)
     assert "| flex | yes |" in flex_b1 and "| 1.50x |" in flex_b1
+    assert "| compile+graph coordinate_descent_tuning=True |" in flex_b1
     assert any("not available" in line for line in lines)
     assert main(["--compare", str(tmp_path / "missing.json")]) == 1
 

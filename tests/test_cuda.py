@@ -96,6 +96,29 @@ def test_flex_attention_and_fused_projections_in_the_graph(make_checkpoint, atte
     assert (torch.stack(exits, 1) + 1).tolist() == stats.steps_per_token
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_coordinate_descent_compiled_graph_at_batch_one(make_checkpoint, attention: str) -> None:  # noqa: ANN001
+    """With Inductor's coordinate_descent_tuning, one-row matmuls become fused reductions
+    (Inductor's mm decomposition on CUDA): batch 1, compiled and captured, still gives generate's
+    tokens and exit steps (fp32, GQA, early exits)."""
+    from looplm.exit import make_policy
+
+    path = make_checkpoint(seed=5, num_attention_heads=4, num_key_value_heads=2, total_ut_steps=3, head_dim=32)
+    model = looplm.load(path, dtype="float32", device="cuda")
+    prompt = random_prompts(300, [13], seed=2)
+    dynamic, stats = generate(model, prompt, 12, eos_token_ids=[], exit_threshold=0.5, return_stats=True)
+    decoder = StaticDecoder(model, 1, 32, policy=make_policy(None, 0.5, 3, None), mode="compile+graph",
+                            attention=attention, compile_options={"coordinate_descent_tuning": True})
+    logits, exit_step = decoder.prefill(torch.tensor(prompt, device="cuda"))
+    tokens, exits = [logits.argmax(-1)], [exit_step.clone()]
+    for _ in range(11):
+        logits, exit_step = decoder.step(tokens[-1])
+        tokens.append(logits.argmax(-1))
+        exits.append(exit_step.clone())
+    assert torch.stack(tokens, 1).tolist() == dynamic
+    assert (torch.stack(exits, 1) + 1).tolist() == stats.steps_per_token
+
+
 def test_auto_decoder_replays_the_graph_with_stop_strings_and_reuse() -> None:
     """On a GPU, `decoder="auto"` (what `looplm generate` uses) is the captured graph: the
     embedded model's greedy text, exit steps and stop-string cut equal the dynamic step's, and a

@@ -304,3 +304,41 @@ def test_compiled_fused_projections_match_generate(gqa_model, attention: str) ->
     tokens, exits, _ = _greedy(decoder, ids, mask, 12)
     assert tokens == expected and exits == stats.steps_per_token
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_settings_merge_inductor_options_into_the_mode() -> None:
+    from looplm.static_decode import compile_settings
+
+    assert compile_settings("default", None) == {"mode": "default"}
+    assert compile_settings("default", {"coordinate_descent_tuning": True}) == {
+        "options": {"coordinate_descent_tuning": True}}
+    merged = compile_settings("max-autotune-no-cudagraphs", {"coordinate_descent_tuning": False})["options"]
+    assert merged["max_autotune"] is True and merged["coordinate_descent_tuning"] is False
+    with pytest.raises(GenerationError, match="unknown Inductor option"):
+        compile_settings("default", {"coordinate_descent_tunning": True})
+    with pytest.raises(GenerationError, match="Unrecognized mode"):
+        compile_settings("fastest", {"coordinate_descent_tuning": True})
+
+
+def test_compiled_step_with_inductor_options_matches_generate(gqa_model, monkeypatch) -> None:  # noqa: ANN001
+    """`compile_options` reach torch.compile (as options, without the mode) and the compiled step
+    still gives generate's tokens. (On CPU coordinate descent has no Triton kernel to tune: what it
+    changes on a GPU is measured by the GPU benchmark, not here.)"""
+    from looplm.exit import make_policy
+
+    seen: list[dict] = []
+    real_compile = torch.compile
+
+    def spy(fn, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append(kwargs)
+        return real_compile(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    ids, mask = _padded(gqa_model, [7, 3], seed=4)
+    expected = generate(gqa_model, ids.tolist(), 8, attention_mask=mask, eos_token_ids=[], exit_threshold=0.5)
+    torch._dynamo.reset()
+    decoder = StaticDecoder(gqa_model, 2, 24, policy=make_policy(None, 0.5, 3, None), mode="compile",
+                            compile_options={"coordinate_descent_tuning": True})
+    tokens, _, _ = _greedy(decoder, ids, mask, 8)
+    assert tokens == expected
+    assert seen == [{"fullgraph": True, "dynamic": False, "options": {"coordinate_descent_tuning": True}}]
