@@ -14,7 +14,8 @@
 # Compare the ab runs afterwards, anywhere: python -m looplm.bench_cuda --compare \
 #   gpu-out/compiled-bf16.json gpu-out/{cdt,cdt-matmul,flex,matmul,fused,flex-fused}-bf16.json
 # `bash benchmarks/gpu_checks.sh` runs every stage; `bash benchmarks/gpu_checks.sh tests ab` only
-# those (a device call is limited to 10 minutes: run `tests graph compiled`, then `cdt ab`).
+# those (a device call is limited to 10 minutes: run `tests compiled cdt` first, the wiring and
+# the baseline and the most promising option, then `ab graph`).
 # Writes everything under $OUT (default ./gpu-out). LOOPLM_FIXTURES: the folder holding
 # ouro-tiny/ when ../shared is not beside the checkout. On an H200 (2026-12-04) tests, graph and
 # the two compiled runs took 41 s, 46 s, 25 s and 33 s (about 3 minutes with start-up); the ab

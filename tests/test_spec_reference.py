@@ -199,18 +199,24 @@ def state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {name: t.to(dtype) for name, t in load_file(str(path / "model.safetensors")).items()}
 
 
+def forward_both(case: tuple, dtype: torch.dtype) -> tuple:
+    """looplm's model, its forward, the spec's forward, and the mask of real (unpadded) positions."""
+    _, path, raw, steps, prompts = case
+    ids, mask = padded(prompts, raw["pad_token_id"])
+    model = looplm.load(path, dtype=dtype, steps=steps)
+    with torch.inference_mode():
+        ours = model.forward_steps(ids, mask)
+    ref = spec_forward(raw, state_dict(path, dtype), ids, mask, steps)
+    return model, ours, ref, mask.bool()  # padded positions are don't-care in both
+
+
 # ---------------------------------------------------------------------------------------------
 # Tests
 
 
 def test_fp32_forward_matches_spec(case) -> None:  # noqa: ANN001
-    _, path, raw, steps, prompts = case
-    ids, mask = padded(prompts, raw["pad_token_id"])
-    model = looplm.load(path, dtype="float32", steps=steps)
-    with torch.inference_mode():
-        ours = model.forward_steps(ids, mask)
-    ref = spec_forward(raw, state_dict(path, torch.float32), ids, mask, steps)
-    real = mask.bool()  # padded positions are don't-care in both
+    model, ours, ref, real = forward_both(case, torch.float32)
+    raw, steps = case[2], case[3]
     assert ours.logits.shape == ref["logits"].shape
     assert (ours.logits - ref["logits"])[:, real].abs().max() <= 1e-4
     assert (ours.gate_lambda - ref["lambda"])[:, real].abs().max() <= 1e-5
@@ -240,13 +246,7 @@ def test_fp32_greedy_generation_matches_spec(case, threshold, use_cache) -> None
 
 def test_bf16_forward_is_close_to_spec(case) -> None:  # noqa: ANN001
     """bf16 kernels round differently, so the bound is the fixture README's, not bit-exact."""
-    _, path, raw, steps, prompts = case
-    ids, mask = padded(prompts, raw["pad_token_id"])
-    model = looplm.load(path, dtype="bfloat16", steps=steps)
-    with torch.inference_mode():
-        ours = model.forward_steps(ids, mask)
-    ref = spec_forward(raw, state_dict(path, torch.bfloat16), ids, mask, steps)
-    real = mask.bool()
+    _, ours, ref, real = forward_both(case, torch.bfloat16)
     diff = (ours.logits.float() - ref["logits"].float())[:, real].abs()
     assert diff.mean() < 0.02 * ref["logits"].float().abs().mean() + 1e-3, diff.mean()
     top1 = (ours.logits.argmax(-1) == ref["logits"].argmax(-1))[:, real].float().mean()
