@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, make_policy
 from looplm.models.ouro import OuroForCausalLM, positions_from_mask
 from looplm.sampling import SamplingParams, sample
+
+if TYPE_CHECKING:
+    from looplm.speculative import DraftParams
 
 
 KV_MODES = ("full", "shared")
@@ -57,6 +61,15 @@ class GenerationStats:
     skipping: bool = False  # decoded tokens really stop computing at their exit step
     decoder: str = "dynamic"  # the decode step that ran: "dynamic" or a static mode (see DECODERS)
     setup_s: float = 0.0  # building the static decoder (capture, compile); 0 when reused or dynamic
+    # Self-speculative decoding (`draft_steps`): rounds run, drafts proposed, drafts every row kept.
+    draft_rounds: int = 0
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+
+    @property
+    def draft_acceptance(self) -> float:
+        """Share of drafted tokens the full model accepted (0 without speculative decoding)."""
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
 
     @property
     def mean_steps(self) -> float:
@@ -120,7 +133,7 @@ def prepare_inputs(
     return ids.long(), attention_mask
 
 
-def _elapsed(start: float, device: torch.device) -> float:
+def device_elapsed(start: float, device: torch.device) -> float:
     """Seconds since `start`, after the device has finished: GPU work is asynchronous, so
     without a sync the clock would stop when the kernels were queued, not when they ran."""
     if device.type == "cuda":
@@ -128,19 +141,21 @@ def _elapsed(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mode: str, skip_compute: bool) -> str:
+def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mode: str, skip_compute: bool,
+                    drafting: bool = False) -> str:
     """'dynamic' or the static mode to run; refuses a static mode the request cannot use.
 
     The static step keeps one K/V per (step, layer), runs every loop and needs a cache, so
-    `auto` picks it only on CUDA with the full KV cache and without compute skipping."""
+    `auto` picks it only on CUDA with the full KV cache, without compute skipping and without
+    speculative drafting (`drafting`: its rounds run their own variable-length passes)."""
     if decoder not in DECODERS:
         raise GenerationError(f"unknown decoder '{decoder}' (choose from {', '.join(DECODERS)})")
     if decoder == "auto":
-        static_fits = use_cache and kv_mode == "full" and not skip_compute
+        static_fits = use_cache and kv_mode == "full" and not skip_compute and not drafting
         return "graph" if static_fits and model.device.type == "cuda" else "dynamic"
     if decoder != "dynamic":
         refused = [what for what, bad in (("use_cache=False", not use_cache), (f"kv_mode='{kv_mode}'", kv_mode != "full"),
-                                          ("skip_compute", skip_compute)) if bad]
+                                          ("skip_compute", skip_compute), ("draft_steps", drafting)) if bad]
         if refused:
             raise GenerationError(f"the static decoder ('{decoder}') runs every loop with the full KV cache, so it "
                                   f"cannot take {' or '.join(refused)}; use decoder='dynamic'")
@@ -164,14 +179,22 @@ def decode_tokens(
     kv_mode: str = "full",
     skip_compute: bool = False,
     decoder: str = "dynamic",
+    draft: DraftParams | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield `(tokens [B], exit_steps [B])` for each new position; the caller feeds nothing back.
 
     Inference mode is switched on around each model call only, never across a `yield`, so the
     caller's own code between tokens keeps its autograd state. `stats` times model work only.
-    `decoder` is 'dynamic' or a static mode already checked by `resolve_decoder`.
+    `decoder` is 'dynamic' or a static mode already checked by `resolve_decoder`; `draft`
+    (checked by `stream_generate`) decodes self-speculatively (`looplm.speculative`).
     """
     stats.decoder = decoder
+    if draft is not None:
+        from looplm.speculative import speculative_tokens  # imported here: that module builds on this one
+
+        yield from speculative_tokens(model, input_ids, attention_mask, max_new_tokens, sampling, generator, policy,
+                                      steps, stats, draft)
+        return
     if decoder != "dynamic":
         yield from _static_tokens(model, input_ids, attention_mask, max_new_tokens, sampling, generator, policy,
                                   steps, stats, decoder)
@@ -198,7 +221,7 @@ def decode_tokens(
 
     start = time.perf_counter()
     token, exit_step = forward(ids, positions)
-    stats.prefill_s = _elapsed(start, device)
+    stats.prefill_s = device_elapsed(start, device)
     stats.new_tokens = 1
     yield token, exit_step
     for _ in range(max_new_tokens - 1):
@@ -213,7 +236,7 @@ def decode_tokens(
             ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
             positions = torch.cat([positions, next_position], dim=1)
             token, exit_step = forward(ids, positions)
-        stats.decode_s += _elapsed(start, device)
+        stats.decode_s += device_elapsed(start, device)
         stats.new_tokens += 1
         yield token, exit_step
 
@@ -236,11 +259,11 @@ def _static_tokens(
     batch, prompt_len = ids.shape
     start = time.perf_counter()
     decoder = static_decoder(model, batch, prompt_len + max_new_tokens, steps, policy, mode)
-    stats.setup_s = _elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
+    stats.setup_s = device_elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
     start = time.perf_counter()
     logits, exit_step = decoder.prefill(ids, mask)
     token = sample(logits, sampling, generator)
-    stats.prefill_s = _elapsed(start, model.device)
+    stats.prefill_s = device_elapsed(start, model.device)
     stats.new_tokens = 1
     # A CUDA graph's outputs are overwritten by the next step: hand out copies.
     yield token, exit_step.clone()
@@ -248,7 +271,7 @@ def _static_tokens(
         start = time.perf_counter()
         logits, exit_step = decoder.step(token)
         token = sample(logits, sampling, generator)
-        stats.decode_s += _elapsed(start, model.device)
+        stats.decode_s += device_elapsed(start, model.device)
         stats.new_tokens += 1
         yield token, exit_step.clone()
 
@@ -272,6 +295,8 @@ def stream_generate(
     kv_mode: str = "full",
     skip_compute: bool = False,
     decoder: str = "dynamic",
+    draft_steps: int | None = None,
+    draft_tokens: int = 4,
 ) -> Iterator[StepEvent]:
     """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`.
 
@@ -279,6 +304,11 @@ def stream_generate(
     'compile', 'compile+graph' and 'eager' run the static-shape step of `looplm.static_decode`
     (same tokens; full KV cache, every loop runs); 'auto' is 'graph' on CUDA where the
     request allows it, else 'dynamic'.
+
+    `draft_steps` (1 .. T-1) turns on self-speculative decoding (`looplm.speculative`): rounds
+    of `draft_tokens` tokens drafted with that many loops, then verified by the remaining loops
+    in one pass. Greedy tokens equal normal decoding's (up to float order), sampling keeps its
+    distribution. It needs the full KV cache and runs every loop of every kept token.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -288,7 +318,18 @@ def stream_generate(
     steps = model.resolve_steps(steps)
     if kv_mode not in KV_MODES:
         raise GenerationError(f"kv_mode must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
-    decoder = resolve_decoder(decoder, model, use_cache, kv_mode, skip_compute)
+    draft = None
+    if draft_steps is not None:
+        from looplm.speculative import DraftParams  # imported here: that module builds on this one
+
+        draft = DraftParams(steps=draft_steps, tokens=draft_tokens)
+        draft.check(steps)
+        refused = [what for what, bad in (("use_cache=False", not use_cache), (f"kv_mode='{kv_mode}'", kv_mode != "full"),
+                                          ("skip_compute", skip_compute)) if bad]
+        if refused:
+            raise GenerationError(f"speculative decoding (draft_steps) verifies every loop with the full KV cache, "
+                                  f"so it cannot take {' or '.join(refused)}")
+    decoder = resolve_decoder(decoder, model, use_cache, kv_mode, skip_compute, drafting=draft is not None)
     policy = make_policy(
         exit_policy, exit_threshold, steps, model.config.early_exit_threshold, model.config.early_exit_step
     )
@@ -318,7 +359,7 @@ def stream_generate(
     produced: list[list[int]] = [[] for _ in range(batch)]
     tokens_iter = decode_tokens(
         model, ids, mask, max_new_tokens, sampling, generator, policy, use_cache, steps, stats, kv_mode, skip_compute,
-        decoder,
+        decoder, draft,
     )
     for index, (tokens, exit_steps) in enumerate(tokens_iter):
         event = StepEvent(index=index, tokens={}, exit_steps={})
@@ -357,19 +398,23 @@ def generate(
     skip_compute: bool = False,
     return_stats: bool = False,
     decoder: str = "dynamic",
+    draft_steps: int | None = None,
+    draft_tokens: int = 4,
 ) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
     """The new token ids of each sequence, ending with the eos id or stop-string token that ended it.
 
     `exit_threshold` picks which UT step's logits each token reads (None: the config's
     `early_exit_threshold`, evaluated in the model dtype like the reference). `attention_mask`
     marks left padding; lists of prompts of different lengths are left-padded automatically.
-    `decoder` picks the decode step, as in `stream_generate`.
+    `decoder` picks the decode step and `draft_steps` / `draft_tokens` turn on self-speculative
+    decoding, as in `stream_generate`.
     """
     produced: dict[int, list[int]] = {}
     stats = GenerationStats()
     for event in stream_generate(
         model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
         use_cache, stop, attention_mask, steps, eos_token_ids, stats, exit_policy, kv_mode, skip_compute, decoder,
+        draft_steps, draft_tokens,
     ):
         for row, token in event.tokens.items():
             produced.setdefault(row, []).append(token)

@@ -32,14 +32,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """`[B, V]` logits -> `[B]` token ids."""
     if params.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The fp32 distribution `[B, V]` that `sample` draws from (temperature, then top-k, then
+    top-p); speculative decoding compares two of them. Not for greedy params."""
     scores = logits.float() / params.temperature
     if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
         scores = _top_p_filter(scores, params.top_p)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.softmax(scores, dim=-1)
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch import nn
 
 from looplm.cache import Segments
 from looplm.errors import GenerationError
-from looplm.exit import ExitPolicy, exit_distribution, make_policy
+from looplm.exit import ExitPolicy, make_policy
 from looplm.generate import GenerationStats, generate
 from looplm.models.ouro import (
     AttentionBias,
@@ -173,18 +173,6 @@ class PrefillSlotCache:
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
-
-
-def _step_output(states: list[torch.Tensor], gates: list[torch.Tensor]) -> StepOutput:
-    """Stack per-step states the way `run_steps` does (no gate: all mass on the last step)."""
-    hidden = torch.stack(states)
-    if gates:
-        gate_lambda = torch.stack(gates)
-        return StepOutput(hidden_states=hidden, gate_lambda=gate_lambda, exit_probs=exit_distribution(gate_lambda))
-    gate_lambda = torch.ones(hidden.shape[:-1], dtype=hidden.dtype, device=hidden.device)
-    exit_probs = torch.zeros_like(gate_lambda)
-    exit_probs[-1] = 1.0
-    return StepOutput(hidden_states=hidden, gate_lambda=gate_lambda, exit_probs=exit_probs)
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -324,7 +312,7 @@ class StaticDecoder:
             states.append(h)
             if model.model.early_exit_gate is not None:
                 gates.append(torch.sigmoid(model.model.early_exit_gate(h).squeeze(-1)))
-        logits, exit_step = model.readout(_step_output(states, gates), self.policy, position=-1)
+        logits, exit_step = model.readout(StepOutput.stack(states, gates), self.policy, position=-1)
         self.position.add_(1)
         self.length.add_(1)
         return logits, exit_step

@@ -56,6 +56,8 @@ def stream_text(
     kv_mode: str = "full",
     skip_compute: bool = False,
     decoder: str = "dynamic",
+    draft_steps: int | None = None,
+    draft_tokens: int = 4,
 ) -> Iterator[TextChunk]:
     tokenizer = _tokenizer(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -68,7 +70,8 @@ def stream_text(
     held, new_ids, exit_steps, finish = "", [], [], "length"
     events = stream_generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
                              stop=stops or None, steps=steps, stats=stats, exit_policy=exit_policy,
-                             kv_mode=kv_mode, skip_compute=skip_compute, decoder=decoder)
+                             kv_mode=kv_mode, skip_compute=skip_compute, decoder=decoder,
+                             draft_steps=draft_steps, draft_tokens=draft_tokens)
     # closing(): stream_generate holds torch.inference_mode open until it is closed.
     with closing(events):
         for event in events:

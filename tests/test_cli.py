@@ -154,6 +154,26 @@ def test_static_decoder_gives_the_dynamic_text_with_stop_strings(default_model) 
     assert cut[1]["new_ids"] == cut[0]["new_ids"]
 
 
+def test_speculative_decoding_gives_the_same_text_and_reports_acceptance(default_model) -> None:  # noqa: ANN001
+    """`--draft-steps 3`: the same greedy text, exit steps and stop-string cut (fp32), and the
+    JSON says how many drafts were accepted; an impossible draft is a one-line error."""
+    args = ["generate", "ROMEO:", "--max-new-tokens", "32", "--json", "--temperature", "0", "--dtype", "float32",
+            "--device", "cpu"]
+    normal = json.loads(invoke(*args).stdout)
+    spec = json.loads(invoke(*args, "--draft-steps", "3", "--draft-tokens", "5").stdout)
+    assert spec["new_ids"] == normal["new_ids"] and spec["steps_per_token"] == normal["steps_per_token"]
+    assert normal["speculative"] is None
+    drafts = spec["speculative"]
+    assert drafts["draft_steps"] == 3 and drafts["proposed"] == 5 * drafts["rounds"]
+    assert 0 < drafts["accepted"] <= drafts["proposed"] and drafts["acceptance"] == drafts["accepted"] / drafts["proposed"]
+    stop = normal["text"][len(normal["text"]) // 2 :][:3]
+    cut = json.loads(invoke(*args, "--draft-steps", "2", "--stop", stop).stdout)
+    assert cut["finish_reason"] == "stop" and cut["text"] == normal["text"][: normal["text"].index(stop)]
+    bad = invoke("generate", "hi", "--draft-steps", "4", "--max-new-tokens", "2")
+    assert bad.exit_code == 1 and "draft_steps must be an integer from 1 to 3" in bad.output
+    assert "Traceback" not in bad.output
+
+
 def test_compiling_a_model_on_the_cpu_kernels_is_a_clear_error() -> None:
     """The default bf16 CPU model runs looplm's C++ kernels, which Dynamo cannot trace."""
     result = invoke("generate", "hi", "--decoder", "compile", "--max-new-tokens", "2", "--device", "cpu")

@@ -122,14 +122,25 @@ Decoder = Annotated[str, option(
 )]
 
 
+DraftSteps = Annotated[Optional[int], option(
+    "Self-speculative decoding: draft tokens with this many loops (1 to steps-1), then verify them with the "
+    "remaining loops in one pass; greedy output is unchanged, sampling keeps its distribution.", "--draft-steps",
+    default_in_help=True,
+)]
+DraftTokens = Annotated[int, option("Tokens drafted per speculative round (with --draft-steps).", "--draft-tokens")]
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How tokens are decoded: the exit rule, the KV cache layout, compute skipping and the decode step."""
+    """How tokens are decoded: the exit rule, the KV cache layout, compute skipping, the decode step
+    and self-speculative drafting."""
 
     exit_policy: Optional[str]
     kv_mode: str
     skip_compute: bool
     decoder: str = "auto"
+    draft_steps: Optional[int] = None
+    draft_tokens: int = 4
 
     def __post_init__(self) -> None:
         from looplm.errors import GenerationError
@@ -145,7 +156,7 @@ class DecodeOptions:
 
     def as_kwargs(self) -> dict:
         return {"exit_policy": self.exit_policy, "kv_mode": self.kv_mode, "skip_compute": self.skip_compute,
-                "decoder": self.decoder}
+                "decoder": self.decoder, "draft_steps": self.draft_steps, "draft_tokens": self.draft_tokens}
 
 
 @dataclass(frozen=True)

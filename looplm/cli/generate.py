@@ -30,6 +30,8 @@ def generate(
     kv_mode: common.KvMode = "full",
     skip_compute: common.SkipCompute = False,
     decoder: common.Decoder = "auto",
+    draft_steps: common.DraftSteps = None,
+    draft_tokens: common.DraftTokens = 4,
     chat: Annotated[bool, common.option("Send the prompt as one user message via the chat template", "--chat")] = False,
     as_json: Annotated[bool, common.option("Print one JSON object (ids, text, timings).", "--json")] = False,
 ) -> None:
@@ -37,7 +39,7 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
-    exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder)
+    exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)
     request = [{"role": "user", "content": prompt}] if chat else prompt
     text = []
@@ -58,6 +60,9 @@ def generate(
             "timings": {"setup_s": stats.setup_s, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
                         "decode_tok_s": stats.decode_tok_s},
             "decoder": stats.decoder,
+            "speculative": {"draft_steps": draft_steps, "draft_tokens": draft_tokens, "rounds": stats.draft_rounds,
+                            "proposed": stats.draft_proposed, "accepted": stats.draft_accepted,
+                            "acceptance": stats.draft_acceptance} if draft_steps is not None else None,
             "mean_exit_step": chunk.mean_exit_step,
             "steps_per_token": stats.steps_per_token[0] if stats.steps_per_token else [],
             "mean_steps": stats.mean_steps,
@@ -68,9 +73,11 @@ def generate(
         return
     sys.stdout.write("\n")
     setup = f"{stats.decoder} decoder built in {stats.setup_s:.2f} s | " if stats.setup_s else ""
+    drafts = (f"drafts accepted {stats.draft_accepted}/{stats.draft_proposed} ({stats.draft_acceptance:.0%}) | "
+              if stats.draft_rounds else "")
     common.stderr().print(
         f"{setup}{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s * 1000:.1f} ms | "
         f"{stats.new_tokens} new tokens, {stats.decode_tok_s:.1f} tok/s | "
-        f"mean exit step {chunk.mean_exit_step or 0:.2f} | finish: {chunk.finish_reason}",
+        f"mean exit step {chunk.mean_exit_step or 0:.2f} | {drafts}finish: {chunk.finish_reason}",
         style="dim",
     )

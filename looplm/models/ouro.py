@@ -17,6 +17,7 @@ This file knows nothing about sampling, tokenizers or files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -294,6 +295,19 @@ class StepOutput:
     exit_probs: torch.Tensor  # (T, B, S): exit pdf, sums to 1 over T
     logits: torch.Tensor | None = None  # (T, B, S, vocab) when requested
 
+    @classmethod
+    def stack(cls, states: Sequence[torch.Tensor], gates: Sequence[torch.Tensor]) -> StepOutput:
+        """From per-step states `[B, S, hidden]` and gate lambdas `[B, S]` (none: a model without
+        a gate, whose tokens all exit at the last step)."""
+        hidden = torch.stack(list(states))
+        if gates:
+            gate_lambda = torch.stack(list(gates))
+            return cls(hidden_states=hidden, gate_lambda=gate_lambda, exit_probs=exit_distribution(gate_lambda))
+        gate_lambda = torch.ones(hidden.shape[:-1], dtype=hidden.dtype, device=hidden.device)
+        exit_probs = torch.zeros_like(gate_lambda)
+        exit_probs[-1] = 1.0
+        return cls(hidden_states=hidden, gate_lambda=gate_lambda, exit_probs=exit_probs)
+
 
 class OuroForCausalLM(nn.Module):
     def __init__(self, config: OuroConfig) -> None:
@@ -357,30 +371,39 @@ class OuroForCausalLM(nn.Module):
         tokens' K/V go to slot `step * L + layer` after the `cache.length` tokens already there.
         """
         steps = steps or self.config.total_ut_steps
-        num_layers = self.config.num_hidden_layers
         past = cache.length if cache is not None else 0
         bias = AttentionBias.build(key_valid, input_ids.shape[1], past, input_ids.device)
         h = self.model.embed_tokens(input_ids)  # (B, S, hidden)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        states, gates = self.run_loops(h, cos, sin, bias, cache, 0, steps)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return StepOutput.stack(states, gates)
+
+    def run_loops(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: AttentionBias,
+        cache: KVCache | None,
+        first_step: int,
+        end_step: int,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """UT steps `first_step .. end_step - 1` from the state `h` `[B, S, hidden]` (the embedding
+        for step 0, else the normed state of step `first_step - 1`). K/V go to those steps' slots at
+        `cache.length`; the caller advances the cache. Returns each step's normed state and, when
+        the model has an exit gate, its lambdas `[B, S]` (else an empty list)."""
+        num_layers = self.config.num_hidden_layers
         states, gates = [], []
-        for step in range(steps):
+        for step in range(first_step, end_step):
             for index, layer in enumerate(self.model.layers):
                 h = layer(h, cos, sin, bias, cache, slot=step * num_layers + index)
             h = self.model.norm(h)  # the normed state feeds the next step, the gate and lm_head
             states.append(h)
             if self.model.early_exit_gate is not None:
                 gates.append(torch.sigmoid(self.model.early_exit_gate(h).squeeze(-1)))
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
-        hidden = torch.stack(states)
-        if gates:
-            gate_lambda = torch.stack(gates)
-            exit_probs = exit_distribution(gate_lambda)
-        else:  # no gate (Llama): every token exits at the last step
-            gate_lambda = torch.ones(hidden.shape[:-1], dtype=hidden.dtype, device=hidden.device)
-            exit_probs = torch.zeros_like(gate_lambda)
-            exit_probs[-1] = 1.0
-        return StepOutput(hidden_states=hidden, gate_lambda=gate_lambda, exit_probs=exit_probs)
+        return states, gates
 
     def forward_steps(
         self,

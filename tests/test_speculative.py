@@ -1,0 +1,121 @@
+"""Self-speculative decoding: same greedy tokens as normal decoding, exact sampling, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_prompts
+
+import looplm
+from looplm.errors import GenerationError
+from looplm.generate import generate
+from looplm.sampling import SamplingParams, probabilities
+from looplm.speculative import accept_drafts
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tmp_path_factory):  # noqa: ANN001, ANN201
+    from conftest import small_config
+
+    from looplm.default_model import write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("spec") / "gqa"
+    write_random_checkpoint(path, small_config(num_attention_heads=4, num_key_value_heads=2, total_ut_steps=4,
+                                               head_dim=16, rope_theta=5e5), seed=7)
+    return looplm.load(path, dtype="float32")
+
+
+@pytest.mark.parametrize("draft_steps", [1, 2, 3])
+@pytest.mark.parametrize("draft_tokens", [1, 3, 5])
+def test_greedy_tokens_and_exit_steps_equal_normal_decoding(gqa_model, draft_steps: int, draft_tokens: int) -> None:  # noqa: ANN001
+    prompts = random_prompts(300, [6, 13, 1], seed=5)  # left-padded batch, one 1-token prompt
+    for kwargs in ({}, {"exit_threshold": 0.5}):
+        normal, normal_stats = generate(gqa_model, prompts, 17, eos_token_ids=[], return_stats=True, **kwargs)
+        spec, stats = generate(gqa_model, prompts, 17, eos_token_ids=[], return_stats=True, draft_steps=draft_steps,
+                               draft_tokens=draft_tokens, **kwargs)
+        assert spec == normal
+        assert stats.steps_per_token == normal_stats.steps_per_token
+        assert stats.new_tokens == 17 and stats.draft_rounds >= 16 / draft_tokens
+        assert stats.draft_proposed == stats.draft_rounds * draft_tokens
+        assert 0 <= stats.draft_accepted <= stats.draft_proposed
+
+
+@pytest.mark.parametrize("policy", ["last", "confidence", "kl", "fixed", "weighted"])
+def test_every_exit_policy_reads_the_same_logits(gqa_model, policy: str) -> None:  # noqa: ANN001
+    prompts = random_prompts(300, [9, 4], seed=2)
+    kwargs = {"exit_policy": policy, "eos_token_ids": [], "return_stats": True}
+    if policy in ("confidence", "kl"):
+        kwargs["exit_threshold"] = 0.5
+    normal, normal_stats = generate(gqa_model, prompts, 12, **kwargs)
+    spec, stats = generate(gqa_model, prompts, 12, draft_steps=2, draft_tokens=3, **kwargs)
+    assert spec == normal and stats.steps_per_token == normal_stats.steps_per_token
+
+
+def test_drafting_with_all_but_one_loop_is_mostly_accepted_on_the_trained_model() -> None:
+    """The embedded model was trained so that later loops refine earlier ones: a 3-loop draft
+    agrees with the 4-loop model far more often than a 1-loop draft (measured, not assumed)."""
+    model = looplm.load(None, dtype="float32")
+    prompt = model.tokenizer.encode("ROMEO:\nWhat light through yonder window")
+    rates = {}
+    for k in (1, 3):
+        normal = generate(model, [prompt], 48, eos_token_ids=[])
+        spec, stats = generate(model, [prompt], 48, eos_token_ids=[], draft_steps=k, draft_tokens=4, return_stats=True)
+        assert spec == normal
+        rates[k] = stats.draft_acceptance
+    assert rates[3] > rates[1]
+    assert rates[3] > 0.5
+
+
+def test_sampling_is_reproducible_and_stops_like_normal_decoding(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [7], seed=1)
+    args = {"temperature": 1.0, "top_p": 0.9, "top_k": 40, "seed": 11, "draft_steps": 1, "draft_tokens": 4}
+    first = generate(gqa_model, prompt, 20, eos_token_ids=[], **args)
+    assert first == generate(gqa_model, prompt, 20, eos_token_ids=[], **args)
+    assert len(first[0]) == 20
+    stop_at = first[0][5]  # a token id the run emits: used as an eos id it ends the row there
+    stopped = generate(gqa_model, prompt, 20, eos_token_ids=[stop_at], **args)
+    assert stopped[0] == first[0][: first[0].index(stop_at) + 1]
+
+
+def test_rejection_rule_keeps_the_target_distribution() -> None:
+    """One draft per row, 200k rows: drafts from q, accepted with min(1, p/q), else redrawn from
+    max(0, p - q). The emitted tokens must follow p, not q (chi-square style bound)."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, rows = 6, 200_000
+    params = SamplingParams(temperature=1.0)
+    target_logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]]).expand(rows, vocab)
+    draft_logits = torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.5, -2.0]]).expand(rows, vocab)
+    q = probabilities(draft_logits, params)
+    drafts = torch.multinomial(q, 1, generator=gen)
+    tokens, accepted = accept_drafts(drafts, [q], [target_logits], params, gen)
+    assert accepted == 0 and len(tokens) == 1  # some row rejected, so the round keeps no draft
+    observed = torch.bincount(tokens[0], minlength=vocab).float() / rows
+    expected = probabilities(target_logits[:1], params)[0]
+    assert (observed - expected).abs().max() < 0.005, (observed, expected)
+    assert (observed - q[0]).abs().max() > 0.1  # and it is not the draft's distribution
+
+
+def test_greedy_acceptance_counts_the_prefix_every_row_agreed_on() -> None:
+    drafts = torch.tensor([[5, 6, 7], [5, 6, 1]])
+    logits = [torch.nn.functional.one_hot(torch.tensor(t), 10).float() for t in ([5, 5], [6, 6], [7, 7])]
+    tokens, accepted = accept_drafts(drafts, [], logits, SamplingParams(), None)
+    assert accepted == 2  # row 1's third draft (1) disagrees with the model's 7
+    assert [t.tolist() for t in tokens] == [[5, 5], [6, 6], [7, 7]]  # two drafts, then the correction
+    tokens, accepted = accept_drafts(drafts[:1], [], [x[:1] for x in logits], SamplingParams(), None)
+    assert accepted == 3 and len(tokens) == 3  # all accepted: the drafts, no extra token
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"draft_steps": 0}, "draft_steps must be an integer from 1 to 3"),
+    ({"draft_steps": 4}, "draft_steps must be an integer from 1 to 3"),
+    ({"draft_steps": 2, "steps": 2}, "from 1 to 1"),
+    ({"draft_steps": 1, "draft_tokens": 0}, "draft_tokens"),
+    ({"draft_steps": 1, "use_cache": False}, "use_cache=False"),
+    ({"draft_steps": 1, "kv_mode": "shared"}, "kv_mode='shared'"),
+    ({"draft_steps": 1, "skip_compute": True}, "skip_compute"),
+    ({"draft_steps": 1, "decoder": "eager"}, "draft_steps"),
+])
+def test_refusals_are_one_line(gqa_model, kwargs: dict, needle: str) -> None:  # noqa: ANN001
+    with pytest.raises(GenerationError, match=needle) as info:
+        generate(gqa_model, random_prompts(300, [4]), 4, **kwargs)
+    assert "\n" not in str(info.value)
