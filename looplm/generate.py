@@ -296,7 +296,7 @@ def stream_generate(
     skip_compute: bool = False,
     decoder: str = "dynamic",
     draft_steps: int | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = 2,
 ) -> Iterator[StepEvent]:
     """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`.
 
@@ -399,7 +399,7 @@ def generate(
     return_stats: bool = False,
     decoder: str = "dynamic",
     draft_steps: int | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = 2,
 ) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
     """The new token ids of each sequence, ending with the eos id or stop-string token that ended it.
 

@@ -16,8 +16,9 @@ of earlier tokens. So drafting with k loops is not throw-away work. Each round:
 
 A round costs γ draft passes of k loops and one pass of T-k loops over γ positions, and emits
 1 to γ tokens. Memory-bound decoding reads the weights once per pass whatever the number of
-positions, so with T = 4, k = 1 and γ = 4 a round reads the weights 4 x 1 + 3 = 7 loop-times
-where normal decoding reads 4 per token.
+positions, so a round reads them γk + (T - k) loop-times for at most γ tokens, where normal
+decoding reads T per token: the speed-up is at most γT / (γk + T - k), 1.33x at T = 4, k = 2,
+γ = 2, and is reached only if every draft is accepted (docs/speculative.md has measurements).
 
 Rows of a batch share one cache length, so a round keeps the drafts that every row accepted.
 The verify pass runs γ positions in one forward where normal decoding runs one, so float sums
@@ -44,7 +45,7 @@ class DraftParams:
     """`steps`: loops the draft runs (1 .. T-1); `tokens`: drafts per round (γ)."""
 
     steps: int
-    tokens: int = 4
+    tokens: int = 2
 
     def check(self, total_steps: int) -> None:
         if not isinstance(self.steps, int) or not 1 <= self.steps < total_steps:
@@ -121,7 +122,9 @@ class SpeculativeDecoder:
         bias = AttentionBias.build(self._valid(start + gamma), gamma, start, h.device)
         deep_states, deep_gates = model.run_loops(h, cos, sin, bias, self.cache, k, self.steps)
         per_step = [torch.cat([s[t] for s in states], dim=1) for t in range(k)] + deep_states
-        per_gate = [torch.cat([g[t] for g in gates], dim=1) for t in range(k)] + deep_gates if deep_gates else []
+        per_gate = []  # a model without an exit gate has no lambdas
+        if deep_gates:
+            per_gate = [torch.cat([g[t] for g in gates], dim=1) for t in range(k)] + deep_gates
         out = StepOutput.stack(per_step, per_gate)
         targets = [model.readout(out, self.policy, position=j) for j in range(gamma)]
 

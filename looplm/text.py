@@ -57,7 +57,7 @@ def stream_text(
     skip_compute: bool = False,
     decoder: str = "dynamic",
     draft_steps: int | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = 2,
 ) -> Iterator[TextChunk]:
     tokenizer = _tokenizer(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])

@@ -119,3 +119,29 @@ def test_refusals_are_one_line(gqa_model, kwargs: dict, needle: str) -> None:  #
     with pytest.raises(GenerationError, match=needle) as info:
         generate(gqa_model, random_prompts(300, [4]), 4, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_round_arithmetic_of_the_benchmark() -> None:
+    from looplm.bench_speculative import break_even_acceptance, expected_tokens_per_round
+
+    assert expected_tokens_per_round(0.0, 4) == 1.0  # only the correction
+    assert expected_tokens_per_round(1.0, 4) == 4.0  # every draft, no extra token
+    assert abs(expected_tokens_per_round(0.5, 3) - 1.75) < 1e-12  # 1 + 0.5 + 0.25
+    even = break_even_acceptance(1.75, 3)
+    assert even is not None and abs(even - 0.5) < 1e-9
+    assert break_even_acceptance(4.5, 4) is None  # a round dearer than 4 steps never pays with 4 drafts
+    assert break_even_acceptance(0.9, 2) == 0.0 or break_even_acceptance(0.9, 2) < 1e-9
+
+
+def test_benchmark_runs_end_to_end_on_tiny_shapes(capsys: pytest.CaptureFixture) -> None:
+    from looplm.bench_speculative import main
+
+    assert main(["--shape", "tiny", "--new-tokens", "4", "--repeats", "1", "--draft-tokens", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Part 1:" in out and "Part 2: Ouro tiny shape" in out
+    import json
+
+    result = json.loads(out.strip().splitlines()[-1])
+    assert [r["draft_steps"] for r in result["cost"]["rows"]] == [1, 2, 3]
+    assert len(result["projections"]) == 3 and all(p["projected_speedup"] > 0 for p in result["projections"])
+    assert main(["--draft-tokens", "0"]) == 1

@@ -1,9 +1,11 @@
 """`looplm bench`: the baseline / bf16 / int8 / int4 table (`looplm.bench_compare`); with
 `--detail`, the single-configuration decode breakdown (`looplm.bench`); with `--exit`, the
-exit-policy / KV-mode benchmark (`looplm.bench_exit`); with `--device cuda`, the GPU decode
-benchmark (`looplm.bench_cuda`: static decode step, CUDA graphs, % of HBM roofline).
+exit-policy / KV-mode benchmark (`looplm.bench_exit`); with `--speculative`, self-speculative
+decoding's acceptance and round costs (`looplm.bench_speculative`); with `--device cuda`, the GPU
+decode benchmark (`looplm.bench_cuda`: static decode step, CUDA graphs, % of HBM roofline).
 
-Options are passed through to the chosen benchmark's own parser: `looplm bench [--detail|--exit] --help-bench`.
+Options are passed through to the chosen benchmark's own parser:
+`looplm bench [--detail|--exit|--speculative] --help-bench`.
 """
 
 from typing import Annotated
@@ -20,19 +22,23 @@ def bench(
     detail: Annotated[bool, common.option("Run the detailed decode breakdown (bandwidth, GEMV, profile).",
                                           "--detail")] = False,
     exit_bench: Annotated[bool, common.option("Run the exit-policy / KV-mode benchmark instead.", "--exit")] = False,
+    speculative: Annotated[bool, common.option("Run the self-speculative decoding benchmark instead.",
+                                               "--speculative")] = False,
     help_bench: Annotated[bool, common.option("Show the benchmark's own options.", "--help-bench")] = False,
     device: Annotated[str, common.option("cpu, or cuda for the GPU benchmark (looplm.bench_cuda).",
                                          "--device")] = "cpu",
 ) -> None:
     """Benchmark random weights with real Ouro shapes: no-cache baseline, bf16, int8, int4 (tables, then JSON)."""
-    if exit_bench and detail:
-        raise LooplmError("choose one of --detail and --exit")
+    if exit_bench + detail + speculative > 1:
+        raise LooplmError("choose one of --detail, --exit and --speculative")
     if device not in ("cpu", "cuda"):
         raise LooplmError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda":
         from looplm.bench_cuda import main
     elif exit_bench:
         from looplm.bench_exit import main
+    elif speculative:
+        from looplm.bench_speculative import main
     elif detail:
         from looplm.bench import main
     else:

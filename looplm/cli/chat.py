@@ -39,7 +39,7 @@ def chat(
     skip_compute: common.SkipCompute = False,
     decoder: common.Decoder = "auto",
     draft_steps: common.DraftSteps = None,
-    draft_tokens: common.DraftTokens = 4,
+    draft_tokens: common.DraftTokens = 2,
     system: Annotated[Optional[str], common.option("System prompt.", default_in_help=True)] = None,
     think: Annotated[bool, common.option("Open a <think> block in the prompt (enable_thinking).", "--think")] = False,
     hide_think: Annotated[bool, common.option("Do not show <think> reasoning.", "--hide-think")] = False,

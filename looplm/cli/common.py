@@ -123,8 +123,9 @@ Decoder = Annotated[str, option(
 
 
 DraftSteps = Annotated[Optional[int], option(
-    "Self-speculative decoding: draft tokens with this many loops (1 to steps-1), then verify them with the "
-    "remaining loops in one pass; greedy output is unchanged, sampling keeps its distribution.", "--draft-steps",
+    "Self-speculative decoding: draft tokens with this many loops (1 to steps-1; try half), then verify them "
+    "with the remaining loops in one pass; greedy output is unchanged, sampling keeps its distribution. Pays off "
+    "only when most drafts are accepted (docs/speculative.md).", "--draft-steps",
     default_in_help=True,
 )]
 DraftTokens = Annotated[int, option("Tokens drafted per speculative round (with --draft-steps).", "--draft-tokens")]
@@ -140,7 +141,7 @@ class DecodeOptions:
     skip_compute: bool
     decoder: str = "auto"
     draft_steps: Optional[int] = None
-    draft_tokens: int = 4
+    draft_tokens: int = 2
 
     def __post_init__(self) -> None:
         from looplm.errors import GenerationError

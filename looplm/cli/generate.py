@@ -31,7 +31,7 @@ def generate(
     skip_compute: common.SkipCompute = False,
     decoder: common.Decoder = "auto",
     draft_steps: common.DraftSteps = None,
-    draft_tokens: common.DraftTokens = 4,
+    draft_tokens: common.DraftTokens = 2,
     chat: Annotated[bool, common.option("Send the prompt as one user message via the chat template", "--chat")] = False,
     as_json: Annotated[bool, common.option("Print one JSON object (ids, text, timings).", "--json")] = False,
 ) -> None:

@@ -1,0 +1,259 @@
+"""Self-speculative decoding, measured: acceptance and speed on the trained embedded model, round costs on a real shape.
+
+Part 1, the embedded model (tiny-ouro, the only trained looped model here): greedy decoding of
+fixed prompts from its training domains, for each draft depth k (1 .. T-1) and drafts per round
+γ, against normal decoding in the same run: acceptance, tokens per round, whether every token
+equals normal decoding's, and the decode speed ratio (repeats alternate normal and speculative
+runs; median [min-max] of the per-repeat ratios).
+
+Part 2, the cost of a round on a real shape (random weights, bf16, the CPU path): the time of a
+normal decode step and of one speculative round (γ drafts of k loops, one verify pass of T - k
+loops over γ positions). A round emits (1 - α^γ) / (1 - α) tokens on average when each draft is
+accepted with probability α, so its speed-up over normal decoding is that number x step time /
+round time. Random weights make their own acceptance meaningless, so the table pairs the measured
+round cost with the acceptance part 1 measured for the same k and γ: a projection, since the tiny
+model's acceptance is not Ouro-1.4B's, and the break-even acceptance, which needs no projection.
+
+`python -m looplm.bench_speculative --help`, or `looplm bench --speculative`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from looplm.errors import LooplmError
+
+# Prompts from the embedded model's training domains (Shakespeare, GSM8K-style word problems,
+# arithmetic chains), not drawn from its training files.
+PROMPTS = (
+    "ROMEO:\nWhat light through yonder window",
+    "KING HENRY:\nNow, lords, the day is ours;",
+    "Question: A baker sells 12 loaves a day for 5 days. How many loaves does she sell?\nAnswer:",
+    "Question: Tom has 3 boxes with 7 pens each. He gives away 5 pens. How many are left?\nAnswer:",
+    "3+4-2+8-1=",
+)
+
+Log = Callable[[str], None]
+
+
+def spread(values: Sequence[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def expected_tokens_per_round(acceptance: float, draft_tokens: int) -> float:
+    """Mean tokens a round emits when each draft is kept with probability `acceptance`:
+    the kept prefix plus the correction, at most `draft_tokens` (full acceptance adds no extra)."""
+    if acceptance >= 1.0:
+        return float(draft_tokens)
+    return (1.0 - acceptance**draft_tokens) / (1.0 - acceptance)
+
+
+def break_even_acceptance(round_over_step: float, draft_tokens: int) -> float | None:
+    """The acceptance at which a round costs the same per token as normal decoding (bisection);
+    None when even full acceptance does not pay for the round."""
+    if expected_tokens_per_round(1.0, draft_tokens) < round_over_step:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if expected_tokens_per_round(middle, draft_tokens) < round_over_step:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def measure_acceptance(new_tokens: int, draft_tokens: Sequence[int], repeats: int, log: Log) -> dict:
+    """Part 1 on the embedded model."""
+    import looplm
+    from looplm.generate import generate
+
+    model = looplm.load(None)
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    steps = model.config.total_ut_steps
+
+    def run(**kwargs: object) -> tuple[list[list[int]], float, list]:
+        outputs, seconds, stats_list = [], 0.0, []
+        for prompt in prompts:
+            out, stats = generate(model, [prompt], new_tokens, eos_token_ids=[], return_stats=True, **kwargs)
+            outputs.append(out[0])
+            seconds += stats.decode_s
+            stats_list.append(stats)
+        return outputs, seconds, stats_list
+
+    run()  # warm up
+    rows = []
+    for k in range(1, steps):
+        for gamma in draft_tokens:
+            log(f"embedded model: draft {k} of {steps} loops, {gamma} drafts per round")
+            ratios, identical = [], len(prompts)
+            for _ in range(repeats):
+                normal, normal_s, _ = run()
+                spec, spec_s, stats_list = run(draft_steps=k, draft_tokens=gamma)
+                identical = min(identical, sum(a == b for a, b in zip(spec, normal)))
+                ratios.append(normal_s / spec_s)
+            proposed = sum(s.draft_proposed for s in stats_list)
+            accepted = sum(s.draft_accepted for s in stats_list)
+            rounds = sum(s.draft_rounds for s in stats_list)
+            emitted = sum(s.new_tokens - 1 for s in stats_list)
+            rows.append({"draft_steps": k, "draft_tokens": gamma, "acceptance": accepted / proposed,
+                         "tokens_per_round": emitted / rounds, "identical_prompts": identical,
+                         "speedup": spread(ratios)})
+    return {"model": model.source, "dtype": str(model.dtype).removeprefix("torch."), "steps": steps,
+            "prompts": len(prompts), "new_tokens": new_tokens, "repeats": repeats, "rows": rows}
+
+
+def measure_round_cost(shape: str, draft_tokens: Sequence[int], rounds: int, prompt_len: int, workdir: Path | None,
+                       log: Log) -> dict:
+    """Part 2 on a real shape: step and round times, random weights."""
+    import looplm
+    from looplm.bench import bench_home, ensure_checkpoint
+    from looplm.exit import make_policy
+    from looplm.generate import generate
+    from looplm.sampling import SamplingParams
+    from looplm.speculative import DraftParams, SpeculativeDecoder
+
+    path, written = ensure_checkpoint(shape, workdir or bench_home())
+    log(f"{shape}: checkpoint {'written' if written else 'found'} at {path}")
+    model = looplm.load(path, dtype="bfloat16")
+    steps = model.config.total_ut_steps
+    policy = make_policy(None, None, steps, model.config.early_exit_threshold, model.config.early_exit_step)
+    prompt = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+
+    def step_time() -> float:
+        _, stats = generate(model, prompt, rounds + 1, eos_token_ids=[], return_stats=True)
+        return stats.decode_s / rounds
+
+    costs = []
+    for k in range(1, steps):
+        for gamma in draft_tokens:
+            log(f"{shape}: normal steps, then rounds drafting with {k} of {steps} loops, {gamma} drafts")
+            step = step_time()  # next to the rounds it is compared with: the machine drifts
+            with torch.inference_mode():
+                decoder = SpeculativeDecoder(model, prompt, None, 2 + rounds * gamma, steps, policy, SamplingParams(),
+                                             None, DraftParams(k, gamma))
+                pending, _ = decoder.prefill()
+                times = []
+                for _ in range(rounds):
+                    begin = time.perf_counter()
+                    result = decoder.round(pending)
+                    times.append(time.perf_counter() - begin)
+                    pending = result.tokens[-1]
+            round_over_step = statistics.median(times) / step
+            costs.append({"draft_steps": k, "draft_tokens": gamma, "round_s": spread(times), "step_s": step,
+                          "round_over_step": round_over_step,
+                          "break_even_acceptance": break_even_acceptance(round_over_step, gamma)})
+    step_s = [c["step_s"] for c in costs]
+    return {"shape": shape, "steps": steps, "prompt_len": prompt_len, "rounds": rounds,
+            "threads": torch.get_num_threads(), "step_s": spread(step_s), "rows": costs}
+
+
+def projections(acceptance: dict, cost: dict) -> list[dict]:
+    """Round cost on the real shape x acceptance measured on the embedded model, per (k, γ)."""
+    measured = {(r["draft_steps"], r["draft_tokens"]): r["acceptance"] for r in acceptance["rows"]}
+    out = []
+    for row in cost["rows"]:
+        alpha = measured.get((row["draft_steps"], row["draft_tokens"]))
+        if alpha is None:
+            continue
+        speedup = expected_tokens_per_round(alpha, row["draft_tokens"]) / row["round_over_step"]
+        out.append({"draft_steps": row["draft_steps"], "draft_tokens": row["draft_tokens"], "acceptance": alpha,
+                    "projected_speedup": speedup})
+    return out
+
+
+def format_report(result: dict) -> str:
+    lines = []
+    acc = result.get("acceptance")
+    if acc:
+        title = (f"Part 1: {acc['model']} ({acc['dtype']}, {acc['steps']} loops), greedy, {acc['prompts']} prompts x "
+                 f"{acc['new_tokens']} tokens, {acc['repeats']} repeats alternating normal / speculative")
+        header = ("| draft loops | drafts per round | acceptance | tokens per round | prompts with normal's tokens "
+                  "| decode speed-up, median [min-max] |")
+        lines += [title, "", header, "|---|---|---|---|---|---|"]
+        for r in acc["rows"]:
+            s = r["speedup"]
+            lines.append(f"| {r['draft_steps']} | {r['draft_tokens']} | {r['acceptance']:.0%} | "
+                         f"{r['tokens_per_round']:.2f} | {r['identical_prompts']}/{acc['prompts']} | "
+                         f"{s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}] |")
+        lines.append("")
+    cost = result.get("cost")
+    if cost:
+        st = cost["step_s"]
+        title = (f"Part 2: Ouro {cost['shape']} shape, random weights, bf16, {cost['threads']} threads, prompt "
+                 f"{cost['prompt_len']}: normal decode step {st['median'] * 1000:.0f} ms "
+                 f"[{st['min'] * 1000:.0f}-{st['max'] * 1000:.0f}], measured before each row's rounds and "
+                 "divided into that row's round time")
+        header = ("| draft loops | drafts per round | round ms, median [min-max] | round / step "
+                  "| break-even acceptance | acceptance (part 1) | projected speed-up |")
+        lines += [title, "", header, "|---|---|---|---|---|---|---|"]
+        projected = {(p["draft_steps"], p["draft_tokens"]): p for p in result.get("projections", [])}
+        for r in cost["rows"]:
+            rs, p = r["round_s"], projected.get((r["draft_steps"], r["draft_tokens"]))
+            even = "never" if r["break_even_acceptance"] is None else f"{r['break_even_acceptance']:.0%}"
+            tail = f"{p['acceptance']:.0%} | {p['projected_speedup']:.2f}x" if p else "- | -"
+            lines.append(f"| {r['draft_steps']} | {r['draft_tokens']} | {rs['median'] * 1000:.0f} "
+                         f"[{rs['min'] * 1000:.0f}-{rs['max'] * 1000:.0f}] | {r['round_over_step']:.2f} | {even} | "
+                         f"{tail} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m looplm.bench_speculative", description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=96, help="part 1: tokens per prompt")
+    parser.add_argument("--repeats", type=int, default=3, help="part 1: alternating repeats")
+    parser.add_argument("--draft-tokens", default="2,3,4,6", help="comma-separated drafts per round")
+    parser.add_argument("--shape", default="1.4b", help="part 2: an Ouro shape (1.4b, 2.6b), or 'none' to skip it")
+    parser.add_argument("--rounds", type=int, default=3, help="part 2: timed rounds (and normal steps) per row")
+    parser.add_argument("--prompt-len", type=int, default=32, help="part 2: prompt length")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--workdir", type=Path, default=None, help="where part 2's random checkpoint lives")
+    parser.add_argument("--json-out", type=Path, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log: Log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        draft_tokens = [int(t) for t in args.draft_tokens.split(",") if t.strip()]
+        if not draft_tokens or min(draft_tokens) < 1 or min(args.new_tokens, args.repeats, args.rounds) < 1:
+            raise ValueError
+    except ValueError:
+        print("error: --draft-tokens takes positive integers (e.g. 2,4,6); --new-tokens, --repeats and --rounds "
+              "must be positive", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
+        result["acceptance"] = measure_acceptance(args.new_tokens, draft_tokens, args.repeats, log)
+        if args.shape != "none":
+            from looplm.bench import SHAPES
+
+            if args.shape not in SHAPES:
+                raise LooplmError(f"unknown shape '{args.shape}' (choose {', '.join(SHAPES)}, or none)")
+            result["cost"] = measure_round_cost(args.shape, draft_tokens, args.rounds, args.prompt_len, args.workdir,
+                                                log)
+            result["projections"] = projections(result["acceptance"], result["cost"])
+    except LooplmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(result))
+    document = json.dumps(result)
+    if args.json_out:
+        args.json_out.write_text(document + "\n")
+    print(document)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
