@@ -48,6 +48,9 @@ class DraftParams:
     tokens: int = 2
 
     def check(self, total_steps: int) -> None:
+        if total_steps < 2:
+            raise GenerationError(f"speculative decoding drafts with fewer loops than the model runs, and this one "
+                                  f"runs {total_steps} loop; use it with 2 or more (steps=...)")
         if not isinstance(self.steps, int) or not 1 <= self.steps < total_steps:
             raise GenerationError(f"draft_steps must be an integer from 1 to {total_steps - 1} (the model runs "
                                   f"{total_steps} loops), got {self.steps!r}")

@@ -109,6 +109,7 @@ def test_greedy_acceptance_counts_the_prefix_every_row_agreed_on() -> None:
     ({"draft_steps": 0}, "draft_steps must be an integer from 1 to 3"),
     ({"draft_steps": 4}, "draft_steps must be an integer from 1 to 3"),
     ({"draft_steps": 2, "steps": 2}, "from 1 to 1"),
+    ({"draft_steps": 1, "steps": 1}, "runs 1 loop; use it with 2 or more"),
     ({"draft_steps": 1, "draft_tokens": 0}, "draft_tokens"),
     ({"draft_steps": 1, "use_cache": False}, "use_cache=False"),
     ({"draft_steps": 1, "kv_mode": "shared"}, "kv_mode='shared'"),
