@@ -71,8 +71,10 @@ def break_even_acceptance(round_over_step: float, draft_tokens: int) -> float | 
     return high
 
 
-def measure_acceptance(new_tokens: int, draft_tokens: Sequence[int], repeats: int, log: Log) -> dict:
-    """Part 1 on the embedded model."""
+def measure_acceptance(new_tokens: int, draft_tokens: Sequence[int], confidences: Sequence[float], repeats: int,
+                       log: Log) -> dict:
+    """Part 1 on the embedded model: fixed rounds of each γ, then rounds of up to max(γ) drafts
+    that end at the first draft below each confidence."""
     import looplm
     from looplm.generate import generate
 
@@ -90,21 +92,24 @@ def measure_acceptance(new_tokens: int, draft_tokens: Sequence[int], repeats: in
         return outputs, seconds, stats_list
 
     run()  # warm up
+    configs = [(gamma, 0.0) for gamma in draft_tokens] + [(max(draft_tokens), tau) for tau in confidences]
     rows = []
     for k in range(1, steps):
-        for gamma in draft_tokens:
-            log(f"embedded model: draft {k} of {steps} loops, {gamma} drafts per round")
+        for gamma, tau in configs:
+            log(f"embedded model: draft {k} of {steps} loops, {'up to ' if tau else ''}{gamma} drafts per round"
+                + (f", ending below confidence {tau}" if tau else ""))
             ratios, identical = [], len(prompts)
             for _ in range(repeats):
                 normal, normal_s, _ = run()
-                spec, spec_s, stats_list = run(draft_steps=k, draft_tokens=gamma)
+                spec, spec_s, stats_list = run(draft_steps=k, draft_tokens=gamma, draft_confidence=tau)
                 identical = min(identical, sum(a == b for a, b in zip(spec, normal)))
                 ratios.append(normal_s / spec_s)
             proposed = sum(s.draft_proposed for s in stats_list)
             accepted = sum(s.draft_accepted for s in stats_list)
             rounds = sum(s.draft_rounds for s in stats_list)
             emitted = sum(s.new_tokens - 1 for s in stats_list)
-            rows.append({"draft_steps": k, "draft_tokens": gamma, "acceptance": accepted / proposed,
+            rows.append({"draft_steps": k, "draft_tokens": gamma, "draft_confidence": tau,
+                         "acceptance": accepted / proposed, "mean_drafts": proposed / rounds,
                          "tokens_per_round": emitted / rounds, "identical_prompts": identical,
                          "speedup": spread(ratios)})
     return {"model": model.source, "dtype": str(model.dtype).removeprefix("torch."), "steps": steps,
@@ -156,18 +161,49 @@ def measure_round_cost(shape: str, draft_tokens: Sequence[int], rounds: int, pro
             "threads": torch.get_num_threads(), "step_s": spread(step_s), "rows": costs}
 
 
-def projections(acceptance: dict, cost: dict) -> list[dict]:
-    """Round cost on the real shape x acceptance measured on the embedded model, per (k, γ)."""
-    measured = {(r["draft_steps"], r["draft_tokens"]): r["acceptance"] for r in acceptance["rows"]}
-    out = []
-    for row in cost["rows"]:
-        alpha = measured.get((row["draft_steps"], row["draft_tokens"]))
-        if alpha is None:
+def round_cost_fit(cost: dict) -> dict[int, tuple[float, float]]:
+    """Per draft depth k, a least-squares line round/step = a + b x drafts over the measured γ
+    (a verify pass and b per draft; the rows show it is close to linear)."""
+    fits = {}
+    for k in sorted({r["draft_steps"] for r in cost["rows"]}):
+        points = [(r["draft_tokens"], r["round_over_step"]) for r in cost["rows"] if r["draft_steps"] == k]
+        if len({x for x, _ in points}) < 2:
             continue
-        speedup = expected_tokens_per_round(alpha, row["draft_tokens"]) / row["round_over_step"]
-        out.append({"draft_steps": row["draft_steps"], "draft_tokens": row["draft_tokens"], "acceptance": alpha,
-                    "projected_speedup": speedup})
+        mean_x = statistics.fmean(x for x, _ in points)
+        mean_y = statistics.fmean(y for _, y in points)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+        fits[k] = (mean_y - slope * mean_x, slope)
+    return fits
+
+
+def projections(acceptance: dict, cost: dict) -> list[dict]:
+    """Part 1's measured tokens per round over part 2's round cost in decode steps: the measured
+    cost for fixed rounds, the fitted line at the mean number of drafts for rounds that end early."""
+    measured = {(r["draft_steps"], r["draft_tokens"]): r["round_over_step"] for r in cost["rows"]}
+    fits = round_cost_fit(cost)
+    out = []
+    for row in acceptance["rows"]:
+        k = row["draft_steps"]
+        if row["draft_confidence"]:
+            if k not in fits:
+                continue
+            intercept, slope = fits[k]
+            round_over_step, source = intercept + slope * row["mean_drafts"], "fit"
+        else:
+            if (k, row["draft_tokens"]) not in measured:
+                continue
+            round_over_step, source = measured[(k, row["draft_tokens"])], "measured"
+        out.append({"draft_steps": k, "draft_tokens": row["draft_tokens"], "draft_confidence": row["draft_confidence"],
+                    "tokens_per_round": row["tokens_per_round"], "round_over_step": round_over_step,
+                    "cost_source": source, "projected_speedup": row["tokens_per_round"] / round_over_step})
     return out
+
+
+def drafts_label(row: dict) -> str:
+    """'2', or 'up to 6, stop below 0.5' for rounds that end at an unsure draft."""
+    if row.get("draft_confidence"):
+        return f"up to {row['draft_tokens']}, stop below {row['draft_confidence']:g}"
+    return str(row["draft_tokens"])
 
 
 def format_report(result: dict) -> str:
@@ -176,13 +212,13 @@ def format_report(result: dict) -> str:
     if acc:
         title = (f"Part 1: {acc['model']} ({acc['dtype']}, {acc['steps']} loops), greedy, {acc['prompts']} prompts x "
                  f"{acc['new_tokens']} tokens, {acc['repeats']} repeats alternating normal / speculative")
-        header = ("| draft loops | drafts per round | acceptance | tokens per round | prompts with normal's tokens "
-                  "| decode speed-up, median [min-max] |")
-        lines += [title, "", header, "|---|---|---|---|---|---|"]
+        header = ("| draft loops | drafts per round | mean drafts | acceptance | tokens per round "
+                  "| prompts with normal's tokens | decode speed-up here, median [min-max] |")
+        lines += [title, "", header, "|---|---|---|---|---|---|---|"]
         for r in acc["rows"]:
             s = r["speedup"]
-            lines.append(f"| {r['draft_steps']} | {r['draft_tokens']} | {r['acceptance']:.0%} | "
-                         f"{r['tokens_per_round']:.2f} | {r['identical_prompts']}/{acc['prompts']} | "
+            lines.append(f"| {r['draft_steps']} | {drafts_label(r)} | {r['mean_drafts']:.2f} | {r['acceptance']:.0%} "
+                         f"| {r['tokens_per_round']:.2f} | {r['identical_prompts']}/{acc['prompts']} | "
                          f"{s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}] |")
         lines.append("")
     cost = result.get("cost")
@@ -192,17 +228,24 @@ def format_report(result: dict) -> str:
                  f"{cost['prompt_len']}: normal decode step {st['median'] * 1000:.0f} ms "
                  f"[{st['min'] * 1000:.0f}-{st['max'] * 1000:.0f}], measured before each row's rounds and "
                  "divided into that row's round time")
-        header = ("| draft loops | drafts per round | round ms, median [min-max] | round / step "
-                  "| break-even acceptance | acceptance (part 1) | projected speed-up |")
-        lines += [title, "", header, "|---|---|---|---|---|---|---|"]
-        projected = {(p["draft_steps"], p["draft_tokens"]): p for p in result.get("projections", [])}
+        header = "| draft loops | drafts per round | round ms, median [min-max] | round / step | break-even acceptance |"
+        lines += [title, "", header, "|---|---|---|---|---|"]
         for r in cost["rows"]:
-            rs, p = r["round_s"], projected.get((r["draft_steps"], r["draft_tokens"]))
+            rs = r["round_s"]
             even = "never" if r["break_even_acceptance"] is None else f"{r['break_even_acceptance']:.0%}"
-            tail = f"{p['acceptance']:.0%} | {p['projected_speedup']:.2f}x" if p else "- | -"
             lines.append(f"| {r['draft_steps']} | {r['draft_tokens']} | {rs['median'] * 1000:.0f} "
-                         f"[{rs['min'] * 1000:.0f}-{rs['max'] * 1000:.0f}] | {r['round_over_step']:.2f} | {even} | "
-                         f"{tail} |")
+                         f"[{rs['min'] * 1000:.0f}-{rs['max'] * 1000:.0f}] | {r['round_over_step']:.2f} | {even} |")
+        lines.append("")
+    projected = result.get("projections")
+    if projected:
+        title = (f"Projection: part 1's tokens per round over part 2's round cost on the {cost['shape']} shape "
+                 "(measured, or the per-depth line fitted to it at the mean number of drafts)")
+        header = ("| draft loops | drafts per round | tokens per round (part 1) | round / step (part 2) "
+                  "| projected speed-up |")
+        lines += [title, "", header, "|---|---|---|---|---|"]
+        for p in projected:
+            lines.append(f"| {p['draft_steps']} | {drafts_label(p)} | {p['tokens_per_round']:.2f} | "
+                         f"{p['round_over_step']:.2f} ({p['cost_source']}) | {p['projected_speedup']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -211,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=96, help="part 1: tokens per prompt")
     parser.add_argument("--repeats", type=int, default=3, help="part 1: alternating repeats")
     parser.add_argument("--draft-tokens", default="2,3,4,6", help="comma-separated drafts per round")
+    parser.add_argument("--confidences", default="0.1,0.3",
+                        help="part 1: also rounds of up to max(--draft-tokens) drafts that end at the first draft "
+                             "below each of these probabilities (comma-separated; empty: none)")
     parser.add_argument("--shape", default="1.4b", help="part 2: an Ouro shape (1.4b, 2.6b), or 'none' to skip it")
     parser.add_argument("--rounds", type=int, default=3, help="part 2: timed rounds (and normal steps) per row")
     parser.add_argument("--prompt-len", type=int, default=32, help="part 2: prompt length")
@@ -225,17 +271,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     log: Log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     try:
         draft_tokens = [int(t) for t in args.draft_tokens.split(",") if t.strip()]
+        confidences = [float(t) for t in args.confidences.split(",") if t.strip()]
         if not draft_tokens or min(draft_tokens) < 1 or min(args.new_tokens, args.repeats, args.rounds) < 1:
             raise ValueError
+        if any(not 0.0 < c < 1.0 for c in confidences):
+            raise ValueError
     except ValueError:
-        print("error: --draft-tokens takes positive integers (e.g. 2,4,6); --new-tokens, --repeats and --rounds "
-              "must be positive", file=sys.stderr)
+        print("error: --draft-tokens takes positive integers (e.g. 2,4,6), --confidences numbers in (0, 1); "
+              "--new-tokens, --repeats and --rounds must be positive", file=sys.stderr)
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         result: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
-        result["acceptance"] = measure_acceptance(args.new_tokens, draft_tokens, args.repeats, log)
+        result["acceptance"] = measure_acceptance(args.new_tokens, draft_tokens, confidences, args.repeats, log)
         if args.shape != "none":
             from looplm.bench import SHAPES
 

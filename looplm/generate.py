@@ -297,6 +297,7 @@ def stream_generate(
     decoder: str = "dynamic",
     draft_steps: int | None = None,
     draft_tokens: int = 2,
+    draft_confidence: float = 0.0,
 ) -> Iterator[StepEvent]:
     """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`.
 
@@ -306,9 +307,11 @@ def stream_generate(
     request allows it, else 'dynamic'.
 
     `draft_steps` (1 .. T-1) turns on self-speculative decoding (`looplm.speculative`): rounds
-    of `draft_tokens` tokens drafted with that many loops, then verified by the remaining loops
-    in one pass. Greedy tokens equal normal decoding's (up to float order), sampling keeps its
-    distribution. It needs the full KV cache and runs every loop of every kept token.
+    of up to `draft_tokens` tokens drafted with that many loops, then verified by the remaining
+    loops in one pass; `draft_confidence` > 0 ends a round's drafting at the first draft the draft
+    itself gives less probability. Greedy tokens equal normal decoding's (up to float order),
+    sampling keeps its distribution. It needs the full KV cache and runs every loop of every kept
+    token.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -322,7 +325,7 @@ def stream_generate(
     if draft_steps is not None:
         from looplm.speculative import DraftParams  # imported here: that module builds on this one
 
-        draft = DraftParams(steps=draft_steps, tokens=draft_tokens)
+        draft = DraftParams(steps=draft_steps, tokens=draft_tokens, min_confidence=draft_confidence)
         draft.check(steps)
         refused = [what for what, bad in (("use_cache=False", not use_cache), (f"kv_mode='{kv_mode}'", kv_mode != "full"),
                                           ("skip_compute", skip_compute)) if bad]
@@ -400,21 +403,22 @@ def generate(
     decoder: str = "dynamic",
     draft_steps: int | None = None,
     draft_tokens: int = 2,
+    draft_confidence: float = 0.0,
 ) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
     """The new token ids of each sequence, ending with the eos id or stop-string token that ended it.
 
     `exit_threshold` picks which UT step's logits each token reads (None: the config's
     `early_exit_threshold`, evaluated in the model dtype like the reference). `attention_mask`
     marks left padding; lists of prompts of different lengths are left-padded automatically.
-    `decoder` picks the decode step and `draft_steps` / `draft_tokens` turn on self-speculative
-    decoding, as in `stream_generate`.
+    `decoder` picks the decode step and `draft_steps` (with `draft_tokens`, `draft_confidence`)
+    turns on self-speculative decoding, as in `stream_generate`.
     """
     produced: dict[int, list[int]] = {}
     stats = GenerationStats()
     for event in stream_generate(
         model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
         use_cache, stop, attention_mask, steps, eos_token_ids, stats, exit_policy, kv_mode, skip_compute, decoder,
-        draft_steps, draft_tokens,
+        draft_steps, draft_tokens, draft_confidence,
     ):
         for row, token in event.tokens.items():
             produced.setdefault(row, []).append(token)

@@ -42,10 +42,16 @@ from looplm.sampling import SamplingParams, probabilities, sample
 
 @dataclass(frozen=True)
 class DraftParams:
-    """`steps`: loops the draft runs (1 .. T-1); `tokens`: drafts per round (γ)."""
+    """`steps`: loops the draft runs (1 .. T-1); `tokens`: drafts per round (γ, at most).
+
+    `min_confidence` > 0 ends a round's drafting early, after the first draft whose probability
+    under the draft's own distribution is below it (the round then verifies what it has): a
+    draft the shallow loops are unsure of is likely rejected, and every draft after a rejected
+    one is wasted. The rule reads only the draft, so the output is unchanged."""
 
     steps: int
     tokens: int = 2
+    min_confidence: float = 0.0
 
     def check(self, total_steps: int) -> None:
         if total_steps < 2:
@@ -56,12 +62,15 @@ class DraftParams:
                                   f"{total_steps} loops), got {self.steps!r}")
         if not isinstance(self.tokens, int) or not 1 <= self.tokens <= 64:
             raise GenerationError(f"draft_tokens must be an integer from 1 to 64, got {self.tokens!r}")
+        if not isinstance(self.min_confidence, (int, float)) or not 0.0 <= self.min_confidence < 1.0:
+            raise GenerationError(f"draft_confidence must be in [0, 1), got {self.min_confidence!r}")
 
 
 @dataclass
 class RoundResult:
     tokens: list[torch.Tensor]  # each [B]: the tokens this round emits, in order
     exit_steps: list[torch.Tensor]  # each [B]: the 0-based step the full model read them from
+    proposed: int  # drafts made this round (fewer than `DraftParams.tokens` when drafting ended early)
     accepted: int  # drafts every row accepted
 
 
@@ -111,11 +120,19 @@ class SpeculativeDecoder:
             gates.append(step_gates)
             draft_logits = model.lm_head(step_states[-1][:, 0])
             if self.sampling.greedy:
-                inputs.append(draft_logits.argmax(-1))
+                token = draft_logits.argmax(-1)
+                probs = torch.softmax(draft_logits.float(), dim=-1) if self.draft.min_confidence else None
             else:
-                draft_probs.append(probabilities(draft_logits, self.sampling))
-                inputs.append(torch.multinomial(draft_probs[-1], 1, generator=self.generator).squeeze(-1))
-        drafts = torch.stack(inputs[1:], dim=1)  # (B, γ)
+                probs = probabilities(draft_logits, self.sampling)
+                draft_probs.append(probs)
+                token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+            inputs.append(token)
+            if probs is not None and self.draft.min_confidence:
+                confidence = probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)  # the draft's own probability
+                if bool((confidence < self.draft.min_confidence).any()):
+                    break  # a row is unsure of this draft: verify what the round has
+        drafts = torch.stack(inputs[1:], dim=1)  # (B, γ'), γ' <= γ
+        gamma = drafts.shape[1]
 
         # Verify: steps k..T-1 for the γ drafted inputs at once, from the states the draft left.
         self.cache.length = start
@@ -136,7 +153,7 @@ class SpeculativeDecoder:
         emitted = len(tokens)
         self.cache.length = start + emitted  # the pending token and the kept drafts; later slots are stale
         self.next_position = self.next_position + emitted
-        return RoundResult(tokens, [exit_step for _, exit_step in targets[:emitted]], accepted)
+        return RoundResult(tokens, [exit_step for _, exit_step in targets[:emitted]], gamma, accepted)
 
     def _valid(self, end: int) -> torch.Tensor | None:
         return None if self.key_valid is None else self.key_valid[:, :end]
@@ -204,7 +221,7 @@ def speculative_tokens(
             result = decoder.round(pending)
         stats.decode_s += device_elapsed(begin, model.device)
         stats.draft_rounds += 1
-        stats.draft_proposed += draft.tokens
+        stats.draft_proposed += result.proposed
         stats.draft_accepted += result.accepted
         kept = list(zip(result.tokens, result.exit_steps))[:remaining]
         for token, exit_step in kept:

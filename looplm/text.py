@@ -58,6 +58,7 @@ def stream_text(
     decoder: str = "dynamic",
     draft_steps: int | None = None,
     draft_tokens: int = 2,
+    draft_confidence: float = 0.0,
 ) -> Iterator[TextChunk]:
     tokenizer = _tokenizer(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -71,7 +72,7 @@ def stream_text(
     events = stream_generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
                              stop=stops or None, steps=steps, stats=stats, exit_policy=exit_policy,
                              kv_mode=kv_mode, skip_compute=skip_compute, decoder=decoder,
-                             draft_steps=draft_steps, draft_tokens=draft_tokens)
+                             draft_steps=draft_steps, draft_tokens=draft_tokens, draft_confidence=draft_confidence)
     # closing(): stream_generate holds torch.inference_mode open until it is closed.
     with closing(events):
         for event in events:

@@ -51,6 +51,23 @@ def test_every_exit_policy_reads_the_same_logits(gqa_model, policy: str) -> None
     assert spec == normal and stats.steps_per_token == normal_stats.steps_per_token
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_confidence_stop_drafts_less_and_keeps_the_output(gqa_model, temperature: float) -> None:  # noqa: ANN001
+    """`draft_confidence` ends drafting at an unsure draft: rounds propose fewer drafts; greedy
+    tokens stay normal decoding's, and sampled runs still fill the budget (their draws differ
+    from the fixed-length run's, which consumes other random numbers)."""
+    prompts = random_prompts(300, [8, 3], seed=9)
+    args = {"eos_token_ids": [], "return_stats": True, "draft_steps": 2, "draft_tokens": 6, "temperature": temperature,
+            "seed": 4}
+    fixed, fixed_stats = generate(gqa_model, prompts, 20, **args)
+    adaptive, stats = generate(gqa_model, prompts, 20, draft_confidence=0.9, **args)
+    assert stats.draft_proposed < stats.draft_rounds * 6  # some rounds stopped drafting early
+    assert stats.draft_proposed >= stats.draft_rounds  # and every round drafted at least once
+    assert all(len(row) == 20 for row in adaptive)
+    if temperature == 0.0:
+        assert adaptive == fixed == generate(gqa_model, prompts, 20, eos_token_ids=[])
+
+
 def test_drafting_with_all_but_one_loop_is_mostly_accepted_on_the_trained_model() -> None:
     """The embedded model was trained so that later loops refine earlier ones: a 3-loop draft
     agrees with the 4-loop model far more often than a 1-loop draft (measured, not assumed)."""
@@ -111,6 +128,7 @@ def test_greedy_acceptance_counts_the_prefix_every_row_agreed_on() -> None:
     ({"draft_steps": 2, "steps": 2}, "from 1 to 1"),
     ({"draft_steps": 1, "steps": 1}, "runs 1 loop; use it with 2 or more"),
     ({"draft_steps": 1, "draft_tokens": 0}, "draft_tokens"),
+    ({"draft_steps": 1, "draft_confidence": 1.0}, "draft_confidence must be in"),
     ({"draft_steps": 1, "use_cache": False}, "use_cache=False"),
     ({"draft_steps": 1, "kv_mode": "shared"}, "kv_mode='shared'"),
     ({"draft_steps": 1, "skip_compute": True}, "skip_compute"),
@@ -137,12 +155,28 @@ def test_round_arithmetic_of_the_benchmark() -> None:
 def test_benchmark_runs_end_to_end_on_tiny_shapes(capsys: pytest.CaptureFixture) -> None:
     from looplm.bench_speculative import main
 
-    assert main(["--shape", "tiny", "--new-tokens", "4", "--repeats", "1", "--draft-tokens", "2", "--rounds", "1"]) == 0
+    assert main(["--shape", "tiny", "--new-tokens", "4", "--repeats", "1", "--draft-tokens", "2,3", "--confidences",
+                 "0.3", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "Part 1:" in out and "Part 2: Ouro tiny shape" in out
+    assert "Part 1:" in out and "Part 2: Ouro tiny shape" in out and "up to 3, stop below 0.3" in out
     import json
 
     result = json.loads(out.strip().splitlines()[-1])
-    assert [r["draft_steps"] for r in result["cost"]["rows"]] == [1, 2, 3]
-    assert len(result["projections"]) == 3 and all(p["projected_speedup"] > 0 for p in result["projections"])
+    assert [(r["draft_steps"], r["draft_tokens"]) for r in result["cost"]["rows"]] == [
+        (k, g) for k in (1, 2, 3) for g in (2, 3)]
+    projected = result["projections"]
+    assert len(projected) == 9 and all(p["projected_speedup"] > 0 for p in projected)
+    assert {p["cost_source"] for p in projected if p["draft_confidence"]} == {"fit"}
     assert main(["--draft-tokens", "0"]) == 1
+    assert main(["--confidences", "1.5"]) == 1
+
+
+def test_round_cost_line_fit() -> None:
+    from looplm.bench_speculative import round_cost_fit
+
+    rows = [{"draft_steps": 2, "draft_tokens": g, "round_over_step": 0.5 + 0.5 * g} for g in (2, 3, 4, 6)]
+    rows.append({"draft_steps": 1, "draft_tokens": 2, "round_over_step": 1.0})  # one point: no line
+    fits = round_cost_fit({"rows": rows})
+    assert set(fits) == {2}
+    intercept, slope = fits[2]
+    assert abs(intercept - 0.5) < 1e-12 and abs(slope - 0.5) < 1e-12

@@ -40,6 +40,7 @@ def chat(
     decoder: common.Decoder = "auto",
     draft_steps: common.DraftSteps = None,
     draft_tokens: common.DraftTokens = 2,
+    draft_confidence: common.DraftConfidence = 0.0,
     system: Annotated[Optional[str], common.option("System prompt.", default_in_help=True)] = None,
     think: Annotated[bool, common.option("Open a <think> block in the prompt (enable_thinking).", "--think")] = False,
     hide_think: Annotated[bool, common.option("Do not show <think> reasoning.", "--hide-think")] = False,
@@ -49,7 +50,8 @@ def chat(
 ) -> None:
     """Chat with the model; one message per line, /reset and /exit."""
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
-    exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens)
+    exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
+                                 draft_confidence)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)
     options = {**sampling.for_model(lm), **exits.as_kwargs()}
     start = [{"role": "system", "content": system}] if system else []

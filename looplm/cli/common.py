@@ -128,7 +128,11 @@ DraftSteps = Annotated[Optional[int], option(
     "only when most drafts are accepted (docs/speculative.md).", "--draft-steps",
     default_in_help=True,
 )]
-DraftTokens = Annotated[int, option("Tokens drafted per speculative round (with --draft-steps).", "--draft-tokens")]
+DraftTokens = Annotated[int, option("Tokens drafted per speculative round, at most (with --draft-steps).",
+                                    "--draft-tokens")]
+DraftConfidence = Annotated[float, option(
+    "End a speculative round's drafting at the first draft the draft gives less than this probability "
+    "(0: always draft --draft-tokens).", "--draft-confidence")]
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ class DecodeOptions:
     decoder: str = "auto"
     draft_steps: Optional[int] = None
     draft_tokens: int = 2
+    draft_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         from looplm.errors import GenerationError
@@ -157,7 +162,8 @@ class DecodeOptions:
 
     def as_kwargs(self) -> dict:
         return {"exit_policy": self.exit_policy, "kv_mode": self.kv_mode, "skip_compute": self.skip_compute,
-                "decoder": self.decoder, "draft_steps": self.draft_steps, "draft_tokens": self.draft_tokens}
+                "decoder": self.decoder, "draft_steps": self.draft_steps, "draft_tokens": self.draft_tokens,
+                "draft_confidence": self.draft_confidence}
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ def generate(
     decoder: common.Decoder = "auto",
     draft_steps: common.DraftSteps = None,
     draft_tokens: common.DraftTokens = 2,
+    draft_confidence: common.DraftConfidence = 0.0,
     chat: Annotated[bool, common.option("Send the prompt as one user message via the chat template", "--chat")] = False,
     as_json: Annotated[bool, common.option("Print one JSON object (ids, text, timings).", "--json")] = False,
 ) -> None:
@@ -39,7 +40,8 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
-    exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens)
+    exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
+                                 draft_confidence)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)
     request = [{"role": "user", "content": prompt}] if chat else prompt
     text = []
@@ -60,7 +62,8 @@ def generate(
             "timings": {"setup_s": stats.setup_s, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
                         "decode_tok_s": stats.decode_tok_s},
             "decoder": stats.decoder,
-            "speculative": {"draft_steps": draft_steps, "draft_tokens": draft_tokens, "rounds": stats.draft_rounds,
+            "speculative": {"draft_steps": draft_steps, "draft_tokens": draft_tokens,
+                            "draft_confidence": draft_confidence, "rounds": stats.draft_rounds,
                             "proposed": stats.draft_proposed, "accepted": stats.draft_accepted,
                             "acceptance": stats.draft_acceptance} if draft_steps is not None else None,
             "mean_exit_step": chunk.mean_exit_step,
