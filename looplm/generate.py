@@ -8,7 +8,8 @@ Layers, bottom up:
   what the community "fixed" checkpoint does). Both read the logits of the step that the exit
   rule picks for the last position, like the reference. `decoder` picks, for the cached
   case, the dynamic decode step (every option) or the static-shape one of
-  `looplm.static_decode` (CUDA graphs, `torch.compile`; full KV cache, every loop runs).
+  `looplm.static_decode` (CUDA graphs, `torch.compile`; full KV cache, every loop runs);
+  `draft_steps` hands decoding to `looplm.speculative` (draft with k loops, verify with the rest).
 - `stream_generate` adds stopping (eos ids, stop strings, budget) and yields `StepEvent`s.
 - `generate` collects the new token ids of each row.
 """
