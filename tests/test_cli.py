@@ -237,6 +237,10 @@ def test_corrupt_config_is_one_line_error(tmp_path: Path) -> None:
         (["--device", "cpu", "--decoder", "graph"], "CUDA"),
         (["--decoder", "eager", "--kv-mode", "shared"], "kv_mode='shared'"),
         (["--decoder", "compile", "--skip-compute"], "skip_compute"),
+        (["--draft-steps", "0"], "--draft-steps"),
+        (["--draft-steps", "1", "--draft-tokens", "0"], "--draft-tokens"),
+        (["--draft-steps", "1", "--draft-confidence", "1"], "--draft-confidence"),
+        (["--draft-steps", "1", "--kv-mode", "shared"], "full KV cache"),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], needle: str) -> None:

@@ -159,6 +159,12 @@ class DecodeOptions:
             raise GenerationError(f"--kv-mode must be one of {', '.join(KV_MODES)}, got '{self.kv_mode}'")
         if self.decoder not in DECODERS:
             raise GenerationError(f"--decoder must be one of {', '.join(DECODERS)}, got '{self.decoder}'")
+        if self.draft_steps is not None and self.draft_steps < 1:
+            raise GenerationError(f"--draft-steps must be at least 1, got {self.draft_steps}")
+        if not 1 <= self.draft_tokens <= 64:
+            raise GenerationError(f"--draft-tokens must be from 1 to 64, got {self.draft_tokens}")
+        if not 0.0 <= self.draft_confidence < 1.0:
+            raise GenerationError(f"--draft-confidence must be in [0, 1), got {self.draft_confidence}")
 
     def as_kwargs(self) -> dict:
         return {"exit_policy": self.exit_policy, "kv_mode": self.kv_mode, "skip_compute": self.skip_compute,
