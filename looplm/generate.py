@@ -17,6 +17,7 @@ Layers, bottom up:
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -342,6 +343,10 @@ def stream_generate(
     pad_id = defaults.get("pad_token_id", model.config.pad_token_id) or 0
     ids, mask = prepare_inputs(input_ids, attention_mask, pad_id)
     _check_inputs(model, ids, max_new_tokens)
+    if draft is not None and ids.shape[0] > 1:
+        warnings.warn(f"speculative decoding of a batch keeps, each round, only the drafts all {ids.shape[0]} rows "
+                      "accepted, so it rarely pays; it is meant for one sequence at a time (docs/speculative.md)",
+                      stacklevel=2)
     stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
     if stop_strings and model.tokenizer is None:
         raise GenerationError("stop strings need a tokenizer, and this model was loaded without one")

@@ -27,6 +27,7 @@ def gqa_model(tmp_path_factory):  # noqa: ANN001, ANN201
 
 @pytest.mark.parametrize("draft_steps", [1, 2, 3])
 @pytest.mark.parametrize("draft_tokens", [1, 3, 5])
+@pytest.mark.filterwarnings("ignore:speculative decoding of a batch")
 def test_greedy_tokens_and_exit_steps_equal_normal_decoding(gqa_model, draft_steps: int, draft_tokens: int) -> None:  # noqa: ANN001
     prompts = random_prompts(300, [6, 13, 1], seed=5)  # left-padded batch, one 1-token prompt
     for kwargs in ({}, {"exit_threshold": 0.5}):
@@ -41,6 +42,7 @@ def test_greedy_tokens_and_exit_steps_equal_normal_decoding(gqa_model, draft_ste
 
 
 @pytest.mark.parametrize("policy", ["last", "confidence", "kl", "fixed", "weighted"])
+@pytest.mark.filterwarnings("ignore:speculative decoding of a batch")
 def test_every_exit_policy_reads_the_same_logits(gqa_model, policy: str) -> None:  # noqa: ANN001
     prompts = random_prompts(300, [9, 4], seed=2)
     kwargs = {"exit_policy": policy, "eos_token_ids": [], "return_stats": True}
@@ -52,6 +54,7 @@ def test_every_exit_policy_reads_the_same_logits(gqa_model, policy: str) -> None
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.filterwarnings("ignore:speculative decoding of a batch")
 def test_confidence_stop_drafts_less_and_keeps_the_output(gqa_model, temperature: float) -> None:  # noqa: ANN001
     """`draft_confidence` ends drafting at an unsure draft: rounds propose fewer drafts; greedy
     tokens stay normal decoding's, and sampled runs still fill the budget (their draws differ
@@ -81,6 +84,11 @@ def test_drafting_with_all_but_one_loop_is_mostly_accepted_on_the_trained_model(
         rates[k] = stats.draft_acceptance
     assert rates[3] > rates[1]
     assert rates[3] > 0.5
+
+
+def test_a_batch_is_warned_that_it_keeps_only_the_common_prefix(gqa_model) -> None:  # noqa: ANN001
+    with pytest.warns(UserWarning, match="one sequence at a time"):
+        generate(gqa_model, random_prompts(300, [3, 4]), 3, draft_steps=1)
 
 
 def test_sampling_is_reproducible_and_stops_like_normal_decoding(gqa_model) -> None:  # noqa: ANN001
