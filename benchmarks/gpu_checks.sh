@@ -6,13 +6,13 @@
 #   compiled  compiled + graphed decode, one dtype per process (a slow compile loses only its rows),
 #             with an 8-step profile
 #   cdt       compiled bf16 with Inductor's coordinate descent tuning (on CUDA it turns one-row
-#             matmuls into reductions fused with the norms around them), with SDPA and with matmul
-#             attention (batch 1 and 8, no profile)
+#             matmuls into reductions fused with the norms around them): alone, with matmul
+#             attention, with fused q|k|v and gate|up (batch 1 and 8, no profile)
 #   ab        the static step's other A/B options against the compiled bf16 run: FlexAttention,
 #             matmul attention, fused q|k|v and gate|up projections, flex + fused
 #   autotune  (only when named) fused + matmul compiled with Inductor's max-autotune GEMM search
 # Compare the ab runs afterwards, anywhere: python -m looplm.bench_cuda --compare \
-#   gpu-out/compiled-bf16.json gpu-out/{cdt,cdt-matmul,flex,matmul,fused,flex-fused}-bf16.json
+#   gpu-out/compiled-bf16.json gpu-out/{cdt,cdt-matmul,cdt-fused,flex,matmul,fused,flex-fused}-bf16.json
 # `bash benchmarks/gpu_checks.sh` runs every stage; `bash benchmarks/gpu_checks.sh tests ab` only
 # those (a device call is limited to 10 minutes: run `tests compiled cdt` first, the wiring and
 # the baseline and the most promising option, then `ab graph`).
@@ -51,8 +51,10 @@ for stage in $stages; do
             bench compiled-bf16 110 --mode compile+graph --dtypes bf16 --profile-steps 8
             bench compiled-int4 110 --mode compile+graph --dtypes int4 --profile-steps 8 ;;
         cdt)
-            bench cdt-bf16 150 --mode compile+graph --dtypes bf16 --inductor-option coordinate_descent_tuning=true
-            bench cdt-matmul-bf16 150 --mode compile+graph --dtypes bf16 --attention matmul \
+            bench cdt-bf16 120 --mode compile+graph --dtypes bf16 --inductor-option coordinate_descent_tuning=true
+            bench cdt-matmul-bf16 120 --mode compile+graph --dtypes bf16 --attention matmul \
+                --inductor-option coordinate_descent_tuning=true
+            bench cdt-fused-bf16 120 --mode compile+graph --dtypes bf16 --fuse-projections \
                 --inductor-option coordinate_descent_tuning=true ;;
         ab)
             bench flex-bf16 90 --mode compile+graph --dtypes bf16 --attention flex
