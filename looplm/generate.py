@@ -167,6 +167,22 @@ def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mo
     return decoder
 
 
+@dataclass
+class TokenJob:
+    """One batch's decoding inputs, as `decode_tokens` hands them to the static and speculative
+    paths (each yields `(tokens [B], exit_steps [B])` per new position and fills `stats`)."""
+
+    model: OuroForCausalLM
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    max_new_tokens: int
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    policy: ExitPolicy
+    steps: int
+    stats: GenerationStats
+
+
 def decode_tokens(
     model: OuroForCausalLM,
     input_ids: torch.Tensor,
@@ -191,15 +207,14 @@ def decode_tokens(
     (checked by `stream_generate`) decodes self-speculatively (`looplm.speculative`).
     """
     stats.decoder = decoder
+    job = TokenJob(model, input_ids, attention_mask, max_new_tokens, sampling, generator, policy, steps, stats)
     if draft is not None:
         from looplm.speculative import speculative_tokens  # imported here: that module builds on this one
 
-        yield from speculative_tokens(model, input_ids, attention_mask, max_new_tokens, sampling, generator, policy,
-                                      steps, stats, draft)
+        yield from speculative_tokens(job, draft)
         return
     if decoder != "dynamic":
-        yield from _static_tokens(model, input_ids, attention_mask, max_new_tokens, sampling, generator, policy,
-                                  steps, stats, decoder)
+        yield from _static_tokens(job, decoder)
         return
     device = model.device
     ids = input_ids.to(device)
@@ -243,36 +258,26 @@ def decode_tokens(
         yield token, exit_step
 
 
-def _static_tokens(
-    model: OuroForCausalLM,
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    generator: torch.Generator | None,
-    policy: ExitPolicy,
-    steps: int,
-    stats: GenerationStats,
-    mode: str,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _static_tokens(job: TokenJob, mode: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`decode_tokens` through a (reused) `StaticDecoder`: same tokens, fixed-shape decode steps."""
     from looplm.static_decode import static_decoder  # imported here: that module builds on this one
 
-    batch, prompt_len = ids.shape
+    model, stats = job.model, job.stats
+    batch, prompt_len = job.ids.shape
     start = time.perf_counter()
-    decoder = static_decoder(model, batch, prompt_len + max_new_tokens, steps, policy, mode)
+    decoder = static_decoder(model, batch, prompt_len + job.max_new_tokens, job.steps, job.policy, mode)
     stats.setup_s = device_elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
     start = time.perf_counter()
-    logits, exit_step = decoder.prefill(ids, mask)
-    token = sample(logits, sampling, generator)
+    logits, exit_step = decoder.prefill(job.ids, job.mask)
+    token = sample(logits, job.sampling, job.generator)
     stats.prefill_s = device_elapsed(start, model.device)
     stats.new_tokens = 1
     # A CUDA graph's outputs are overwritten by the next step: hand out copies.
     yield token, exit_step.clone()
-    for _ in range(max_new_tokens - 1):
+    for _ in range(job.max_new_tokens - 1):
         start = time.perf_counter()
         logits, exit_step = decoder.step(token)
-        token = sample(logits, sampling, generator)
+        token = sample(logits, job.sampling, job.generator)
         stats.decode_s += device_elapsed(start, model.device)
         stats.new_tokens += 1
         yield token, exit_step.clone()

@@ -35,7 +35,7 @@ import torch
 
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy
-from looplm.generate import GenerationStats, device_elapsed
+from looplm.generate import TokenJob, device_elapsed
 from looplm.models.ouro import AttentionBias, OuroForCausalLM, StepOutput, positions_from_mask, rope_tables
 from looplm.sampling import SamplingParams, probabilities, sample
 
@@ -193,28 +193,19 @@ def accept_drafts(drafts: torch.Tensor, draft_probs: list[torch.Tensor], target_
     return tokens, accepted
 
 
-def speculative_tokens(
-    model: OuroForCausalLM,
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    generator: torch.Generator | None,
-    policy: ExitPolicy,
-    steps: int,
-    stats: GenerationStats,
-    draft: DraftParams,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def speculative_tokens(job: TokenJob, draft: DraftParams) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`decode_tokens`' contract: yield `(tokens [B], exit_steps [B])` per new position.
     Inference mode covers the model calls only, never a `yield`."""
+    model, stats = job.model, job.stats
     begin = time.perf_counter()
     with torch.inference_mode():
-        decoder = SpeculativeDecoder(model, ids, mask, max_new_tokens, steps, policy, sampling, generator, draft)
+        decoder = SpeculativeDecoder(model, job.ids, job.mask, job.max_new_tokens, job.steps, job.policy, job.sampling,
+                                     job.generator, draft)
         pending, exit_step = decoder.prefill()
     stats.prefill_s = device_elapsed(begin, model.device)
     stats.new_tokens = 1
     yield pending, exit_step
-    remaining = max_new_tokens - 1
+    remaining = job.max_new_tokens - 1
     while remaining > 0:
         begin = time.perf_counter()
         with torch.inference_mode():

@@ -88,3 +88,15 @@ def make_checkpoint(tmp_path: Path):  # noqa: ANN201
         return path
 
     return make
+
+
+def decode_greedily(decoder, ids: torch.Tensor, mask: torch.Tensor | None, new_tokens: int):  # noqa: ANN001, ANN201
+    """Greedy tokens `[B][new_tokens]`, 1-based exit steps (as `generate` reports them) and the
+    last logits through a `looplm.static_decode.StaticDecoder`."""
+    logits, exit_step = decoder.prefill(ids, mask)
+    tokens, exits = [logits.argmax(-1)], [exit_step.clone()]
+    for _ in range(new_tokens - 1):
+        logits, exit_step = decoder.step(tokens[-1])
+        tokens.append(logits.argmax(-1))
+        exits.append(exit_step.clone())
+    return torch.stack(tokens, 1).tolist(), (torch.stack(exits, 1) + 1).tolist(), logits.clone()

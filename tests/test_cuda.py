@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_prompts
+from conftest import decode_greedily, random_prompts
 
 import looplm
 from looplm.generate import generate
@@ -71,18 +71,6 @@ def test_static_decode_graph_modes_match_generate(make_checkpoint, mode: str) ->
         assert static_stats.steps_per_token == dyn_stats.steps_per_token
 
 
-def decode_greedily(decoder: StaticDecoder, ids: torch.Tensor, mask: torch.Tensor | None,
-                    new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Greedy tokens and 1-based exit steps through a static decoder, as `generate` reports them."""
-    logits, exit_step = decoder.prefill(ids, mask)
-    tokens, exits = [logits.argmax(-1)], [exit_step.clone()]
-    for _ in range(new_tokens - 1):
-        logits, exit_step = decoder.step(tokens[-1])
-        tokens.append(logits.argmax(-1))
-        exits.append(exit_step.clone())
-    return torch.stack(tokens, 1).tolist(), (torch.stack(exits, 1) + 1).tolist()
-
-
 @pytest.mark.parametrize(("attention", "fuse"), [("flex", False), ("matmul", False), ("sdpa", True), ("flex", True)])
 def test_flex_attention_and_fused_projections_in_the_graph(make_checkpoint, attention: str, fuse: bool) -> None:  # noqa: ANN001
     """The benchmark's A/B options, compiled and captured: FlexAttention or matmul attention over
@@ -98,7 +86,7 @@ def test_flex_attention_and_fused_projections_in_the_graph(make_checkpoint, atte
                               return_stats=True)
     decoder = StaticDecoder(model, 3, 40, policy=make_policy(None, 0.5, 3, None), mode="compile+graph",
                             attention=attention, fuse_projections=fuse)
-    assert decode_greedily(decoder, ids, mask, 12) == (dynamic, stats.steps_per_token)
+    assert decode_greedily(decoder, ids, mask, 12)[:2] == (dynamic, stats.steps_per_token)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "matmul"])
@@ -114,7 +102,7 @@ def test_coordinate_descent_compiled_graph_at_batch_one(make_checkpoint, attenti
     dynamic, stats = generate(model, prompt, 12, eos_token_ids=[], exit_threshold=0.5, return_stats=True)
     decoder = StaticDecoder(model, 1, 32, policy=make_policy(None, 0.5, 3, None), mode="compile+graph",
                             attention=attention, compile_options={"coordinate_descent_tuning": True})
-    assert decode_greedily(decoder, torch.tensor(prompt), None, 12) == (dynamic, stats.steps_per_token)
+    assert decode_greedily(decoder, torch.tensor(prompt), None, 12)[:2] == (dynamic, stats.steps_per_token)
 
 
 def test_auto_decoder_replays_the_graph_with_stop_strings_and_reuse() -> None:

@@ -89,14 +89,18 @@ def spec_forward(cfg: dict, sd: dict[str, torch.Tensor], ids: torch.Tensor, mask
         gate = h @ sd["model.early_exit_gate.weight"].T + sd["model.early_exit_gate.bias"]
         lambdas.append(torch.sigmoid(gate).squeeze(-1))
 
-    # 5.1: running remaining mass in the gate's dtype; the last step takes what is left
+    hidden, lambdas = torch.stack(states), torch.stack(lambdas)
+    return {"hidden": hidden, "logits": hidden @ lm_head.T, "lambda": lambdas, "pdf": spec_exit_pdf(lambdas)}
+
+
+def spec_exit_pdf(lambdas: torch.Tensor) -> torch.Tensor:
+    """5.1: a running remaining mass in the gate's dtype; the last step takes what is left."""
     pdf, remaining = [], torch.ones_like(lambdas[0])
     for lam in lambdas[:-1]:
         pdf.append(lam * remaining)
         remaining = remaining * (1 - lam)
     pdf.append(remaining)
-    hidden = torch.stack(states)
-    return {"hidden": hidden, "logits": hidden @ lm_head.T, "lambda": torch.stack(lambdas), "pdf": torch.stack(pdf)}
+    return torch.stack(pdf)
 
 
 def spec_exit_steps(cfg: dict, pdf: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -270,13 +274,7 @@ def test_bf16_saturated_gates_give_the_spec_exit_pdf_and_steps_bit_for_bit(make_
         out = model.forward_steps(ids)
     lam = torch.sigmoid(torch.tensor(bias, dtype=torch.bfloat16))
     lambdas = torch.full((steps, 1, 5), lam.item(), dtype=torch.bfloat16)
-    # the spec's pdf from the same lambdas
-    pdf, remaining = [], torch.ones_like(lambdas[0])
-    for step_lam in lambdas[:-1]:
-        pdf.append(step_lam * remaining)
-        remaining = remaining * (1 - step_lam)
-    pdf.append(remaining)
-    expected_pdf = torch.stack(pdf)
+    expected_pdf = spec_exit_pdf(lambdas)  # the spec's pdf from the same lambdas
     assert torch.equal(out.gate_lambda, lambdas)
     assert torch.equal(out.exit_probs, expected_pdf)
     for threshold in (1.0, 0.999, 0.9, 0.5, 0.1):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import random_prompts
+from conftest import decode_greedily, random_prompts
 
 import looplm
 from looplm.errors import GenerationError
@@ -214,17 +214,6 @@ def _gate(model):  # noqa: ANN001, ANN202
     return make_policy(None, None, 3, model.config.early_exit_threshold, model.config.early_exit_step)
 
 
-def _greedy(decoder: StaticDecoder, ids: torch.Tensor, mask: torch.Tensor | None, new_tokens: int):  # noqa: ANN202
-    """Greedy tokens `[B][new_tokens]`, exit steps and the last logits through a decoder."""
-    logits, exit_step = decoder.prefill(ids, mask)
-    tokens, exits = [logits.argmax(-1)], [exit_step.clone()]
-    for _ in range(new_tokens - 1):
-        logits, exit_step = decoder.step(tokens[-1])
-        tokens.append(logits.argmax(-1))
-        exits.append(exit_step.clone())
-    return torch.stack(tokens, 1).tolist(), (torch.stack(exits, 1) + 1).tolist(), logits.clone()
-
-
 def _padded(model, lengths: list[int], seed: int):  # noqa: ANN001, ANN202
     from looplm.generate import prepare_inputs
 
@@ -242,8 +231,8 @@ def test_static_step_variants_give_generates_tokens(gqa_model, attention: str, f
     weights = {name: t.clone() for name, t in gqa_model.state_dict().items()}
     expected, stats = generate(gqa_model, ids.tolist(), 14, attention_mask=mask, eos_token_ids=[], exit_threshold=0.5,
                                return_stats=True)
-    plain = _greedy(StaticDecoder(gqa_model, 3, 40, policy=make_policy(None, 0.5, 3, None)), ids, mask, 14)
-    variant = _greedy(StaticDecoder(gqa_model, 3, 40, policy=make_policy(None, 0.5, 3, None), attention=attention,
+    plain = decode_greedily(StaticDecoder(gqa_model, 3, 40, policy=make_policy(None, 0.5, 3, None)), ids, mask, 14)
+    variant = decode_greedily(StaticDecoder(gqa_model, 3, 40, policy=make_policy(None, 0.5, 3, None), attention=attention,
                                     fuse_projections=fuse), ids, mask, 14)
     assert variant[0] == plain[0] == expected
     assert variant[1] == plain[1] == stats.steps_per_token
@@ -301,7 +290,7 @@ def test_compiled_fused_projections_match_generate(gqa_model, attention: str) ->
     counters.clear()
     decoder = StaticDecoder(gqa_model, 3, 40, policy=make_policy(None, 0.5, 3, None), mode="compile",
                             attention=attention, fuse_projections=True)
-    tokens, exits, _ = _greedy(decoder, ids, mask, 12)
+    tokens, exits, _ = decode_greedily(decoder, ids, mask, 12)
     assert tokens == expected and exits == stats.steps_per_token
     assert counters["stats"]["unique_graphs"] == 1
 
@@ -339,6 +328,6 @@ def test_compiled_step_with_inductor_options_matches_generate(gqa_model, monkeyp
     torch._dynamo.reset()
     decoder = StaticDecoder(gqa_model, 2, 24, policy=make_policy(None, 0.5, 3, None), mode="compile",
                             compile_options={"coordinate_descent_tuning": True})
-    tokens, _, _ = _greedy(decoder, ids, mask, 8)
+    tokens, _, _ = decode_greedily(decoder, ids, mask, 8)
     assert tokens == expected
     assert seen == [{"fullgraph": True, "dynamic": False, "options": {"coordinate_descent_tuning": True}}]
