@@ -1,6 +1,7 @@
 """Self-speculative decoding, measured: acceptance and speed on the trained embedded model, round costs on a real shape.
 
-Part 1, the embedded model (tiny-ouro, the only trained looped model here): greedy decoding of
+Part 1, a trained looped model (default: the embedded tiny-ouro, the only one here; `--model`
+takes a real Ouro checkpoint, on which part 1 measures the real thing): greedy decoding of
 fixed prompts from its training domains, for each draft depth k (1 .. T-1) and drafts per round
 γ, against normal decoding in the same run: acceptance, tokens per round, whether every token
 equals normal decoding's, and the decode speed ratio (repeats alternate normal and speculative
@@ -72,13 +73,15 @@ def break_even_acceptance(round_over_step: float, draft_tokens: int) -> float | 
 
 
 def measure_acceptance(new_tokens: int, draft_tokens: Sequence[int], confidences: Sequence[float], repeats: int,
-                       log: Log) -> dict:
-    """Part 1 on the embedded model: fixed rounds of each γ, then rounds of up to max(γ) drafts
-    that end at the first draft below each confidence."""
+                       log: Log, model_path: str | None = None, dtype: str = "bfloat16") -> dict:
+    """Part 1 on a trained model (default: the embedded one): fixed rounds of each γ, then rounds
+    of up to max(γ) drafts that end at the first draft below each confidence."""
     import looplm
     from looplm.generate import generate
 
-    model = looplm.load(None)
+    model = looplm.load(model_path, dtype=dtype)
+    if model.tokenizer is None:
+        raise LooplmError(f"{model.source}: part 1 encodes text prompts and this model has no tokenizer")
     prompts = [model.tokenizer.encode(p) for p in PROMPTS]
     steps = model.config.total_ut_steps
 
@@ -251,6 +254,10 @@ def format_report(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m looplm.bench_speculative", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", "-m", default=None,
+                        help="part 1: a trained looped model (directory or hub id; default: the embedded model). "
+                             "On real Ouro weights part 1 measures acceptance and speed directly")
+    parser.add_argument("--dtype", default="bfloat16", help="part 1: the model's dtype")
     parser.add_argument("--new-tokens", type=int, default=96, help="part 1: tokens per prompt")
     parser.add_argument("--repeats", type=int, default=3, help="part 1: alternating repeats")
     parser.add_argument("--draft-tokens", default="2,3,4,6", help="comma-separated drafts per round")
@@ -284,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         result: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
-        result["acceptance"] = measure_acceptance(args.new_tokens, draft_tokens, confidences, args.repeats, log)
+        result["acceptance"] = measure_acceptance(args.new_tokens, draft_tokens, confidences, args.repeats, log,
+                                                  args.model, args.dtype)
         if args.shape != "none":
             from looplm.bench import SHAPES
 

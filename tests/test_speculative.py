@@ -179,6 +179,24 @@ def test_benchmark_runs_end_to_end_on_tiny_shapes(capsys: pytest.CaptureFixture)
     assert main(["--confidences", "1.5"]) == 1
 
 
+def test_benchmark_part_one_takes_another_model(make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    """`--model`: part 1 on any looped checkpoint with a tokenizer (a real Ouro one measures the real
+    acceptance); `--shape none` skips part 2; a model without a tokenizer is a one-line error."""
+    import json
+
+    from looplm.bench_speculative import main
+
+    path = make_checkpoint(seed=1, total_ut_steps=3)
+    assert main(["--model", str(path), "--dtype", "float32", "--shape", "none", "--new-tokens", "3", "--repeats", "1",
+                 "--draft-tokens", "2", "--confidences", ""]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["acceptance"]["model"] == str(path) and result["acceptance"]["steps"] == 3
+    assert [r["draft_steps"] for r in result["acceptance"]["rows"]] == [1, 2] and "cost" not in result
+    (path / "tokenizer.json").unlink()
+    assert main(["--model", str(path), "--shape", "none"]) == 1
+    assert "no tokenizer" in capsys.readouterr().err
+
+
 def test_round_cost_line_fit() -> None:
     from looplm.bench_speculative import round_cost_fit
 
