@@ -62,7 +62,7 @@ def test_confidence_stop_drafts_less_and_keeps_the_output(gqa_model, temperature
     prompts = random_prompts(300, [8, 3], seed=9)
     args = {"eos_token_ids": [], "return_stats": True, "draft_steps": 2, "draft_tokens": 6, "temperature": temperature,
             "seed": 4}
-    fixed, fixed_stats = generate(gqa_model, prompts, 20, **args)
+    fixed, _ = generate(gqa_model, prompts, 20, **args)
     adaptive, stats = generate(gqa_model, prompts, 20, draft_confidence=0.9, **args)
     assert stats.draft_proposed < stats.draft_rounds * 6  # some rounds stopped drafting early
     assert stats.draft_proposed >= stats.draft_rounds  # and every round drafted at least once
