@@ -220,9 +220,7 @@ def decode_tokens(
     ids = input_ids.to(device)
     batch, prompt_len = ids.shape
     mask = None if attention_mask is None else attention_mask.to(device)
-    positions = positions_from_mask(mask, ids.shape)
-    if positions is None:
-        positions = torch.arange(prompt_len, device=device).expand(batch, prompt_len)
+    positions = positions_from_mask(mask, ids)
     cache = None
     if use_cache:
         cache = model.make_cache(batch, prompt_len + max_new_tokens, steps, kv_mode=kv_mode, prompt_len=prompt_len)

@@ -87,9 +87,7 @@ class SpeculativeDecoder:
         batch, prompt_len = self.ids.shape
         capacity = prompt_len + max_new_tokens + draft.tokens  # drafts may run past the last kept token
         self.cache = model.make_cache(batch, capacity, steps)
-        positions = positions_from_mask(None if mask is None else mask.to(device), self.ids.shape)
-        self.prompt_positions = positions if positions is not None else torch.arange(
-            prompt_len, device=device).expand(batch, prompt_len)
+        self.prompt_positions = positions_from_mask(None if mask is None else mask.to(device), self.ids)
         # Keys that are real tokens, over the whole capacity (None: no padding anywhere).
         self.key_valid = None
         if mask is not None and not bool(mask.all()):
@@ -99,8 +97,8 @@ class SpeculativeDecoder:
 
     def prefill(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt through every loop; the first new token and its exit step."""
-        valid = None if self.key_valid is None else self.key_valid[:, : self.ids.shape[1]]
-        out = self.model.run_steps(self.ids, self.prompt_positions, valid, self.cache, self.steps)
+        out = self.model.run_steps(self.ids, self.prompt_positions, self._valid(self.ids.shape[1]), self.cache,
+                                   self.steps)
         logits, exit_step = self.model.readout(out, self.policy, position=-1)
         return sample(logits, self.sampling, self.generator), exit_step
 

@@ -350,9 +350,7 @@ class StaticDecoder:
         device = self.model.device
         ids = input_ids.to(device)
         mask = None if attention_mask is None else attention_mask.to(device)
-        positions = positions_from_mask(mask, ids.shape)
-        if positions is None:
-            positions = torch.arange(prompt_len, device=device).expand(batch, prompt_len)
+        positions = positions_from_mask(mask, ids)
         cache = PrefillSlotCache(self.keys, self.values)
         out = self.model.run_steps(ids, positions, mask, cache, self.steps)  # type: ignore[arg-type]
         logits, exit_step = self.model.readout(out, self.prefill_policy, position=-1)

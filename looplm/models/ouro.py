@@ -413,9 +413,7 @@ class OuroForCausalLM(nn.Module):
     ) -> StepOutput:
         """All per-step logits `[T, B, S, vocab]` and the exit pdf `[T, B, S]`, without a cache."""
         steps = self.resolve_steps(steps)
-        positions = positions_from_mask(attention_mask, input_ids.shape)
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+        positions = positions_from_mask(attention_mask, input_ids)
         key_valid = None if attention_mask is None else attention_mask.bool()
         out = self.run_steps(input_ids, positions, key_valid, steps=steps)
         out.logits = self.lm_head(out.hidden_states)
@@ -553,9 +551,10 @@ class OuroForCausalLM(nn.Module):
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
 
-def positions_from_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
-    """Left padding: a row's first real token is at position 0 (cumsum(mask) - 1)."""
+def positions_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE positions `[B, S]` of a prompt: 0, 1, ... per row; with left padding a row's first real
+    token is at position 0 (cumsum(mask) - 1)."""
     if attention_mask is None:
-        return None
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 1)
