@@ -20,18 +20,16 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
+from looplm.decode_job import GenerationStats, TokenJob, device_elapsed
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, make_policy
 from looplm.models.ouro import OuroForCausalLM, positions_from_mask
 from looplm.sampling import SamplingParams, sample
-
-if TYPE_CHECKING:
-    from looplm.speculative import DraftParams
-
+from looplm.speculative import DraftParams, speculative_tokens
+from looplm.static_decode import resolve_mode, static_tokens
 
 KV_MODES = ("full", "shared")
 # "dynamic": `OuroForCausalLM.decode_step`; the others are `looplm.static_decode` modes;
@@ -47,61 +45,6 @@ class StepEvent:
     tokens: dict[int, int]  # row -> token id, only rows that were running
     exit_steps: dict[int, int]  # row -> 1-based UT step whose logits were used
     finished: dict[int, str] = field(default_factory=dict)  # row -> "stop" | "length", rows that ended here
-
-
-@dataclass
-class GenerationStats:
-    """Model time only (the caller's work between tokens is not counted)."""
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0  # the prompt pass, which also yields the first new token
-    decode_s: float = 0.0  # the one-token passes that yield every later token
-    steps_per_token: list[list[int]] = field(default_factory=list)  # per row: 1-based exit step of each token
-    kv_mode: str = "full"
-    steps_available: int = 0  # loops each token may run (the model's T or the `steps` override)
-    skipping: bool = False  # decoded tokens really stop computing at their exit step
-    decoder: str = "dynamic"  # the decode step that ran: "dynamic" or a static mode (see DECODERS)
-    setup_s: float = 0.0  # building the static decoder (capture, compile); 0 when reused or dynamic
-    # Self-speculative decoding (`draft_steps`): rounds run, drafts proposed, drafts every row kept.
-    draft_rounds: int = 0
-    draft_proposed: int = 0
-    draft_accepted: int = 0
-
-    @property
-    def draft_acceptance(self) -> float:
-        """Share of drafted tokens the full model accepted (0 without speculative decoding)."""
-        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
-
-    @property
-    def mean_steps(self) -> float:
-        counts = [n for row in self.steps_per_token for n in row]
-        return sum(counts) / len(counts) if counts else 0.0
-
-    @property
-    def loops_saved(self) -> int:
-        """Loops the decoded tokens did not run; 0 unless skipping.
-
-        The first new token of a row is read from the prefill, which runs every loop for every
-        prompt token, so only the later (decoded) tokens can save loops.
-        """
-        if not self.skipping:
-            return 0
-        return sum(self.steps_available - n for row in self.steps_per_token for n in row[1:])
-
-    @property
-    def loops_possible(self) -> int:
-        """Loops the decoded tokens would have run at full depth (the base of `loops_saved`)."""
-        return sum(self.steps_available * len(row[1:]) for row in self.steps_per_token)
-
-    @property
-    def decode_tok_s(self) -> float:
-        decoded = self.new_tokens - 1  # the first token came from the prefill
-        return decoded / self.decode_s if self.decode_s > 0 else 0.0
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
 def prepare_inputs(
@@ -135,14 +78,6 @@ def prepare_inputs(
     return ids.long(), attention_mask
 
 
-def device_elapsed(start: float, device: torch.device) -> float:
-    """Seconds since `start`, after the device has finished: GPU work is asynchronous, so
-    without a sync the clock would stop when the kernels were queued, not when they ran."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mode: str, skip_compute: bool,
                     drafting: bool = False) -> str:
     """'dynamic' or the static mode to run; refuses a static mode the request cannot use.
@@ -161,26 +96,8 @@ def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mo
         if refused:
             raise GenerationError(f"the static decoder ('{decoder}') runs every loop with the full KV cache, so it "
                                   f"cannot take {' or '.join(refused)}; use decoder='dynamic'")
-        from looplm.static_decode import resolve_mode  # imported here: that module builds on this one
-
         resolve_mode(decoder, model.device)  # a graph mode needs a CUDA model
     return decoder
-
-
-@dataclass
-class TokenJob:
-    """One batch's decoding inputs, as `decode_tokens` hands them to the static and speculative
-    paths (each yields `(tokens [B], exit_steps [B])` per new position and fills `stats`)."""
-
-    model: OuroForCausalLM
-    ids: torch.Tensor
-    mask: torch.Tensor | None
-    max_new_tokens: int
-    sampling: SamplingParams
-    generator: torch.Generator | None
-    policy: ExitPolicy
-    steps: int
-    stats: GenerationStats
 
 
 def decode_tokens(
@@ -209,12 +126,10 @@ def decode_tokens(
     stats.decoder = decoder
     job = TokenJob(model, input_ids, attention_mask, max_new_tokens, sampling, generator, policy, steps, stats)
     if draft is not None:
-        from looplm.speculative import speculative_tokens  # imported here: that module builds on this one
-
         yield from speculative_tokens(job, draft)
         return
     if decoder != "dynamic":
-        yield from _static_tokens(job, decoder)
+        yield from static_tokens(job, decoder)
         return
     device = model.device
     ids = input_ids.to(device)
@@ -254,31 +169,6 @@ def decode_tokens(
         stats.decode_s += device_elapsed(start, device)
         stats.new_tokens += 1
         yield token, exit_step
-
-
-def _static_tokens(job: TokenJob, mode: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """`decode_tokens` through a (reused) `StaticDecoder`: same tokens, fixed-shape decode steps."""
-    from looplm.static_decode import static_decoder  # imported here: that module builds on this one
-
-    model, stats = job.model, job.stats
-    batch, prompt_len = job.ids.shape
-    start = time.perf_counter()
-    decoder = static_decoder(model, batch, prompt_len + job.max_new_tokens, job.steps, job.policy, mode)
-    stats.setup_s = device_elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
-    start = time.perf_counter()
-    logits, exit_step = decoder.prefill(job.ids, job.mask)
-    token = sample(logits, job.sampling, job.generator)
-    stats.prefill_s = device_elapsed(start, model.device)
-    stats.new_tokens = 1
-    # A CUDA graph's outputs are overwritten by the next step: hand out copies.
-    yield token, exit_step.clone()
-    for _ in range(job.max_new_tokens - 1):
-        start = time.perf_counter()
-        logits, exit_step = decoder.step(token)
-        token = sample(logits, job.sampling, job.generator)
-        stats.decode_s += device_elapsed(start, model.device)
-        stats.new_tokens += 1
-        yield token, exit_step.clone()
 
 
 def stream_generate(
@@ -328,8 +218,6 @@ def stream_generate(
         raise GenerationError(f"kv_mode must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
     draft = None
     if draft_steps is not None:
-        from looplm.speculative import DraftParams  # imported here: that module builds on this one
-
         draft = DraftParams(steps=draft_steps, tokens=draft_tokens, min_confidence=draft_confidence)
         draft.check(steps)
         refused = [what for what, bad in (("use_cache=False", not use_cache), (f"kv_mode='{kv_mode}'", kv_mode != "full"),
@@ -435,6 +323,19 @@ def generate(
     return (ids, stats) if return_stats else ids
 
 
+def generate_static(
+    model: OuroForCausalLM,
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    mode: str = "auto",
+    **kwargs: object,
+) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
+    """`generate` through the static decode step: `decoder=mode`, where 'auto' here is
+    'graph' on CUDA and 'eager' elsewhere. Takes `generate`'s other keyword arguments (a full
+    KV cache, no compute skipping)."""
+    return generate(model, input_ids, max_new_tokens, decoder=resolve_mode(mode, model.device), **kwargs)
+
+
 def _check_inputs(model: OuroForCausalLM, ids: torch.Tensor, max_new_tokens: int) -> None:
     config = model.config
     total = ids.shape[1] + max_new_tokens
@@ -454,3 +355,4 @@ def _hits_stop(model: OuroForCausalLM, produced: list[int], stop_strings: list[s
     longest = max(len(s) for s in stop_strings)
     tail = model.tokenizer.decode(produced[-(longest + 8) :], skip_special_tokens=False)
     return any(s in tail for s in stop_strings)
+

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from looplm.decode_job import TokenJob, device_elapsed
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy
-from looplm.generate import TokenJob, device_elapsed
 from looplm.models.ouro import AttentionBias, OuroForCausalLM, StepOutput, positions_from_mask, rope_tables
 from looplm.sampling import SamplingParams, probabilities, sample
 

@@ -30,16 +30,16 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from looplm.cache import Segments
+from looplm.decode_job import TokenJob, device_elapsed
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, make_policy
-from looplm.generate import GenerationStats, generate
 from looplm.models.ouro import (
     AttentionBias,
     OuroForCausalLM,
@@ -48,6 +48,7 @@ from looplm.models.ouro import (
     rope_tables,
     segmented_attention,
 )
+from looplm.sampling import sample
 
 MODES = ("auto", "eager", "compile", "graph", "compile+graph")
 ATTENTIONS = ("sdpa", "matmul", "flex")  # how a static slot attends; flex: CUDA, compile modes only
@@ -427,21 +428,33 @@ def release_static_decoder(model: OuroForCausalLM) -> bool:
     return model.__dict__.pop(_CACHED, None) is not None
 
 
-def generate_static(
-    model: OuroForCausalLM,
-    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
-    max_new_tokens: int,
-    mode: str = "auto",
-    **kwargs: object,
-) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
-    """`looplm.generate` through the static decode step: `decoder=mode`, where 'auto' here is
-    'graph' on CUDA and 'eager' elsewhere. Takes `generate`'s other keyword arguments (a full
-    KV cache, no compute skipping)."""
-    return generate(model, input_ids, max_new_tokens, decoder=resolve_mode(mode, model.device), **kwargs)
+def static_tokens(job: TokenJob, mode: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`looplm.generate.decode_tokens` through a (reused) `StaticDecoder`: yields `(tokens [B],
+    exit_steps [B])` per new position, as the dynamic step would, from fixed-shape decode steps."""
+    model, stats = job.model, job.stats
+    batch, prompt_len = job.ids.shape
+    start = time.perf_counter()
+    decoder = static_decoder(model, batch, prompt_len + job.max_new_tokens, job.steps, job.policy, mode)
+    stats.setup_s = device_elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
+    start = time.perf_counter()
+    logits, exit_step = decoder.prefill(job.ids, job.mask)
+    token = sample(logits, job.sampling, job.generator)
+    stats.prefill_s = device_elapsed(start, model.device)
+    stats.new_tokens = 1
+    # A CUDA graph's outputs are overwritten by the next step: hand out copies.
+    yield token, exit_step.clone()
+    for _ in range(job.max_new_tokens - 1):
+        start = time.perf_counter()
+        logits, exit_step = decoder.step(token)
+        token = sample(logits, job.sampling, job.generator)
+        stats.decode_s += device_elapsed(start, model.device)
+        stats.new_tokens += 1
+        yield token, exit_step.clone()
 
 
 __all__ = [
     "ATTENTIONS", "CAPACITY_BUCKET", "MODES", "PrefillSlotCache", "StaticDecoder", "StaticSlot",
-    "flex_attention_over_valid_keys", "fuse_layer_projections", "fused_layer_pass", "generate_static", "layer_pass",
+    "flex_attention_over_valid_keys", "fuse_layer_projections", "fused_layer_pass", "layer_pass",
     "matmul_attention_over_valid_keys", "release_static_decoder", "resolve_mode", "static_decoder",
+    "static_tokens",
 ]

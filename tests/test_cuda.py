@@ -8,10 +8,10 @@ import torch
 from conftest import decode_greedily, random_prompts
 
 import looplm
-from looplm.generate import generate
+from looplm.generate import generate, generate_static
 from looplm.quant import Int4Linear, quantize_model
 from looplm.quant.kernels import dequantize_int4, quantize_int4
-from looplm.static_decode import StaticDecoder, generate_static
+from looplm.static_decode import StaticDecoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

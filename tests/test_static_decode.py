@@ -10,11 +10,10 @@ from conftest import decode_greedily, random_prompts
 
 import looplm
 from looplm.errors import GenerationError
-from looplm.generate import generate, resolve_decoder, stream_generate
+from looplm.generate import generate, generate_static, resolve_decoder, stream_generate
 from looplm.static_decode import (
     CAPACITY_BUCKET,
     StaticDecoder,
-    generate_static,
     release_static_decoder,
     static_decoder,
 )
