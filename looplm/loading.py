@@ -19,11 +19,11 @@ from looplm.config import OuroConfig, read_json
 from looplm.errors import CheckpointError, ConfigError, HubError
 from looplm.kernels.cpu import apply_kernels, int4_layout
 from looplm.models.ouro import OuroForCausalLM
-from looplm.safetensors_io import TensorEntry, index_file, read_into
+from looplm.quant import Int8Linear, QuantSpec, quantize_model
+from looplm.quant.checkpoint import check_requested, load_quantized, stored_spec
+from looplm.weights import empty_model, fill_weights, index_weights
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffer some exports include
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
 
 
@@ -58,8 +58,6 @@ def load(
     if path.is_file() and path.suffix == ".gguf":
         model = _load_gguf(path, torch_dtype, device)
         if spec is not None:
-            from looplm.quant import quantize_model
-
             quantize_model(model, spec, int4_layout=layout)
     else:
         model = _load_directory(path, torch_dtype, device, spec, layout)
@@ -74,8 +72,6 @@ def load(
 def warn_int8_on_cuda(model: OuroForCausalLM, device: torch.device) -> bool:
     """Warn (and return True) when int8 projections will run on a GPU, where looplm has no fused
     int8 kernel: each call converts the whole int8 weight to the activation dtype first."""
-    from looplm.quant import Int8Linear
-
     if device.type != "cuda" or not any(isinstance(m, Int8Linear) for m in model.modules()):
         return False
     warnings.warn("int8 on CUDA has no fused kernel in looplm: every projection converts its whole weight to the "
@@ -120,12 +116,8 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def _quant_spec(quant: str | None, group_size: int):  # noqa: ANN202 - QuantSpec | None
-    if quant is None:
-        return None
-    from looplm.quant import QuantSpec
-
-    return QuantSpec.parse(quant, group_size)
+def _quant_spec(quant: str | None, group_size: int) -> QuantSpec | None:
+    return None if quant is None else QuantSpec.parse(quant, group_size)
 
 
 def _load_directory(path: Path, dtype: torch.dtype, device: torch.device, spec=None,  # noqa: ANN001
@@ -135,78 +127,18 @@ def _load_directory(path: Path, dtype: torch.dtype, device: torch.device, spec=N
     config = OuroConfig.from_file(path / "config.json")
     stored = None
     if "quantization_config" in read_json(path / "config.json"):
-        from looplm.quant.checkpoint import check_requested, stored_spec
-
         stored = stored_spec(read_json(path / "config.json"), path)
         check_requested(path, stored, spec)
-    entries = _index_weights(path, quantized=stored is not None)
+    entries = index_weights(path, quantized=stored is not None)
     if stored is not None or spec is not None:
-        from looplm.quant.checkpoint import load_quantized
-
         model = load_quantized(path, config, entries, dtype, device, stored or spec, stored=stored is not None,
                                int4_layout=int4_layout)
     else:
-        model = _empty_model(config, dtype, device)
-        _fill_weights(model, entries, path)
+        model = empty_model(config, dtype, device)
+        fill_weights(model, entries, path)
     model.tokenizer = _load_tokenizer(path)
     model.generation_defaults = _generation_defaults(path, config, model.tokenizer)
     return model
-
-
-def _index_weights(path: Path, quantized: bool = False) -> dict[str, TensorEntry]:
-    index_json = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    if index_json.exists():
-        weight_map = read_json(index_json).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index_json}: missing 'weight_map'")
-        files = sorted(set(weight_map.values()))
-    elif single.exists():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise CheckpointError(
-                f"{path}: only pickle weights found ({', '.join(pickles[:3])}); looplm loads safetensors or GGUF "
-                "only, never pickle: convert the checkpoint to safetensors first"
-            )
-        raise CheckpointError(f"{path}: no model.safetensors (or sharded *.safetensors with an index) found")
-    entries: dict[str, TensorEntry] = {}
-    for name in files:
-        for tensor_name, entry in index_file(path / name, quantized).items():
-            if tensor_name in entries:
-                raise CheckpointError(f"{path / name}: tensor '{tensor_name}' is also in {entries[tensor_name].path.name}")
-            entries[tensor_name] = entry
-    return entries
-
-
-def _empty_model(config: OuroConfig, dtype: torch.dtype, device: torch.device) -> OuroForCausalLM:
-    with torch.device("meta"):
-        model = OuroForCausalLM(config)
-    model = model.to(dtype).to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
-
-
-def _fill_weights(model: OuroForCausalLM, entries: dict[str, TensorEntry], path: Path) -> None:
-    expected = dict(model.named_parameters())  # tied lm_head is listed once, as the embedding
-    entries = {k: v for k, v in entries.items() if not k.endswith(IGNORED_TENSOR_SUFFIXES)}
-    if model.config.tie_word_embeddings:
-        entries.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(entries))
-    extra = sorted(set(entries) - set(expected))
-    if missing:
-        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the weights, e.g. '{missing[0]}'")
-    if extra:
-        raise CheckpointError(
-            f"{entries[extra[0]].path}: {len(extra)} unexpected tensor(s) for this config, e.g. '{extra[0]}'"
-        )
-    with torch.no_grad():
-        for name, param in expected.items():
-            read_into(entries[name], param.data)
 
 
 def _load_tokenizer(path: Path):  # noqa: ANN202 - Tokenizer | None, imported lazily

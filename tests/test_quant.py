@@ -19,7 +19,7 @@ import looplm
 from looplm.cli import app
 from looplm.errors import CheckpointError, QuantizationError
 from looplm.quant import Int4Linear, Int8Linear, QuantSpec, quantize_model
-from looplm.quant.checkpoint import save_quantized
+from looplm.quant.export import save_quantized
 from looplm.quant.kernels import (
     dequantize_int4,
     dequantize_int8,

@@ -18,7 +18,7 @@ def quantize(
 ) -> None:
     """Quantize a model's layer projections to int8 or int4 and save it as an HF-style directory."""
     from looplm.quant import QuantSpec
-    from looplm.quant.checkpoint import save_quantized
+    from looplm.quant.export import save_quantized
 
     spec = QuantSpec(bits, group_size if bits == 4 else 128)  # bad settings fail before loading
     out = save_quantized(model, output, spec, dtype=dtype)

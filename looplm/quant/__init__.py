@@ -3,7 +3,8 @@
 - `kernels`: quantize / dequantize / pack functions (pure tensors).
 - `linear`: `Int8Linear`, `Int4Linear`, the modules that take the layer projections' place.
 - `model`: `QuantSpec`, `quantize_model(model, bits, group_size)` (in place, via `replace_linears`).
-- `checkpoint`: the on-disk format: load a directory quantized, write one (`looplm quantize`).
+- `checkpoint`: load a quantized directory (or quantize a float one while loading it).
+- `export`: write a quantized directory (`looplm quantize`).
 """
 
 from looplm.quant.linear import Int4Linear, Int8Linear

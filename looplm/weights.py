@@ -1,0 +1,76 @@
+"""An HF-layout directory's float weights: find its safetensors files, build the model on the
+meta device, and read every parameter straight into its final dtype and place.
+
+Shared by `looplm.loading` (float checkpoints) and `looplm.quant.checkpoint` (whose float
+tensors, everything but the quantized projections, load exactly as in a float checkpoint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from looplm.config import OuroConfig, read_json
+from looplm.errors import CheckpointError
+from looplm.models.ouro import OuroForCausalLM
+from looplm.safetensors_io import TensorEntry, index_file, read_into
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffer some exports include
+
+
+def index_weights(path: Path, quantized: bool = False) -> dict[str, TensorEntry]:
+    index_json = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index_json.exists():
+        weight_map = read_json(index_json).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_json}: missing 'weight_map'")
+        files = sorted(set(weight_map.values()))
+    elif single.exists():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{path}: only pickle weights found ({', '.join(pickles[:3])}); looplm loads safetensors or GGUF "
+                "only, never pickle: convert the checkpoint to safetensors first"
+            )
+        raise CheckpointError(f"{path}: no model.safetensors (or sharded *.safetensors with an index) found")
+    entries: dict[str, TensorEntry] = {}
+    for name in files:
+        for tensor_name, entry in index_file(path / name, quantized).items():
+            if tensor_name in entries:
+                raise CheckpointError(f"{path / name}: tensor '{tensor_name}' is also in {entries[tensor_name].path.name}")
+            entries[tensor_name] = entry
+    return entries
+
+
+def empty_model(config: OuroConfig, dtype: torch.dtype, device: torch.device) -> OuroForCausalLM:
+    with torch.device("meta"):
+        model = OuroForCausalLM(config)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def fill_weights(model: OuroForCausalLM, entries: dict[str, TensorEntry], path: Path) -> None:
+    expected = dict(model.named_parameters())  # tied lm_head is listed once, as the embedding
+    entries = {k: v for k, v in entries.items() if not k.endswith(IGNORED_TENSOR_SUFFIXES)}
+    if model.config.tie_word_embeddings:
+        entries.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(entries))
+    extra = sorted(set(entries) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the weights, e.g. '{missing[0]}'")
+    if extra:
+        raise CheckpointError(
+            f"{entries[extra[0]].path}: {len(extra)} unexpected tensor(s) for this config, e.g. '{extra[0]}'"
+        )
+    with torch.no_grad():
+        for name, param in expected.items():
+            read_into(entries[name], param.data)
