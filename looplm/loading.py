@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from looplm.config import OuroConfig, read_json
+from looplm.devices import resolve_device
 from looplm.errors import CheckpointError, ConfigError, HubError
 from looplm.kernels.cpu import apply_kernels, int4_layout
 from looplm.models.ouro import OuroForCausalLM
@@ -38,16 +39,15 @@ def load(
 ) -> OuroForCausalLM:
     """Load a model for inference. `None` loads the embedded default model.
 
+    `device` is "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
     `steps` overrides the config's `total_ut_steps` (1 to 8). `quant` ("int8" or "int4", with
     `group_size` for int4) quantizes the layer projections while loading (looplm.quant); a
     checkpoint written by `looplm quantize` loads quantized without it. `kernels="auto"` runs a bf16
     model on CPU through looplm's C++ kernels (`looplm.kernels`); "torch" keeps plain torch ops.
     """
     torch_dtype = resolve_dtype(dtype)
-    device = torch.device(device)
+    device = resolve_device(device)
     spec = _quant_spec(quant, group_size)  # bad settings fail before any file is read
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
     if path_or_id is None:
         from looplm.default_model import default_model_dir
 

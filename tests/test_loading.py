@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import looplm
+from looplm.devices import resolve_device
 from looplm.errors import CheckpointError, ConfigError, HubError, LooplmError
 
 
@@ -177,9 +178,20 @@ def test_offline_hub_id_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
 def test_bad_dtype_and_device(ckpt: Path) -> None:
     with pytest.raises(ConfigError):
         looplm.load(ckpt, dtype="int3")
-    if not torch.cuda.is_available():
-        with pytest.raises(LooplmError):
-            looplm.load(ckpt, device="cuda")
+    for device in ("tpu", "mps", "cuda:x", 3.5):  # not a device, or not one looplm runs on
+        with pytest.raises(ConfigError) as info:
+            looplm.load(ckpt, device=device)
+        assert_one_line(info.value, str(device), "cpu, cuda, cuda:N or auto")
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ConfigError) as info:
+        looplm.load(ckpt, device=missing)
+    assert_one_line(info.value, missing)
+
+
+def test_auto_device_is_cuda_only_when_available() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
 
 
 def test_default_model_is_created_once_and_loads() -> None:

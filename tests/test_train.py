@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 import looplm
 from looplm import assets
 from looplm.assets import Asset, fetch_asset
+from looplm.errors import ConfigError
 from looplm.exit import exit_distribution
 from looplm.train.data import TokenBatches, answer_mask, arithmetic_documents, train_tokenizer, write_data_dir
 from looplm.train.objective import exit_log_probs, per_step_token_loss, stage1_loss, stage2_loss, stage2_targets
@@ -143,6 +144,14 @@ def _config(data_dir: Path, out: Path, **overrides: object) -> TrainConfig:
                 lr=3e-3, warmup_steps=2, progress=False, device="cpu")
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def test_unsupported_device_is_refused_before_training(data_dir: Path, tmp_path: Path) -> None:
+    bad = ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"])  # never a silent fall back to the CPU
+    for device in bad:
+        with pytest.raises(ConfigError, match=f"device '{device}'"):
+            train(_config(data_dir, tmp_path / device, device=device))
+        assert not (tmp_path / device).exists()
 
 
 def test_batches_depend_only_on_seed_and_step(data_dir: Path) -> None:

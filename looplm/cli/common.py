@@ -224,13 +224,9 @@ def load_model(  # noqa: ANN201
     model: Optional[str], dtype: str, device: str, steps: Optional[int], quant: Optional[str] = None,
     group_size: int = 128,
 ):
-    """`looplm.load` with the CLI's device default and a spinner on an interactive stderr."""
-    import torch
-
+    """`looplm.load` with a spinner on an interactive stderr (`device` may be 'auto')."""
     from looplm import load
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {"dtype": dtype, "device": device, "steps": steps, "quant": quant, "group_size": group_size}
     console = stderr()
     if not console.is_terminal:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from looplm.config import OuroConfig
+from looplm.devices import resolve_device
 from looplm.errors import LooplmError
 from looplm.models.ouro import OuroForCausalLM
 from looplm.tokenizer import Tokenizer
@@ -137,12 +138,12 @@ class StepLogits(nn.Module):
 def _setup_distributed(device_option: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_option == "auto" else device_option.startswith("cuda")
+    device = resolve_device(device_option)
+    use_cuda = device.type == "cuda"
     if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index is None:  # each DDP process takes the GPU of its local rank
+            device = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return rank, world, device
