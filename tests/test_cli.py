@@ -235,6 +235,7 @@ def test_corrupt_config_is_one_line_error(tmp_path: Path) -> None:
         (["--kv-mode", "half"], "kv-mode"),
         (["--decoder", "fast"], "--decoder"),
         (["--device", "cpu", "--decoder", "graph"], "CUDA"),
+        (["--device", "tpu"], "device 'tpu' is not supported"),
         (["--decoder", "eager", "--kv-mode", "shared"], "kv_mode='shared'"),
         (["--decoder", "compile", "--skip-compute"], "skip_compute"),
         (["--draft-steps", "0"], "--draft-steps"),
@@ -245,6 +246,19 @@ def test_corrupt_config_is_one_line_error(tmp_path: Path) -> None:
 )
 def test_bad_options_are_one_line_errors(args: list[str], needle: str) -> None:
     assert_one_line_error(invoke("generate", "hi", *args), needle)
+
+
+def test_serve_refuses_a_bad_or_busy_address_before_loading() -> None:
+    import socket
+
+    assert_one_line_error(invoke("serve", "--port", "70000"), "--port must be from 1 to 65535")
+    assert_one_line_error(invoke("serve", "--host", "no-such-host.invalid"), "--host 'no-such-host.invalid'")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(invoke("serve", "--port", str(port), "-m", "/nonexistent/model"),
+                              f"cannot listen on 127.0.0.1:{port}")  # the address is checked before the model
 
 
 def test_model_without_tokenizer_cannot_take_text() -> None:

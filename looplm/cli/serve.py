@@ -1,11 +1,13 @@
 """`looplm serve`: the OpenAI-compatible HTTP server (loopback by default)."""
 
 import ipaddress
+import socket
 from typing import Annotated, Optional
 
 import typer
 
 from looplm.cli import common
+from looplm.errors import LooplmError
 
 
 @common.app.command()
@@ -38,6 +40,7 @@ def serve(
     from looplm.server import build_app
     from looplm.server import served_model_name as name_for
 
+    listener = _listen(host, port)  # a bad or busy address fails now, not after loading the model
     if not _is_loopback(host) and not api_key:
         common.stderr().print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     if threads is not None:
@@ -45,8 +48,31 @@ def serve(
 
         torch.set_num_threads(threads)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)
-    app = build_app(lm, served_model_name or name_for(model), api_key, max_context, max_batch, max_queue)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    name = served_model_name or name_for(model)
+    app = build_app(lm, name, api_key, max_context, max_batch, max_queue)
+    shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    common.stderr().print(f"serving '{name}' at http://{shown_host}:{port}/v1 (Ctrl-C stops)")
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound to (host, port); uvicorn listens on it once the model is loaded."""
+    if not 1 <= port <= 65535:
+        raise LooplmError(f"--port must be from 1 to 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise LooplmError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart right after a stop
+    try:
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        raise LooplmError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host, "
+                          "or stop what is using it") from None
+    return listener
 
 
 def _is_loopback(host: str) -> bool:
