@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import looplm
 from looplm.cli import app
 from looplm.errors import CheckpointError, QuantizationError
-from looplm.quant import Int4Linear, Int8Linear, QuantSpec, quantize_model
+from looplm.quant import Int4Linear, Int8Linear, QuantSpec, export, quantize_model
 from looplm.quant.export import save_quantized
 from looplm.quant.kernels import (
     dequantize_int4,
@@ -267,6 +267,31 @@ def test_requantizing_a_quantized_checkpoint_is_refused(make_checkpoint, tmp_pat
         looplm.load(out, quant="int8")
     with pytest.raises(QuantizationError, match="already quantized"):
         save_quantized(str(out), tmp_path / "again", QuantSpec(8))
+
+
+def test_an_existing_model_is_replaced_only_with_overwrite(make_checkpoint, tmp_path: Path,  # noqa: ANN001
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_checkpoint()
+    out = save_quantized(str(path), tmp_path / "q", QuantSpec(8))
+    (out / "notes.txt").write_text("mine")
+    (out / "model.safetensors.index.json").write_text("{}")  # a stale index would win over new weights
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(QuantizationError, match="already holds model files .*--overwrite replaces them"):
+        save_quantized(str(path), out, QuantSpec(4, 32))
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_copy_side_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # a run stopped while writing leaves the old model as it was
+        save_quantized(str(path), out, QuantSpec(4, 32), overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]  # no staging directory left behind
+    monkeypatch.undo()
+
+    save_quantized(str(path), out, QuantSpec(4, 32), overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "model.safetensors.index.json").exists()
+    assert looplm.load(out).quantization == QuantSpec(4, 32)
 
 
 # -- command line ----------------------------------------------------------------------------------

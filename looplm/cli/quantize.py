@@ -15,13 +15,15 @@ def quantize(
     group_size: common.GroupSize = 128,
     model: common.Model = None,
     dtype: Annotated[str, common.option("Dtype of the unquantized tensors (embeddings, norms, lm_head, gate).")] = "bfloat16",
+    overwrite: Annotated[bool, common.option("Replace the model files an existing OUTPUT directory holds.",
+                                             "--overwrite")] = False,
 ) -> None:
     """Quantize a model's layer projections to int8 or int4 and save it as an HF-style directory."""
     from looplm.quant import QuantSpec
     from looplm.quant.export import save_quantized
 
     spec = QuantSpec(bits, group_size if bits == 4 else 128)  # bad settings fail before loading
-    out = save_quantized(model, output, spec, dtype=dtype)
+    out = save_quantized(model, output, spec, dtype=dtype, overwrite=overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
     label = f"int{bits}" + (f", group size {group_size}" if bits == 4 else "")
     common.stderr().print(f"wrote {out} ({label}, {size / 2**20:.1f} MiB of weights)")

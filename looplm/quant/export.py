@@ -7,7 +7,9 @@ source's tokenizer and generation files (the format: docs/quantization.md; readi
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,24 +28,63 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.js
                 "vocab.json", "merges.txt", "chat_template.jinja")
 
 
-def save_quantized(source: str | None, output: Path, spec: QuantSpec, dtype: str = "bfloat16") -> Path:
-    """Quantize the model at `source` (directory, hub id, .gguf, None = default) into `output`."""
+def save_quantized(source: str | None, output: Path, spec: QuantSpec, dtype: str = "bfloat16",
+                   overwrite: bool = False) -> Path:
+    """Quantize the model at `source` (directory, hub id, .gguf, None = default) into `output`.
+
+    A directory that already holds a model is refused unless `overwrite`; then its weights,
+    config and tokenizer files are replaced (other files stay). The files are written to a
+    staging directory beside `output` and moved in at the end, so a failed or interrupted run
+    leaves `output` as it was."""
     output = Path(output)
-    model = load(source, dtype=dtype)
     source_path = _source_path(source)
     if output.resolve() == source_path.resolve():
         raise QuantizationError(f"{output}: the output directory must differ from the source model")
+    _check_output(output, overwrite)
+    model = load(source, dtype=dtype)
     raw = read_json(source_path / "config.json") if source_path.is_dir() else _config_dict(model.config)
     if raw.get(QUANT_CONFIG_KEY) is not None:
         raise QuantizationError(f"{source}: the model is already quantized")
     tensors = quantized_state_dict(model, spec)
-    output.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
-    raw[QUANT_CONFIG_KEY] = spec.to_json()
-    raw["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    (output / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
-    _copy_side_files(model, source_path, output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        raw[QUANT_CONFIG_KEY] = spec.to_json()
+        raw["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+        _copy_side_files(model, source_path, staging)
+        _move_into(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+def _model_files(directory: Path) -> list[str]:
+    """The files of `directory` that make up a model (weights, config, tokenizer)."""
+    names = set(COPIED_FILES) | {"config.json", "model.safetensors.index.json"}
+    return sorted(p.name for p in directory.iterdir() if p.name in names or p.suffix == ".safetensors")
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise QuantizationError(f"{output}: exists and is not a directory")
+    found = _model_files(output) if output.is_dir() else []
+    if found and not overwrite:
+        raise QuantizationError(f"{output} already holds model files ({', '.join(found[:3])}): --overwrite "
+                                "replaces them, or choose another -o")
+
+
+def _move_into(staging: Path, output: Path) -> None:
+    """Put the staged files in place: one rename for a new directory, else file by file, after
+    removing the old model's files (a stale shard index would otherwise win over the new weights)."""
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    for name in _model_files(output):
+        (output / name).unlink()
+    for path in staging.iterdir():
+        os.replace(path, output / path.name)
 
 
 def quantized_state_dict(model: OuroForCausalLM, spec: QuantSpec) -> dict[str, torch.Tensor]:
