@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import looplm
 from looplm import assets
 from looplm.assets import Asset, fetch_asset
-from looplm.errors import ConfigError
+from looplm.errors import ConfigError, LooplmError
 from looplm.exit import exit_distribution
 from looplm.train.data import TokenBatches, answer_mask, arithmetic_documents, train_tokenizer, write_data_dir
 from looplm.train.objective import exit_log_probs, per_step_token_loss, stage1_loss, stage2_loss, stage2_targets
@@ -152,6 +152,16 @@ def test_unsupported_device_is_refused_before_training(data_dir: Path, tmp_path:
         with pytest.raises(ConfigError, match=f"device '{device}'"):
             train(_config(data_dir, tmp_path / device, device=device))
         assert not (tmp_path / device).exists()
+
+
+def test_a_fresh_run_does_not_write_over_an_earlier_one(data_dir: Path, tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path, steps=1))
+    earlier = (tmp_path / "trainer_state.pt").read_bytes(), (tmp_path / "train_log.jsonl").read_text()
+    with pytest.raises(LooplmError, match="already holds a run .*--resume continues it, --overwrite"):
+        train(_config(data_dir, tmp_path, steps=2, seed=5))
+    assert ((tmp_path / "trainer_state.pt").read_bytes(), (tmp_path / "train_log.jsonl").read_text()) == earlier
+    train(_config(data_dir, tmp_path, steps=2, seed=5, overwrite=True))
+    assert read_log(tmp_path / "train_log.jsonl")[-1]["step"] == 2
 
 
 def test_batches_depend_only_on_seed_and_step(data_dir: Path) -> None:

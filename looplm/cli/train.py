@@ -39,6 +39,8 @@ def train(
     save_every: Annotated[int, _opt("Save a checkpoint every N steps (0 = only at the end).")] = 0,
     seed: Annotated[int, _opt("Seed for init and data order.")] = 0,
     resume: Annotated[bool, _opt("Continue from OUT/trainer_state.pt.", "--resume")] = False,
+    overwrite: Annotated[bool, _opt("Start a new run in an OUT that holds an earlier one, replacing its files.",
+                                    "--overwrite")] = False,
     stop_at: Annotated[Optional[int], _opt("Stop after this step (checkpoint saved); --resume continues.")] = None,
     device: common.Device = "auto",
     progress: Annotated[bool, _opt("Show a progress bar.", "--progress/--no-progress")] = True,
@@ -56,7 +58,8 @@ def train(
         data_dir=data, out_dir=out, model_config=raw, init_from=init_from, stage=stage, steps=steps,
         batch_size=batch_size, micro_batch=micro_batch, seq_len=seq_len, lr=lr, min_lr_ratio=min_lr_ratio,
         warmup_steps=warmup, weight_decay=weight_decay, beta=beta, bf16=bf16, grad_checkpointing=grad_checkpointing,
-        save_every=save_every, seed=seed, resume=resume, stop_at=stop_at, device=device, progress=progress,
+        save_every=save_every, seed=seed, resume=resume, overwrite=overwrite, stop_at=stop_at, device=device,
+        progress=progress,
     )
     if stage not in (1, 2):
         raise LooplmError(f"--stage must be 1 or 2, got {stage}")

@@ -41,6 +41,7 @@ from looplm.train.objective import per_step_token_loss, stage1_loss, stage2_loss
 from looplm.train.saving import STATE_FILE, save_checkpoint
 
 LOG_FILE, PLOT_FILE = "train_log.jsonl", "train_loss.png"
+RUN_FILES = (STATE_FILE, LOG_FILE, "config.json", "model.safetensors")  # an earlier run (or model) in out_dir
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace an earlier run's files in out_dir
     stop_at: int | None = None  # end after this step (checkpoint saved), as if interrupted; --resume continues
     device: str = "auto"
     progress: bool = True
@@ -208,6 +210,7 @@ def _params_for_decay(model: nn.Module) -> list[dict]:
 
 
 def train(config: TrainConfig) -> dict:
+    _check_fresh_out(Path(config.out_dir), config)  # before any process group: every rank fails alike
     rank, world, device = _setup_distributed(config.device)
     if device.type == "cpu":
         # Adam's second moments and small gradients go subnormal within a few steps; x86 CPUs then
@@ -218,6 +221,16 @@ def train(config: TrainConfig) -> dict:
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_fresh_out(out: Path, config: TrainConfig) -> None:
+    """A fresh run must not write over an earlier one: its checkpoint, optimizer state and log would be lost."""
+    if config.resume or config.overwrite:
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise LooplmError(f"{out} already holds a run ({', '.join(found)}): --resume continues it, --overwrite "
+                          "starts a new one there, or choose another --out")
 
 
 def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
