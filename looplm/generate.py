@@ -16,17 +16,19 @@ Layers, bottom up:
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from looplm.decode_job import GenerationStats, TokenJob, device_elapsed
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, make_policy
-from looplm.models.ouro import OuroForCausalLM, positions_from_mask
+from looplm.models.ouro import OuroForCausalLM, check_token_ids, positions_from_mask
 from looplm.sampling import SamplingParams, sample
 from looplm.speculative import DraftParams, speculative_tokens
 from looplm.static_decode import resolve_mode, static_tokens
@@ -52,11 +54,17 @@ def prepare_inputs(
     attention_mask: torch.Tensor | None,
     pad_token_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Accept one prompt, a list of prompts (left-padded here) or a `[B, S]` tensor."""
+    """Accept one prompt, a list of prompts (left-padded here) or a `[B, S]` tensor (kept in its
+    dtype: `check_token_ids` refuses a float tensor rather than truncate it)."""
+    if isinstance(input_ids, (str, bytes)):
+        raise GenerationError("input_ids must be token ids, not text: encode it first (model.tokenizer.encode)")
     if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() not in (1, 2):
+            raise GenerationError(f"input_ids must have shape [sequence] or [batch, sequence], got "
+                                  f"{list(input_ids.shape)}")
         ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
     else:
-        rows = [list(input_ids)] if input_ids and isinstance(input_ids[0], int) else [list(r) for r in input_ids]
+        rows = _token_rows(input_ids)
         if not rows or any(len(r) == 0 for r in rows):
             raise GenerationError("every prompt needs at least one token")
         width = max(len(r) for r in rows)
@@ -75,7 +83,25 @@ def prepare_inputs(
             raise GenerationError("attention_mask must be left padding (zeros first, then ones) with a real last token")
         if bool(mask.all()):
             attention_mask = None
-    return ids.long(), attention_mask
+    return ids, attention_mask
+
+
+_ROW_TYPES = (Sequence, torch.Tensor, np.ndarray)
+
+
+def _token_rows(input_ids: Sequence) -> list[list[int]]:
+    """One prompt (a sequence of ints) or several (a sequence of such rows) as lists of ints."""
+    items = list(input_ids)
+    if items and not isinstance(items[0], _ROW_TYPES):
+        items = [items]
+    rows = []
+    for row in items:
+        values = row.tolist() if isinstance(row, (torch.Tensor, np.ndarray)) else row
+        if not isinstance(values, _ROW_TYPES) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in values):
+            raise GenerationError("input_ids must be token ids: one list of ints, or one list of ints per prompt")
+        rows.append([int(t) for t in values])
+    return rows
 
 
 def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mode: str, skip_compute: bool,
@@ -234,6 +260,7 @@ def stream_generate(
     pad_id = defaults.get("pad_token_id", model.config.pad_token_id) or 0
     ids, mask = prepare_inputs(input_ids, attention_mask, pad_id)
     _check_inputs(model, ids, max_new_tokens)
+    ids = ids.long()
     if draft is not None and ids.shape[0] > 1:
         warnings.warn(f"speculative decoding of a batch keeps, each round, only the drafts all {ids.shape[0]} rows "
                       "accepted, so it rarely pays; it is meant for one sequence at a time (docs/speculative.md)",
@@ -243,6 +270,8 @@ def stream_generate(
         raise GenerationError("stop strings need a tokenizer, and this model was loaded without one")
     generator = None
     if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise GenerationError(f"seed must be an integer, got {seed!r}")
         generator = torch.Generator(device=model.device).manual_seed(seed)
     elif not sampling.greedy:
         generator = torch.Generator(device=model.device)
@@ -338,14 +367,13 @@ def generate_static(
 
 def _check_inputs(model: OuroForCausalLM, ids: torch.Tensor, max_new_tokens: int) -> None:
     config = model.config
+    check_token_ids(ids, config.vocab_size)
     total = ids.shape[1] + max_new_tokens
     if total > config.max_position_embeddings:
         raise GenerationError(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
             f"{config.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
         )
-    if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size:
-        raise GenerationError(f"token ids must be in [0, {config.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
 
 
 def _hits_stop(model: OuroForCausalLM, produced: list[int], stop_strings: list[str]) -> bool:

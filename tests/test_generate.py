@@ -186,6 +186,45 @@ def test_bad_prompts(gqa_model) -> None:  # noqa: ANN001
         gqa_model.generate(torch.tensor([[5, 6, 0]]), 4, attention_mask=torch.tensor([[1, 1, 0]]))
 
 
+@pytest.mark.parametrize(
+    ("input_ids", "message"),
+    [
+        ("hello", "not text"),
+        (torch.tensor([[5.0, 6.7]]), "integer token ids, got a float32 tensor"),  # never truncated silently
+        (torch.zeros(1, 1, 3, dtype=torch.long), "shape .* got \\[1, 1, 3\\]"),
+        (torch.tensor(5), "shape .* got \\[\\]"),
+        ([5.0, 6.0], "one list of ints"),
+        ([True, False], "one list of ints"),
+        ([[5, 6], 7], "one list of ints"),
+        (["hi"], "one list of ints"),
+        ([[5], []], "at least one token"),
+        ({"seed": "x", "input_ids": [5, 6]}, "seed must be an integer"),
+    ],
+)
+def test_malformed_inputs_are_generation_errors(gqa_model, input_ids, message: str) -> None:  # noqa: ANN001
+    kwargs = dict(input_ids) if isinstance(input_ids, dict) else {"input_ids": input_ids}
+    with pytest.raises(GenerationError, match=message):
+        gqa_model.generate(max_new_tokens=3, temperature=1.0, **kwargs)
+
+
+def test_prompts_as_numpy_tensors_and_tuples_give_the_same_tokens(gqa_model) -> None:  # noqa: ANN001
+    import numpy as np
+
+    expected = gqa_model.generate([[5, 6, 7], [8, 9]], 4)
+    forms = [np.array([5, 6, 7]), (5, 6, 7), [np.int64(5), np.int64(6), np.int64(7)],
+             torch.tensor([5, 6, 7], dtype=torch.int32)]
+    for form in forms:
+        assert gqa_model.generate(form, 4) == expected[:1]
+    assert gqa_model.generate([torch.tensor([5, 6, 7]), (8, 9)], 4) == expected
+
+
+def test_forward_steps_checks_token_ids(gqa_model) -> None:  # noqa: ANN001
+    with pytest.raises(GenerationError, match="integer token ids"):
+        gqa_model.forward_steps(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(GenerationError, match="token ids must be in"):
+        gqa_model.forward_steps(torch.tensor([[1, gqa_model.config.vocab_size]]))
+
+
 def test_stream_generate_keeps_callers_autograd_state(gqa_model) -> None:  # noqa: ANN001
     from looplm.generate import GenerationStats, stream_generate
 

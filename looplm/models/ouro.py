@@ -26,6 +26,7 @@ from torch import nn
 
 from looplm.cache import KVCache, Segments, SharedKVCache
 from looplm.config import OuroConfig
+from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, StepView, exit_distribution, gather_steps, select_exit_steps
 
 
@@ -412,6 +413,7 @@ class OuroForCausalLM(nn.Module):
         steps: int | None = None,
     ) -> StepOutput:
         """All per-step logits `[T, B, S, vocab]` and the exit pdf `[T, B, S]`, without a cache."""
+        check_token_ids(input_ids, self.config.vocab_size)
         steps = self.resolve_steps(steps)
         positions = positions_from_mask(attention_mask, input_ids)
         key_valid = None if attention_mask is None else attention_mask.bool()
@@ -549,6 +551,18 @@ class OuroForCausalLM(nn.Module):
         from looplm.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids must be a `[B, S]` integer tensor of ids the embedding table has: float ids would
+    be truncated without a word, and an id past the table fails deep inside the embedding."""
+    dtype = input_ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise GenerationError(f"input_ids must be integer token ids, got a {str(dtype).removeprefix('torch.')} tensor")
+    if input_ids.dim() != 2:
+        raise GenerationError(f"input_ids must have shape [batch, sequence], got {list(input_ids.shape)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise GenerationError(f"token ids must be in [0, {vocab_size}), got {int(input_ids.min())}..{int(input_ids.max())}")
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
