@@ -183,6 +183,11 @@ def test_records_of_another_model_are_refused(tiny, fake_task: Task, tmp_path: P
     records.write_text(json.dumps({"header": {"task": "fake", "model": "other"}}) + "\n")
     with pytest.raises(LooplmError, match="delete it or pass another --records"):
         run_eval(tiny, EvalSettings(task="fake", steps=[1], limit=1), records)
+    for text in ("not json\n", '{"id": "1", "key": "k"}\n'):  # some other file, or rows without a header
+        records.write_text(text)
+        with pytest.raises(LooplmError, match="is not a looplm eval records file"):
+            run_eval(tiny, EvalSettings(task="fake", steps=[1], limit=1), records)
+        assert records.read_text() == text  # left as it was
 
 
 def test_option_parsing() -> None:

@@ -98,7 +98,10 @@ class Records:
         self.rows: list[dict] = []
         if path is not None and path.exists() and path.stat().st_size:
             lines = read_records(path)
-            old = lines[0].get("header", {}) if lines else {}
+            if not lines or not isinstance(lines[0].get("header"), dict):
+                raise LooplmError(f"{path} is not a looplm eval records file (its first line is no header); "
+                                  "delete it or pass another --records file")
+            old = lines[0]["header"]
             for key in ("task", "model"):
                 if old.get(key) != header.get(key):
                     raise LooplmError(f"{path} holds records of {key} {old.get(key)!r}, not {header.get(key)!r}; "
