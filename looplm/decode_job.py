@@ -34,7 +34,7 @@ class GenerationStats:
     skipping: bool = False  # decoded tokens really stop computing at their exit step
     decoder: str = "dynamic"  # the decode step that ran: "dynamic" or a static mode (`looplm.generate.DECODERS`)
     setup_s: float = 0.0  # building the static decoder (capture, compile); 0 when reused or dynamic
-    # Self-speculative decoding (`draft_steps`): rounds run; drafts proposed and kept, counted per row.
+    # Self-speculative decoding (`draft_steps`): rounds run, drafts proposed, drafts every row kept.
     draft_rounds: int = 0
     draft_proposed: int = 0
     draft_accepted: int = 0

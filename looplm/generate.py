@@ -262,9 +262,9 @@ def stream_generate(
     _check_inputs(model, ids, max_new_tokens)
     ids = ids.long()
     if draft is not None and ids.shape[0] > 1:
-        warnings.warn(f"speculative decoding of a batch moves at its slowest row's pace (each of the {ids.shape[0]} "
-                      "rows keeps its own drafts, but a position is emitted once every row has it), so it rarely "
-                      "pays; it is meant for one sequence at a time (docs/speculative.md)", stacklevel=2)
+        warnings.warn(f"speculative decoding of a batch keeps, each round, only the drafts all {ids.shape[0]} rows "
+                      "accepted, so it rarely pays; it is meant for one sequence at a time (docs/speculative.md)",
+                      stacklevel=2)
     stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
     if stop_strings and model.tokenizer is None:
         raise GenerationError("stop strings need a tokenizer, and this model was loaded without one")

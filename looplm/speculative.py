@@ -9,12 +9,10 @@ of earlier tokens. So drafting with k loops is not throw-away work. Each round:
 2. **Verify** all γ drafted inputs in one pass over the remaining steps k..T-1, starting from
    the states the draft left (γ positions at once, causal among themselves). Every position now
    has all T steps, and the exit policy picks its logits exactly as in normal decoding.
-3. **Accept**, per row, the longest prefix of drafts that the full model agrees with (greedy:
-   the same argmax; sampling: the standard rejection rule, which keeps the output distribution),
-   plus the full model's own token at the first disagreement. The K/V of rejected positions are
-   dropped: the cache's length moves back to the end of the longest row's kept positions, and a
-   row that kept fewer masks its rejected slots out of attention for good (a hole, like left
-   padding); slots past the length are overwritten later.
+3. **Accept** the longest prefix of drafts that the full model agrees with (greedy: the same
+   argmax; sampling: the standard rejection rule, which keeps the output distribution), plus the
+   full model's own token at the first disagreement. The K/V of rejected positions are dropped by
+   moving the cache's length back; they are overwritten later.
 
 A round costs γ draft passes of k loops and one pass of T-k loops over γ positions, and emits
 1 to γ tokens. Memory-bound decoding reads the weights once per pass whatever the number of
@@ -22,17 +20,14 @@ positions, so a round reads them γk + (T - k) loop-times for at most γ tokens,
 decoding reads T per token: the speed-up is at most γT / (γk + T - k), 1.33x at T = 4, k = 2,
 γ = 2, and is reached only if every draft is accepted (docs/speculative.md has measurements).
 
-Each row of a batch keeps its own accepted drafts, so a row's tokens and rounds are the ones it
-would get alone; the batch runs rounds until its slowest row has its tokens (faster rows run
-ahead and wait), and a batch's cache reserves up to γ slots per new token for the holes. The
-verify pass runs γ positions in one forward where normal decoding runs one, so float sums run in
-another order: tokens equal normal decoding's in fp32, and in bf16 may fork at near-ties.
+Rows of a batch share one cache length, so a round keeps the drafts that every row accepted.
+The verify pass runs γ positions in one forward where normal decoding runs one, so float sums
+run in another order: tokens equal normal decoding's in fp32, and in bf16 may fork at near-ties.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,22 +67,11 @@ class DraftParams:
 
 
 @dataclass
-class Acceptance:
-    """What a round keeps, per row: row r emits `tokens[r, :emitted[r]]`, of which the first
-    `accepted[r]` are its drafts (the rest, if any, is the full model's correction)."""
-
-    tokens: torch.Tensor  # [B, γ]
-    emitted: torch.Tensor  # [B], 1 .. γ
-    accepted: torch.Tensor  # [B], 0 .. γ
-
-
-@dataclass
 class RoundResult:
-    tokens: torch.Tensor  # [B, γ]: row r emits tokens[r, :emitted[r]], in order
-    exit_steps: torch.Tensor  # [B, γ]: the 0-based step the full model read each from
-    emitted: torch.Tensor  # [B]
-    proposed: int  # drafts made this round, all rows together
-    accepted: int  # drafts the rows kept, all rows together
+    tokens: list[torch.Tensor]  # each [B]: the tokens this round emits, in order
+    exit_steps: list[torch.Tensor]  # each [B]: the 0-based step the full model read them from
+    proposed: int  # drafts made this round (fewer than `DraftParams.tokens` when drafting ended early)
+    accepted: int  # drafts every row accepted
 
 
 class SpeculativeDecoder:
@@ -101,19 +85,14 @@ class SpeculativeDecoder:
         device = model.device
         self.ids = ids.to(device)
         batch, prompt_len = self.ids.shape
-        # Drafts may run past the last kept token. In a batch every round may also leave holes
-        # (slots a row rejected while another row kept them), at most γ slots per round and one
-        # round per new token of the slowest row.
-        rounds_slots = max_new_tokens if batch == 1 else draft.tokens * max_new_tokens
-        capacity = prompt_len + rounds_slots + draft.tokens
+        capacity = prompt_len + max_new_tokens + draft.tokens  # drafts may run past the last kept token
         self.cache = model.make_cache(batch, capacity, steps)
         self.prompt_positions = positions_from_mask(None if mask is None else mask.to(device), self.ids)
-        # Keys that are real tokens, over the whole capacity (None: one row and no padding: no holes).
+        # Keys that are real tokens, over the whole capacity (None: no padding anywhere).
         self.key_valid = None
-        if batch > 1 or (mask is not None and not bool(mask.all())):
+        if mask is not None and not bool(mask.all()):
             self.key_valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)
-            if mask is not None:
-                self.key_valid[:, :prompt_len] = mask.to(device).bool()
+            self.key_valid[:, :prompt_len] = mask.to(device).bool()
         self.next_position = self.prompt_positions[:, -1] + 1  # [B]: RoPE position of the pending token
 
     def prefill(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,61 +146,54 @@ class SpeculativeDecoder:
         out = StepOutput.stack(per_step, per_gate)
         targets = [model.readout(out, self.policy, position=j) for j in range(gamma)]
 
-        kept = accept_drafts(drafts, draft_probs, [logits for logits, _ in targets], self.sampling, self.generator)
-        longest = int(kept.emitted.max())
-        if self.key_valid is not None:  # a row's slots past what it kept are holes from now on
-            kept_slot = torch.arange(longest, device=kept.emitted.device) < kept.emitted.unsqueeze(1)
-            self.key_valid[:, start : start + longest] &= kept_slot
-        self.cache.length = start + longest  # later slots are stale and get overwritten
-        self.next_position = self.next_position + kept.emitted
-        exit_steps = torch.stack([exit_step for _, exit_step in targets], dim=1)
-        return RoundResult(kept.tokens, exit_steps, kept.emitted, gamma * drafts.shape[0], int(kept.accepted.sum()))
+        tokens, accepted = accept_drafts(drafts, draft_probs, [logits for logits, _ in targets], self.sampling,
+                                         self.generator)
+        emitted = len(tokens)
+        self.cache.length = start + emitted  # the pending token and the kept drafts; later slots are stale
+        self.next_position = self.next_position + emitted
+        return RoundResult(tokens, [exit_step for _, exit_step in targets[:emitted]], gamma, accepted)
 
     def _valid(self, end: int) -> torch.Tensor | None:
         return None if self.key_valid is None else self.key_valid[:, :end]
 
 
 def accept_drafts(drafts: torch.Tensor, draft_probs: list[torch.Tensor], target_logits: list[torch.Tensor],
-                  sampling: SamplingParams, generator: torch.Generator | None) -> Acceptance:
-    """What each row keeps of its drafts `[B, γ]`: the prefix the full model accepts, then the
-    full model's token at the first rejection (none after a fully accepted prefix).
+                  sampling: SamplingParams, generator: torch.Generator | None) -> tuple[list[torch.Tensor], int]:
+    """The tokens a round emits (each `[B]`) and how many drafts every row accepted.
 
-    `draft_probs[j]` is the distribution draft j was sampled from (empty when greedy);
-    `target_logits[j]` the full model's logits for the same position."""
+    `drafts` `[B, γ]`; `draft_probs[j]` the distribution draft j was sampled from (empty when
+    greedy); `target_logits[j]` the full model's logits for the same position."""
     gamma = drafts.shape[1]
     if sampling.greedy:
         chosen = torch.stack([logits.argmax(-1) for logits in target_logits], dim=1)  # (B, γ)
-        accepted = (drafts == chosen).long().cumprod(dim=1).sum(dim=1)
-        # The full model's tokens are the drafts up to the first disagreement, then its correction.
-        return Acceptance(chosen, (accepted + 1).clamp(max=gamma), accepted)
-    target_probs = torch.stack([probabilities(logits, sampling) for logits in target_logits], dim=1)  # (B, γ, V)
-    proposal_probs = torch.stack(draft_probs, dim=1)
-    chosen_p = target_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-    chosen_q = proposal_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-    uniform = torch.rand(drafts.shape, generator=generator, device=drafts.device)
-    agree = uniform < (chosen_p / chosen_q).clamp(max=1.0)  # accept draft j with probability min(1, p / q)
-    accepted = agree.long().cumprod(dim=1).sum(dim=1)
-    # A row that rejected draft j draws its token there from what the draft under-proposed,
-    # max(0, p - q) renormalised: the rule that keeps sampling exact.
+        agree = drafts == chosen
+        accepted = int(agree.long().cumprod(dim=1).sum(dim=1).min())
+        # Where every row agreed, the full model's token is the draft; at the first
+        # disagreement it is the correction. Full acceptance emits the γ drafts.
+        return [chosen[:, j] for j in range(min(accepted + 1, gamma))], accepted
+    target_probs = [probabilities(logits, sampling) for logits in target_logits]
     rows = torch.arange(drafts.shape[0], device=drafts.device)
-    first_rejected = accepted.clamp(max=gamma - 1)
-    p, q = target_probs[rows, first_rejected], proposal_probs[rows, first_rejected]
-    residual = (p - q).clamp(min=0.0)
-    mass = residual.sum(dim=-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
-    corrected = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
-    tokens = drafts.clone()
-    rejected = accepted < gamma
-    tokens[rows[rejected], first_rejected[rejected]] = corrected[rejected]
-    return Acceptance(tokens, (accepted + 1).clamp(max=gamma), accepted)
+    ratios = torch.stack([(p[rows, drafts[:, j]] / q[rows, drafts[:, j]]).clamp(max=1.0)
+                          for j, (p, q) in enumerate(zip(target_probs, draft_probs))], dim=1)
+    uniform = torch.rand(ratios.shape, generator=generator, device=ratios.device)
+    agree = uniform < ratios  # accept draft j with probability min(1, p / q)
+    accepted = int(agree.long().cumprod(dim=1).sum(dim=1).min())
+    tokens = [drafts[:, j] for j in range(accepted)]
+    if accepted < gamma:
+        # Rows that accepted this draft keep it; the others draw from what the draft
+        # under-proposed, max(0, p - q) renormalised: the rule that keeps sampling exact.
+        p, q = target_probs[accepted], draft_probs[accepted]
+        residual = (p - q).clamp(min=0.0)
+        mass = residual.sum(dim=-1, keepdim=True)
+        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+        corrected = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+        tokens.append(torch.where(agree[:, accepted], drafts[:, accepted], corrected))
+    return tokens, accepted
 
 
 def speculative_tokens(job: TokenJob, draft: DraftParams) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`decode_tokens`' contract: yield `(tokens [B], exit_steps [B])` per new position.
-
-    Rows keep different numbers of tokens per round, so each row queues what it kept; a
-    position is yielded once every row has a token for it, and a round runs when some row's
-    queue is empty. Inference mode covers the model calls only, never a `yield`."""
+    Inference mode covers the model calls only, never a `yield`."""
     model, stats = job.model, job.stats
     begin = time.perf_counter()
     with torch.inference_mode():
@@ -231,21 +203,18 @@ def speculative_tokens(job: TokenJob, draft: DraftParams) -> Iterator[tuple[torc
     stats.prefill_s = device_elapsed(begin, model.device)
     stats.new_tokens = 1
     yield pending, exit_step
-    queued_tokens: list[deque[torch.Tensor]] = [deque() for _ in range(pending.shape[0])]
-    queued_steps: list[deque[torch.Tensor]] = [deque() for _ in range(pending.shape[0])]
-    for _ in range(job.max_new_tokens - 1):
-        if not all(queued_tokens):
-            begin = time.perf_counter()
-            with torch.inference_mode():
-                result = decoder.round(pending)
-            stats.decode_s += device_elapsed(begin, model.device)
-            stats.draft_rounds += 1
-            stats.draft_proposed += result.proposed
-            stats.draft_accepted += result.accepted
-            for row, count in enumerate(result.emitted.tolist()):
-                queued_tokens[row].extend(result.tokens[row, :count])
-                queued_steps[row].extend(result.exit_steps[row, :count])
-            # Each row drafts on from the last token it kept.
-            pending = result.tokens.gather(1, (result.emitted - 1).unsqueeze(1)).squeeze(1)
-        stats.new_tokens += 1
-        yield torch.stack([q.popleft() for q in queued_tokens]), torch.stack([q.popleft() for q in queued_steps])
+    remaining = job.max_new_tokens - 1
+    while remaining > 0:
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            result = decoder.round(pending)
+        stats.decode_s += device_elapsed(begin, model.device)
+        stats.draft_rounds += 1
+        stats.draft_proposed += result.proposed
+        stats.draft_accepted += result.accepted
+        kept = list(zip(result.tokens, result.exit_steps))[:remaining]
+        for token, exit_step in kept:
+            stats.new_tokens += 1
+            yield token, exit_step
+        remaining -= len(kept)
+        pending = result.tokens[-1]  # the next round drafts from the last emitted token
