@@ -383,4 +383,3 @@ def _hits_stop(model: OuroForCausalLM, produced: list[int], stop_strings: list[s
     longest = max(len(s) for s in stop_strings)
     tail = model.tokenizer.decode(produced[-(longest + 8) :], skip_special_tokens=False)
     return any(s in tail for s in stop_strings)
-
