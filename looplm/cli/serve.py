@@ -40,6 +40,8 @@ def serve(
     from looplm.server import build_app
     from looplm.server import served_model_name as name_for
 
+    if threads is not None and threads < 1:
+        raise LooplmError(f"--threads must be a positive integer, got {threads}")
     listener = _listen(host, port)  # a bad or busy address fails now, not after loading the model
     if not _is_loopback(host) and not api_key:
         common.stderr().print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
