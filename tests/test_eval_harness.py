@@ -222,8 +222,9 @@ def test_cli_eval_writes_table_json_plot_and_records(tiny, fake_task: Task, tmp_
     merged = CliRunner().invoke(app, ["eval", "merge", str(out.with_suffix(".jsonl")), "-o", str(tmp_path / "m.json")])
     assert merged.exit_code == 0, merged.output
     assert json.loads((tmp_path / "m.json").read_text())["results"] == data["results"]
-    bad = CliRunner().invoke(app, ["eval", "fake", "-m", tiny.source, "--shard", "3/2"])
-    assert bad.exit_code == 1 and "--shard" in bad.output
+    for option, value in (("--shard", "3/2"), ("--num-fewshot", "-1"), ("--max-new-tokens", "0")):
+        bad = CliRunner().invoke(app, ["eval", "fake", "-m", tiny.source, option, value])
+        assert bad.exit_code == 1 and f"error: {option}" in bad.output
 
 
 def test_cli_refuses_a_decoder_the_device_rules_out_before_any_work(tiny, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001

@@ -70,6 +70,10 @@ def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_t
         raise LooplmError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise LooplmError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_fewshot < 0:
+        raise LooplmError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise LooplmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     task_spec, _ = plan(settings)  # data and flags are checked before the model loads
     lm = common.load_model(model, dtype, device, None)
     if task_spec.kind != "loglik":  # a decoder the device or the options rule out fails before any work
