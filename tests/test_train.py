@@ -154,6 +154,18 @@ def test_unsupported_device_is_refused_before_training(data_dir: Path, tmp_path:
         assert not (tmp_path / device).exists()
 
 
+@pytest.mark.parametrize(("setting", "needle"), [
+    ({"batch_size": 0}, "batch_size must be at least 1, got 0"), ({"steps": 0}, "steps must be at least 1"),
+    ({"stage": 3}, "stage must be 1 or 2"), ({"lr": -1.0}, "lr must be > 0"), ({"seq_len": 1}, "seq_len must be"),
+    ({"min_lr_ratio": 2.0}, "min_lr_ratio must be in"), ({"micro_batch": -1}, "micro_batch must be >= 0"),
+    ({"stop_at": 0}, "stop_at must be at least 1"),
+])
+def test_bad_settings_are_refused_before_any_work(data_dir: Path, tmp_path: Path, setting: dict, needle: str) -> None:
+    with pytest.raises(LooplmError, match=needle):
+        train(_config(data_dir, tmp_path / "run", **setting))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_fresh_run_does_not_write_over_an_earlier_one(data_dir: Path, tmp_path: Path) -> None:
     train(_config(data_dir, tmp_path, steps=1))
     earlier = (tmp_path / "trainer_state.pt").read_bytes(), (tmp_path / "train_log.jsonl").read_text()

@@ -61,8 +61,6 @@ def train(
         save_every=save_every, seed=seed, resume=resume, overwrite=overwrite, stop_at=stop_at, device=device,
         progress=progress,
     )
-    if stage not in (1, 2):
-        raise LooplmError(f"--stage must be 1 or 2, got {stage}")
     final = run(config)
     if final and os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
         common.stderr().print(f"step {final['step']}: loss {final['loss']:.4f}; checkpoint in {out}")

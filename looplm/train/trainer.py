@@ -73,6 +73,20 @@ class TrainConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the log header, e.g. a recipe name
 
+    def check(self) -> None:
+        """Settings a run cannot start with, each a one-line error before any work."""
+        bounds = [("stage", self.stage in (1, 2), "1 or 2"), ("steps", self.steps >= 1, "at least 1"),
+                  ("batch_size", self.batch_size >= 1, "at least 1"), ("micro_batch", self.micro_batch >= 0, ">= 0"),
+                  ("seq_len", self.seq_len >= 2, "at least 2"), ("lr", self.lr > 0, "> 0"),
+                  ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                  ("warmup_steps", self.warmup_steps >= 0, ">= 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("beta", self.beta >= 0, ">= 0"), ("clip", self.clip > 0, "> 0"),
+                  ("save_every", self.save_every >= 0, ">= 0"),
+                  ("stop_at", self.stop_at is None or self.stop_at >= 1, "at least 1")]
+        for name, ok, expected in bounds:
+            if not ok:
+                raise LooplmError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warmup over `warmup_steps`, then cosine from `lr` down to `min_lr_ratio * lr` at `steps`."""
@@ -210,6 +224,7 @@ def _params_for_decay(model: nn.Module) -> list[dict]:
 
 
 def train(config: TrainConfig) -> dict:
+    config.check()
     _check_fresh_out(Path(config.out_dir), config)  # before any process group: every rank fails alike
     rank, world, device = _setup_distributed(config.device)
     if device.type == "cpu":
