@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import looplm
+from looplm.errors import exit_code_of
 from looplm.exit import ExitPolicy, FixedPolicy, make_policy
 from looplm.models.ouro import OuroForCausalLM
 
@@ -282,4 +283,4 @@ __all__ = ["DEFAULT_GRID", "Setting", "arithmetic_accuracy", "arithmetic_rows", 
            "gsm8k_rows", "held_out_problems", "split_documents", "teacher_forced", "teacher_forced_batch"]
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code_of(main))

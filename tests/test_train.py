@@ -166,6 +166,18 @@ def test_bad_settings_are_refused_before_any_work(data_dir: Path, tmp_path: Path
     assert not (tmp_path / "run").exists()
 
 
+def test_data_builder_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from looplm.errors import exit_code_of
+    from looplm.train.data import main
+
+    assert exit_code_of(lambda: main([str(tmp_path / "out"), "--like", str(tmp_path / "missing")])) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing' / 'tokenizer.json'} not found; point to a model " \
+                                      "directory that contains tokenizer.json\n"
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main([str(tmp_path / "out"), "--max-terms", "1"])
+    assert "--max-terms at least 2" in capsys.readouterr().err
+
+
 def test_a_fresh_run_does_not_write_over_an_earlier_one(data_dir: Path, tmp_path: Path) -> None:
     train(_config(data_dir, tmp_path, steps=1))
     earlier = (tmp_path / "trainer_state.pt").read_bytes(), (tmp_path / "train_log.jsonl").read_text()

@@ -32,7 +32,7 @@ import torch
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from looplm.errors import LooplmError
+from looplm.errors import LooplmError, exit_code_of
 from looplm.tokenizer import Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -352,6 +352,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--answer-loss", action="store_true",
                         help="with --like: only the arithmetic answers count in the loss (text counts in full)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.arithmetic_weight <= 1.0:
+        parser.error(f"--arithmetic-weight must be in [0, 1], got {args.arithmetic_weight}")
+    if min(args.problems, args.max_digits) < 1 or args.max_terms < 2:
+        parser.error("--problems and --max-digits must be at least 1, --max-terms at least 2")
     if args.like is None:
         meta = build_tiny_corpus(args.out, arithmetic_weight=args.arithmetic_weight, seed=args.seed,
                                  n_problems=args.problems, max_digits=args.max_digits, max_terms=args.max_terms)
@@ -362,4 +366,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(exit_code_of(lambda: main(sys.argv[1:])))
