@@ -90,6 +90,16 @@ def test_steps_change_kv_slots(make_checkpoint) -> None:  # noqa: ANN001
         model.forward_steps(torch.tensor([[5, 6]]), steps=9)
 
 
+def test_exit_logits_of_one_position_equal_that_column(gqa_model) -> None:  # noqa: ANN001
+    with torch.inference_mode():
+        out = gqa_model.forward_steps(torch.tensor([random_prompts(300, [7], seed=3)[0]]))
+        every, steps = gqa_model.exit_logits(out, 0.5)
+        for position in (0, 3, 6, -1, -7):
+            logits, step = gqa_model.exit_logits(out, 0.5, position=position)
+            assert logits.shape[1] == 1 and torch.equal(step[:, 0], steps[:, position])
+            assert torch.allclose(logits[:, 0], every[:, position], atol=1e-6)
+
+
 def test_threshold_that_never_fires_equals_last_step(gqa_model) -> None:  # noqa: ANN001
     prompt = random_prompts(300, [8], seed=8)[0]
     default = gqa_model.generate(prompt, 10, eos_token_ids=[])

@@ -435,7 +435,8 @@ class OuroForCausalLM(nn.Module):
         """
         hidden, probs = out.hidden_states, out.exit_probs
         if position is not None:
-            hidden, probs = hidden[:, :, position : position + 1], probs[:, :, position : position + 1]
+            one = slice(position, position + 1 or None)  # position -1 is the last: [-1:None], not [-1:0]
+            hidden, probs = hidden[:, :, one], probs[:, :, one]
         threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
         exit_steps = select_exit_steps(probs, threshold, self.config.early_exit_step)
         return self.lm_head(gather_steps(hidden, exit_steps)), exit_steps
