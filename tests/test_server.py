@@ -129,6 +129,47 @@ def test_seeded_sampling_is_reproducible(client) -> None:  # noqa: ANN001
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_chat_logprobs_are_the_models_own(client, model) -> None:  # noqa: ANN001
+    """Greedy: each token is its step's argmax, so its log-probability heads its alternatives; the
+    first one equals log-softmax of the library's logits for the prompt's last position."""
+    reply = chat(client, "What is 2+2?", max_tokens=8, logprobs=True, top_logprobs=3)
+    choice = reply.choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == reply.usage.completion_tokens
+    for entry in entries:
+        alternatives = [alt.logprob for alt in entry.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert entry.logprob == pytest.approx(alternatives[0]) and entry.logprob <= 0
+        assert entry.token == entry.top_logprobs[0].token and entry.bytes == list(entry.token.encode())
+    tok = model.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}]))
+    with torch.inference_mode():
+        logits, _ = model.exit_logits(model.forward_steps(torch.tensor([ids])), position=-1)
+    expected = torch.log_softmax(logits[0, 0].float(), dim=-1)
+    first = expected.topk(3)
+    assert entries[0].logprob == pytest.approx(float(first.values[0]), abs=1e-4)
+    assert [alt.token for alt in entries[0].top_logprobs] == [tok.decode([i], skip_special_tokens=False)
+                                                              for i in first.indices.tolist()]
+    assert chat(client, "What is 2+2?", max_tokens=2).choices[0].logprobs is None  # only when asked for
+
+
+def test_streamed_completion_logprobs_follow_the_tokens(client) -> None:  # noqa: ANN001
+    whole = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0, logprobs=2)
+    logprobs = whole.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 10
+    if whole.choices[0].finish_reason == "length":  # no eos among them: the token texts are the text
+        assert "".join(logprobs.tokens) == whole.choices[0].text
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(10)]
+    assert all(len(top) <= 2 and max(top.values()) >= lp - 1e-6
+               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    chunks = list(client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0, logprobs=2,
+                                            stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for part in streamed for t in part.tokens] == logprobs.tokens
+    assert [o for part in streamed for o in part.text_offset] == logprobs.text_offset
+    assert [lp for part in streamed for lp in part.token_logprobs] == pytest.approx(logprobs.token_logprobs)
+
+
 LOOP_OPTIONS = [
     {},
     {"loops": 2},
@@ -326,7 +367,13 @@ BAD_REQUESTS = [
     ("unknown kv_mode", "/v1/completions", {"model": NAME, "prompt": "a", "kv_mode": "half"}, 400),
     ("n too large", "/v1/completions", {"model": NAME, "prompt": "a", "n": 20}, 400),
     ("five stop strings", "/v1/completions", {"model": NAME, "prompt": "a", "stop": list("abcde")}, 400),
-    ("logprobs", "/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2}, 400),
+    ("logprobs above 20", "/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 21}, 400),
+    ("negative logprobs", "/v1/completions", {"model": NAME, "prompt": "a", "logprobs": -1}, 400),
+    ("top_logprobs without logprobs", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400),
+    ("tools", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400),
+    ("echo", "/v1/completions", {"model": NAME, "prompt": "a", "echo": True}, 400),
     ("prompt of wrong type", "/v1/completions", {"model": NAME, "prompt": {"x": 1}}, 400),
     ("unknown route", "/v1/embeddings", {"model": NAME, "input": "a"}, 404),
 ]

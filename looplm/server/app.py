@@ -29,10 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from looplm.errors import LooplmError
 from looplm.sampling import SamplingParams
 from looplm.server.engine import Engine, QueueFull
+from looplm.server.logprobs import CompletionLogprobs, chat_logprobs
 from looplm.server.metrics import Metrics
 from looplm.server.reasoning import Delta, prompt_opens_reasoning
 from looplm.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingOptions, error_body
-from looplm.server.session import EngineFailed, Session
+from looplm.server.session import EngineFailed, Session, TokenLogprob
+from looplm.tokenizer import Tokenizer
 
 log = logging.getLogger("looplm.server")
 
@@ -131,7 +133,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
                 top_k=body.top_k if body.top_k is not None else defaults.get("top_k", 0),
             )
             session = Session(engine, tokenizer, eos_ids)
-            session.submit(prompts, body.n, max_tokens, loop, sampling, body.seed, body.stop or [], split, in_reasoning)
+            session.submit(prompts, body.n, max_tokens, loop, sampling, body.seed, body.stop or [], split, in_reasoning,
+                           body.logprob_alternatives)
         except QueueFull as exc:
             raise ApiError(429, str(exc), "rate_limit_exceeded", code="queue_full") from None
         except LooplmError as exc:
@@ -156,7 +159,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
             raise ApiError(400, str(exc), param="messages") from None
         in_reasoning = body.split_reasoning and prompt_opens_reasoning(prompt)
         session = start_session(body, [encode(prompt, False)], body.split_reasoning, in_reasoning)
-        reply = Reply("chatcmpl", "chat.completion", model_name)
+        reply = Reply("chatcmpl", "chat.completion", model_name, tokenizer if body.logprobs else None)
         if body.stream:
             return stream(request, session, reply.chat_chunks(session, body.include_usage))
         return await respond(request, session, reply, reply.chat_message)
@@ -166,7 +169,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
         body: CompletionRequest = await parse(request, CompletionRequest)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         session = start_session(body, [encode(t, True) for t in texts], False, False)
-        reply = Reply("cmpl", "text_completion", model_name)
+        reply = Reply("cmpl", "text_completion", model_name, tokenizer if body.logprobs is not None else None)
         if body.stream:
             return stream(request, session, reply.text_chunks(session, body.include_usage))
         return await respond(request, session, reply, reply.text_choice)
@@ -190,10 +193,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     async def respond(request: Request, session: Session, reply: Reply, make_choice) -> JSONResponse:  # noqa: ANN001
         parts: dict[int, Any] = {}
         finish: dict[int, str] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {c.index: [] for c in session.choices}
         try:
-            async for index, delta, reason in session.deltas(request.is_disconnected):
+            async for index, delta, reason, token_logprobs in session.deltas(request.is_disconnected):
                 part = parts.setdefault(index, Delta())
                 part += delta
+                logprobs[index] += token_logprobs
                 if reason is not None:
                     finish[index] = reason
         except EngineFailed as exc:
@@ -204,7 +209,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
             return JSONResponse(error_body("client disconnected"), status_code=499)
         usage = session.usage()
         metrics.record_usage(usage["prompt_tokens"], usage["completion_tokens"])
-        choices = [make_choice(c.index, parts.get(c.index), finish[c.index], c.text.saw_reasoning)
+        choices = [make_choice(c.index, parts.get(c.index), finish[c.index], c.text.saw_reasoning, logprobs[c.index])
                    for c in session.choices]
         return JSONResponse(reply.whole(choices, usage))
 
@@ -247,26 +252,39 @@ class AuthAndCount:
 
 
 class Reply:
-    """OpenAI response objects for one request (ids, timestamps, chunk shapes)."""
+    """OpenAI response objects for one request (ids, timestamps, chunk shapes). `tokenizer` is
+    given when the request asked for log-probabilities, which it spells out as token texts."""
 
-    def __init__(self, prefix: str, obj: str, model: str) -> None:
+    def __init__(self, prefix: str, obj: str, model: str, tokenizer: Tokenizer | None = None) -> None:
         self.id, self.object, self.model = f"{prefix}-{uuid.uuid4().hex}", obj, model
         self.created = int(time.time())
+        self.tokenizer = tokenizer
+        self._completion_logprobs: dict[int, CompletionLogprobs] = {}  # per choice: text offsets run on
 
     def head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chat_message(self, index: int, delta, finish: str, saw_reasoning: bool) -> dict:  # noqa: ANN001
+    def chat_logprobs(self, entries: list[TokenLogprob]) -> dict | None:
+        return None if self.tokenizer is None else chat_logprobs(self.tokenizer, entries)
+
+    def text_logprobs(self, index: int, entries: list[TokenLogprob]) -> dict | None:
+        if self.tokenizer is None:
+            return None
+        return self._completion_logprobs.setdefault(index, CompletionLogprobs(self.tokenizer)).next(entries)
+
+    def chat_message(self, index: int, delta, finish: str, saw_reasoning: bool,  # noqa: ANN001
+                     logprobs: list[TokenLogprob]) -> dict:
         reasoning = delta.reasoning.strip() if delta is not None else ""
         content = delta.content if delta is not None else ""
         if saw_reasoning:
             content = content.lstrip()
         message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
-        return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": self.chat_logprobs(logprobs)}
 
-    def text_choice(self, index: int, delta, finish: str, saw_reasoning: bool) -> dict:  # noqa: ANN001
+    def text_choice(self, index: int, delta, finish: str, saw_reasoning: bool,  # noqa: ANN001
+                    logprobs: list[TokenLogprob]) -> dict:
         text = delta.content if delta is not None else ""
-        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": self.text_logprobs(index, logprobs)}
 
     def whole(self, choices: list[dict], usage: dict) -> dict:
         return {**self.head(self.object), "choices": choices, "usage": usage}
@@ -276,20 +294,21 @@ class Reply:
         for choice in session.choices:
             yield {**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
-        async for index, delta, reason in session.deltas():
+        async for index, delta, reason, logprobs in session.deltas():
             body: dict[str, Any] = {}
             if delta.reasoning:
                 body["reasoning_content"] = delta.reasoning
             if delta.content:
                 body["content"] = delta.content
-            yield {**head, "choices": [{"index": index, "delta": body, "finish_reason": reason, "logprobs": None}]}
+            yield {**head, "choices": [{"index": index, "delta": body, "finish_reason": reason,
+                                        "logprobs": self.chat_logprobs(logprobs)}]}
         if include_usage:
             yield {**head, "choices": [], "usage": session.usage()}
 
     async def text_chunks(self, session: Session, include_usage: bool) -> AsyncIterator[dict]:
         head = self.head(self.object)
-        async for index, delta, reason in session.deltas():
+        async for index, delta, reason, logprobs in session.deltas():
             yield {**head, "choices": [{"index": index, "text": delta.content, "finish_reason": reason,
-                                        "logprobs": None}]}
+                                        "logprobs": self.text_logprobs(index, logprobs)}]}
         if include_usage:
             yield {**head, "choices": [], "usage": session.usage()}

@@ -50,6 +50,11 @@ class Event:
     loops: int | None = None  # 1-based UT step the token was read from (with skip_compute: loops run)
     finish_reason: str | None = None  # on "done": "stop" (eos) | "length"
     message: str | None = None  # on "error"
+    # With `Sequence.logprobs` set: the token's log-probability, and the likeliest (token, log-prob)
+    # pairs there, best first. Both under the model's own distribution at the step the token was
+    # read from (before temperature, top-k and top-p).
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass(eq=False)  # identity: a sequence is looked up in lists and sets
@@ -63,6 +68,7 @@ class Sequence:
     seed: int | None
     eos_ids: frozenset[int]
     on_event: Callable[[Event], None]
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's and the top k alternatives
     id: int = 0
     generator: torch.Generator | None = None
     cancelled: bool = False
@@ -229,7 +235,7 @@ class Engine:
         logits, exit_step, cache = batch.prefill(seq.prompt_ids)
         self.prompt_tokens_total += len(seq.prompt_ids)
         token = self._sample([seq], logits)[0]
-        if self._deliver(seq, token, int(exit_step[0]) + 1):
+        if self._deliver(seq, token, int(exit_step[0]) + 1, logits[0]):
             batch.join(seq, cache)
             self.peak_running = max(self.peak_running, self.running)
 
@@ -244,19 +250,25 @@ class Engine:
             batch.rows.clear()
             return
         self.decode_steps_total += 1
-        for seq, token, exit_step in zip(list(batch.rows), tokens, exit_steps.tolist()):
-            if not self._deliver(seq, token, exit_step + 1):
+        for seq, token, exit_step, row_logits in zip(list(batch.rows), tokens, exit_steps.tolist(), logits):
+            if not self._deliver(seq, token, exit_step + 1, row_logits):
                 batch.leave(seq)
 
-    def _deliver(self, seq: Sequence, token: int, loops: int) -> bool:
-        """Hand one token over; False when the sequence is finished (or cancelled meanwhile)."""
+    def _deliver(self, seq: Sequence, token: int, loops: int, logits: torch.Tensor) -> bool:
+        """Hand one token, read from `logits` [V], over; False when the sequence is finished (or cancelled)."""
         if seq.cancelled:
             return False
         seq.generated += 1
         seq.last_token = token
         self.tokens_total += 1
         self.loops_total += loops
-        self._emit(seq, Event("token", token=token, loops=loops))
+        event = Event("token", token=token, loops=loops)
+        if seq.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            event.logprob = float(logprobs[token])
+            top = logprobs.topk(seq.logprobs)
+            event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        self._emit(seq, event)
         if token in seq.eos_ids or seq.generated >= seq.max_tokens:
             self._emit(seq, Event("done", finish_reason="stop" if token in seq.eos_ids else "length"))
             return False

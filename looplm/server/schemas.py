@@ -3,7 +3,7 @@
 Requests accept the standard OpenAI fields looplm honours, plus the looped-model extras
 (`loops`, `exit_policy`, `exit_threshold`, `kv_mode`, `skip_compute`), which the `openai`
 client sends through `extra_body`. Fields looplm does not know are ignored, as OpenAI-style
-servers do; fields it knows but cannot honour (`logprobs`, `tools`, `n` > 8...) are rejected
+servers do; fields it knows but cannot honour (`tools`, `echo`, `n` > 8...) are rejected
 with a 400 rather than silently dropped.
 """
 
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 8
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 class LoopOptions(BaseModel):
@@ -40,7 +41,6 @@ class SamplingOptions(LoopOptions):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    logprobs: Any = None
     tools: Any = None
 
     @field_validator("stop")
@@ -51,7 +51,7 @@ class SamplingOptions(LoopOptions):
             raise ValueError("stop must be up to 4 non-empty strings")
         return stops
 
-    @field_validator("logprobs", "tools")
+    @field_validator("tools")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
         if value not in (None, False, 0, []):
@@ -65,6 +65,11 @@ class SamplingOptions(LoopOptions):
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """None: no log-probabilities; k: each token's and its k likeliest alternatives."""
+        return None
 
 
 class ChatMessage(BaseModel):
@@ -92,6 +97,18 @@ class ChatCompletionRequest(SamplingOptions):
     # Passed to the chat template (opens a <think> block for Thinking templates).
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def thinking(self) -> bool:
         if self.enable_thinking is not None:
@@ -102,6 +119,11 @@ class ChatCompletionRequest(SamplingOptions):
 class CompletionRequest(SamplingOptions):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

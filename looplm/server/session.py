@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from looplm.sampling import SamplingParams
 from looplm.server.batch import LoopConfig
@@ -28,6 +28,15 @@ class EngineFailed(Exception):
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability and the likeliest alternatives (when asked for)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Choice:
     index: int
     sequence: Sequence
@@ -35,6 +44,7 @@ class Choice:
     tokens: int = 0
     loops: int = 0
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet handed out with a delta
 
 
 class Session:
@@ -56,15 +66,18 @@ class Session:
         stops: list[str],
         split_reasoning: bool,
         in_reasoning: bool,
+        logprobs: int | None = None,
     ) -> None:
-        """Queue every choice; raises `QueueFull` (after cancelling what was queued) or `GenerationError`."""
+        """Queue every choice; raises `QueueFull` (after cancelling what was queued) or `GenerationError`.
+        `logprobs`: None, or how many alternatives to report beside each token's log-probability."""
         try:
             for prompt in prompts:
                 self.prompt_tokens += len(prompt)
                 for _ in range(n):
                     index = len(self.choices)
                     choice_seed = None if seed is None else seed + index
-                    seq = Sequence(prompt, max_tokens, loop, sampling, choice_seed, self.eos_ids, self._hand_off(index))
+                    seq = Sequence(prompt, max_tokens, loop, sampling, choice_seed, self.eos_ids, self._hand_off(index),
+                                   logprobs)
                     text = ChoiceText(self.tokenizer, stops, split_reasoning, in_reasoning)
                     self.choices.append(Choice(index, seq, text))
                     self.engine.submit(seq)
@@ -80,8 +93,12 @@ class Session:
 
     async def deltas(
         self, disconnected: Callable[[], Awaitable[bool]] | None = None
-    ) -> AsyncIterator[tuple[int, Delta, str | None]]:
-        """Yield `(choice index, delta, finish_reason or None)` until every choice has finished.
+    ) -> AsyncIterator[tuple[int, Delta, str | None, list[TokenLogprob]]]:
+        """Yield `(choice index, delta, finish_reason or None, logprobs)` until every choice has finished.
+
+        `logprobs` holds the tokens generated since the choice's last yield (empty unless asked
+        for): a token whose text is still held back (an incomplete character, a possible stop
+        string) reports with the text that follows it.
 
         `disconnected` (non-streaming requests) is polled while waiting; the session then ends
         quietly and the caller's `close()` frees the engine rows.
@@ -107,6 +124,8 @@ class Session:
             if event.kind == "token":
                 choice.tokens += 1
                 choice.loops += event.loops or 0
+                if event.logprob is not None:
+                    choice.logprobs.append(TokenLogprob(event.token, event.logprob, event.top_logprobs or []))
                 delta = choice.text.push(event.token)
                 if choice.text.stopped:
                     choice.finish_reason = "stop"
@@ -117,7 +136,8 @@ class Session:
             if choice.finish_reason is not None:
                 pending.discard(index)
             if delta or choice.finish_reason is not None:
-                yield index, delta, choice.finish_reason
+                logprobs, choice.logprobs = choice.logprobs, []
+                yield index, delta, choice.finish_reason, logprobs
 
     def close(self) -> None:
         for choice in self.choices:
