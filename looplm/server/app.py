@@ -28,12 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from looplm.errors import LooplmError
 from looplm.sampling import SamplingParams
-from looplm.server.engine import Engine, QueueFull
+from looplm.server.engine import Engine, QueueFull, TokenLogprob
 from looplm.server.logprobs import CompletionLogprobs, chat_logprobs
 from looplm.server.metrics import Metrics
 from looplm.server.reasoning import Delta, prompt_opens_reasoning
 from looplm.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingOptions, error_body
-from looplm.server.session import EngineFailed, Session, TokenLogprob
+from looplm.server.session import EngineFailed, Session
 from looplm.tokenizer import Tokenizer
 
 log = logging.getLogger("looplm.server")

@@ -44,17 +44,24 @@ class QueueFull(Exception):
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability and its likeliest alternatives `(token, log-prob)`, best
+    first, under the model's own distribution at the step the token was read from (before
+    temperature, top-k and top-p)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Event:
     kind: str  # "token" | "done" | "error"
     token: int | None = None
     loops: int | None = None  # 1-based UT step the token was read from (with skip_compute: loops run)
     finish_reason: str | None = None  # on "done": "stop" (eos) | "length"
     message: str | None = None  # on "error"
-    # With `Sequence.logprobs` set: the token's log-probability, and the likeliest (token, log-prob)
-    # pairs there, best first. Both under the model's own distribution at the step the token was
-    # read from (before temperature, top-k and top-p).
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
+    logprob: TokenLogprob | None = None  # on "token", when the sequence asked for `logprobs`
 
 
 @dataclass(eq=False)  # identity: a sequence is looked up in lists and sets
@@ -262,13 +269,12 @@ class Engine:
         seq.last_token = token
         self.tokens_total += 1
         self.loops_total += loops
-        event = Event("token", token=token, loops=loops)
+        logprob = None
         if seq.logprobs is not None:
             logprobs = torch.log_softmax(logits.float(), dim=-1)
-            event.logprob = float(logprobs[token])
             top = logprobs.topk(seq.logprobs)
-            event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-        self._emit(seq, event)
+            logprob = TokenLogprob(token, float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist())))
+        self._emit(seq, Event("token", token=token, loops=loops, logprob=logprob))
         if token in seq.eos_ids or seq.generated >= seq.max_tokens:
             self._emit(seq, Event("done", finish_reason="stop" if token in seq.eos_ids else "length"))
             return False

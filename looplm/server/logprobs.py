@@ -11,7 +11,7 @@ valid text). `text_offset` counts from the start of the choice's token texts.
 
 from __future__ import annotations
 
-from looplm.server.session import TokenLogprob
+from looplm.server.engine import TokenLogprob
 from looplm.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"  # what decoding part of a multi-byte character gives

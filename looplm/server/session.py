@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from looplm.sampling import SamplingParams
 from looplm.server.batch import LoopConfig
-from looplm.server.engine import Engine, Event, Sequence
+from looplm.server.engine import Engine, Event, Sequence, TokenLogprob
 from looplm.server.reasoning import ChoiceText, Delta
 from looplm.tokenizer import Tokenizer
 
@@ -25,15 +25,6 @@ DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its cli
 
 class EngineFailed(Exception):
     """A sequence got an `error` event from the engine."""
-
-
-@dataclass
-class TokenLogprob:
-    """One generated token's log-probability and the likeliest alternatives (when asked for)."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -125,7 +116,7 @@ class Session:
                 choice.tokens += 1
                 choice.loops += event.loops or 0
                 if event.logprob is not None:
-                    choice.logprobs.append(TokenLogprob(event.token, event.logprob, event.top_logprobs or []))
+                    choice.logprobs.append(event.logprob)
                 delta = choice.text.push(event.token)
                 if choice.text.stopped:
                     choice.finish_reason = "stop"
