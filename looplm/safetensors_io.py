@@ -9,6 +9,7 @@ whole file (mapped pages would count against peak RSS).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -96,3 +97,15 @@ def _readinto_exact(fh, buffer: np.ndarray, entry: TensorEntry) -> None:  # noqa
         if not got:
             raise CheckpointError(f"{entry.path}: truncated while reading tensor '{entry.name}'")
         done += got
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """`safetensors.torch.save_file`, with the file mode any new file gets here (the process
+    umask): safetensors creates its files owner-only (0600), so a model saved for others to
+    load would not be readable by them."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -269,6 +269,12 @@ def test_requantizing_a_quantized_checkpoint_is_refused(make_checkpoint, tmp_pat
         save_quantized(str(out), tmp_path / "again", QuantSpec(8))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_an_existing_model_is_replaced_only_with_overwrite(make_checkpoint, tmp_path: Path,  # noqa: ANN001
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     path = make_checkpoint()
@@ -291,6 +297,8 @@ def test_an_existing_model_is_replaced_only_with_overwrite(make_checkpoint, tmp_
 
     save_quantized(str(path), out, QuantSpec(4, 32), overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and not (out / "model.safetensors.index.json").exists()
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # modes as for any new file, not owner-only
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
     assert looplm.load(out).quantization == QuantSpec(4, 32)
 
 

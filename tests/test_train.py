@@ -180,6 +180,9 @@ def test_data_builder_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
 
 def test_a_fresh_run_does_not_write_over_an_earlier_one(data_dir: Path, tmp_path: Path) -> None:
     train(_config(data_dir, tmp_path, steps=1))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any new file
     earlier = (tmp_path / "trainer_state.pt").read_bytes(), (tmp_path / "train_log.jsonl").read_text()
     with pytest.raises(LooplmError, match="already holds a run .*--resume continues it, --overwrite"):
         train(_config(data_dir, tmp_path, steps=2, seed=5))

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from looplm.config import OuroConfig, read_json
@@ -23,6 +22,7 @@ from looplm.loading import load, resolve_path
 from looplm.models.ouro import OuroForCausalLM
 from looplm.quant.checkpoint import QUANT_CONFIG_KEY
 from looplm.quant.model import QuantSpec, check_shape, portable_tensors
+from looplm.safetensors_io import save_safetensors
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
                 "vocab.json", "merges.txt", "chat_template.jinja")
@@ -47,9 +47,10 @@ def save_quantized(source: str | None, output: Path, spec: QuantSpec, dtype: str
         raise QuantizationError(f"{source}: the model is already quantized")
     tensors = quantized_state_dict(model, spec)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()  # not tempfile.mkdtemp: its 0700 would become the output directory's mode
     try:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, staging / "model.safetensors")
         raw[QUANT_CONFIG_KEY] = spec.to_json()
         raw["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from looplm.models.ouro import OuroForCausalLM
+from looplm.safetensors_io import save_safetensors
 from looplm.tokenizer import Tokenizer
 
 STATE_FILE = "trainer_state.pt"
@@ -30,7 +30,7 @@ def save_pretrained(out: Path, model: OuroForCausalLM, raw_config: dict, tokeniz
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         state[name] = tensor.detach().to("cpu", torch.bfloat16).contiguous()
-    _atomic(out / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    _atomic(out / "model.safetensors", lambda tmp: save_safetensors(state, tmp))
     config = {**raw_config, "torch_dtype": "bfloat16"}
     _atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     eos = config.get("eos_token_id")
