@@ -210,7 +210,7 @@ def stream_generate(
     stop: str | Sequence[str] | None = None,
     attention_mask: torch.Tensor | None = None,
     steps: int | None = None,
-    eos_token_ids: Sequence[int] | None = None,
+    eos_token_ids: int | Sequence[int] | None = None,
     stats: GenerationStats | None = None,
     exit_policy: str | None = None,
     kv_mode: str = "full",
@@ -256,6 +256,8 @@ def stream_generate(
         exit_policy, exit_threshold, steps, model.config.early_exit_threshold, model.config.early_exit_step
     )
     defaults = model.generation_defaults
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
     eos = set(defaults.get("eos_token_ids", model.config.eos_token_ids) if eos_token_ids is None else eos_token_ids)
     pad_id = defaults.get("pad_token_id", model.config.pad_token_id) or 0
     ids, mask = prepare_inputs(input_ids, attention_mask, pad_id)
@@ -321,7 +323,7 @@ def generate(
     stop: str | Sequence[str] | None = None,
     attention_mask: torch.Tensor | None = None,
     steps: int | None = None,
-    eos_token_ids: Sequence[int] | None = None,
+    eos_token_ids: int | Sequence[int] | None = None,
     exit_policy: str | None = None,
     kv_mode: str = "full",
     skip_compute: bool = False,

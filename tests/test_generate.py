@@ -260,3 +260,15 @@ def test_step_logprobs_match_logits_and_are_differentiable(gqa_model) -> None:  
     grad = gqa_model.model.layers[0].mlp.up_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert gqa_model.model.early_exit_gate.weight.grad is None  # log-probs do not touch the gate
+    gqa_model.zero_grad(set_to_none=True)
+    with pytest.raises(GenerationError, match="one target per input position"):  # gather would truncate
+        gqa_model.step_logprobs(ids, targets[:, :-1])
+    with pytest.raises(GenerationError, match="token ids must be in"):
+        gqa_model.step_logprobs(ids, targets + gqa_model.config.vocab_size)
+
+
+def test_a_single_eos_id_may_be_an_int(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [6], seed=2)[0]
+    free = gqa_model.generate(prompt, 8, eos_token_ids=[])[0]
+    assert gqa_model.generate(prompt, 8, eos_token_ids=free[2]) == gqa_model.generate(prompt, 8, eos_token_ids=[free[2]])
+    assert gqa_model.generate(prompt, 8, eos_token_ids=free[2])[0] == free[: free.index(free[2]) + 1]

@@ -536,6 +536,10 @@ class OuroForCausalLM(nn.Module):
 
         Differentiable: call it outside inference mode to train on it. log-softmax runs in fp32.
         """
+        if target_ids.shape != input_ids.shape:  # gather would silently truncate a shorter target
+            raise GenerationError(f"target_ids shape {list(target_ids.shape)} != input_ids shape "
+                                  f"{list(input_ids.shape)}: give one target per input position")
+        check_token_ids(target_ids, self.config.vocab_size)
         out = self.forward_steps(input_ids, attention_mask=attention_mask, steps=steps)
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         index = target_ids.unsqueeze(0).expand(logprobs.shape[0], *target_ids.shape).unsqueeze(-1)
