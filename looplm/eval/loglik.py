@@ -167,9 +167,6 @@ def _score_tokens(
     token_steps: dict[str, torch.Tensor] = {}
     needed = {c.steps for c in configs if c.exit_policy == "last"}
     step_lp = {t: _target_logprobs(model.lm_head(flat.hidden_states[t - 1]), targets) for t in sorted(needed)}
-    # `readout` reads one position of [T, B, S, ...]: view the N tokens as a batch of one position.
-    as_batch = StepOutput(hidden_states=flat.hidden_states.unsqueeze(2), gate_lambda=flat.gate_lambda.unsqueeze(2),
-                          exit_probs=flat.exit_probs.unsqueeze(2))
     for config in configs:
         if config.exit_policy == "last":
             token_lp[config.key] = step_lp[config.steps]
@@ -177,7 +174,7 @@ def _score_tokens(
         else:
             if config.steps != max_steps:
                 raise ValueError(f"exit policies run at the largest step count {max_steps}, got {config}")
-            logits, exit_step = model.readout(as_batch, policies[config.key], position=0)
+            logits, exit_step = model.readout_tokens(flat, policies[config.key])
             token_lp[config.key] = _target_logprobs(logits, targets)
             token_steps[config.key] = exit_step.float() + 1
     results, begin = [], 0

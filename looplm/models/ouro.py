@@ -441,6 +441,13 @@ class OuroForCausalLM(nn.Module):
         exit_steps = select_exit_steps(probs, threshold, self.config.early_exit_step)
         return self.lm_head(gather_steps(hidden, exit_steps)), exit_steps
 
+    def readout_tokens(self, out: StepOutput, policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+        """`readout` of N tokens at once, given as `[T, N, ...]` (any positions of any rows, e.g.
+        every position of one row): each token is read as its own row. Logits `[N, V]`, steps `[N]`."""
+        as_rows = StepOutput(hidden_states=out.hidden_states.unsqueeze(2), gate_lambda=out.gate_lambda.unsqueeze(2),
+                             exit_probs=out.exit_probs.unsqueeze(2))
+        return self.readout(as_rows, policy, position=0)
+
     def readout(self, out: StepOutput, policy: ExitPolicy, position: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply an exit policy to every step of one position (all steps were computed).
 
