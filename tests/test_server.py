@@ -170,6 +170,30 @@ def test_streamed_completion_logprobs_follow_the_tokens(client) -> None:  # noqa
     assert [lp for part in streamed for lp in part.token_logprobs] == pytest.approx(logprobs.token_logprobs)
 
 
+def test_echo_scores_the_prompt_like_the_library(client, model) -> None:  # noqa: ANN001
+    """What lm-eval's API models send to score a continuation: echo, max_tokens 0, logprobs."""
+    prompt = "Once upon a time there was"
+    reply = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    choice = reply.choices[0]
+    ids = model.tokenizer.encode(prompt, add_special_tokens=True)
+    assert choice.text == prompt and reply.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    assert len(choice.logprobs.token_logprobs) == len(ids) and choice.logprobs.token_logprobs[0] is None
+    with torch.inference_mode():
+        logits, _ = model.exit_logits(model.forward_steps(torch.tensor([ids])))
+    expected = torch.log_softmax(logits[0].float(), dim=-1)[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1))
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected.squeeze(1).tolist(), abs=1e-4)
+    assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])
+
+    plain = client.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0)
+    echoed = client.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, echo=True, logprobs=0)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    assert len(echoed.choices[0].logprobs.tokens) == len(ids) + echoed.usage.completion_tokens
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, echo=True,
+                                            stream=True))
+    assert chunks[0].choices[0].text.startswith(prompt)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == echoed.choices[0].text
+
+
 LOOP_OPTIONS = [
     {},
     {"loops": 2},
@@ -242,7 +266,7 @@ def test_batch_pads_shifts_swaps_and_compacts(model, options) -> None:  # noqa: 
     batch._shift = lambda offset: (moves.append(offset), shift(offset))[1]
 
     def add(name: str) -> None:
-        logits, _, cache = batch.prefill(prompts[name])
+        logits, _, cache, _ = batch.prefill(prompts[name])
         row = rows[name]
         row.last_token = int(logits.argmax(-1)[0])
         row.tokens.append(row.last_token)
@@ -373,7 +397,6 @@ BAD_REQUESTS = [
      {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400),
     ("tools", "/v1/chat/completions",
      {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400),
-    ("echo", "/v1/completions", {"model": NAME, "prompt": "a", "echo": True}, 400),
     ("prompt of wrong type", "/v1/completions", {"model": NAME, "prompt": {"x": 1}}, 400),
     ("unknown route", "/v1/embeddings", {"model": NAME, "input": "a"}, 404),
 ]

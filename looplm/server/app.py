@@ -120,9 +120,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
                            param="model", code="model_not_found")
         return body
 
-    def start_session(body: SamplingOptions, prompts: list[list[int]], split: bool, in_reasoning: bool) -> Session:
+    def start_session(body: SamplingOptions, prompts: list[list[int]], split: bool, in_reasoning: bool,
+                      echo_logprobs: bool = False) -> Session:
         longest = max(len(p) for p in prompts)
-        max_tokens = body.token_budget or max(1, engine.max_context - longest)
+        max_tokens = body.token_budget if body.token_budget is not None else max(1, engine.max_context - longest)
         try:
             engine.check_length(longest, max_tokens)
             loop = engine.loop_config(body.loops, body.exit_policy, body.exit_threshold, body.kv_mode,
@@ -134,7 +135,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
             )
             session = Session(engine, tokenizer, eos_ids)
             session.submit(prompts, body.n, max_tokens, loop, sampling, body.seed, body.stop or [], split, in_reasoning,
-                           body.logprob_alternatives)
+                           body.logprob_alternatives, echo_logprobs)
         except QueueFull as exc:
             raise ApiError(429, str(exc), "rate_limit_exceeded", code="queue_full") from None
         except LooplmError as exc:
@@ -168,8 +169,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     async def completions(request: Request) -> Any:
         body: CompletionRequest = await parse(request, CompletionRequest)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        session = start_session(body, [encode(t, True) for t in texts], False, False)
-        reply = Reply("cmpl", "text_completion", model_name, tokenizer if body.logprobs is not None else None)
+        session = start_session(body, [encode(t, True) for t in texts], False, False,
+                                echo_logprobs=body.echo and body.logprobs is not None)
+        reply = Reply("cmpl", "text_completion", model_name, tokenizer if body.logprobs is not None else None,
+                      echoed=[text for text in texts for _ in range(body.n)] if body.echo else None)
         if body.stream:
             return stream(request, session, reply.text_chunks(session, body.include_usage))
         return await respond(request, session, reply, reply.text_choice)
@@ -255,11 +258,17 @@ class Reply:
     """OpenAI response objects for one request (ids, timestamps, chunk shapes). `tokenizer` is
     given when the request asked for log-probabilities, which it spells out as token texts."""
 
-    def __init__(self, prefix: str, obj: str, model: str, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, prefix: str, obj: str, model: str, tokenizer: Tokenizer | None = None,
+                 echoed: list[str] | None = None) -> None:
         self.id, self.object, self.model = f"{prefix}-{uuid.uuid4().hex}", obj, model
         self.created = int(time.time())
         self.tokenizer = tokenizer
         self._completion_logprobs: dict[int, CompletionLogprobs] = {}  # per choice: text offsets run on
+        self._echo = dict(enumerate(echoed or []))  # choice index -> its prompt, until written out once
+
+    def with_echo(self, index: int, text: str) -> str:
+        """A completion's text, after its prompt the first time the choice writes (`echo`)."""
+        return self._echo.pop(index, "") + text
 
     def head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -283,7 +292,7 @@ class Reply:
 
     def text_choice(self, index: int, delta, finish: str, saw_reasoning: bool,  # noqa: ANN001
                     logprobs: list[TokenLogprob]) -> dict:
-        text = delta.content if delta is not None else ""
+        text = self.with_echo(index, delta.content if delta is not None else "")
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": self.text_logprobs(index, logprobs)}
 
     def whole(self, choices: list[dict], usage: dict) -> dict:
@@ -308,7 +317,7 @@ class Reply:
     async def text_chunks(self, session: Session, include_usage: bool) -> AsyncIterator[dict]:
         head = self.head(self.object)
         async for index, delta, reason, logprobs in session.deltas():
-            yield {**head, "choices": [{"index": index, "text": delta.content, "finish_reason": reason,
-                                        "logprobs": self.text_logprobs(index, logprobs)}]}
+            yield {**head, "choices": [{"index": index, "text": self.with_echo(index, delta.content),
+                                        "finish_reason": reason, "logprobs": self.text_logprobs(index, logprobs)}]}
         if include_usage:
             yield {**head, "choices": [], "usage": session.usage()}

@@ -28,7 +28,7 @@ import torch
 
 from looplm.cache import KVCache
 from looplm.exit import ExitPolicy, make_policy
-from looplm.models.ouro import OuroForCausalLM
+from looplm.models.ouro import OuroForCausalLM, StepOutput
 
 
 @dataclass(frozen=True)
@@ -115,15 +115,21 @@ class Batch:
 
     # -- rows ----------------------------------------------------------------------------------
 
-    def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
-        """Run a prompt alone (batch 1). Returns its last-position logits `[1, V]`, exit step `[1]`, cache."""
+    def prefill(self, prompt_ids: list[int],
+                every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor, KVCache, torch.Tensor | None]:
+        """Run a prompt alone (batch 1). Returns its last-position logits `[1, V]`, exit step `[1]`,
+        cache, and with `every_position` the logits each prompt position reads `[n, V]` (same rule)."""
         n = len(prompt_ids)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
         positions = torch.arange(n, device=ids.device).unsqueeze(0)
         cache = self.model.make_cache(1, n, self.loop.steps)
         out = self.model.run_steps(ids, positions, None, cache, self.loop.steps)
         logits, exit_step = self.model.readout(out, self.policy, position=-1)
-        return logits, exit_step, cache
+        every = None
+        if every_position:
+            row = StepOutput(out.hidden_states[:, 0], out.gate_lambda[:, 0], out.exit_probs[:, 0])
+            every, _ = self.model.readout_tokens(row, self.policy)
+        return logits, exit_step, cache, every
 
     def join(self, row, cache: KVCache) -> None:  # noqa: ANN001 - an engine Sequence
         """Append a prefilled row (its batch-1 cache holds its n prompt tokens)."""

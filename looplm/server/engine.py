@@ -50,18 +50,19 @@ class TokenLogprob:
     temperature, top-k and top-p)."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None for a prompt's first token, which nothing precedes
     top: list[tuple[int, float]]
 
 
 @dataclass
 class Event:
-    kind: str  # "token" | "done" | "error"
+    kind: str  # "prompt" | "token" | "done" | "error"
     token: int | None = None
     loops: int | None = None  # 1-based UT step the token was read from (with skip_compute: loops run)
     finish_reason: str | None = None  # on "done": "stop" (eos) | "length"
     message: str | None = None  # on "error"
     logprob: TokenLogprob | None = None  # on "token", when the sequence asked for `logprobs`
+    prompt_logprobs: list[TokenLogprob] | None = None  # on "prompt" (`echo_logprobs`), before any token
 
 
 @dataclass(eq=False)  # identity: a sequence is looked up in lists and sets
@@ -76,6 +77,7 @@ class Sequence:
     eos_ids: frozenset[int]
     on_event: Callable[[Event], None]
     logprobs: int | None = None  # None: no log-probabilities; k: each token's and the top k alternatives
+    echo_logprobs: bool = False  # also the prompt tokens' log-probabilities (a "prompt" event); max_tokens may be 0
     id: int = 0
     generator: torch.Generator | None = None
     cancelled: bool = False
@@ -239,8 +241,13 @@ class Engine:
         if batch is None:
             batch = Batch(self.model, seq.loop, self.max_context)
             self.batches.append(batch)
-        logits, exit_step, cache = batch.prefill(seq.prompt_ids)
+        logits, exit_step, cache, every = batch.prefill(seq.prompt_ids, every_position=seq.echo_logprobs)
         self.prompt_tokens_total += len(seq.prompt_ids)
+        if every is not None:
+            self._emit(seq, Event("prompt", prompt_logprobs=self._prompt_logprobs(seq, every)))
+        if seq.max_tokens == 0:  # only the prompt's log-probabilities were asked for
+            self._emit(seq, Event("done", finish_reason="length"))
+            return
         token = self._sample([seq], logits)[0]
         if self._deliver(seq, token, int(exit_step[0]) + 1, logits[0]):
             batch.join(seq, cache)
@@ -269,16 +276,18 @@ class Engine:
         seq.last_token = token
         self.tokens_total += 1
         self.loops_total += loops
-        logprob = None
-        if seq.logprobs is not None:
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            top = logprobs.topk(seq.logprobs)
-            logprob = TokenLogprob(token, float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist())))
+        logprob = None if seq.logprobs is None else _token_logprobs([token], logits.unsqueeze(0), seq.logprobs)[0]
         self._emit(seq, Event("token", token=token, loops=loops, logprob=logprob))
         if token in seq.eos_ids or seq.generated >= seq.max_tokens:
             self._emit(seq, Event("done", finish_reason="stop" if token in seq.eos_ids else "length"))
             return False
         return True
+
+    def _prompt_logprobs(self, seq: Sequence, every: torch.Tensor) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (position j's logits
+        predict token j + 1); the first token has none."""
+        first = TokenLogprob(seq.prompt_ids[0], None, [])
+        return [first, *_token_logprobs(seq.prompt_ids[1:], every[:-1], seq.logprobs or 0)]
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
         greedy = logits.argmax(dim=-1).tolist()
@@ -304,3 +313,13 @@ class Engine:
         for seq in waiting + [seq for batch in self.batches for seq in batch.rows]:
             self._emit(seq, Event("error", message=message))
         self.batches = []
+
+
+def _token_logprobs(tokens: list[int], logits: torch.Tensor, alternatives: int) -> list[TokenLogprob]:
+    """`TokenLogprob`s of `tokens` [N] under `logits` [N, V] (log-softmax in fp32), each with its
+    `alternatives` likeliest tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
+    top = logprobs.topk(alternatives, dim=-1)
+    pairs = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+    return [TokenLogprob(token, lp, alts) for token, lp, alts in zip(tokens, chosen, pairs)]

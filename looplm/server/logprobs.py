@@ -4,7 +4,8 @@
 - completions (legacy): `{"tokens", "token_logprobs", "top_logprobs": [{text: logprob}], "text_offset"}`.
 
 One entry per generated token, in order: reasoning tokens, a stop string's tokens and the eos
-token included. A token's text is its own decode, special tokens spelled out; `bytes` is that
+token included; with `echo`, the prompt's tokens come first (the very first has no log-probability:
+nothing precedes it). A token's text is its own decode, special tokens spelled out; `bytes` is that
 text in UTF-8, or null for a token that holds only part of a character (its decode alone is not
 valid text). `text_offset` counts from the start of the choice's token texts.
 """
@@ -43,5 +44,6 @@ class CompletionLogprobs:
             offsets.append(self.offset)
             self.offset += len(text)
         return {"tokens": texts, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{token_text(self.tokenizer, t): lp for t, lp in e.top} for e in entries],
+                "top_logprobs": [None if e.logprob is None else {token_text(self.tokenizer, t): lp for t, lp in e.top}
+                                 for e in entries],
                 "text_offset": offsets}

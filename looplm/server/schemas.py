@@ -3,7 +3,7 @@
 Requests accept the standard OpenAI fields looplm honours, plus the looped-model extras
 (`loops`, `exit_policy`, `exit_threshold`, `kv_mode`, `skip_compute`), which the `openai`
 client sends through `extra_body`. Fields looplm does not know are ignored, as OpenAI-style
-servers do; fields it knows but cannot honour (`tools`, `echo`, `n` > 8...) are rejected
+servers do; fields it knows but cannot honour (`tools`, `n` > 8...) are rejected
 with a 400 rather than silently dropped.
 """
 
@@ -118,8 +118,15 @@ class ChatCompletionRequest(SamplingOptions):
 
 class CompletionRequest(SamplingOptions):
     prompt: str | list[str]
-    echo: bool = False
+    echo: bool = False  # the prompt text comes before the completion, and its log-probabilities first
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
+
+    @model_validator(mode="after")
+    def _zero_tokens_needs_echo(self) -> CompletionRequest:
+        if self.token_budget == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is only for scoring a prompt (echo: true)")
+        return self
 
     @property
     def logprob_alternatives(self) -> int | None:
@@ -130,13 +137,6 @@ class CompletionRequest(SamplingOptions):
     def _prompts(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not 1 <= len(value) <= MAX_N:
             raise ValueError(f"give 1 to {MAX_N} prompts")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported by looplm")
         return value
 
 

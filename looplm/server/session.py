@@ -58,9 +58,11 @@ class Session:
         split_reasoning: bool,
         in_reasoning: bool,
         logprobs: int | None = None,
+        echo_logprobs: bool = False,
     ) -> None:
         """Queue every choice; raises `QueueFull` (after cancelling what was queued) or `GenerationError`.
-        `logprobs`: None, or how many alternatives to report beside each token's log-probability."""
+        `logprobs`: None, or how many alternatives to report beside each token's log-probability;
+        `echo_logprobs`: report the prompt tokens' too, first (then `max_tokens` may be 0)."""
         try:
             for prompt in prompts:
                 self.prompt_tokens += len(prompt)
@@ -68,7 +70,7 @@ class Session:
                     index = len(self.choices)
                     choice_seed = None if seed is None else seed + index
                     seq = Sequence(prompt, max_tokens, loop, sampling, choice_seed, self.eos_ids, self._hand_off(index),
-                                   logprobs)
+                                   logprobs, echo_logprobs)
                     text = ChoiceText(self.tokenizer, stops, split_reasoning, in_reasoning)
                     self.choices.append(Choice(index, seq, text))
                     self.engine.submit(seq)
@@ -112,6 +114,9 @@ class Session:
                 continue  # tokens that were already in flight when a stop string ended it
             if event.kind == "error":
                 raise EngineFailed(event.message or "generation failed")
+            if event.kind == "prompt":  # handed out with the first text
+                choice.logprobs[:0] = event.prompt_logprobs or []
+                continue
             if event.kind == "token":
                 choice.tokens += 1
                 choice.loops += event.loops or 0
