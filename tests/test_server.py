@@ -194,6 +194,61 @@ def test_echo_scores_the_prompt_like_the_library(client, model) -> None:  # noqa
     assert "".join(c.choices[0].text for c in chunks if c.choices) == echoed.choices[0].text
 
 
+def test_lm_eval_loglikelihood_request_with_token_ids(client, model) -> None:  # noqa: ANN001
+    """lm-evaluation-harness's `local-completions` scores a continuation with token ids, echo,
+    max_tokens 1 and logprobs 1, and reads `token_logprobs[ctxlen:-1]`: that must be the
+    continuation's log-likelihood as the library computes it."""
+    context = model.tokenizer.encode("The king is", add_special_tokens=True)
+    continuation = model.tokenizer.encode(" dead", add_special_tokens=False)
+    ids = context + continuation
+    reply = client.completions.create(model=NAME, prompt=[ids], max_tokens=1, logprobs=1, echo=True, temperature=0,
+                                      seed=1234)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == len(ids) + 1  # the prompt's tokens, then the generated one
+    with torch.inference_mode():
+        logits, _ = model.exit_logits(model.forward_steps(torch.tensor([ids])))
+    expected = torch.log_softmax(logits[0].float(), dim=-1)[len(context) - 1 : -1]
+    expected = expected.gather(1, torch.tensor(continuation).unsqueeze(1)).sum()
+    assert sum(logprobs.token_logprobs[len(context) : -1]) == pytest.approx(float(expected), abs=1e-4)
+    assert reply.choices[0].text.startswith(model.tokenizer.decode(ids, skip_special_tokens=False))
+    bad = httpx.post(str(client.base_url) + "completions", json={"model": NAME, "prompt": [[1, 10**7]]}, timeout=30)
+    assert bad.status_code == 400 and "token ids" in bad.json()["error"]["message"]
+
+
+def test_tokenizer_routes(server, model) -> None:  # noqa: ANN001
+    tok = model.tokenizer
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert (info["eos_token"], info["chat_template"]) == (tok.eos_token, tok.chat_template)
+    encoded = httpx.post(server.url + "/tokenize", json={"prompt": "Hello there", "add_special_tokens": False}).json()
+    assert encoded["tokens"] == tok.encode("Hello there") and encoded["count"] == len(encoded["tokens"])
+    decoded = httpx.post(server.url + "/detokenize", json={"tokens": encoded["tokens"]}).json()
+    assert decoded["prompt"] == "Hello there"
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [10**7]}).status_code == 400
+    assert httpx.post(server.url + "/tokenize", json={"text": "no prompt field"}).status_code == 400
+
+
+def test_lm_evaluation_harness_scores_through_the_server(server, model) -> None:  # noqa: ANN001
+    """lm-eval's own API client (`local-completions`, remote tokenizer) against `looplm serve`:
+    its log-likelihoods and greedy flags equal the library's."""
+    pytest.importorskip("tenacity", reason="needs lm-eval[api] (pip install 'looplm[lm-eval]')")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(model=NAME, base_url=server.url + "/v1/completions", tokenizer_backend="remote",
+                             num_concurrent=1, max_retries=1, max_length=256)
+    pairs = [("The king is", " dead"), ("7-8+9-5=", "3"), ("ROMEO:", " What light")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    tok = model.tokenizer
+    for (context, continuation), (logprob, greedy) in zip(pairs, results):
+        ctx, cont = tok.encode(context), tok.encode(continuation)
+        with torch.inference_mode():
+            logits, _ = model.exit_logits(model.forward_steps(torch.tensor([ctx + cont])))
+        logprobs = torch.log_softmax(logits[0, len(ctx) - 1 : -1].float(), dim=-1)
+        assert logprob == pytest.approx(float(logprobs.gather(1, torch.tensor(cont).unsqueeze(1)).sum()), abs=1e-4)
+        assert greedy == bool((logprobs.argmax(-1) == torch.tensor(cont)).all())
+
+
 LOOP_OPTIONS = [
     {},
     {"loops": 2},

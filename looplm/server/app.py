@@ -6,7 +6,8 @@ as server-sent events. Every error is an OpenAI error object with a 4xx status (
 a failure inside generation); nothing a client sends can stop the process.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health,
-GET /metrics (Prometheus text).
+GET /metrics (Prometheus text), and vLLM's tokenizer routes GET /tokenizer_info, POST /tokenize,
+POST /detokenize (what lm-evaluation-harness's remote tokenizer calls).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from looplm.server.engine import Engine, QueueFull, TokenLogprob
 from looplm.server.logprobs import CompletionLogprobs, chat_logprobs
 from looplm.server.metrics import Metrics
 from looplm.server.reasoning import Delta, prompt_opens_reasoning
-from looplm.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingOptions, error_body
+from looplm.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingOptions,
+    TokenizeRequest,
+    error_body,
+)
 from looplm.server.session import EngineFailed, Session
 from looplm.tokenizer import Tokenizer
 
@@ -100,9 +108,44 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
                 "max_model_len": engine.max_context}
         return {"object": "list", "data": [card]}
 
+    # -- the tokenizer (vLLM's routes: lm-evaluation-harness's `tokenizer_backend=remote` uses them) --
+
+    def need_tokenizer() -> Tokenizer:
+        if tokenizer is None:
+            raise ApiError(400, f"model '{model_name}' has no tokenizer")
+        return tokenizer
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        tok = need_tokenizer()
+        return {"tokenizer_class": "looplm", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "pad_token": tok.pad_token, "chat_template": tok.chat_template, "model_max_length": engine.max_context}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body: TokenizeRequest = await parse_json(request, TokenizeRequest)
+        tokens = need_tokenizer().encode(body.prompt, body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": engine.max_context, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body: DetokenizeRequest = await parse_json(request, DetokenizeRequest)
+        vocab = model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": need_tokenizer().decode(body.tokens, skip_special_tokens=False)}
+
     # -- generation -----------------------------------------------------------------------------
 
     async def parse(request: Request, schema: type[BaseModel]) -> Any:
+        """A generation request: its schema, and a model name this server serves."""
+        body = await parse_json(request, schema)
+        if body.model != model_name:
+            raise ApiError(404, f"model '{body.model}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        return body
+
+    async def parse_json(request: Request, schema: type[BaseModel]) -> Any:
         try:
             data = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -115,9 +158,6 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
             raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
-        if body.model != model_name:
-            raise ApiError(404, f"model '{body.model}' does not exist; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
         return body
 
     def start_session(body: SamplingOptions, prompts: list[list[int]], split: bool, in_reasoning: bool,
@@ -168,9 +208,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body: CompletionRequest = await parse(request, CompletionRequest)
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        session = start_session(body, [encode(t, True) for t in texts], False, False,
-                                echo_logprobs=body.echo and body.logprobs is not None)
+        if tokenizer is None:  # token-id prompts too: the reply is text
+            raise ApiError(400, f"model '{model_name}' has no tokenizer, so it cannot write text")
+        prompts = [encode(p, True) if isinstance(p, str) else list(p) for p in body.prompts()]
+        session = start_session(body, prompts, False, False, echo_logprobs=body.echo and body.logprobs is not None)
+        texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False) for p in body.prompts()]
         reply = Reply("cmpl", "text_completion", model_name, tokenizer if body.logprobs is not None else None,
                       echoed=[text for text in texts for _ in range(body.n)] if body.echo else None)
         if body.stream:

@@ -117,7 +117,7 @@ class ChatCompletionRequest(SamplingOptions):
 
 
 class CompletionRequest(SamplingOptions):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (as OpenAI's API allows)
     echo: bool = False  # the prompt text comes before the completion, and its log-probabilities first
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
@@ -134,10 +134,33 @@ class CompletionRequest(SamplingOptions):
 
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, value: str | list[str]) -> str | list[str]:
+    def _prompts(cls, value: str | list) -> str | list:
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            return value  # one prompt of token ids
         if isinstance(value, list) and not 1 <= len(value) <= MAX_N:
             raise ValueError(f"give 1 to {MAX_N} prompts")
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` (vLLM's shape, which lm-evaluation-harness's remote tokenizer calls)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: list[int]
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
