@@ -37,6 +37,17 @@ def _instance(kind: str, args: tuple, **attributes: object):  # noqa: ANN202
     return instance
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+def test_lm_evals_default_cuda_device_runs_on_the_cpu_with_a_warning(tiny_path: Path) -> None:
+    from looplm.eval.lm_eval_adapter import LooplmLM
+
+    with pytest.warns(UserWarning, match="'cuda:0' .* no CUDA device: the model runs on the CPU"):
+        lm = LooplmLM(pretrained=str(tiny_path), device="cuda:0")
+    assert lm.model.device.type == "cpu"
+    with pytest.raises(looplm.LooplmError, match="device 'tpu' is not supported"):
+        LooplmLM(pretrained=str(tiny_path), device="tpu")
+
+
 def test_loglikelihood_per_request_steps(adapter) -> None:  # noqa: ANN001
     import torch
 

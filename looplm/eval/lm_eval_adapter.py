@@ -7,8 +7,10 @@
     lm_eval.simple_evaluate(model="looplm", model_args="pretrained=PATH,steps=2", tasks=[...])
 
 Model arguments: `pretrained` (directory, hub id or .gguf; default: the embedded model),
-`dtype` (default float32), `device`, `steps`, `exit_policy`, `exit_threshold`, `batch_size`,
-`max_length`.
+`dtype` (default float32), `steps`, `exit_policy`, `exit_threshold`, `max_length`; from Python
+also `device` and `batch_size`, which lm-eval's CLI passes itself (`--device`, `--batch_size`:
+putting them in `--model_args` too is lm-eval's "multiple values" error). lm-eval's default device
+is cuda:0: without a GPU the model runs on the CPU, with a warning.
 
 Per-request loop settings: a request may override `steps`, `exit_policy` and `exit_threshold`.
 For `generate_until` put them in the task's `generation_kwargs`; for any request type set them as
@@ -19,9 +21,10 @@ pass (`looplm.eval.loglik`). lm_eval is imported only by this module; looplm nev
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
-from looplm.errors import LooplmError
+from looplm.errors import LooplmError, exit_code_of
 
 try:
     from lm_eval.api.model import LM
@@ -36,6 +39,21 @@ from looplm.exit import make_policy
 LOOP_KEYS = ("steps", "exit_policy", "exit_threshold")
 
 
+def _device(requested: str | None) -> str:
+    """lm-eval passes its own default device, "cuda:0", when the user gave none: like lm-eval's
+    Hugging Face model, run on the CPU where there is no GPU, and say so (a device the user named
+    and this machine lacks is that default too, so the warning names how to be explicit)."""
+    import torch
+
+    if not requested:
+        return "auto"
+    if str(requested).startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"lm-eval asked for device '{requested}' (its default when none is given), but this machine "
+                      "has no CUDA device: the model runs on the CPU; pass --device cpu to say so", stacklevel=3)
+        return "cpu"
+    return str(requested)
+
+
 @register_model("looplm")
 class LooplmLM(LM):
     def __init__(self, pretrained: str | None = None, dtype: str = "float32", device: str = "cpu",
@@ -45,7 +63,7 @@ class LooplmLM(LM):
         super().__init__()
         import looplm
 
-        self.model = model if model is not None else looplm.load(pretrained, dtype=dtype, device=device)
+        self.model = model if model is not None else looplm.load(pretrained, dtype=dtype, device=_device(device))
         if self.model.tokenizer is None:
             raise LooplmError("lm-eval needs the model's tokenizer; this checkpoint has none")
         self.tokenizer = self.model.tokenizer
@@ -175,4 +193,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_code_of(main))  # a bad model or device: one error line, not lm-eval's traceback
