@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/tiny-ouro-run}
 mkdir -p "$WORK"
+# Every fresh (non --resume) training run passes --overwrite: the script replays the recipe from scratch, so a
+# re-run with the same WORK_DIR replaces the earlier run's checkpoints (the data directories are reused).
 # Phase B ran with one thread: it was faster than two while other jobs shared the 2 cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -31,19 +33,19 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 STAGE1=(--data "$WORK/data" --out "$WORK/stage1" --model-config docs/tiny-ouro/model_config.json
   --batch-size 8 --seq-len 256 --lr 2e-3 --warmup 100 --min-lr-ratio 0.1 --weight-decay 0.1 --beta 0.1 --seed 0
   --no-progress)
-python -m looplm train "${STAGE1[@]}" --steps 1500 --stop-at 750 --save-every 250
+python -m looplm train --overwrite "${STAGE1[@]}" --steps 1500 --stop-at 750 --save-every 250
 python -m looplm train "${STAGE1[@]}" --steps 1000 --save-every 50 --resume
 
 # Phase A, Stage II: LM frozen, the gate learns to continue only where the next loop lowers the loss.
-python -m looplm train --data "$WORK/data" --out "$WORK/stage2" --init-from "$WORK/stage1" --stage 2 \
+python -m looplm train --overwrite --data "$WORK/data" --out "$WORK/stage2" --init-from "$WORK/stage1" --stage 2 \
   --steps 100 --batch-size 8 --seq-len 256 --lr 5e-3 --warmup 10 --min-lr-ratio 0.1 --weight-decay 0.0 \
   --seed 1 --no-progress
 
 # 3. Phase B, Stage I continued from phase A's model (fresh AdamW), then Stage II again.
-python -m looplm train --data "$WORK/data_1d" --out "$WORK/cont1" --init-from "$WORK/stage2" \
+python -m looplm train --overwrite --data "$WORK/data_1d" --out "$WORK/cont1" --init-from "$WORK/stage2" \
   --batch-size 8 --seq-len 256 --lr 1e-3 --warmup 20 --min-lr-ratio 0.1 --weight-decay 0.1 --beta 0.1 --seed 2 \
   --steps 200 --save-every 50 --no-progress
-python -m looplm train --data "$WORK/data_1d" --out "$WORK/cont2" --init-from "$WORK/cont1" --stage 2 \
+python -m looplm train --overwrite --data "$WORK/data_1d" --out "$WORK/cont2" --init-from "$WORK/cont1" --stage 2 \
   --steps 50 --batch-size 8 --seq-len 256 --lr 5e-3 --warmup 5 --min-lr-ratio 0.1 --weight-decay 0.0 \
   --seed 3 --no-progress
 
@@ -51,10 +53,10 @@ python -m looplm train --data "$WORK/data_1d" --out "$WORK/cont2" --init-from "$
 # 11 s/step, so it was stopped after the step-100 checkpoint and resumed with one thread and an 800-step cosine.
 STAGE_C=(--data "$WORK/data_c" --out "$WORK/contC1" --init-from "$WORK/cont2" --batch-size 8 --seq-len 256
   --lr 1.5e-3 --warmup 50 --min-lr-ratio 0.1 --weight-decay 0.1 --beta 0.1 --seed 4 --save-every 100 --no-progress)
-python -m looplm train "${STAGE_C[@]}" --steps 1200 --stop-at 100
+python -m looplm train --overwrite "${STAGE_C[@]}" --steps 1200 --stop-at 100
 python -m looplm train "${STAGE_C[@]}" --steps 800 --resume
 # Phase C, Stage II (the shipped model).
-python -m looplm train --data "$WORK/data_c" --out "$WORK/contC2" --init-from "$WORK/contC1" --stage 2 \
+python -m looplm train --overwrite --data "$WORK/data_c" --out "$WORK/contC2" --init-from "$WORK/contC1" --stage 2 \
   --steps 50 --batch-size 8 --seq-len 256 --lr 5e-3 --warmup 5 --min-lr-ratio 0.1 --weight-decay 0.0 \
   --seed 5 --no-progress
 
