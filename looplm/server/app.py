@@ -157,7 +157,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
-            raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+            message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
+            raise ApiError(400, f"{param}: {message}" if param else message, param=param) from None
         return body
 
     def start_session(body: SamplingOptions, prompts: list[list[int]], split: bool, in_reasoning: bool,
