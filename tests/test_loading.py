@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import looplm
 from looplm.devices import resolve_device
-from looplm.errors import CheckpointError, ConfigError, HubError, LooplmError
+from looplm.errors import CheckpointError, ConfigError, HubError
 
 
 @pytest.fixture
