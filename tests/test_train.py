@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import signal
 import socket
 import tarfile
 from pathlib import Path
@@ -189,6 +190,31 @@ def test_a_fresh_run_does_not_write_over_an_earlier_one(data_dir: Path, tmp_path
     assert ((tmp_path / "trainer_state.pt").read_bytes(), (tmp_path / "train_log.jsonl").read_text()) == earlier
     train(_config(data_dir, tmp_path, steps=2, seed=5, overwrite=True))
     assert read_log(tmp_path / "train_log.jsonl")[-1]["step"] == 2
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resume_continues(data_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first Ctrl-C (SIGINT) lets the running step finish, saves a checkpoint and stops with
+    KeyboardInterrupt; --resume then gives the uninterrupted run's losses."""
+    train(_config(data_dir, tmp_path / "full"))
+    real_batch = TokenBatches.global_batch_with_mask
+
+    def batch_then_ctrl_c(self, step: int, batch_size: int):  # noqa: ANN001, ANN202
+        if step == 2:  # the signal arrives while step 3 (0-based 2) is running
+            signal.raise_signal(signal.SIGINT)
+        return real_batch(self, step, batch_size)
+
+    monkeypatch.setattr(TokenBatches, "global_batch_with_mask", batch_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(data_dir, tmp_path / "split"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert torch.load(tmp_path / "split" / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert [r["step"] for r in read_log(tmp_path / "split" / "train_log.jsonl")] == [1, 2, 3]
+    monkeypatch.setattr(TokenBatches, "global_batch_with_mask", real_batch)
+    train(_config(data_dir, tmp_path / "split", resume=True))
+    full = [r["loss"] for r in read_log(tmp_path / "full" / "train_log.jsonl")]
+    split = [r["loss"] for r in read_log(tmp_path / "split" / "train_log.jsonl")]
+    assert split == pytest.approx(full, rel=1e-5)
 
 
 def test_batches_depend_only_on_seed_and_step(data_dir: Path) -> None:

@@ -22,6 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,51 +302,58 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     progress = _Progress(config.steps, start_step, enabled=config.progress and rank == 0)
     row: dict = {}
     started = time.perf_counter()
-    for step in range(start_step, config.steps):
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        tokens, counted = batches.global_batch_with_mask(step, config.batch_size)
-        # Every piece (process x micro-batch) divides by its share of the global batch's count, so
-        # the pieces' losses average (DDP) and add up (accumulation) to the global masked mean.
-        count = float(counted[:, 1:].sum().clamp_min(1)) / (world * accum)
-        mine = slice(rank * local_batch, (rank + 1) * local_batch)
-        tokens, counted = tokens[mine], counted[mine]
-        sums: dict[str, torch.Tensor] = {}
-        for index in range(accum):
-            chunk = tokens[index * micro : (index + 1) * micro].to(device)
-            inputs, targets = chunk[:, :-1], chunk[:, 1:]
-            mask = counted[index * micro : (index + 1) * micro, 1:].to(device)
-            # DDP all-reduces only on the last micro-batch.
-            sync = index == accum - 1 or world == 1
-            with _maybe_no_sync(module, sync), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                logits, gate_logits = module(inputs)
-                parts = _loss(config, logits, gate_logits, targets, mask, count)
-            (parts["loss"] / accum).backward()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0) + value.detach().float() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats = {k: _mean_across(v.to(device), world).cpu() for k, v in sums.items()}
-        row = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
-               "tokens": (step + 1) * config.batch_size * config.seq_len,
-               "elapsed_s": round(time.perf_counter() - started, 2)}
-        row.update({k: (v.tolist() if v.dim() else float(v)) for k, v in stats.items()})
-        if rank == 0:
-            with (out / LOG_FILE).open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        progress.update(row)
-        last = step + 1 == config.steps or step + 1 == config.stop_at
-        if (config.save_every and (step + 1) % config.save_every == 0) or last:
+    with _StopRequest() as stop:  # Ctrl-C: finish the step, save, stop
+        for step in range(start_step, config.steps):
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens, counted = batches.global_batch_with_mask(step, config.batch_size)
+            # Every piece (process x micro-batch) divides by its share of the global batch's count, so
+            # the pieces' losses average (DDP) and add up (accumulation) to the global masked mean.
+            count = float(counted[:, 1:].sum().clamp_min(1)) / (world * accum)
+            mine = slice(rank * local_batch, (rank + 1) * local_batch)
+            tokens, counted = tokens[mine], counted[mine]
+            sums: dict[str, torch.Tensor] = {}
+            for index in range(accum):
+                chunk = tokens[index * micro : (index + 1) * micro].to(device)
+                inputs, targets = chunk[:, :-1], chunk[:, 1:]
+                mask = counted[index * micro : (index + 1) * micro, 1:].to(device)
+                # DDP all-reduces only on the last micro-batch.
+                sync = index == accum - 1 or world == 1
+                autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+                with _maybe_no_sync(module, sync), autocast:
+                    logits, gate_logits = module(inputs)
+                    parts = _loss(config, logits, gate_logits, targets, mask, count)
+                (parts["loss"] / accum).backward()
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0) + value.detach().float() / accum
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats = {k: _mean_across(v.to(device), world).cpu() for k, v in sums.items()}
+            row = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens": (step + 1) * config.batch_size * config.seq_len,
+                   "elapsed_s": round(time.perf_counter() - started, 2)}
+            row.update({k: (v.tolist() if v.dim() else float(v)) for k, v in stats.items()})
             if rank == 0:
-                save_checkpoint(out, model, raw_config, tokenizer, optimizer, step + 1, _rng_state())
-                plot_log(out / LOG_FILE, out / PLOT_FILE)
-            if world > 1:
-                dist.barrier()
-        if last:
-            break
+                with (out / LOG_FILE).open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            progress.update(row)
+            last = step + 1 == config.steps or step + 1 == config.stop_at or stop.agreed(world, device)
+            if (config.save_every and (step + 1) % config.save_every == 0) or last:
+                if rank == 0:
+                    save_checkpoint(out, model, raw_config, tokenizer, optimizer, step + 1, _rng_state())
+                    plot_log(out / LOG_FILE, out / PLOT_FILE)
+                if world > 1:
+                    dist.barrier()
+            if last:
+                break
     progress.close()
+    if stop.requested:
+        if rank == 0:
+            print(f"stopped after step {row.get('step', start_step)}: checkpoint in {out}; --resume continues",
+                  file=sys.stderr)
+        raise KeyboardInterrupt
     return row
 
 
@@ -358,6 +368,39 @@ def _loss(config: TrainConfig, logits: torch.Tensor, gate_logits: torch.Tensor, 
     weights = mask.to(token_loss.dtype)
     return {"loss": result.loss, "step_bce": result.step_bce, "continue_target": result.continue_target,
             "step_ce": (token_loss * weights).sum(dim=(1, 2)) / count}
+
+
+class _StopRequest:
+    """Ctrl-C during training: the first one lets the current step finish, then the loop saves a
+    checkpoint and stops (so no finished step is lost); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)",
+              file=sys.stderr)
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Whether any process was asked to stop (every process must stop after the same step)."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class _maybe_no_sync:
