@@ -205,6 +205,20 @@ def test_missing_model_is_one_line_error_in_a_real_process() -> None:
     assert b"Traceback" not in err
 
 
+@pytest.mark.parametrize("module", ["looplm.exit_quality", "looplm.eval.lm_eval_adapter"])
+def test_python_m_entry_points_print_a_missing_model_as_an_error_line(module: str) -> None:
+    if module.endswith("lm_eval_adapter"):
+        pytest.importorskip("lm_eval")
+        args = ["--model_args", "pretrained=/nonexistent", "--tasks", "hellaswag", "--device", "cpu"]
+    else:
+        args = ["-m", "/nonexistent"]
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                          check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: /nonexistent: no such file or directory"
+
+
 def test_ctrl_c_exits_130_quietly_in_a_real_process(make_checkpoint) -> None:  # noqa: ANN001
     # a random model: the embedded one may end its answer (eos) before the signal arrives
     proc = run_module("generate", "hi", "-m", str(make_checkpoint(max_position_embeddings=8192)),
