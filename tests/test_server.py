@@ -215,6 +215,18 @@ def test_lm_eval_loglikelihood_request_with_token_ids(client, model) -> None:  #
     assert bad.status_code == 400 and "token ids" in bad.json()["error"]["message"]
 
 
+def test_a_model_without_tokenizer_answers_400_on_text_routes() -> None:
+    bare = looplm.load(dtype="float32")
+    bare.tokenizer = None
+    with ServerThread(build_app(bare, NAME, max_context=64)) as running:
+        requests = [("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}),
+                    ("/v1/completions", {"model": NAME, "prompt": [1, 2, 3], "max_tokens": 2}),
+                    ("/tokenize", {"prompt": "hi"})]
+        for route, body in requests:
+            response = httpx.post(running.url + route, json=body, timeout=30)
+            assert response.status_code == 400 and "has no tokenizer" in response.json()["error"]["message"]
+
+
 def test_tokenizer_routes(server, model) -> None:  # noqa: ANN001
     tok = model.tokenizer
     info = httpx.get(server.url + "/tokenizer_info").json()

@@ -112,7 +112,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
 
     def need_tokenizer() -> Tokenizer:
         if tokenizer is None:
-            raise ApiError(400, f"model '{model_name}' has no tokenizer")
+            raise ApiError(400, f"model '{model_name}' has no tokenizer, so it cannot take or write text")
         return tokenizer
 
     @app.get("/tokenizer_info")
@@ -183,25 +183,19 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
             raise ApiError(400, str(exc)) from None
         return session
 
-    def encode(text: str, add_special_tokens: bool) -> list[int]:
-        if tokenizer is None:
-            raise ApiError(400, f"model '{model_name}' has no tokenizer, so it cannot take text")
-        return tokenizer.encode(text, add_special_tokens)
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-        if tokenizer is None:
-            raise ApiError(400, f"model '{model_name}' has no tokenizer, so it cannot take text")
+        tok = need_tokenizer()
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True,
                                                    enable_thinking=body.thinking())
         except (ValueError, LooplmError) as exc:
             raise ApiError(400, str(exc), param="messages") from None
         in_reasoning = body.split_reasoning and prompt_opens_reasoning(prompt)
-        session = start_session(body, [encode(prompt, False)], body.split_reasoning, in_reasoning)
-        reply = Reply("chatcmpl", "chat.completion", model_name, tokenizer if body.logprobs else None)
+        session = start_session(body, [tok.encode(prompt, False)], body.split_reasoning, in_reasoning)
+        reply = Reply("chatcmpl", "chat.completion", model_name, tok if body.logprobs else None)
         if body.stream:
             return stream(request, session, reply.chat_chunks(session, body.include_usage))
         return await respond(request, session, reply, reply.chat_message)
@@ -209,12 +203,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body: CompletionRequest = await parse(request, CompletionRequest)
-        if tokenizer is None:  # token-id prompts too: the reply is text
-            raise ApiError(400, f"model '{model_name}' has no tokenizer, so it cannot write text")
-        prompts = [encode(p, True) if isinstance(p, str) else list(p) for p in body.prompts()]
+        tok = need_tokenizer()  # token-id prompts too: the reply is text
+        given = body.prompts()
+        prompts = [tok.encode(p, True) if isinstance(p, str) else list(p) for p in given]
         session = start_session(body, prompts, False, False, echo_logprobs=body.echo and body.logprobs is not None)
-        texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False) for p in body.prompts()]
-        reply = Reply("cmpl", "text_completion", model_name, tokenizer if body.logprobs is not None else None,
+        texts = [p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in given]
+        reply = Reply("cmpl", "text_completion", model_name, tok if body.logprobs is not None else None,
                       echoed=[text for text in texts for _ in range(body.n)] if body.echo else None)
         if body.stream:
             return stream(request, session, reply.text_chunks(session, body.include_usage))

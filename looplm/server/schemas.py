@@ -135,7 +135,7 @@ class CompletionRequest(SamplingOptions):
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, value: str | list) -> str | list:
-        if isinstance(value, list) and value and isinstance(value[0], int):
+        if _token_ids(value):
             return value  # one prompt of token ids
         if isinstance(value, list) and not 1 <= len(value) <= MAX_N:
             raise ValueError(f"give 1 to {MAX_N} prompts")
@@ -143,9 +143,14 @@ class CompletionRequest(SamplingOptions):
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt, as text or as token ids."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+        if isinstance(self.prompt, str) or _token_ids(self.prompt):
             return [self.prompt]
         return list(self.prompt)
+
+
+def _token_ids(prompt: object) -> bool:
+    """One prompt given as token ids (a list of ints), not a list of prompts."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
 
 
 class TokenizeRequest(BaseModel):
