@@ -302,6 +302,32 @@ def test_chat_with_piped_input() -> None:
     assert "history cleared" in result.stderr and "unknown command" in result.stderr
 
 
+def test_chat_with_a_broken_template_stops_before_reading_input(tmp_path: Path) -> None:
+    import shutil
+
+    from looplm.default_model import default_model_dir
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model_dir)
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content | no_such_filter }}{% endfor %}"
+    config_file.write_text(json.dumps(config))
+    result = invoke("chat", "-m", str(model_dir), input="hi\nagain\n")
+    assert_one_line_error(result, "chat template does not parse")
+    assert result.stdout == ""
+
+
+def test_piped_chat_exits_1_when_a_message_got_no_reply() -> None:
+    too_long = " ".join(["word"] * 5000)  # more tokens than the embedded model's 4096 positions
+    result = invoke("chat", "--max-new-tokens", "4", input=f"hi\n{too_long}\nagain\n")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "context" in errors[0], result.stderr
+    assert errors[1] == "error: 1 of 3 messages got no reply"
+    assert result.stdout.strip() and "Traceback" not in result.output  # the other two were answered
+
+
 def test_chat_shows_reasoning_apart_and_keeps_answers_only(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[dict]] = []
 

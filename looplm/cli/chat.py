@@ -3,11 +3,14 @@
 Reads one user message per line (from a terminal or piped stdin). `<think>` reasoning is
 streamed dimmed and kept apart from the answer; only answers go back into the history.
 `--show-steps` prints, after each reply, the mean loops per token and the loops skipping saved.
+A chat template that cannot render a conversation stops the command before the first message;
+with piped input, a message that got no reply makes the command exit 1 at the end.
 """
 
 import sys
 from typing import Annotated, Optional
 
+import typer
 from rich.text import Text
 
 from looplm.cli import common
@@ -56,7 +59,10 @@ def chat(
     options = {**sampling.for_model(lm), **exits.as_kwargs()}
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
+    # Fail before reading input when no message could ever render (broken template, no tokenizer).
+    render_prompt(lm, [*start, {"role": "user", "content": "hello"}], think)
     interactive = sys.stdin.isatty()
+    failed = sent = 0
     if interactive:
         common.stderr().print(HELP, style="dim")
     while True:
@@ -75,6 +81,7 @@ def chat(
                 common.stderr().print(f"unknown command {line}; {HELP}", style="dim")
             continue
         history.append({"role": "user", "content": line})
+        sent += 1
         try:
             reply, stats = _stream_reply(lm, history, options, think, hide_think)
             if show_steps and stats is not None:
@@ -87,8 +94,12 @@ def chat(
             reply = None
         if reply is None:
             history.pop()
+            failed += 1
         else:
             history.append({"role": "assistant", "content": split_reasoning(reply)[1]})
+    if failed and not interactive:  # a script feeding messages must see that some got no reply
+        common.stderr().print(f"error: {failed} of {sent} messages got no reply")
+        raise typer.Exit(common.EXIT_ERROR)
 
 
 def steps_line(stats: GenerationStats) -> str:
