@@ -20,8 +20,8 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from importlib import metadata
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from looplm.errors import LooplmError

@@ -24,7 +24,7 @@ import torch
 
 import looplm
 from looplm.bench import SHAPES, bench_home, ensure_checkpoint, machine_info
-from looplm.cache import KVCache, SharedKVCache, kv_bytes_per_token
+from looplm.cache import KVCache, kv_bytes_per_token
 from looplm.exit import make_policy
 from looplm.models.ouro import OuroForCausalLM
 

@@ -15,8 +15,14 @@ from looplm.cli import app
 from looplm.default_model import write_random_checkpoint
 from looplm.eval import arithmetic as arithmetic_eval
 from looplm.eval.arithmetic import evaluate_arithmetic, format_table, score_problems
-from looplm.train.data import (Problem, arithmetic_documents, arithmetic_problems, build_arithmetic_phase,
-                               train_tokenizer, write_data_dir)
+from looplm.train.data import (
+    Problem,
+    arithmetic_documents,
+    arithmetic_problems,
+    build_arithmetic_phase,
+    train_tokenizer,
+    write_data_dir,
+)
 
 RESULT_KEYS = {"steps", "exit_policy", "exit_threshold", "accuracy", "mean_steps", "n"}
 

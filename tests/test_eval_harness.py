@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_config
 from typer.testing import CliRunner
 
 import looplm
@@ -17,8 +18,6 @@ from looplm.eval import harness
 from looplm.eval.harness import EvalSettings, merge_records, parse_policies, parse_shard, run_eval
 from looplm.eval.loglik import Config, score_requests
 from looplm.eval.tasks import Item, Task
-
-from conftest import small_config
 
 RESULT_KEYS = {"steps", "exit_policy", "exit_threshold", "accuracy", "mean_steps", "n"}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import looplm
-from looplm.exit import make_policy
 from looplm.errors import GenerationError
+from looplm.exit import make_policy
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import looplm
-from looplm.kernels.extension import extension_or_reason
 from looplm.kernels.cpu import SkinnyLinear, apply_kernels, choose_prefill_route
+from looplm.kernels.extension import extension_or_reason
 
 kernels, cpu_path = extension_or_reason()
 pytestmark = pytest.mark.skipif(kernels is None, reason=f"CPU kernels unavailable: {cpu_path}")

@@ -9,8 +9,9 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'looplm[lm-eval]')")
 
-import looplm  # noqa: E402
 from conftest import small_config  # noqa: E402
+
+import looplm  # noqa: E402
 from looplm.default_model import write_random_checkpoint  # noqa: E402
 
 

@@ -297,7 +297,7 @@ def test_engine_joins_mid_generation_match_library(model) -> None:  # noqa: ANN0
             loop = engine.loop_config(**options)
             outputs, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
             for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
-                def on_event(event, i=i) -> None:  # noqa: ANN001
+                def on_event(event, i=i, outputs=outputs, done=done) -> None:  # noqa: ANN001
                     if event.kind == "token":
                         outputs[i].append(event.token)
                     else:

@@ -46,7 +46,8 @@ def train(
     progress: Annotated[bool, _opt("Show a progress bar.", "--progress/--no-progress")] = True,
 ) -> None:
     """Train an Ouro-architecture model with the LoopLM objective; loss per step goes to OUT/train_log.jsonl."""
-    from looplm.train.trainer import TrainConfig, train as run
+    from looplm.train.trainer import TrainConfig
+    from looplm.train.trainer import train as run
 
     raw = None
     if model_config is not None:
