@@ -198,6 +198,18 @@ def mode_label(opts: dict) -> str:
     return " ".join([opts.get("mode", "?"), *(f"{k}={v}" for k, v in sorted(extra.items()))])
 
 
+def read_saved_run(path: Path) -> tuple[str, dict]:
+    """(name, document) of a run saved with --json-out, or a ConfigError saying why it is not one."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a saved run: {exc}") from None
+    rows = document.get("rows") if isinstance(document, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "dtype" in r and "batch" in r for r in rows):
+        raise ConfigError(f"{path} is not a saved `looplm bench --device cuda` run (no decode rows)")
+    return path.stem, document
+
+
 def compare_table(runs: list[tuple[str, dict]]) -> str:
     """Saved runs (name, JSON document) side by side, one line per decode row, with the speed-up
     over the first run's row of the same dtype and batch (the runs being A/B variants)."""
@@ -622,15 +634,10 @@ def options_from_args(args: argparse.Namespace) -> CudaBenchOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run, print the report, and as the last stdout line the JSON document; 1 on a LooplmError."""
     args = build_parser().parse_args(argv)
-    if args.compare:
-        try:
-            runs = [(Path(name).stem, json.loads(Path(name).read_text())) for name in args.compare]
-        except (OSError, ValueError) as exc:
-            print(f"error: cannot read a saved run: {exc}", file=sys.stderr)
-            return 1
-        print(compare_table(runs))
-        return 0
     try:
+        if args.compare:
+            print(compare_table([read_saved_run(Path(name)) for name in args.compare]))
+            return 0
         result = run_cuda_bench(options_from_args(args))
     except LooplmError as exc:
         print(f"error: {exc}", file=sys.stderr)

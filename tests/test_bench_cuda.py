@@ -221,6 +221,12 @@ def test_compare_saved_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert "| compile+graph coordinate_descent_tuning=True |" in flex_b1
     assert any("not available" in line for line in lines)
     assert main(["--compare", str(tmp_path / "missing.json")]) == 1
+    for name, text in (("list", "[1, 2]"), ("other", '{"a": 1}'), ("bad-rows", '{"rows": [1]}')):
+        (tmp_path / f"{name}.json").write_text(text)
+        capsys.readouterr()
+        assert main(["--compare", str(paths[0]), str(tmp_path / f"{name}.json")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a saved `looplm bench --device cuda` run" in err[0], err
 
 
 def test_dynamic_mode_times_the_dynamic_decode_step() -> None:
