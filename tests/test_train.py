@@ -179,6 +179,74 @@ def test_data_builder_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     assert "--max-terms at least 2" in capsys.readouterr().err
 
 
+def test_data_builder_checks_the_like_directory_before_writing(data_dir: Path, tmp_path: Path) -> None:
+    from looplm.train.data import build_arithmetic_phase
+
+    no_text = _broken_copy(data_dir, tmp_path / "like", lambda d: (d / "data.json").write_text(
+        '{"sources": {"arithmetic": {"weight": 1.0}}}'))
+    with pytest.raises(LooplmError, match="has no 'text' source to reuse"):
+        build_arithmetic_phase(no_text, tmp_path / "out", 0.5, 100, 1, 2, seed=0)
+    assert not (tmp_path / "out").exists()
+    meta = build_arithmetic_phase(data_dir, tmp_path / "out", 0.5, 100, 1, 2, seed=0)
+    assert sorted(meta["sources"]) == ["arithmetic", "text"] and meta["sources"]["text"]["weight"] == 0.5
+    assert TokenBatches(tmp_path / "out", 16).names == ["arithmetic", "text"]
+
+
+def _broken_copy(data_dir: Path, dest: Path, edit) -> Path:  # noqa: ANN001
+    import shutil
+
+    shutil.copytree(data_dir, dest)
+    edit(dest)
+    return dest
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda d: (d / "data.json").write_text("{oops"), "data.json is not a data directory's index \\(JSONDecodeError"),
+    (lambda d: (d / "data.json").write_text("[1]"), "data.json is not a data directory's index"),
+    (lambda d: (d / "data.json").write_text('{"sources": {}}'), "data.json lists no sources"),
+    (lambda d: (d / "data.json").write_text('{"sources": {"text": {"weight": "x"}}}'),
+     "source 'text' needs a \"weight\" >= 0, got 'x'"),
+    (lambda d: (d / "data.json").write_text('{"sources": {"text": {"weight": 0}}}'), "every source has weight 0"),
+    (lambda d: (d / "text.npy").unlink(), "text.npy: cannot read it"),
+    (lambda d: (d / "text.npy").write_bytes(b"not numpy"), "text.npy: cannot read it"),
+    (lambda d: np.save(d / "text.npy", np.zeros(500, dtype=np.float32)), "text.npy holds a float32 array"),
+    (lambda d: np.save(d / "text.npy", np.full(500, 100_000, dtype=np.int64)), "holds token id 100000, past the"),
+])
+def test_a_broken_data_directory_is_one_error_before_any_work(data_dir: Path, tmp_path: Path, edit,  # noqa: ANN001
+                                                               needle: str) -> None:
+    broken = _broken_copy(data_dir, tmp_path / "data", edit)
+    with pytest.raises(LooplmError, match=needle):
+        train(_config(broken, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_needs_a_full_precision_checkpoint_directory(data_dir: Path, tmp_path: Path) -> None:
+    from looplm.quant.export import save_quantized
+    from looplm.quant.model import QuantSpec
+
+    train(_config(data_dir, tmp_path / "base", steps=1))
+    with pytest.raises(LooplmError, match="not a checkpoint directory with a config.json"):
+        train(_config(data_dir, tmp_path / "run", model_config=None, init_from=tmp_path / "missing"))
+    save_quantized(str(tmp_path / "base"), tmp_path / "q8", QuantSpec(bits=8))
+    with pytest.raises(LooplmError, match="a quantized checkpoint cannot be trained"):
+        train(_config(data_dir, tmp_path / "run", model_config=None, init_from=tmp_path / "q8"))
+    assert not (tmp_path / "run").exists()
+    train(_config(data_dir, tmp_path / "run", model_config=None, init_from=tmp_path / "base", steps=1))
+    assert looplm.load(tmp_path / "run").config.vocab_size == looplm.load(tmp_path / "base").config.vocab_size
+
+
+def test_resume_from_a_corrupt_or_foreign_state_is_one_error(data_dir: Path, tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path, steps=1))
+    state = (tmp_path / "trainer_state.pt").read_bytes()
+    (tmp_path / "trainer_state.pt").write_bytes(state[: len(state) // 2])
+    with pytest.raises(LooplmError, match="trainer_state.pt: cannot resume from it"):
+        train(_config(data_dir, tmp_path, steps=2, resume=True))
+    (tmp_path / "trainer_state.pt").write_bytes(state)
+    wider = {**TINY_MODEL, "hidden_size": 64}
+    with pytest.raises(LooplmError, match="cannot resume from it .*from another model"):
+        train(_config(data_dir, tmp_path, steps=2, resume=True, model_config=wider))
+
+
 def test_a_fresh_run_does_not_write_over_an_earlier_one(data_dir: Path, tmp_path: Path) -> None:
     train(_config(data_dir, tmp_path, steps=1))
     umask = os.umask(0)

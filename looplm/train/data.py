@@ -264,10 +264,13 @@ def build_arithmetic_phase(
     """
     like, out = Path(like), Path(out)
     tokenizer = Tokenizer.from_dir(like)
+    sources = read_sources(like)  # checked before anything is written
+    if "text" not in sources:
+        raise LooplmError(f"{like / 'data.json'} has no 'text' source to reuse (it lists {', '.join(sorted(sources))})")
+    text = _load_ids(like / "text.npy")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
-    meta = json.loads((like / "data.json").read_text())
-    text = np.load(like / "text.npy")
+    meta = {"sources": {"text": dict(sources["text"])}}
     np.save(out / "text.npy", text)
     docs = arithmetic_documents(n_problems, seed=seed, max_digits=max_digits, max_terms=max_terms)
     tokens = encode_documents(tokenizer, docs)
@@ -286,6 +289,44 @@ def build_arithmetic_phase(
 # -- batches -------------------------------------------------------------------------------------
 
 
+def read_sources(data_dir: Path) -> dict[str, dict]:
+    """data.json's sources, each with a finite weight >= 0 (not all 0), or a LooplmError saying what is wrong."""
+    meta_file = data_dir / "data.json"
+    rebuild = "build a data directory first (python -m looplm.train.data DIR)"
+    if not meta_file.exists():
+        raise LooplmError(f"{data_dir}: no data.json; {rebuild}")
+    try:
+        sources = json.loads(meta_file.read_text())["sources"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise LooplmError(f"{meta_file} is not a data directory's index ({reason}); {rebuild}") from None
+    if not isinstance(sources, dict) or not sources:
+        raise LooplmError(f"{meta_file} lists no sources; {rebuild}")
+    for name, entry in sources.items():
+        weight = entry.get("weight") if isinstance(entry, dict) else None
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise LooplmError(f"{meta_file}: source '{name}' needs a \"weight\" >= 0, got {weight!r}")
+        mask = entry.get("loss_mask")
+        if mask is not None and not isinstance(mask, str):
+            raise LooplmError(f"{meta_file}: source '{name}' has loss_mask {mask!r}; it names a .npy file")
+    if sum(entry["weight"] for entry in sources.values()) <= 0:
+        raise LooplmError(f"{meta_file}: every source has weight 0; nothing to draw from")
+    return sources
+
+
+def _load_ids(path: Path) -> np.ndarray:
+    """A 1-d integer array saved with np.save (token ids or a loss mask)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise LooplmError(f"{path}: cannot read it ({reason}); rebuild the data directory") from None
+    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise LooplmError(f"{path} holds a {array.dtype} array of shape {list(array.shape)}, not 1-d integer ids; "
+                          "rebuild the data directory")
+    return array
+
+
 class TokenBatches:
     """Windows of `seq_len + 1` tokens drawn from the sources by weight; batch s depends only on (seed, s).
 
@@ -294,16 +335,15 @@ class TokenBatches:
     Sources without one count every token."""
 
     def __init__(self, data_dir: Path, seq_len: int, seed: int = 0) -> None:
-        meta_file = Path(data_dir) / "data.json"
-        if not meta_file.exists():
-            raise LooplmError(f"{data_dir}: no data.json; build a data directory first (python -m looplm.train.data DIR)")
-        meta = json.loads(meta_file.read_text())["sources"]
+        data_dir = Path(data_dir)
+        meta = read_sources(data_dir)
         self.names = sorted(meta)
-        self.streams = [torch.from_numpy(np.load(Path(data_dir) / f"{n}.npy").astype(np.int64)) for n in self.names]
-        self.masks = [None if "loss_mask" not in meta[n] else torch.from_numpy(np.load(Path(data_dir) / meta[n]["loss_mask"]))
+        self.streams = [torch.from_numpy(_load_ids(data_dir / f"{n}.npy").astype(np.int64)) for n in self.names]
+        self.masks = [torch.from_numpy(_load_ids(data_dir / meta[n]["loss_mask"])) if "loss_mask" in meta[n] else None
                       for n in self.names]
         weights = torch.tensor([float(meta[n]["weight"]) for n in self.names])
         self.weights = weights / weights.sum()
+        self.max_token_id = max(int(stream.max()) if stream.numel() else -1 for stream in self.streams)
         for name, stream, mask in zip(self.names, self.streams, self.masks):
             if stream.numel() <= seq_len + 1:
                 raise LooplmError(f"{data_dir}/{name}.npy has {stream.numel()} tokens, fewer than seq_len + 1")

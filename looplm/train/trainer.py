@@ -183,8 +183,15 @@ def _build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[OuroForCaus
     if config.init_from is not None:
         from looplm.loading import load
 
-        model = load(config.init_from, dtype="float32")
-        raw = json.loads((Path(config.init_from) / "config.json").read_text())
+        config_file = Path(config.init_from) / "config.json"
+        if not config_file.is_file():
+            raise LooplmError(f"--init-from {config.init_from}: not a checkpoint directory with a config.json "
+                              "(training starts from a looplm or HF-layout Ouro checkpoint)")
+        model = load(config.init_from, dtype="float32")  # checks config.json and the weights
+        raw = json.loads(config_file.read_text())
+        if "quantization_config" in raw:  # its saved checkpoints would not load
+            raise LooplmError(f"--init-from {config.init_from}: a quantized checkpoint cannot be trained (its "
+                              "int8/int4 weights are not parameters); start from the full-precision checkpoint")
         model.tokenizer = None
         return model.train(), raw
     if config.model_config is None:
@@ -199,6 +206,20 @@ def _build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[OuroForCaus
     model = OuroForCausalLM(OuroConfig.from_dict(raw, source="model config"))
     init_weights(model)
     return model, raw
+
+
+def _resume(state_file: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load a saved run's model, optimizer and RNG state; the step it had reached."""
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        return int(state["step"])
+    except Exception as exc:  # unpickling, a missing key, shapes of another model: all say the file is not this run's
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        raise LooplmError(f"{state_file}: cannot resume from it ({reason}); it is corrupt or from another model "
+                          "or settings") from None
 
 
 def _rng_state() -> dict:
@@ -265,6 +286,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     batches = TokenBatches(Path(config.data_dir), config.seq_len, config.seed)
     torch.manual_seed(config.seed)
     model, raw_config = _build_model(config, tokenizer)
+    if batches.max_token_id >= model.config.vocab_size:  # the embedding lookup would fail mid-run
+        raise LooplmError(f"{config.data_dir} holds token id {batches.max_token_id}, past the model's vocab_size "
+                          f"{model.config.vocab_size}; was it built with another tokenizer?")
     if config.stage == 2:
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("model.early_exit_gate.")
@@ -280,11 +304,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     if config.resume:
         if not state_file.exists():
             raise LooplmError(f"{state_file}: nothing to resume from; drop --resume to start fresh")
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
-        _set_rng_state(state["rng"])
+        start_step = _resume(state_file, model, optimizer)
     module: nn.Module = StepLogits(model, config.stage)
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
