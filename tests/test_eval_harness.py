@@ -226,6 +226,41 @@ def test_cli_eval_writes_table_json_plot_and_records(tiny, fake_task: Task, tmp_
         assert bad.exit_code == 1 and f"error: {option}" in bad.output
 
 
+def test_cli_refuses_unwritable_result_paths_before_any_work(tiny, fake_task: Task, tmp_path: Path,  # noqa: ANN001
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from looplm.cli import eval as eval_cli
+
+    eval_cli._task_command("fake", "a fake task")
+    (tmp_path / "a-file").write_text("")
+    loaded = []
+    monkeypatch.setattr(eval_cli.common, "load_model", lambda *args: loaded.append(args))
+    for option, value, needle in (("-o", tmp_path, "--output"), ("--records", tmp_path, "--records"),
+                                  ("--plot", tmp_path, "--plot"), ("-o", tmp_path / "a-file" / "r.json", "--output")):
+        result = CliRunner().invoke(app, ["eval", "fake", "-m", tiny.source, option, str(value)])
+        assert result.exit_code == 1 and f"error: {needle} {value}" in result.output, result.output
+    assert not loaded and not list(tmp_path.glob("*.jsonl"))
+    merged = CliRunner().invoke(app, ["eval", "merge", str(tmp_path / "r.jsonl"), "-o", str(tmp_path)])
+    assert merged.exit_code == 1 and f"error: --output {tmp_path} is a directory" in merged.output
+
+
+def test_cli_a_failed_final_write_is_one_error_and_the_records_stay(tiny, fake_task: Task, tmp_path: Path,  # noqa: ANN001
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from looplm.cli import eval as eval_cli
+    from looplm.eval import report
+
+    eval_cli._task_command("fake", "a fake task")
+
+    def disk_full(results, path) -> None:  # noqa: ANN001
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_results", disk_full)
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(app, ["eval", "fake", "-m", tiny.source, "--limit", "2", "--steps", "1", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert f"error: could not write {out.with_suffix('.png')} (No space left on device)" in result.output
+    assert json.loads(out.read_text())["results"] and len(out.with_suffix(".jsonl").read_text().splitlines()) == 3
+
+
 def test_cli_refuses_a_decoder_the_device_rules_out_before_any_work(tiny, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
                                                                       tmp_path: Path) -> None:
     items = [Item(id="g0", messages=[{"role": "user", "content": "1+1="}], answer="2")]

@@ -4,6 +4,7 @@
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +27,17 @@ def parse_steps(text: str) -> list[int]:
     return steps
 
 
+def check_writable(path: Optional[Path], option: str) -> None:
+    """Fail before the run, not after it, when a file it ends by writing cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise LooplmError(f"{option} {path} is a directory; give a file name")
+    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LooplmError(f"{option} {path}: cannot write there ({existing} is not a writable directory)")
+
+
 @eval_app.command()
 def arithmetic(
     model: common.Model = None,
@@ -46,11 +58,11 @@ def arithmetic(
         raise LooplmError(f"--n must be at least 1, got {n}")
     if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
         raise LooplmError(f"--exit-threshold must be in (0, 1], got {exit_threshold}")
+    check_writable(output, "--output")
     lm = common.load_model(model, dtype, device, None)
     results = evaluate_arithmetic(lm, step_list, n=n, seed=seed, exit_threshold=exit_threshold)
     common.stdout().print(format_table(results))
-    if output is not None:
-        output.write_text(json.dumps(results, indent=2) + "\n")
+    _write(results, output, None, plot_default=False)
 
 
 def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size,  # noqa: ANN001
@@ -75,15 +87,18 @@ def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_t
     if max_new_tokens is not None and max_new_tokens < 1:
         raise LooplmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     task_spec, _ = plan(settings)  # data and flags are checked before the model loads
+    if records is None:
+        suffix = "" if settings.shard is None else f"-shard-{settings.shard[0]}-of-{settings.shard[1]}"
+        records = output.with_suffix(".jsonl") if output else Path(f"looplm-eval-{task}{suffix}.jsonl")
+    plot = plot or (output.with_suffix(".png") if output is not None else None)
+    for path, option in ((output, "--output"), (records, "--records"), (plot, "--plot")):
+        check_writable(path, option)
     lm = common.load_model(model, dtype, device, None)
     if task_spec.kind != "loglik":  # a decoder the device or the options rule out fails before any work
         from looplm.generate import resolve_decoder
 
         resolve_decoder(decoder, lm, True, kv_mode, skip_compute)
     settings.steps = settings.steps or list(range(1, lm.config.total_ut_steps + 1))
-    if records is None:
-        suffix = "" if settings.shard is None else f"-shard-{settings.shard[0]}-of-{settings.shard[1]}"
-        records = output.with_suffix(".jsonl") if output else Path(f"looplm-eval-{task}{suffix}.jsonl")
     results = _with_progress(lambda progress: run_eval(lm, settings, records, progress))
     common.stdout().print(results_table(results))
     _write(results, output, plot)
@@ -116,15 +131,19 @@ def _with_progress(work):  # noqa: ANN001, ANN202
         return work(start)
 
 
-def _write(results: dict, output: Optional[Path], plot: Optional[Path]) -> None:
+def _write(results: dict, output: Optional[Path], plot: Optional[Path], plot_default: bool = True) -> None:
     from looplm.eval.report import plot_results
 
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2) + "\n")
-    plot = plot or (output.with_suffix(".png") if output is not None else None)
-    if plot is not None:
-        plot_results(results, plot)
+    plot = plot or (output.with_suffix(".png") if output is not None and plot_default else None)
+    for path, write in ((output, lambda: output.write_text(json.dumps(results, indent=2) + "\n")),
+                        (plot, lambda: plot_results(results, plot))):
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write()
+        except OSError as exc:  # checked up front, but a disk can still fill up
+            raise LooplmError(f"could not write {path} ({exc.strerror or exc}); the table above has the results") from None
 
 
 def _task_command(task: str, summary: str):  # noqa: ANN202
@@ -184,6 +203,8 @@ def merge(
     from looplm.eval.harness import merge_records
     from looplm.eval.report import results_table
 
+    check_writable(output, "--output")
+    check_writable(plot, "--plot")
     results = merge_records(records)
     common.stdout().print(results_table(results))
     _write(results, output, plot)
