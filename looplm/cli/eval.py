@@ -143,7 +143,8 @@ def _write(results: dict, output: Optional[Path], plot: Optional[Path], plot_def
             path.parent.mkdir(parents=True, exist_ok=True)
             write()
         except OSError as exc:  # checked up front, but a disk can still fill up
-            raise LooplmError(f"could not write {path} ({exc.strerror or exc}); the table above has the results") from None
+            reason = exc.strerror or exc
+            raise LooplmError(f"could not write {path} ({reason}); the table above has the results") from None
 
 
 def _task_command(task: str, summary: str):  # noqa: ANN202
