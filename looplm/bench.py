@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from looplm.config import OuroConfig
-from looplm.errors import CheckpointError, ConfigError
+from looplm.errors import CheckpointError, ConfigError, exit_code_of
+from looplm.output_files import PRINTED_ABOVE, check_writable, write_result
 
 CHECKPOINT_VERSION = "v1"
 _OURO_COMMON = {
@@ -724,22 +725,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         options = options_from_args(args)
+        check_writable(options.json_out, "--json-out")
         result = run_bench(options)
     except LooplmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_report(result)
-    emit_json(result, options.json_out)
-    return 0
+    return exit_code_of(lambda: emit_json(result, options.json_out))
 
 
 def emit_json(result: dict, json_out: str | None) -> None:
     """The benchmarks' contract: the whole result as the last stdout line, and in `json_out`."""
     document = json.dumps(result, separators=(",", ":"))
-    if json_out:
-        Path(json_out).expanduser().write_text(document + "\n")
     sys.stdout.flush()
     print(document, flush=True)
+    if json_out:
+        write_result(json_out, document + "\n", PRINTED_ABOVE)
 
 
 __all__ = ["BenchOptions", "SHAPES", "ensure_checkpoint", "main", "print_report", "run_bench",

@@ -53,7 +53,8 @@ from looplm.bench import (
     machine_info,
     measure_read_bandwidth,
 )
-from looplm.errors import ConfigError, LooplmError
+from looplm.errors import ConfigError, LooplmError, exit_code_of
+from looplm.output_files import check_writable
 
 
 @dataclass(frozen=True)
@@ -351,13 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir=args.workdir, json_out=args.json_out, seed=args.seed, group_size=args.group_size,
         emulate_avx2=args.emulate_avx2)
     try:
+        check_writable(options.json_out, "--json-out")
         result = run_compare(options)
     except LooplmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_report(result)
-    emit_json(result, options.json_out)
-    return 0
+    return exit_code_of(lambda: emit_json(result, options.json_out))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from looplm.config import OuroConfig
-from looplm.errors import ConfigError, GenerationError, LooplmError
+from looplm.errors import ConfigError, GenerationError, LooplmError, exit_code_of
 from looplm.models.ouro import OuroForCausalLM
+from looplm.output_files import PRINTED_ABOVE, check_writable, write_result
 from looplm.static_decode import ATTENTIONS, MODES, StaticDecoder, compile_settings
 
 DTYPES = ("bf16", "int4")
@@ -638,15 +639,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             print(compare_table([read_saved_run(Path(name)) for name in args.compare]))
             return 0
+        check_writable(args.json_out, "--json-out")
         result = run_cuda_bench(options_from_args(args))
     except LooplmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_report(result))
     document = json.dumps(result, separators=(",", ":"))
-    if args.json_out:
-        Path(args.json_out).expanduser().write_text(document + "\n")
     print(document, flush=True)
+    if args.json_out:
+        return exit_code_of(lambda: write_result(args.json_out, document + "\n", PRINTED_ABOVE))
     return 0
 
 

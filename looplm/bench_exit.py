@@ -25,8 +25,10 @@ import torch
 import looplm
 from looplm.bench import SHAPES, bench_home, ensure_checkpoint, machine_info
 from looplm.cache import KVCache, kv_bytes_per_token
+from looplm.errors import exit_code_of
 from looplm.exit import make_policy
 from looplm.models.ouro import OuroForCausalLM
+from looplm.output_files import PRINTED_ABOVE, check_writable, write_result
 
 
 def clone_cache(model: OuroForCausalLM, prefilled: KVCache, prompt_len: int, new_tokens: int, kv_mode: str) -> KVCache:
@@ -153,14 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
+    check_writable(args.json_out, "--json-out")
     result = run(args.shape, args.prompt_len, args.new_tokens, args.repeats, args.gate_threshold,
                  args.workdir or bench_home())
     print_report(result)
+    print(json.dumps(result), flush=True)
     if args.json_out:
-        args.json_out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+        write_result(args.json_out, json.dumps(result, indent=2), PRINTED_ABOVE)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code_of(main))

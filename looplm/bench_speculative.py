@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from looplm.errors import LooplmError
+from looplm.errors import LooplmError, exit_code_of
+from looplm.output_files import PRINTED_ABOVE, check_writable, write_result
 
 # Prompts from the embedded model's training domains (Shakespeare, GSM8K-style word problems,
 # arithmetic chains), not drawn from its training files.
@@ -290,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        check_writable(args.json_out, "--json-out")
         result: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
         result["acceptance"] = measure_acceptance(args.new_tokens, draft_tokens, confidences, args.repeats, log,
                                                   args.model, args.dtype)
@@ -306,9 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(format_report(result))
     document = json.dumps(result)
+    print(document, flush=True)
     if args.json_out:
-        args.json_out.write_text(document + "\n")
-    print(document)
+        return exit_code_of(lambda: write_result(args.json_out, document + "\n", PRINTED_ABOVE))
     return 0
 
 

@@ -36,6 +36,7 @@ import looplm
 from looplm.errors import exit_code_of
 from looplm.exit import ExitPolicy, FixedPolicy, make_policy
 from looplm.models.ouro import OuroForCausalLM
+from looplm.output_files import PRINTED_ABOVE, check_writable, write_result
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    check_writable(args.output, "--output")
     model = looplm.load(args.model, dtype=args.dtype)
     text = args.text.read_text(encoding="utf-8") if args.text else gsm8k_heldout_text()
     documents = split_documents(model.tokenizer.encode(text), args.length, args.documents)
@@ -273,9 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Console().print(table)
     result = {"model": model.source, "text": str(args.text or "gsm8k test"), "prefix_len": args.prefix_len,
               "rows": rows}
+    print(json.dumps(result), flush=True)
     if args.output:
-        args.output.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+        write_result(args.output, json.dumps(result, indent=2), PRINTED_ABOVE)
     return 0
 
 

@@ -238,3 +238,17 @@ def test_dynamic_mode_times_the_dynamic_decode_step() -> None:
     assert rows["dynamic"]["status"] == "ok" and rows["dynamic"]["tok_s_aggregate"]["n"] == 2
     static_kv = rows["eager"]["kv_bytes_per_step"]  # the whole capacity: 8 + 1 + 1 + 2 x 3 = 16 positions
     assert rows["dynamic"]["kv_bytes_per_step"] == static_kv * 15 // 16  # 15 written by the last timed step
+
+
+def test_a_failed_json_out_write_keeps_the_printed_document(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """The document is printed before --json-out is written, so a write that fails at the end loses nothing."""
+    import looplm.bench_cuda as bench_cuda
+
+    result = _synthetic_result([("bf16", 1, 240.0)])
+    monkeypatch.setattr(bench_cuda, "run_cuda_bench", lambda options: result)
+    monkeypatch.setattr(bench_cuda, "check_writable", lambda path, option: None)  # as if the disk filled up later
+    assert main(["--json-out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1]) == result
+    assert captured.err.startswith(f"error: could not write {tmp_path} (") and "printed above" in captured.err

@@ -4,7 +4,6 @@
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +11,7 @@ import typer
 
 from looplm.cli import common
 from looplm.errors import LooplmError
+from looplm.output_files import check_writable, write_result
 
 eval_app = typer.Typer(help="Evaluate a model on a task; results in the shared results.json format.", no_args_is_help=True)
 common.app.add_typer(eval_app, name="eval")
@@ -25,17 +25,6 @@ def parse_steps(text: str) -> list[int]:
     if not steps:
         raise LooplmError("--steps needs at least one loop count")
     return steps
-
-
-def check_writable(path: Optional[Path], option: str) -> None:
-    """Fail before the run, not after it, when a file it ends by writing cannot be written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise LooplmError(f"{option} {path} is a directory; give a file name")
-    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise LooplmError(f"{option} {path}: cannot write there ({existing} is not a writable directory)")
 
 
 @eval_app.command()
@@ -134,17 +123,16 @@ def _with_progress(work):  # noqa: ANN001, ANN202
 def _write(results: dict, output: Optional[Path], plot: Optional[Path], plot_default: bool = True) -> None:
     from looplm.eval.report import plot_results
 
+    kept = "the table above has the results"
+    if output is not None:
+        write_result(output, json.dumps(results, indent=2) + "\n", kept)
     plot = plot or (output.with_suffix(".png") if output is not None and plot_default else None)
-    for path, write in ((output, lambda: output.write_text(json.dumps(results, indent=2) + "\n")),
-                        (plot, lambda: plot_results(results, plot))):
-        if path is None:
-            continue
+    if plot is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write()
-        except OSError as exc:  # checked up front, but a disk can still fill up
-            reason = exc.strerror or exc
-            raise LooplmError(f"could not write {path} ({reason}); the table above has the results") from None
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_results(results, plot)
+        except OSError as exc:
+            raise LooplmError(f"could not write {plot} ({exc.strerror or exc}); {kept}") from None
 
 
 def _task_command(task: str, summary: str):  # noqa: ANN202

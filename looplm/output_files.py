@@ -1,0 +1,40 @@
+"""Result files that a long run writes at its end: checked before the run, written with one-line errors.
+
+A benchmark or an evaluation that works for an hour and then finds its `--output` is a
+directory would lose that hour; `check_writable` makes it fail first instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from looplm.errors import LooplmError
+
+# What a benchmark's failed final write leaves: it prints its JSON document before writing the file.
+PRINTED_ABOVE = "the JSON document is the last line printed above"
+
+
+def check_writable(path: Path | str | None, option: str) -> None:
+    """A LooplmError unless `path` can be created or replaced as a file (missing folders may be made)."""
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise LooplmError(f"{option} {path} is a directory; give a file name")
+    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LooplmError(f"{option} {path}: cannot write there ({existing} is not a writable directory)")
+
+
+def write_result(path: Path | str, text: str, kept: str) -> None:
+    """Write `text` to `path` (making its folder); on failure a LooplmError that says where the results still are."""
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:  # checked up front, but a disk can still fill up
+        raise LooplmError(f"could not write {path} ({exc.strerror or exc}); {kept}") from None
+
+
+__all__ = ["PRINTED_ABOVE", "check_writable", "write_result"]
