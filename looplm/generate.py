@@ -19,7 +19,7 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,7 @@ from looplm.decode_job import GenerationStats, TokenJob, device_elapsed
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, make_policy
 from looplm.models.ouro import OuroForCausalLM, check_token_ids, positions_from_mask
-from looplm.sampling import SamplingParams, sample
+from looplm.sampling import SamplingParams, TokenChooser, logit_bias_pairs
 from looplm.speculative import DraftParams, speculative_tokens
 from looplm.static_decode import resolve_mode, static_tokens
 
@@ -165,6 +165,7 @@ def decode_tokens(
     cache = None
     if use_cache:
         cache = model.make_cache(batch, prompt_len + max_new_tokens, steps, kv_mode=kv_mode, prompt_len=prompt_len)
+    choose = TokenChooser(sampling, generator)
 
     @torch.inference_mode()
     def forward(new_ids: torch.Tensor, new_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +174,7 @@ def decode_tokens(
         else:  # prefill, or full recomputation without a cache: every step runs
             out = model.run_steps(new_ids, new_positions, mask, cache, steps)
             logits, exit_steps = model.readout(out, policy, position=-1)
-        return sample(logits, sampling, generator), exit_steps
+        return choose(logits), exit_steps
 
     start = time.perf_counter()
     token, exit_step = forward(ids, positions)
@@ -219,6 +220,9 @@ def stream_generate(
     draft_steps: int | None = None,
     draft_tokens: int = 2,
     draft_confidence: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int | str, float] | None = None,
 ) -> Iterator[StepEvent]:
     """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`.
 
@@ -233,12 +237,18 @@ def stream_generate(
     itself gives less probability. Greedy tokens equal normal decoding's (up to float order),
     sampling keeps its distribution. It needs the full KV cache and runs every loop of every kept
     token.
+
+    `presence_penalty`, `frequency_penalty` (each in [-2, 2]) and `logit_bias` ({token id: value
+    in [-100, 100]}) change the logits before the choice, greedy or sampled, as OpenAI's API
+    does; the penalties count each row's generated tokens, not its prompt.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
         raise GenerationError(f"exit_threshold must be in (0, 1], got {exit_threshold!r}")
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, logit_bias=logit_bias_pairs(logit_bias))
+    sampling.check_vocab(model.config.vocab_size)
     steps = model.resolve_steps(steps)
     if kv_mode not in KV_MODES:
         raise GenerationError(f"kv_mode must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
@@ -247,7 +257,8 @@ def stream_generate(
         draft = DraftParams(steps=draft_steps, tokens=draft_tokens, min_confidence=draft_confidence)
         draft.check(steps)
         refused = [what for what, bad in (("use_cache=False", not use_cache), (f"kv_mode='{kv_mode}'", kv_mode != "full"),
-                                          ("skip_compute", skip_compute)) if bad]
+                                          ("skip_compute", skip_compute),
+                                          ("penalties or logit_bias", sampling.adjusts_logits)) if bad]
         if refused:
             raise GenerationError(f"speculative decoding (draft_steps) verifies every loop with the full KV cache, "
                                   f"so it cannot take {' or '.join(refused)}")
@@ -332,6 +343,9 @@ def generate(
     draft_steps: int | None = None,
     draft_tokens: int = 2,
     draft_confidence: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int | str, float] | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
     """The new token ids of each sequence, ending with the eos id or stop-string token that ended it.
 
@@ -339,14 +353,15 @@ def generate(
     `early_exit_threshold`, evaluated in the model dtype like the reference). `attention_mask`
     marks left padding; lists of prompts of different lengths are left-padded automatically.
     `decoder` picks the decode step and `draft_steps` (with `draft_tokens`, `draft_confidence`)
-    turns on self-speculative decoding, as in `stream_generate`.
+    turns on self-speculative decoding, and `presence_penalty`, `frequency_penalty` and
+    `logit_bias` adjust the logits, as in `stream_generate`.
     """
     produced: dict[int, list[int]] = {}
     stats = GenerationStats()
     for event in stream_generate(
         model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
         use_cache, stop, attention_mask, steps, eos_token_ids, stats, exit_policy, kv_mode, skip_compute, decoder,
-        draft_steps, draft_tokens, draft_confidence,
+        draft_steps, draft_tokens, draft_confidence, presence_penalty, frequency_penalty, logit_bias,
     ):
         for row, token in event.tokens.items():
             produced.setdefault(row, []).append(token)

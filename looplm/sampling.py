@@ -1,12 +1,20 @@
-"""Next-token choice from logits: greedy, temperature, top-k, top-p. Pure tensor functions."""
+"""Next-token choice from logits: penalties and logit bias, then greedy, temperature, top-k, top-p.
+
+`sample` and `probabilities` are pure tensor functions. `TokenChooser` adds what depends on
+the tokens chosen so far: OpenAI's presence and frequency penalties.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from looplm.errors import GenerationError
+
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # and for each logit_bias value: [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -14,6 +22,11 @@ class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no limit
+    # Subtracted from a token's logit once it has been generated (presence) and per time (frequency).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, value) pairs added to the logits before anything else; see `logit_bias_pairs`.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -22,10 +35,77 @@ class SamplingParams:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_PENALTY:
+                raise GenerationError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+        for token, value in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0 or isinstance(value, bool) \
+                    or not isinstance(value, (int, float)) or not abs(value) <= MAX_LOGIT_BIAS:
+                raise GenerationError(f"logit_bias needs token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, "
+                                      f"{MAX_LOGIT_BIAS:g}], got {token!r}: {value!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """True when penalties or a bias change the logits before the choice."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """A GenerationError when a logit_bias id is outside the model's vocabulary."""
+        outside = [token for token, _ in self.logit_bias if token >= vocab_size]
+        if outside:
+            raise GenerationError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def logit_bias_pairs(bias: Mapping[int | str, float] | None) -> tuple[tuple[int, float], ...]:
+    """`{token id: value}` (ids may be strings, as in JSON) as sorted pairs for `SamplingParams`."""
+    if bias is not None and not isinstance(bias, Mapping):
+        raise GenerationError(f"logit_bias must map token ids to values, got {type(bias).__name__}")
+    pairs = {}
+    for key, value in (bias or {}).items():
+        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit())):
+            raise GenerationError(f"logit_bias keys must be token ids, got {key!r}")
+        pairs[int(key)] = value
+    return tuple(sorted(pairs.items()))  # SamplingParams checks the values
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None) -> torch.Tensor:
+    """`[B, V]` logits with the bias added and the penalties subtracted (OpenAI's formula:
+    logit - count x frequency_penalty - (count > 0) x presence_penalty), in fp32; the logits
+    themselves when there is nothing to adjust. `counts` [B, V]: times each token was generated."""
+    if not params.adjusts_logits:
+        return logits
+    scores = logits.float().clone()
+    if params.logit_bias:
+        ids = torch.tensor([token for token, _ in params.logit_bias], device=scores.device)
+        scores[:, ids] += torch.tensor([value for _, value in params.logit_bias], device=scores.device)
+    if counts is not None and (params.presence_penalty or params.frequency_penalty):
+        scores -= counts * params.frequency_penalty + (counts > 0).float() * params.presence_penalty
+    return scores
+
+
+class TokenChooser:
+    """Chooses each next token of a batch (`adjust_logits`, then `sample`) and counts, per row,
+    the tokens it chose, which the penalties need."""
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None = None) -> None:
+        self.params, self.generator = params, generator
+        self.counts: torch.Tensor | None = None  # [B, V] fp32, made at the first call that needs it
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """`[B, V]` logits -> `[B]` token ids."""
+        if not self.params.adjusts_logits:
+            return sample(logits, self.params, self.generator)
+        tokens = sample(adjust_logits(logits, self.params, self.counts), self.params, self.generator)
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+            self.counts.scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.float32).unsqueeze(1))
+        return tokens
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -48,7 +48,7 @@ from looplm.models.ouro import (
     rope_tables,
     segmented_attention,
 )
-from looplm.sampling import sample
+from looplm.sampling import TokenChooser
 
 MODES = ("auto", "eager", "compile", "graph", "compile+graph")
 ATTENTIONS = ("sdpa", "matmul", "flex")  # how a static slot attends; flex: CUDA, compile modes only
@@ -436,9 +436,10 @@ def static_tokens(job: TokenJob, mode: str) -> Iterator[tuple[torch.Tensor, torc
     start = time.perf_counter()
     decoder = static_decoder(model, batch, prompt_len + job.max_new_tokens, job.steps, job.policy, mode)
     stats.setup_s = device_elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
+    choose = TokenChooser(job.sampling, job.generator)
     start = time.perf_counter()
     logits, exit_step = decoder.prefill(job.ids, job.mask)
-    token = sample(logits, job.sampling, job.generator)
+    token = choose(logits)
     stats.prefill_s = device_elapsed(start, model.device)
     stats.new_tokens = 1
     # A CUDA graph's outputs are overwritten by the next step: hand out copies.
@@ -446,7 +447,7 @@ def static_tokens(job: TokenJob, mode: str) -> Iterator[tuple[torch.Tensor, torc
     for _ in range(job.max_new_tokens - 1):
         start = time.perf_counter()
         logits, exit_step = decoder.step(token)
-        token = sample(logits, job.sampling, job.generator)
+        token = choose(logits)
         stats.decode_s += device_elapsed(start, model.device)
         stats.new_tokens += 1
         yield token, exit_step.clone()

@@ -12,7 +12,7 @@ template) into token ids, runs `stream_generate`, and yields `TextChunk`s. Contr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 
@@ -59,6 +59,9 @@ def stream_text(
     draft_steps: int | None = None,
     draft_tokens: int = 2,
     draft_confidence: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int | str, float] | None = None,
 ) -> Iterator[TextChunk]:
     tokenizer = _tokenizer(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -72,7 +75,9 @@ def stream_text(
     events = stream_generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
                              stop=stops or None, steps=steps, stats=stats, exit_policy=exit_policy,
                              kv_mode=kv_mode, skip_compute=skip_compute, decoder=decoder,
-                             draft_steps=draft_steps, draft_tokens=draft_tokens, draft_confidence=draft_confidence)
+                             draft_steps=draft_steps, draft_tokens=draft_tokens, draft_confidence=draft_confidence,
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                             logit_bias=logit_bias)
     # closing(): stream_generate holds torch.inference_mode open until it is closed.
     with closing(events):
         for event in events:

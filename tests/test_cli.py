@@ -96,6 +96,16 @@ def test_generate_json_is_greedy_and_deterministic(default_model) -> None:  # no
     assert sampled[0] != sampled[2]  # and different seeds sample differently
 
 
+def test_generate_penalty_options_reach_the_library(default_model) -> None:  # noqa: ANN001
+    args = ["generate", "Hello", "--max-new-tokens", "16", "--json", "--temperature", "0", "--dtype", "float32"]
+    penalised = json.loads(invoke(*args, "--frequency-penalty", "1.5", "--presence-penalty", "0.5").stdout)
+    ids = default_model.tokenizer.encode("Hello")
+    expected = default_model.generate(ids, 16, frequency_penalty=1.5, presence_penalty=0.5)[0]
+    assert penalised["new_ids"] == expected[: len(penalised["new_ids"])]
+    assert penalised["new_ids"] != json.loads(invoke(*args).stdout)["new_ids"]
+    assert_one_line_error(invoke(*args, "--presence-penalty", "2.5"), "presence_penalty must be in [-2, 2]")
+
+
 def test_generate_json_reports_exit_steps_and_kv_mode(default_model) -> None:  # noqa: ANN001
     args = ["generate", "Hello", "--max-new-tokens", "10", "--json", "--exit-policy", "gate", "--exit-threshold",
             "0.5", "--skip-compute"]

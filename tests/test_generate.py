@@ -272,3 +272,62 @@ def test_a_single_eos_id_may_be_an_int(gqa_model) -> None:  # noqa: ANN001
     free = gqa_model.generate(prompt, 8, eos_token_ids=[])[0]
     assert gqa_model.generate(prompt, 8, eos_token_ids=free[2]) == gqa_model.generate(prompt, 8, eos_token_ids=[free[2]])
     assert gqa_model.generate(prompt, 8, eos_token_ids=free[2])[0] == free[: free.index(free[2]) + 1]
+
+
+def _reference_adjusted_greedy(model, prompt: list[int], new: int, presence: float, frequency: float,  # noqa: ANN001
+                               bias: dict[int, float]) -> list[int]:
+    """Greedy decoding at the last loop, recomputing the whole sequence, with OpenAI's rule written
+    out: logit + bias - count x frequency - (count > 0) x presence, counts over generated tokens."""
+    ids, produced = list(prompt), []
+    for _ in range(new):
+        with torch.inference_mode():
+            logits = model.forward_steps(torch.tensor([ids])).logits[-1, 0, -1]
+        logits = logits.clone()  # a normal tensor, to edit in place
+        for token, value in bias.items():
+            logits[token] += value
+        for token in set(produced):
+            logits[token] -= produced.count(token) * frequency + presence
+        produced.append(int(logits.argmax()))
+        ids.append(produced[-1])
+    return produced
+
+
+@pytest.mark.parametrize("decoder", ["dynamic", "eager"])
+def test_penalties_and_logit_bias_follow_openais_rule(gqa_model, decoder: str) -> None:  # noqa: ANN001
+    prompts = random_prompts(300, [5, 9], seed=4)
+    free = gqa_model.generate(prompts[0], 12, exit_policy="last", eos_token_ids=[])[0]
+    assert len(set(free)) < len(free)  # the greedy text repeats itself, so the penalties have work to do
+    bias = {free[1]: -100.0, 17: 1.5}
+    settings = {"presence_penalty": 0.4, "frequency_penalty": 0.7, "logit_bias": bias}
+    expected = [_reference_adjusted_greedy(gqa_model, p, 12, 0.4, 0.7, bias) for p in prompts]
+    assert expected[0] != free and free[1] not in expected[0]
+    batched = gqa_model.generate(prompts, 12, exit_policy="last", eos_token_ids=[], decoder=decoder, **settings)
+    assert batched == expected  # each row counts its own tokens
+    no_cache = gqa_model.generate(prompts[1], 12, exit_policy="last", eos_token_ids=[], use_cache=False, **settings)
+    assert no_cache[0] == expected[1]
+    forced = gqa_model.generate(prompts[0], 4, eos_token_ids=[], logit_bias={"42": 100})[0]
+    assert forced == [42, 42, 42, 42]  # string keys, as JSON sends them
+
+
+def test_sampling_with_penalties_is_reproducible_and_differs(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [5])[0]
+    args = {"temperature": 1.0, "seed": 5, "eos_token_ids": []}
+    plain = gqa_model.generate(prompt, 16, **args)[0]
+    # A random model's logits are nearly flat: a negative penalty (a bonus) makes it repeat itself.
+    repeating = gqa_model.generate(prompt, 16, frequency_penalty=-2.0, **args)[0]
+    assert repeating == gqa_model.generate(prompt, 16, frequency_penalty=-2.0, **args)[0]
+    assert len(set(repeating)) < len(set(plain))
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
+    ({"frequency_penalty": -3}, r"frequency_penalty must be in \[-2, 2\]"),
+    ({"logit_bias": {7: 150}}, r"values in \[-100, 100\], got 7: 150"),
+    ({"logit_bias": {"seven": 1}}, "logit_bias keys must be token ids"),
+    ({"logit_bias": [(7, 1)]}, "logit_bias must map token ids to values"),
+    ({"logit_bias": {300: 1}}, r"logit_bias token id 300 is outside the vocabulary \(0..299\)"),
+    ({"frequency_penalty": 0.5, "draft_steps": 1}, "cannot take penalties or logit_bias"),
+])
+def test_bad_penalties_and_bias(gqa_model, kwargs: dict, needle: str) -> None:  # noqa: ANN001
+    with pytest.raises(GenerationError, match=needle):
+        gqa_model.generate([5, 6, 7], 4, **kwargs)

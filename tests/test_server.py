@@ -100,6 +100,22 @@ def test_chat_matches_library_greedy(client, model) -> None:  # noqa: ANN001
     assert choice.finish_reason == ("stop" if expected[-1] in model.config.eos_token_ids else "length")
 
 
+def test_penalties_and_logit_bias_match_the_library(client, model) -> None:  # noqa: ANN001
+    tok = model.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me a story"}]))
+    free = model.generate(ids, 24)[0]
+    settings = {"presence_penalty": 0.5, "frequency_penalty": 1.0, "logit_bias": {free[0]: -100.0, 200: 2.5}}
+    expected = model.generate(ids, 24, **settings)[0]
+    assert expected != free and free[0] not in expected
+    reply = chat(client, "Tell me a story", max_tokens=24, presence_penalty=0.5, frequency_penalty=1.0,
+                 logit_bias={str(free[0]): -100, "200": 2.5})
+    assert reply.choices[0].message.content == tok.decode(expected)
+    together = chat(client, "Tell me a story", max_tokens=24, n=2, **{k: v for k, v in settings.items()
+                                                                      if k != "logit_bias"})
+    alone = model.generate(ids, 24, presence_penalty=0.5, frequency_penalty=1.0)[0]
+    assert [c.message.content for c in together.choices] == [tok.decode(alone)] * 2  # counts kept per choice
+
+
 def test_streaming_chat_equals_whole(client) -> None:  # noqa: ANN001
     whole = chat(client, "Tell me a story", max_tokens=16).choices[0]
     stream = chat(client, "Tell me a story", max_tokens=16, stream=True, stream_options={"include_usage": True})
@@ -465,6 +481,12 @@ BAD_REQUESTS = [
     ("tools", "/v1/chat/completions",
      {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400),
     ("prompt of wrong type", "/v1/completions", {"model": NAME, "prompt": {"x": 1}}, 400),
+    ("json response_format", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                                       "response_format": {"type": "json_object"}}, 400),
+    ("presence_penalty 3", "/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 3}, 400),
+    ("logit_bias past the vocab", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"99999": 1}}, 400),
+    ("logit_bias 101", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"5": 101}}, 400),
+    ("logit_bias key not an id", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"x": 1}}, 400),
     ("unknown route", "/v1/embeddings", {"model": NAME, "input": "a"}, 404),
 ]
 

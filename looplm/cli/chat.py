@@ -36,6 +36,8 @@ def chat(
     top_k: common.TopK = None,
     exit_threshold: common.ExitThreshold = None,
     seed: common.Seed = None,
+    presence_penalty: common.PresencePenalty = 0.0,
+    frequency_penalty: common.FrequencyPenalty = 0.0,
     stop: common.Stop = None,
     exit_policy: common.ExitPolicyName = None,
     kv_mode: common.KvMode = "full",
@@ -52,7 +54,8 @@ def chat(
     )] = False,
 ) -> None:
     """Chat with the model; one message per line, /reset and /exit."""
-    sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
+    sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop,
+                                      presence_penalty, frequency_penalty)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)

@@ -100,6 +100,12 @@ ExitThreshold = Annotated[Optional[float], option(
     default_in_help=True,
 )]
 Seed = Annotated[Optional[int], option("Random seed for sampling (reproducible output).", default_in_help=True)]
+PresencePenalty = Annotated[float, option(
+    "Subtract this, in [-2, 2], from the logit of every token already generated (OpenAI's presence_penalty)."
+)]
+FrequencyPenalty = Annotated[float, option(
+    "Subtract this, in [-2, 2], times its count so far from each generated token's logit (frequency_penalty)."
+)]
 Stop = Annotated[Optional[list[str]], option(
     "Stop string (repeatable); it is not printed.", "--stop", default_in_help=True
 )]
@@ -181,6 +187,8 @@ class SamplingOptions:
     exit_threshold: Optional[float]
     seed: Optional[int]
     stop: Optional[list[str]]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         # Fail before loading a model, which can take a while; the library checks again.
@@ -191,7 +199,8 @@ class SamplingOptions:
             raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.exit_threshold is not None and not 0.0 < self.exit_threshold <= 1.0:
             raise GenerationError(f"--exit-threshold must be in (0, 1], got {self.exit_threshold}")
-        SamplingParams(self.temperature or 0.0, 1.0 if self.top_p is None else self.top_p, self.top_k or 0)
+        SamplingParams(self.temperature or 0.0, 1.0 if self.top_p is None else self.top_p, self.top_k or 0,
+                       self.presence_penalty, self.frequency_penalty)
 
     def for_model(self, model) -> dict:  # noqa: ANN001
         """`stream_text` keyword arguments; unset sampling values come from the model's generation config."""
@@ -208,6 +217,8 @@ class SamplingOptions:
             "exit_threshold": self.exit_threshold,
             "seed": self.seed,
             "stop": list(self.stop or []),
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
         }
 
 

@@ -25,6 +25,8 @@ def generate(
     top_k: common.TopK = None,
     exit_threshold: common.ExitThreshold = None,
     seed: common.Seed = None,
+    presence_penalty: common.PresencePenalty = 0.0,
+    frequency_penalty: common.FrequencyPenalty = 0.0,
     stop: common.Stop = None,
     exit_policy: common.ExitPolicyName = None,
     kv_mode: common.KvMode = "full",
@@ -39,7 +41,8 @@ def generate(
     """Generate a completion for PROMPT and stream it to stdout; timings go to stderr."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop)
+    sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop,
+                                      presence_penalty, frequency_penalty)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)

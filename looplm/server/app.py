@@ -28,7 +28,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from looplm.errors import LooplmError
-from looplm.sampling import SamplingParams
+from looplm.sampling import SamplingParams, logit_bias_pairs
 from looplm.server.engine import Engine, QueueFull, TokenLogprob
 from looplm.server.logprobs import CompletionLogprobs, chat_logprobs
 from looplm.server.metrics import Metrics
@@ -173,6 +173,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
                 temperature=body.temperature if body.temperature is not None else defaults.get("temperature", 1.0),
                 top_p=body.top_p if body.top_p is not None else defaults.get("top_p", 1.0),
                 top_k=body.top_k if body.top_k is not None else defaults.get("top_k", 0),
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                logit_bias=logit_bias_pairs(body.logit_bias),
             )
             session = Session(engine, tokenizer, eos_ids)
             session.submit(prompts, body.n, max_tokens, loop, sampling, body.seed, body.stop or [], split, in_reasoning,

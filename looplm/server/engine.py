@@ -33,7 +33,7 @@ from looplm.errors import GenerationError
 from looplm.exit import POLICY_NAMES
 from looplm.generate import KV_MODES
 from looplm.models.ouro import OuroForCausalLM
-from looplm.sampling import SamplingParams, sample
+from looplm.sampling import SamplingParams, TokenChooser
 from looplm.server.batch import Batch, LoopConfig
 
 log = logging.getLogger("looplm.server")
@@ -80,6 +80,7 @@ class Sequence:
     echo_logprobs: bool = False  # also the prompt tokens' log-probabilities (a "prompt" event); max_tokens may be 0
     id: int = 0
     generator: torch.Generator | None = None
+    chooser: TokenChooser | None = None  # set by `Engine.submit`; keeps the counts the penalties need
     cancelled: bool = False
     generated: int = 0
     start: int = 0  # first buffer column of this row in its batch
@@ -168,11 +169,13 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(seq.prompt_ids) < 0 or max(seq.prompt_ids) >= vocab:
             raise GenerationError(f"token ids must be in [0, {vocab})")
+        seq.sampling.check_vocab(vocab)
         if seq.seed is not None:
             seq.generator = torch.Generator(device=self.model.device).manual_seed(seq.seed)
         elif not seq.sampling.greedy:
             seq.generator = torch.Generator(device=self.model.device)
             seq.generator.seed()
+        seq.chooser = TokenChooser(seq.sampling, seq.generator)
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -290,11 +293,12 @@ class Engine:
         return [first, *_token_logprobs(seq.prompt_ids[1:], every[:-1], seq.logprobs or 0)]
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
-        return [
-            greedy[i] if seq.sampling.greedy else int(sample(logits[i : i + 1], seq.sampling, seq.generator)[0])
-            for i, seq in enumerate(rows)
-        ]
+        greedy = logits.argmax(dim=-1).tolist()  # one call for the plain greedy rows
+        chosen = []
+        for i, seq in enumerate(rows):
+            plain = seq.sampling.greedy and not seq.sampling.adjusts_logits
+            chosen.append(greedy[i] if plain else int(seq.chooser(logits[i : i + 1])[0]))
+        return chosen
 
     def _retire(self, seq: Sequence) -> None:
         for batch in self.batches:

@@ -3,8 +3,8 @@
 Requests accept the standard OpenAI fields looplm honours, plus the looped-model extras
 (`loops`, `exit_policy`, `exit_threshold`, `kv_mode`, `skip_compute`), which the `openai`
 client sends through `extra_body`. Fields looplm does not know are ignored, as OpenAI-style
-servers do; fields it knows but cannot honour (`tools`, `n` > 8...) are rejected
-with a 400 rather than silently dropped.
+servers do; fields it knows but cannot honour (`tools`, a JSON `response_format`, `n` > 8...)
+are rejected with a 400 rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ class SamplingOptions(LoopOptions):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> value in [-100, 100]
     tools: Any = None
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -56,6 +60,13 @@ class SamplingOptions(LoopOptions):
     def _unsupported(cls, value: Any) -> Any:
         if value not in (None, False, 0, []):
             raise ValueError("is not supported by looplm")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"type {value.get('type')!r} is not supported by looplm (only 'text')")
         return value
 
     @property
