@@ -51,14 +51,19 @@ class OuroConfig:
         return self.model_type == "ouro"
 
     @property
+    def max_steps(self) -> int:
+        """The most UT steps a run may ask for: 8, or the checkpoint's own count when it has more."""
+        return max(MAX_STEPS, self.total_ut_steps)
+
+    @property
     def num_kv_slots(self) -> int:
         return self.total_ut_steps * self.num_hidden_layers
 
     def with_steps(self, steps: int | None) -> OuroConfig:
-        """A copy with `total_ut_steps` overridden (1..8); warns outside the trained range."""
+        """A copy with `total_ut_steps` overridden (1 to `max_steps`); warns outside the trained range."""
         if steps is None or steps == self.total_ut_steps:
             return self
-        check_steps(steps)
+        check_steps(steps, self.max_steps)
         return dataclasses.replace(self, total_ut_steps=steps)
 
     @classmethod
@@ -127,9 +132,9 @@ class OuroConfig:
         return cls.from_dict(read_json(path), source=str(path))
 
 
-def check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or not MIN_STEPS <= steps <= MAX_STEPS:
-        raise ConfigError(f"steps must be an integer from {MIN_STEPS} to {MAX_STEPS}, got {steps!r}")
+def check_steps(steps: int, most: int = MAX_STEPS) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not MIN_STEPS <= steps <= most:
+        raise ConfigError(f"steps must be an integer from {MIN_STEPS} to {most}, got {steps!r}")
     if steps < 2 or steps > 4:
         warnings.warn(f"steps={steps} is outside the trained range 2-4; quality is expected to drop", stacklevel=3)
 

@@ -40,8 +40,9 @@ def load(
     """Load a model for inference. `None` loads the embedded default model.
 
     `device` is "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
-    `steps` overrides the config's `total_ut_steps` (1 to 8). `quant` ("int8" or "int4", with
-    `group_size` for int4) quantizes the layer projections while loading (looplm.quant); a
+    `steps` overrides the config's `total_ut_steps` (1 to 8, or to its own count if higher).
+    `quant` ("int8" or "int4", with `group_size` for int4) quantizes the layer projections while
+    loading (looplm.quant); a
     checkpoint written by `looplm quantize` loads quantized without it. `kernels="auto"` runs a bf16
     model on CPU through looplm's C++ kernels (`looplm.kernels`); "torch" keeps plain torch ops.
     """

@@ -90,6 +90,25 @@ def test_steps_change_kv_slots(make_checkpoint) -> None:  # noqa: ANN001
         model.forward_steps(torch.tensor([[5, 6]]), steps=9)
 
 
+def test_a_checkpoint_with_more_than_8_steps_may_use_all_of_them(make_checkpoint) -> None:  # noqa: ANN001
+    """8 bounds overrides, not a checkpoint's own count: a 10-step model runs 10 and may ask for 9."""
+    from looplm.server.engine import Engine
+
+    model = looplm.load(make_checkpoint(total_ut_steps=10), dtype="float32")
+    assert model.config.total_ut_steps == 10 and model.make_cache(1, 8).num_slots == 10 * 2
+    prompt = random_prompts(300, [6])[0]
+    full = model.generate(prompt, 4, eos_token_ids=[], exit_policy="last")
+    assert model.generate(prompt, 4, eos_token_ids=[], exit_policy="last", use_cache=False) == full
+    with pytest.warns(UserWarning, match="outside the trained range"):
+        assert model.forward_steps(torch.tensor([prompt]), steps=9).logits.shape[0] == 9
+    with pytest.raises(ConfigError, match="from 1 to 10, got 11"):
+        model.forward_steps(torch.tensor([prompt]), steps=11)
+    engine = Engine(model, max_context=64)
+    assert engine.loop_config().steps == 10 and engine.loop_config(9).steps == 9
+    with pytest.raises(GenerationError, match=r"loops must be in \[1, 10\], got 11"):
+        engine.loop_config(11)
+
+
 def test_exit_logits_of_one_position_equal_that_column(gqa_model) -> None:  # noqa: ANN001
     with torch.inference_mode():
         out = gqa_model.forward_steps(torch.tensor([random_prompts(300, [7], seed=3)[0]]))

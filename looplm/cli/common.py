@@ -75,7 +75,8 @@ Model = Annotated[Optional[str], option(
 Dtype = Annotated[str, option("Weight dtype: bfloat16, float16 or float32.")]
 Device = Annotated[str, option("cpu, cuda, cuda:N, or auto (cuda when available).")]
 Steps = Annotated[Optional[int], option(
-    "Recurrent (UT) steps per token, 1-8 (default: the config's).", default_in_help=True
+    "Recurrent (UT) steps per token, 1-8, or up to the config's own count if higher (default: the config's).",
+    default_in_help=True
 )]
 Quant = Annotated[Optional[str], option(
     "Weight-only quantization of the layer projections while loading: int8 or int4 (default: none; a "

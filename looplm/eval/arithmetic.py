@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from looplm.config import MAX_STEPS, MIN_STEPS
+from looplm.config import MIN_STEPS
 from looplm.errors import LooplmError
 from looplm.exit import gather_steps, threshold_exit_steps
 from looplm.models.ouro import OuroForCausalLM
@@ -72,8 +72,9 @@ def score_problems(
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise LooplmError("the arithmetic eval needs the model's tokenizer; this model was loaded without one")
-    if not isinstance(steps, int) or not MIN_STEPS <= steps <= MAX_STEPS:
-        raise LooplmError(f"steps must be integers from {MIN_STEPS} to {MAX_STEPS}, got {steps!r}")
+    most = model.config.max_steps
+    if not isinstance(steps, int) or not MIN_STEPS <= steps <= most:
+        raise LooplmError(f"steps must be integers from {MIN_STEPS} to {most}, got {steps!r}")
     eot = tokenizer.token_to_id(END_OF_TEXT)
     prefix = [eot] if eot is not None else []  # training documents start right after <|endoftext|>
     correct: list[bool] = []

@@ -142,8 +142,9 @@ class Engine:
         skip_compute: bool = False,
     ) -> LoopConfig:
         """Check a request's loop options; raises `GenerationError` naming the bad one."""
-        if loops is not None and not 1 <= loops <= 8:
-            raise GenerationError(f"loops must be in [1, 8], got {loops}")
+        most = self.model.config.max_steps
+        if loops is not None and not 1 <= loops <= most:
+            raise GenerationError(f"loops must be in [1, {most}], got {loops}")
         if exit_policy is not None and exit_policy not in POLICY_NAMES:
             raise GenerationError(f"exit_policy must be one of {', '.join(POLICY_NAMES)}, got {exit_policy!r}")
         if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0 and exit_policy != "kl":

@@ -20,7 +20,8 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 class LoopOptions(BaseModel):
     """Per-request loop control (looplm extras)."""
 
-    loops: int | None = Field(None, ge=1, le=8, description="UT steps available (default: the model's)")
+    # 1-8, or up to the model's own count when it has more (checked by the engine)
+    loops: int | None = Field(None, ge=1, description="UT steps available (default: the model's)")
     exit_policy: Literal["last", "gate", "confidence", "kl", "fixed", "weighted"] | None = None
     exit_threshold: float | None = Field(None, ge=0.0, le=1.0)
     kv_mode: Literal["full", "shared"] = "full"
