@@ -487,6 +487,13 @@ BAD_REQUESTS = [
     ("logit_bias past the vocab", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"99999": 1}}, 400),
     ("logit_bias 101", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"5": 101}}, 400),
     ("logit_bias key not an id", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"x": 1}}, 400),
+    ("vllm repetition_penalty", "/v1/completions", {"model": NAME, "prompt": "a", "repetition_penalty": 1.2}, 400),
+    ("vllm min_p", "/v1/completions", {"model": NAME, "prompt": "a", "min_p": 0.05}, 400),
+    ("vllm ignore_eos", "/v1/completions", {"model": NAME, "prompt": "a", "ignore_eos": True}, 400),
+    ("vllm guided_json", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                                  "guided_json": {"type": "object"}}, 400),
+    ("tool_choice auto", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                                  "tool_choice": "auto"}, 400),
     ("unknown route", "/v1/embeddings", {"model": NAME, "input": "a"}, 404),
 ]
 
@@ -498,6 +505,16 @@ def test_bad_requests_get_openai_errors(server, name, route, body, status) -> No
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
+
+
+def test_options_at_their_off_values_are_accepted(server) -> None:  # noqa: ANN001
+    """Clients that send vLLM's or OpenAI's extras at their defaults are served; other values get a 400."""
+    body = {"model": NAME, "prompt": "a", "max_tokens": 2, "repetition_penalty": 1.0, "min_p": 0, "best_of": 1,
+            "ignore_eos": False, "stop_token_ids": [], "tool_choice": "none", "response_format": {"type": "text"},
+            "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=30).status_code == 200
+    refused = httpx.post(server.url + "/v1/completions", json={**body, "repetition_penalty": 1.3}, timeout=30)
+    assert refused.json()["error"]["message"] == "repetition_penalty 1.3 is not supported by looplm"
 
 
 def test_errors_through_the_client_and_the_server_survives(server, client) -> None:  # noqa: ANN001

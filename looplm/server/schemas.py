@@ -3,18 +3,33 @@
 Requests accept the standard OpenAI fields looplm honours, plus the looped-model extras
 (`loops`, `exit_policy`, `exit_threshold`, `kv_mode`, `skip_compute`), which the `openai`
 client sends through `extra_body`. Fields looplm does not know are ignored, as OpenAI-style
-servers do; fields it knows but cannot honour (`tools`, a JSON `response_format`, `n` > 8...)
-are rejected with a 400 rather than silently dropped.
+servers do; fields it knows but cannot honour (`tools`, a JSON `response_format`, `n` > 8, and
+OpenAI's or vLLM's other output-changing options in `UNSUPPORTED_UNLESS`) are rejected with a
+400 rather than silently dropped.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+
+# Fields of OpenAI's API or of vLLM's extras that change the output and that looplm does not
+# implement, each with the values that mean "off". Any other value gets a 400: ignoring it would
+# answer a different request than the one sent.
+UNSUPPORTED_UNLESS = {
+    "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "min_tokens": (None, 0),
+    "best_of": (None, 1), "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0),
+    "ignore_eos": (None, False), "stop_token_ids": (None, []), "include_stop_str_in_output": (None, False),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,), "prompt_logprobs": (None,), "functions": (None, []),
+    "function_call": (None, "none"), "tool_choice": (None, "none"), "prediction": (None,),
+    "modalities": (None, ["text"]), "audio": (None,),
+}
 
 
 class LoopOptions(BaseModel):
@@ -47,6 +62,16 @@ class SamplingOptions(LoopOptions):
     logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> value in [-100, 100]
     tools: Any = None
     response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_what_would_be_ignored(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, off in UNSUPPORTED_UNLESS.items():
+                if name in data and not any(data[name] == value and type(data[name]) is type(value) or
+                                            data[name] is value for value in off):
+                    raise ValueError(f"{name} {json.dumps(data[name])[:80]} is not supported by looplm")
+        return data
 
     @field_validator("stop")
     @classmethod
