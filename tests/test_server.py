@@ -116,6 +116,25 @@ def test_penalties_and_logit_bias_match_the_library(client, model) -> None:  # n
     assert [c.message.content for c in together.choices] == [tok.decode(alone)] * 2  # counts kept per choice
 
 
+def test_ignore_eos_and_stop_token_ids(client, model) -> None:  # noqa: ANN001
+    tok, eos = model.tokenizer, model.config.eos_token_ids[0]
+    to_eos = {"logit_bias": {str(eos): 100}}  # the likeliest token is then always eos
+    ended = client.completions.create(model=NAME, prompt="Once upon", max_tokens=5, temperature=0, extra_body=to_eos)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 1
+    kept = client.completions.create(model=NAME, prompt="Once upon", max_tokens=5, temperature=0,
+                                     extra_body={**to_eos, "ignore_eos": True})
+    assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 5
+    ids = tok.encode("Once upon")
+    assert model.generate(ids, 5, eos_token_ids=[], logit_bias={eos: 100})[0] == [eos] * 5
+
+    free = model.generate(ids, 10, eos_token_ids=[])[0]
+    at = next(i for i in range(2, 10) if free[i] not in free[:i])  # the first time this token comes
+    cut = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0,
+                                    extra_body={"stop_token_ids": [free[at]], "ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == at + 1
+    assert cut.choices[0].text == tok.decode(free[:at])  # the stop token's own text is left out
+
+
 def test_streaming_chat_equals_whole(client) -> None:  # noqa: ANN001
     whole = chat(client, "Tell me a story", max_tokens=16).choices[0]
     stream = chat(client, "Tell me a story", max_tokens=16, stream=True, stream_options={"include_usage": True})
@@ -489,7 +508,8 @@ BAD_REQUESTS = [
     ("logit_bias key not an id", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"x": 1}}, 400),
     ("vllm repetition_penalty", "/v1/completions", {"model": NAME, "prompt": "a", "repetition_penalty": 1.2}, 400),
     ("vllm min_p", "/v1/completions", {"model": NAME, "prompt": "a", "min_p": 0.05}, 400),
-    ("vllm ignore_eos", "/v1/completions", {"model": NAME, "prompt": "a", "ignore_eos": True}, 400),
+    ("stop_token_ids past the vocab", "/v1/completions", {"model": NAME, "prompt": "a", "stop_token_ids": [99999]},
+     400),
     ("vllm guided_json", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
                                                   "guided_json": {"type": "object"}}, 400),
     ("tool_choice auto", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
@@ -510,7 +530,7 @@ def test_bad_requests_get_openai_errors(server, name, route, body, status) -> No
 def test_options_at_their_off_values_are_accepted(server) -> None:  # noqa: ANN001
     """Clients that send vLLM's or OpenAI's extras at their defaults are served; other values get a 400."""
     body = {"model": NAME, "prompt": "a", "max_tokens": 2, "repetition_penalty": 1.0, "min_p": 0, "best_of": 1,
-            "ignore_eos": False, "stop_token_ids": [], "tool_choice": "none", "response_format": {"type": "text"},
+            "tool_choice": "none", "response_format": {"type": "text"},
             "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=30).status_code == 200
     refused = httpx.post(server.url + "/v1/completions", json={**body, "repetition_penalty": 1.3}, timeout=30)

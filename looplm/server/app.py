@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from looplm.errors import LooplmError
+from looplm.errors import GenerationError, LooplmError
 from looplm.sampling import SamplingParams, logit_bias_pairs
 from looplm.server.engine import Engine, QueueFull, TokenLogprob
 from looplm.server.logprobs import CompletionLogprobs, chat_logprobs
@@ -176,7 +176,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 logit_bias=logit_bias_pairs(body.logit_bias),
             )
-            session = Session(engine, tokenizer, eos_ids)
+            stop_ids = frozenset(body.stop_token_ids or [])
+            if any(not 0 <= token < model.config.vocab_size for token in stop_ids):
+                raise GenerationError(f"stop_token_ids must be token ids in [0, {model.config.vocab_size})")
+            session = Session(engine, tokenizer, (frozenset() if body.ignore_eos else eos_ids) | stop_ids, stop_ids)
             session.submit(prompts, body.n, max_tokens, loop, sampling, body.seed, body.stop or [], split, in_reasoning,
                            body.logprob_alternatives, echo_logprobs)
         except QueueFull as exc:

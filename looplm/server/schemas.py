@@ -24,7 +24,7 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 UNSUPPORTED_UNLESS = {
     "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "min_tokens": (None, 0),
     "best_of": (None, 1), "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0),
-    "ignore_eos": (None, False), "stop_token_ids": (None, []), "include_stop_str_in_output": (None, False),
+    "include_stop_str_in_output": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "structured_outputs": (None,), "prompt_logprobs": (None,), "functions": (None, []),
     "function_call": (None, "none"), "tool_choice": (None, "none"), "prediction": (None,),
@@ -60,6 +60,9 @@ class SamplingOptions(LoopOptions):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> value in [-100, 100]
+    # vLLM's extras: run past the model's eos ids; end at these ids too (their text is left out)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
     tools: Any = None
     response_format: dict[str, Any] | None = None
 

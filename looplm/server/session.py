@@ -39,8 +39,10 @@ class Choice:
 
 
 class Session:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, eos_ids: frozenset[int]) -> None:
-        self.engine, self.tokenizer, self.eos_ids = engine, tokenizer, eos_ids
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, eos_ids: frozenset[int],
+                 silent_ids: frozenset[int] = frozenset()) -> None:
+        """`eos_ids` end a choice; `silent_ids` (a request's `stop_token_ids`) also add no text."""
+        self.engine, self.tokenizer, self.eos_ids, self.silent_ids = engine, tokenizer, eos_ids, silent_ids
         self.choices: list[Choice] = []
         self.prompt_tokens = 0
         self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -122,7 +124,7 @@ class Session:
                 choice.loops += event.loops or 0
                 if event.logprob is not None:
                     choice.logprobs.append(event.logprob)
-                delta = choice.text.push(event.token)
+                delta = Delta() if event.token in self.silent_ids else choice.text.push(event.token)
                 if choice.text.stopped:
                     choice.finish_reason = "stop"
                     self.engine.cancel(choice.sequence)
