@@ -165,7 +165,7 @@ def decode_tokens(
     cache = None
     if use_cache:
         cache = model.make_cache(batch, prompt_len + max_new_tokens, steps, kv_mode=kv_mode, prompt_len=prompt_len)
-    choose = TokenChooser(sampling, generator)
+    choose = TokenChooser(sampling, generator, ids, mask)
 
     @torch.inference_mode()
     def forward(new_ids: torch.Tensor, new_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +223,8 @@ def stream_generate(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     logit_bias: Mapping[int | str, float] | None = None,
+    repetition_penalty: float = 1.0,
+    min_p: float = 0.0,
 ) -> Iterator[StepEvent]:
     """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`.
 
@@ -240,14 +242,18 @@ def stream_generate(
 
     `presence_penalty`, `frequency_penalty` (each in [-2, 2]) and `logit_bias` ({token id: value
     in [-100, 100]}) change the logits before the choice, greedy or sampled, as OpenAI's API
-    does; the penalties count each row's generated tokens, not its prompt.
+    does; these two penalties count each row's generated tokens, not its prompt.
+    `repetition_penalty` (> 0, 1 = off; HF's and vLLM's) divides the positive logits and
+    multiplies the negative ones of every token the row has seen, prompt included. `min_p`
+    (sampling only) drops tokens below min_p x the likeliest token's probability.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
         raise GenerationError(f"exit_threshold must be in (0, 1], got {exit_threshold!r}")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty, logit_bias=logit_bias_pairs(logit_bias))
+                              frequency_penalty=frequency_penalty, logit_bias=logit_bias_pairs(logit_bias),
+                              repetition_penalty=repetition_penalty, min_p=min_p)
     sampling.check_vocab(model.config.vocab_size)
     steps = model.resolve_steps(steps)
     if kv_mode not in KV_MODES:
@@ -346,6 +352,8 @@ def generate(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     logit_bias: Mapping[int | str, float] | None = None,
+    repetition_penalty: float = 1.0,
+    min_p: float = 0.0,
 ) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
     """The new token ids of each sequence, ending with the eos id or stop-string token that ended it.
 
@@ -353,8 +361,8 @@ def generate(
     `early_exit_threshold`, evaluated in the model dtype like the reference). `attention_mask`
     marks left padding; lists of prompts of different lengths are left-padded automatically.
     `decoder` picks the decode step and `draft_steps` (with `draft_tokens`, `draft_confidence`)
-    turns on self-speculative decoding, and `presence_penalty`, `frequency_penalty` and
-    `logit_bias` adjust the logits, as in `stream_generate`.
+    turns on self-speculative decoding, and `presence_penalty`, `frequency_penalty`, `logit_bias`,
+    `repetition_penalty` and `min_p` shape the choice, as in `stream_generate`.
     """
     produced: dict[int, list[int]] = {}
     stats = GenerationStats()
@@ -362,6 +370,7 @@ def generate(
         model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
         use_cache, stop, attention_mask, steps, eos_token_ids, stats, exit_policy, kv_mode, skip_compute, decoder,
         draft_steps, draft_tokens, draft_confidence, presence_penalty, frequency_penalty, logit_bias,
+        repetition_penalty, min_p,
     ):
         for row, token in event.tokens.items():
             produced.setdefault(row, []).append(token)

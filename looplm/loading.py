@@ -168,7 +168,7 @@ def _generation_defaults(path: Path, config: OuroConfig, tokenizer) -> dict:  # 
     if pad is None and tokenizer is not None:
         pad = tokenizer.pad_id
     defaults["pad_token_id"] = pad if pad is not None else (min(eos) if eos else 0)
-    for key in ("temperature", "top_p", "top_k", "max_new_tokens"):
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens"):
         if key in raw:
             defaults[key] = raw[key]
     return defaults

@@ -1,7 +1,8 @@
-"""Next-token choice from logits: penalties and logit bias, then greedy, temperature, top-k, top-p.
+"""Next-token choice from logits: bias and penalties, then greedy, or temperature, min-p, top-k, top-p.
 
 `sample` and `probabilities` are pure tensor functions. `TokenChooser` adds what depends on
-the tokens chosen so far: OpenAI's presence and frequency penalties.
+the tokens seen so far: the repetition penalty (prompt and output, as HF and vLLM count it) and
+OpenAI's presence and frequency penalties (output only).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # (token id, value) pairs added to the logits before anything else; see `logit_bias_pairs`.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # HF's and vLLM's: a seen token's logit is divided by this when positive, multiplied when negative.
+    repetition_penalty: float = 1.0
+    # Sampling keeps only tokens with at least min_p x the likeliest token's probability (0: off).
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -44,6 +49,11 @@ class SamplingParams:
                     or not isinstance(value, (int, float)) or not abs(value) <= MAX_LOGIT_BIAS:
                 raise GenerationError(f"logit_bias needs token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, "
                                       f"{MAX_LOGIT_BIAS:g}], got {token!r}: {value!r}")
+        penalty = self.repetition_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < float("inf"):
+            raise GenerationError(f"repetition_penalty must be > 0 (1 = off), got {penalty!r}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
 
     @property
     def greedy(self) -> bool:
@@ -52,7 +62,8 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """True when penalties or a bias change the logits before the choice."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1)
 
     def check_vocab(self, vocab_size: int) -> None:
         """A GenerationError when a logit_bias id is outside the model's vocabulary."""
@@ -73,39 +84,65 @@ def logit_bias_pairs(bias: Mapping[int | str, float] | None) -> tuple[tuple[int,
     return tuple(sorted(pairs.items()))  # SamplingParams checks the values
 
 
-def adjust_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None) -> torch.Tensor:
-    """`[B, V]` logits with the bias added and the penalties subtracted (OpenAI's formula:
-    logit - count x frequency_penalty - (count > 0) x presence_penalty), in fp32; the logits
-    themselves when there is nothing to adjust. `counts` [B, V]: times each token was generated."""
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None,
+                  seen: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, V]` logits, in fp32, after (in vLLM's order) the bias, the repetition penalty over the
+    `seen` tokens ([B, V] bool: prompt and output), then OpenAI's penalties over the generated
+    `counts` ([B, V]): logit - count x frequency_penalty - (count > 0) x presence_penalty. The
+    logits themselves when there is nothing to adjust."""
     if not params.adjusts_logits:
         return logits
     scores = logits.float().clone()
     if params.logit_bias:
         ids = torch.tensor([token for token, _ in params.logit_bias], device=scores.device)
         scores[:, ids] += torch.tensor([value for _, value in params.logit_bias], device=scores.device)
+    if seen is not None and params.repetition_penalty != 1:
+        penalised = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+        scores = torch.where(seen, penalised, scores)
     if counts is not None and (params.presence_penalty or params.frequency_penalty):
         scores -= counts * params.frequency_penalty + (counts > 0).float() * params.presence_penalty
     return scores
 
 
 class TokenChooser:
-    """Chooses each next token of a batch (`adjust_logits`, then `sample`) and counts, per row,
-    the tokens it chose, which the penalties need."""
+    """Chooses each next token of a batch (`adjust_logits`, then `sample`) and keeps what the
+    penalties need: per row, the tokens seen (the prompt's real tokens, then each choice) and
+    the times each token was chosen."""
 
-    def __init__(self, params: SamplingParams, generator: torch.Generator | None = None) -> None:
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None = None,
+                 prompt: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> None:
+        """`prompt` [B, S] (with `prompt_mask` [B, S] marking real tokens under left padding)
+        seeds the tokens the repetition penalty counts as seen."""
         self.params, self.generator = params, generator
+        self.prompt, self.prompt_mask = prompt, prompt_mask
         self.counts: torch.Tensor | None = None  # [B, V] fp32, made at the first call that needs it
+        self.seen: torch.Tensor | None = None  # [B, V] bool, likewise
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """`[B, V]` logits -> `[B]` token ids."""
-        if not self.params.adjusts_logits:
-            return sample(logits, self.params, self.generator)
-        tokens = sample(adjust_logits(logits, self.params, self.counts), self.params, self.generator)
-        if self.params.presence_penalty or self.params.frequency_penalty:
+        params = self.params
+        if not params.adjusts_logits:
+            return sample(logits, params, self.generator)
+        if params.repetition_penalty != 1 and self.seen is None:
+            self.seen = self._prompt_tokens(logits)
+        tokens = sample(adjust_logits(logits, params, self.counts, self.seen), params, self.generator)
+        if params.presence_penalty or params.frequency_penalty:
             if self.counts is None:
                 self.counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
             self.counts.scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.float32).unsqueeze(1))
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens.unsqueeze(1), True)
         return tokens
+
+    def _prompt_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, V] bool: the tokens of each row's prompt, padding left out."""
+        hits = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+        if self.prompt is not None:
+            prompt = self.prompt.to(logits.device).long()
+            real = torch.ones_like(prompt, dtype=torch.int32) if self.prompt_mask is None \
+                else self.prompt_mask.to(logits.device).int()
+            hits.scatter_add_(1, prompt, real)  # adds, so a pad id that is also a real token still counts
+        return hits > 0
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -116,9 +153,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The fp32 distribution `[B, V]` that `sample` draws from (temperature, then top-k, then
+    """The fp32 distribution `[B, V]` that `sample` draws from (temperature, then min-p, top-k and
     top-p); speculative decoding compares two of them. Not for greedy params."""
     scores = logits.float() / params.temperature
+    if params.min_p > 0:
+        probs = torch.softmax(scores, dim=-1)
+        keep = probs >= params.min_p * probs.max(dim=-1, keepdim=True).values
+        scores = scores.masked_fill(~keep, float("-inf"))
     if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

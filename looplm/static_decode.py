@@ -436,7 +436,7 @@ def static_tokens(job: TokenJob, mode: str) -> Iterator[tuple[torch.Tensor, torc
     start = time.perf_counter()
     decoder = static_decoder(model, batch, prompt_len + job.max_new_tokens, job.steps, job.policy, mode)
     stats.setup_s = device_elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
-    choose = TokenChooser(job.sampling, job.generator)
+    choose = TokenChooser(job.sampling, job.generator, job.ids, job.mask)
     start = time.perf_counter()
     logits, exit_step = decoder.prefill(job.ids, job.mask)
     token = choose(logits)

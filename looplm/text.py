@@ -62,6 +62,8 @@ def stream_text(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     logit_bias: Mapping[int | str, float] | None = None,
+    repetition_penalty: float = 1.0,
+    min_p: float = 0.0,
 ) -> Iterator[TextChunk]:
     tokenizer = _tokenizer(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -77,7 +79,7 @@ def stream_text(
                              kv_mode=kv_mode, skip_compute=skip_compute, decoder=decoder,
                              draft_steps=draft_steps, draft_tokens=draft_tokens, draft_confidence=draft_confidence,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                             logit_bias=logit_bias)
+                             logit_bias=logit_bias, repetition_penalty=repetition_penalty, min_p=min_p)
     # closing(): stream_generate holds torch.inference_mode open until it is closed.
     with closing(events):
         for event in events:

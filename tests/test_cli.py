@@ -104,6 +104,24 @@ def test_generate_penalty_options_reach_the_library(default_model) -> None:  # n
     assert penalised["new_ids"] == expected[: len(penalised["new_ids"])]
     assert penalised["new_ids"] != json.loads(invoke(*args).stdout)["new_ids"]
     assert_one_line_error(invoke(*args, "--presence-penalty", "2.5"), "presence_penalty must be in [-2, 2]")
+    repeated = json.loads(invoke(*args, "--repetition-penalty", "1.3").stdout)["new_ids"]
+    expected = default_model.generate(ids, 16, repetition_penalty=1.3)[0]
+    assert repeated == expected[: len(repeated)]
+    assert_one_line_error(invoke(*args, "--min-p", "-0.1"), "min_p must be in [0, 1]")
+
+
+def test_generation_config_sampling_defaults_reach_the_cli(tmp_path: Path, default_model) -> None:  # noqa: ANN001
+    import shutil
+
+    from looplm.default_model import default_model_dir
+
+    shutil.copytree(default_model_dir(), tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.3}))
+    args = ["generate", "Hello", "--max-new-tokens", "16", "--json", "--temperature", "0", "--dtype", "float32"]
+    from_config = json.loads(invoke(*args, "-m", str(tmp_path / "m")).stdout)["new_ids"]
+    assert from_config == json.loads(invoke(*args, "--repetition-penalty", "1.3").stdout)["new_ids"]
+    assert from_config != json.loads(invoke(*args).stdout)["new_ids"]
 
 
 def test_generate_json_reports_exit_steps_and_kv_mode(default_model) -> None:  # noqa: ANN001

@@ -294,9 +294,11 @@ def test_a_single_eos_id_may_be_an_int(gqa_model) -> None:  # noqa: ANN001
 
 
 def _reference_adjusted_greedy(model, prompt: list[int], new: int, presence: float, frequency: float,  # noqa: ANN001
-                               bias: dict[int, float]) -> list[int]:
-    """Greedy decoding at the last loop, recomputing the whole sequence, with OpenAI's rule written
-    out: logit + bias - count x frequency - (count > 0) x presence, counts over generated tokens."""
+                               bias: dict[int, float], repetition: float = 1.0) -> list[int]:
+    """Greedy decoding at the last loop, recomputing the whole sequence, with the rules written out
+    in vLLM's order: logit + bias; then a token seen in the prompt or output divided by `repetition`
+    if positive, else multiplied; then - count x frequency - (count > 0) x presence, counts over
+    generated tokens."""
     ids, produced = list(prompt), []
     for _ in range(new):
         with torch.inference_mode():
@@ -304,6 +306,8 @@ def _reference_adjusted_greedy(model, prompt: list[int], new: int, presence: flo
         logits = logits.clone()  # a normal tensor, to edit in place
         for token, value in bias.items():
             logits[token] += value
+        for token in set(ids):
+            logits[token] = logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
         for token in set(produced):
             logits[token] -= produced.count(token) * frequency + presence
         produced.append(int(logits.argmax()))
@@ -326,6 +330,40 @@ def test_penalties_and_logit_bias_follow_openais_rule(gqa_model, decoder: str) -
     assert no_cache[0] == expected[1]
     forced = gqa_model.generate(prompts[0], 4, eos_token_ids=[], logit_bias={"42": 100})[0]
     assert forced == [42, 42, 42, 42]  # string keys, as JSON sends them
+    settings["repetition_penalty"] = 1.3
+    expected = [_reference_adjusted_greedy(gqa_model, p, 12, 0.4, 0.7, bias, 1.3) for p in prompts]
+    batched = gqa_model.generate(prompts, 12, exit_policy="last", eos_token_ids=[], decoder=decoder, **settings)
+    assert batched == expected
+
+
+def test_repetition_penalty_counts_the_prompt_but_not_its_padding() -> None:
+    from looplm.sampling import SamplingParams, TokenChooser
+
+    prompt = torch.tensor([[0, 0, 7, 9], [3, 0, 5, 5]])  # row 0 is left-padded with id 0; row 1 has a real 0
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    choose = TokenChooser(SamplingParams(repetition_penalty=2.0), None, prompt, mask)
+    logits = torch.full((2, 12), 1.0)
+    logits[:, 11] = 1.9  # unseen: wins once every seen token is halved
+    logits[:, 0] = 2.0  # seen in row 1 only: 1.0 there (halved), still 2.0 in row 0
+    assert choose(logits).tolist() == [0, 11]
+    assert choose.seen[0].nonzero().flatten().tolist() == [0, 7, 9]  # the chosen 0 counts from now on
+    assert choose.seen[1].nonzero().flatten().tolist() == [0, 3, 5, 11]
+
+
+def test_min_p_keeps_tokens_near_the_likeliest() -> None:
+    from looplm.sampling import SamplingParams, probabilities
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    probs = probabilities(logits, SamplingParams(temperature=1.0, min_p=0.2))  # keeps p >= 0.1
+    assert torch.allclose(probs, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    assert torch.equal(probabilities(logits, SamplingParams(temperature=1.0, min_p=1.0)),
+                       torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_min_p_one_samples_the_greedy_tokens(gqa_model) -> None:  # noqa: ANN001
+    prompt = random_prompts(300, [6])[0]
+    greedy = gqa_model.generate(prompt, 10, eos_token_ids=[])
+    assert gqa_model.generate(prompt, 10, eos_token_ids=[], temperature=1.5, min_p=1.0, seed=4) == greedy
 
 
 def test_sampling_with_penalties_is_reproducible_and_differs(gqa_model) -> None:  # noqa: ANN001
@@ -346,6 +384,9 @@ def test_sampling_with_penalties_is_reproducible_and_differs(gqa_model) -> None:
     ({"logit_bias": [(7, 1)]}, "logit_bias must map token ids to values"),
     ({"logit_bias": {300: 1}}, r"logit_bias token id 300 is outside the vocabulary \(0..299\)"),
     ({"frequency_penalty": 0.5, "draft_steps": 1}, "cannot take penalties or logit_bias"),
+    ({"repetition_penalty": 1.1, "draft_steps": 1}, "cannot take penalties or logit_bias"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty must be > 0 \(1 = off\), got 0.0"),
+    ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_penalties_and_bias(gqa_model, kwargs: dict, needle: str) -> None:  # noqa: ANN001
     with pytest.raises(GenerationError, match=needle):

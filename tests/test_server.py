@@ -114,6 +114,12 @@ def test_penalties_and_logit_bias_match_the_library(client, model) -> None:  # n
                                                                       if k != "logit_bias"})
     alone = model.generate(ids, 24, presence_penalty=0.5, frequency_penalty=1.0)[0]
     assert [c.message.content for c in together.choices] == [tok.decode(alone)] * 2  # counts kept per choice
+    repeated = chat(client, "Tell me a story", max_tokens=24, extra_body={"repetition_penalty": 1.4})
+    expected = model.generate(ids, 24, repetition_penalty=1.4)[0]
+    assert expected != free and repeated.choices[0].message.content == tok.decode(expected)
+    sampled = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Tell me a story"}],
+                                             max_tokens=24, temperature=1.5, seed=3, extra_body={"min_p": 1.0})
+    assert sampled.choices[0].message.content == tok.decode(free)  # only the likeliest token survives min_p 1
 
 
 def test_ignore_eos_and_stop_token_ids(client, model) -> None:  # noqa: ANN001
@@ -506,8 +512,9 @@ BAD_REQUESTS = [
     ("logit_bias past the vocab", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"99999": 1}}, 400),
     ("logit_bias 101", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"5": 101}}, 400),
     ("logit_bias key not an id", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"x": 1}}, 400),
-    ("vllm repetition_penalty", "/v1/completions", {"model": NAME, "prompt": "a", "repetition_penalty": 1.2}, 400),
-    ("vllm min_p", "/v1/completions", {"model": NAME, "prompt": "a", "min_p": 0.05}, 400),
+    ("repetition_penalty 0", "/v1/completions", {"model": NAME, "prompt": "a", "repetition_penalty": 0}, 400),
+    ("min_p above 1", "/v1/completions", {"model": NAME, "prompt": "a", "min_p": 1.5}, 400),
+    ("vllm min_tokens", "/v1/completions", {"model": NAME, "prompt": "a", "min_tokens": 3}, 400),
     ("stop_token_ids past the vocab", "/v1/completions", {"model": NAME, "prompt": "a", "stop_token_ids": [99999]},
      400),
     ("vllm guided_json", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
@@ -533,8 +540,8 @@ def test_options_at_their_off_values_are_accepted(server) -> None:  # noqa: ANN0
             "tool_choice": "none", "response_format": {"type": "text"},
             "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=30).status_code == 200
-    refused = httpx.post(server.url + "/v1/completions", json={**body, "repetition_penalty": 1.3}, timeout=30)
-    assert refused.json()["error"]["message"] == "repetition_penalty 1.3 is not supported by looplm"
+    refused = httpx.post(server.url + "/v1/completions", json={**body, "min_tokens": 4}, timeout=30)
+    assert refused.json()["error"]["message"] == "min_tokens 4 is not supported by looplm"
 
 
 def test_errors_through_the_client_and_the_server_survives(server, client) -> None:  # noqa: ANN001

@@ -107,6 +107,14 @@ PresencePenalty = Annotated[float, option(
 FrequencyPenalty = Annotated[float, option(
     "Subtract this, in [-2, 2], times its count so far from each generated token's logit (frequency_penalty)."
 )]
+RepetitionPenalty = Annotated[Optional[float], option(
+    "HF's repetition penalty over prompt and output, e.g. 1.1; 1 = off (default: the model's, else 1).",
+    default_in_help=True,
+)]
+MinP = Annotated[Optional[float], option(
+    "Sample only tokens with at least MIN_P x the likeliest one's probability (default: the model's, else 0).",
+    default_in_help=True,
+)]
 Stop = Annotated[Optional[list[str]], option(
     "Stop string (repeatable); it is not printed.", "--stop", default_in_help=True
 )]
@@ -190,6 +198,8 @@ class SamplingOptions:
     stop: Optional[list[str]]
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: Optional[float] = None
+    min_p: Optional[float] = None
 
     def __post_init__(self) -> None:
         # Fail before loading a model, which can take a while; the library checks again.
@@ -201,7 +211,8 @@ class SamplingOptions:
         if self.exit_threshold is not None and not 0.0 < self.exit_threshold <= 1.0:
             raise GenerationError(f"--exit-threshold must be in (0, 1], got {self.exit_threshold}")
         SamplingParams(self.temperature or 0.0, 1.0 if self.top_p is None else self.top_p, self.top_k or 0,
-                       self.presence_penalty, self.frequency_penalty)
+                       self.presence_penalty, self.frequency_penalty, (),
+                       1.0 if self.repetition_penalty is None else self.repetition_penalty, self.min_p or 0.0)
 
     def for_model(self, model) -> dict:  # noqa: ANN001
         """`stream_text` keyword arguments; unset sampling values come from the model's generation config."""
@@ -220,6 +231,8 @@ class SamplingOptions:
             "stop": list(self.stop or []),
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": pick(self.repetition_penalty, "repetition_penalty", 1.0),
+            "min_p": pick(self.min_p, "min_p", 0.0),
         }
 
 

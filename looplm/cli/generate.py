@@ -27,6 +27,8 @@ def generate(
     seed: common.Seed = None,
     presence_penalty: common.PresencePenalty = 0.0,
     frequency_penalty: common.FrequencyPenalty = 0.0,
+    repetition_penalty: common.RepetitionPenalty = None,
+    min_p: common.MinP = None,
     stop: common.Stop = None,
     exit_policy: common.ExitPolicyName = None,
     kv_mode: common.KvMode = "full",
@@ -42,7 +44,7 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop,
-                                      presence_penalty, frequency_penalty)
+                                      presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)

@@ -60,6 +60,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     tokenizer = model.tokenizer
     defaults = model.generation_defaults or {}
     eos_ids = frozenset(defaults.get("eos_token_ids", model.config.eos_token_ids))
+
+    def pick(value: float | None, key: str, fallback: float) -> float:
+        """A request's sampling value, else the model's generation config's, else the fallback."""
+        return value if value is not None else defaults.get(key, fallback)
+
     metrics = Metrics()
     created = int(time.time())
 
@@ -170,11 +175,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
             loop = engine.loop_config(body.loops, body.exit_policy, body.exit_threshold, body.kv_mode,
                                       body.skip_compute)
             sampling = SamplingParams(
-                temperature=body.temperature if body.temperature is not None else defaults.get("temperature", 1.0),
-                top_p=body.top_p if body.top_p is not None else defaults.get("top_p", 1.0),
-                top_k=body.top_k if body.top_k is not None else defaults.get("top_k", 0),
+                temperature=pick(body.temperature, "temperature", 1.0), top_p=pick(body.top_p, "top_p", 1.0),
+                top_k=pick(body.top_k, "top_k", 0),
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 logit_bias=logit_bias_pairs(body.logit_bias),
+                repetition_penalty=pick(body.repetition_penalty, "repetition_penalty", 1.0),
+                min_p=pick(body.min_p, "min_p", 0.0),
             )
             stop_ids = frozenset(body.stop_token_ids or [])
             if any(not 0 <= token < model.config.vocab_size for token in stop_ids):

@@ -176,7 +176,8 @@ class Engine:
         elif not seq.sampling.greedy:
             seq.generator = torch.Generator(device=self.model.device)
             seq.generator.seed()
-        seq.chooser = TokenChooser(seq.sampling, seq.generator)
+        prompt = torch.tensor([seq.prompt_ids]) if seq.sampling.repetition_penalty != 1 else None
+        seq.chooser = TokenChooser(seq.sampling, seq.generator, prompt)
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")

@@ -22,7 +22,7 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 # implement, each with the values that mean "off". Any other value gets a 400: ignoring it would
 # answer a different request than the one sent.
 UNSUPPORTED_UNLESS = {
-    "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "min_tokens": (None, 0),
+    "min_tokens": (None, 0),
     "best_of": (None, 1), "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0),
     "include_stop_str_in_output": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
@@ -60,7 +60,10 @@ class SamplingOptions(LoopOptions):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> value in [-100, 100]
-    # vLLM's extras: run past the model's eos ids; end at these ids too (their text is left out)
+    # vLLM's extras: HF's repetition penalty (prompt and output, 1 = off), min-p sampling (0 = off),
+    # running past the model's eos ids, and more ids to end at (their text is left out)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     tools: Any = None
