@@ -86,6 +86,36 @@ def test_generate_until_stops_and_honours_steps(adapter) -> None:  # noqa: ANN00
     del torch
 
 
+def test_generate_until_reads_sampling_kwargs_and_follows_the_global_seed(adapter) -> None:  # noqa: ANN001
+    import torch
+
+    def run(**kwargs: object) -> list[str]:
+        base = {"until": ["\n\n"], "max_gen_toks": 8}
+        return adapter.generate_until([_instance("generate_until", (p, {**base, **kwargs})) for p in ("Once", "Two")])
+
+    from looplm.generate import generate
+
+    ids = adapter.tokenizer.encode("Once")
+    expected = generate(adapter.model, ids, 8, exit_policy="last", repetition_penalty=1.5)[0]
+    assert run(repetition_penalty=1.5)[0] == adapter.tokenizer.decode(expected).split("\n\n", 1)[0]
+    greedy = run()
+    assert run(do_sample=True, temperature=1.2, top_k=1) == greedy  # top_k 1 keeps only the likeliest token
+    assert run(do_sample=False, temperature=1.2) == greedy  # as in HF: no do_sample, no sampling
+    torch.manual_seed(11)
+    first = run(do_sample=True, temperature=1.5)
+    torch.manual_seed(11)
+    assert run(do_sample=True, temperature=1.5) == first  # lm-eval's --seed makes sampling repeatable
+    with pytest.raises(looplm.LooplmError, match="generation_kwargs num_beams not supported by looplm"):
+        run(num_beams=4)
+
+
+def test_a_misspelt_model_argument_is_a_warning(tiny_path: Path) -> None:
+    from looplm.eval.lm_eval_adapter import LooplmLM
+
+    with pytest.warns(UserWarning, match="looplm ignores the model argument\\(s\\) stpes"):
+        LooplmLM(pretrained=str(tiny_path), device="cpu", stpes=2, max_batch_size=None)
+
+
 def test_simple_evaluate_on_a_local_task(tiny_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager

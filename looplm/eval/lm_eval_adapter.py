@@ -12,6 +12,11 @@ also `device` and `batch_size`, which lm-eval's CLI passes itself (`--device`, `
 putting them in `--model_args` too is lm-eval's "multiple values" error). lm-eval's default device
 is cuda:0: without a GPU the model runs on the CPU, with a warning.
 
+`generate_until` reads `until`, `max_gen_toks`, `do_sample` (without it: greedy), `temperature`,
+`top_p`, `top_k`, `min_p` and `repetition_penalty` from a task's `generation_kwargs` and refuses
+others (as HF's generate does); sampling seeds come from torch's global generator (lm-eval's
+`--seed`). A misspelt model argument is a warning.
+
 Per-request loop settings: a request may override `steps`, `exit_policy` and `exit_threshold`.
 For `generate_until` put them in the task's `generation_kwargs`; for any request type set them as
 attributes `looplm_steps` / `looplm_exit_policy` / `looplm_exit_threshold` on the `Instance`.
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+
+import torch
 
 from looplm.errors import LooplmError, exit_code_of
 
@@ -37,14 +44,18 @@ from looplm.eval.loglik import Config, encode_pair, score_requests
 from looplm.exit import make_policy
 
 LOOP_KEYS = ("steps", "exit_policy", "exit_threshold")
+# generate_until's generation_kwargs that looplm reads; others are refused, as HF's generate does.
+# Without do_sample the choice is greedy (temperature, top_p, top_k and min_p unused, as in HF).
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+GENERATION_KEYS = ("until", "max_gen_toks", *SAMPLING_KEYS, *LOOP_KEYS)
+# Arguments lm-eval's CLI adds to every model's own; looplm has no use for them.
+LM_EVAL_PASSES = {"max_batch_size", "trust_remote_code"}
 
 
 def _device(requested: str | None) -> str:
     """lm-eval passes its own default device, "cuda:0", when the user gave none: like lm-eval's
     Hugging Face model, run on the CPU where there is no GPU, and say so (a device the user named
     and this machine lacks is that default too, so the warning names how to be explicit)."""
-    import torch
-
     if not requested:
         return "auto"
     if str(requested).startswith("cuda") and not torch.cuda.is_available():
@@ -76,6 +87,9 @@ class LooplmLM(LM):
         self.max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         eot = self.tokenizer.eos_id
         self.prefix_token_id = eot if eot is not None else (self.model.config.eos_token_ids or [0])[0]
+        ignored = sorted(set(unused) - LM_EVAL_PASSES)
+        if ignored:  # most likely a misspelt model argument
+            warnings.warn(f"looplm ignores the model argument(s) {', '.join(ignored)}", stacklevel=2)
 
     # -- what lm-eval asks of a model ------------------------------------------------------------
 
@@ -125,13 +139,15 @@ class LooplmLM(LM):
             groups[self._gen_key(request, kwargs)].append(index)
         outputs = [""] * len(requests)
         for key, indices in groups.items():
-            loop, until, max_new, temperature = key
+            loop, until, max_new, sampling = key
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 limit = max(1, self.max_length - max_new)
                 prompts = [self.tokenizer.encode(requests[i].args[0])[-limit:] or [self.prefix_token_id] for i in chunk]
-                new_ids = generate(self.model, prompts, max_new, temperature=temperature, stop=list(until) or None,
-                                   steps=loop[0], exit_policy=loop[1], exit_threshold=loop[2])
+                # Each call's seed comes from torch's global generator, which lm-eval's --seed sets.
+                seed = int(torch.randint(0, 1 << 62, (1,)))
+                new_ids = generate(self.model, prompts, max_new, stop=list(until) or None, steps=loop[0],
+                                   exit_policy=loop[1], exit_threshold=loop[2], seed=seed, **dict(sampling))
                 for i, ids in zip(chunk, new_ids):
                     text = self.tokenizer.decode(ids)
                     for stop in until:  # the stop string itself is not part of the answer
@@ -156,11 +172,18 @@ class LooplmLM(LM):
         return int(values["steps"]), policy, threshold
 
     def _gen_key(self, request, kwargs: dict) -> tuple:  # noqa: ANN001
+        unknown = sorted(set(kwargs) - set(GENERATION_KEYS))
+        if unknown:
+            raise LooplmError(f"generation_kwargs {', '.join(unknown)} not supported by looplm "
+                              f"(it reads {', '.join(GENERATION_KEYS)})")
         loop = self._loop(request, kwargs)
         until = kwargs.get("until") or []
         until = (until,) if isinstance(until, str) else tuple(until)
-        temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-        return loop, until, int(kwargs.get("max_gen_toks", 256)), temperature
+        sampling = {"repetition_penalty": float(kwargs.get("repetition_penalty", 1.0))}
+        if kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0)) > 0:
+            sampling.update(temperature=float(kwargs.get("temperature", 1.0)), top_p=float(kwargs.get("top_p", 1.0)),
+                            top_k=int(kwargs.get("top_k", 0)), min_p=float(kwargs.get("min_p", 0.0)))
+        return loop, until, int(kwargs.get("max_gen_toks", 256)), tuple(sorted(sampling.items()))
 
     def _score(self, requests, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:  # noqa: ANN001
         groups: dict[tuple, list[int]] = defaultdict(list)
