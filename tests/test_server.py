@@ -164,6 +164,19 @@ def test_completions_n_and_stop(client, model) -> None:  # noqa: ANN001
         assert cut.choices[0].finish_reason == "stop"
 
 
+def test_the_choices_of_a_prompt_share_one_prefill(server, client, model) -> None:  # noqa: ANN001
+    engine = engine_of(server)
+    before = engine.prefills_total
+    reply = client.completions.create(model=NAME, prompt="Once upon", max_tokens=6, temperature=1.0, seed=40, n=4)
+    assert engine.prefills_total == before + 1
+    ids = model.tokenizer.encode("Once upon")
+    for i, choice in enumerate(reply.choices):  # choice i samples with seed + i, as it would alone
+        top_p = model.generation_defaults.get("top_p", 1.0)  # the server's default for a request without one
+        expected = model.generate(ids, 6, temperature=1.0, top_p=top_p, seed=40 + i)[0]
+        assert choice.text == model.tokenizer.decode(expected), i
+    assert len({c.text for c in reply.choices}) > 1
+
+
 def test_seeded_sampling_is_reproducible(client) -> None:  # noqa: ANN001
     a = client.completions.create(model=NAME, prompt="abc", max_tokens=8, temperature=1.0, seed=7)
     b = client.completions.create(model=NAME, prompt="abc", max_tokens=8, temperature=1.0, seed=7)

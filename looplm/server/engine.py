@@ -113,6 +113,7 @@ class Engine:
         self.loops_total = 0
         self.prompt_tokens_total = 0
         self.decode_steps_total = 0
+        self.prefills_total = 0  # prompt passes run (one per request prompt, however many choices)
         self.peak_running = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -229,24 +230,32 @@ class Engine:
         self._fail_all("the server is shutting down")
 
     def _admit(self) -> None:
+        # The n choices of a request queue one after another with the same prompt: one prefill
+        # serves them all (joining a batch copies the prefill's cache, so it can be shared).
+        prefills: dict[tuple, tuple] = {}
         while self.running < self.max_batch:
             with self._wake:
                 if not self._waiting:
                     return
                 seq = self._waiting.popleft()
             try:
-                self._prefill_and_join(seq)
+                self._prefill_and_join(seq, prefills)
             except Exception as exc:  # a bad request must not take the engine down
                 log.exception("prefill failed")
                 self._emit(seq, Event("error", message=f"prefill failed: {exc}"))
 
-    def _prefill_and_join(self, seq: Sequence) -> None:
+    def _prefill_and_join(self, seq: Sequence, prefills: dict[tuple, tuple]) -> None:
         batch = next((b for b in self.batches if b.loop == seq.loop and b.fits(len(seq.prompt_ids), seq.remaining)),
                      None)
         if batch is None:
             batch = Batch(self.model, seq.loop, self.max_context)
             self.batches.append(batch)
-        logits, exit_step, cache, every = batch.prefill(seq.prompt_ids, every_position=seq.echo_logprobs)
+        key = (tuple(seq.prompt_ids), seq.loop, seq.echo_logprobs)
+        if key not in prefills:
+            prefills.clear()  # only the latest prompt is kept: its choices are queued together
+            prefills[key] = batch.prefill(seq.prompt_ids, every_position=seq.echo_logprobs)
+            self.prefills_total += 1
+        logits, exit_step, cache, every = prefills[key]
         self.prompt_tokens_total += len(seq.prompt_ids)
         if every is not None:
             self._emit(seq, Event("prompt", prompt_logprobs=self._prompt_logprobs(seq, every)))

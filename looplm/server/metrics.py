@@ -50,6 +50,8 @@ class Metrics:
         mean = engine.loops_total / engine.tokens_total if engine.tokens_total else 0.0
         metric("mean_loops_per_token", "gauge", "loops_total / generated_tokens_total.", [("", mean)])
         metric("decode_steps_total", "counter", "Batched decode steps run.", [("", engine.decode_steps_total)])
+        metric("prefills_total", "counter", "Prompt passes run (the n choices of a prompt share one).",
+               [("", engine.prefills_total)])
         metric("queue_depth", "gauge", "Requests waiting to be admitted.", [("", engine.queue_depth)])
         metric("running_sequences", "gauge", "Sequences in running batches.", [("", engine.running)])
         return "\n".join(lines) + "\n"
