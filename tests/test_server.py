@@ -22,7 +22,7 @@ import looplm  # noqa: E402
 from looplm.sampling import SamplingParams  # noqa: E402
 from looplm.server import DEFAULT_MODEL_NAME, build_app  # noqa: E402
 from looplm.server.app import create_app  # noqa: E402
-from looplm.server.batch import Batch  # noqa: E402
+from looplm.server.batch import Batch, prefill_prompts  # noqa: E402
 from looplm.server.engine import Engine, Sequence  # noqa: E402
 
 NAME = DEFAULT_MODEL_NAME
@@ -340,6 +340,50 @@ def test_eight_concurrent_clients_match_alone(server, client) -> None:  # noqa: 
     assert engine.peak_running > 1, "the requests never shared a decode step"
 
 
+def test_a_round_of_waiting_prompts_is_prefilled_together(model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Sequences queued before the engine starts are admitted in one round: prefilled in one
+    left-padded pass per loop configuration (and per PREFILL_ROWS), each still getting exactly
+    the tokens it gets alone."""
+    from looplm.server import engine as engine_module
+
+    passes: list[int] = []
+    real = engine_module.prefill_prompts
+
+    def counted(model, steps, policy, prompts, every_position=False):  # noqa: ANN001, ANN202
+        passes.append(len(prompts))
+        return real(model, steps, policy, prompts, every_position)
+
+    monkeypatch.setattr(engine_module, "prefill_prompts", counted)
+    monkeypatch.setattr(engine_module, "PREFILL_ROWS", 3)
+    engine = Engine(model, max_context=256, max_batch=16)
+    lengths, budgets = [3, 40, 11, 11, 25, 7], [5, 3, 6, 6, 4, 8]
+    prompts = [[5 + (11 * i + j) % 240 for j in range(n)] for i, n in enumerate(lengths)]
+    prompts[3] = list(prompts[2])  # two requests with one prompt share its row
+    loops = [engine.loop_config(), engine.loop_config(2)]
+    outputs = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        def on_event(event, i=i) -> None:  # noqa: ANN001
+            if event.kind == "token":
+                outputs[i].append(event.token)
+            else:
+                done[i].set()
+        engine.submit(Sequence(prompt, budget, loops[i % 2 == 1 and i > 3], SamplingParams(), None, frozenset(),
+                               on_event))
+    engine.start()
+    try:
+        assert all(d.wait(60) for d in done)
+    finally:
+        engine.stop()
+    used = [loops[i % 2 == 1 and i > 3] for i in range(len(prompts))]  # prompt 5 runs 2 loops, the rest 4
+    expected = [model.generate(p, b, eos_token_ids=[], steps=loop.steps)[0]
+                for p, b, loop in zip(prompts, budgets, used)]
+    assert outputs == expected
+    # 4 distinct prompts at 4 loops (lengths 3, 11, 25, 40): at most 3 rows a pass, by length: 3 + 1; one at 2 loops
+    assert sorted(passes) == [1, 1, 3]
+    assert engine.prefills_total == 5
+
+
 def test_engine_joins_mid_generation_match_library(model) -> None:  # noqa: ANN001
     """Rows join a running batch at whatever point it has reached and leave it; every row gets
     exactly the tokens `generate` gives it alone, for each loop configuration."""
@@ -386,13 +430,14 @@ def test_batch_pads_shifts_swaps_and_compacts(model, options) -> None:  # noqa: 
     shift = batch._shift
     batch._shift = lambda offset: (moves.append(offset), shift(offset))[1]
 
-    def add(name: str) -> None:
-        logits, _, cache, _ = batch.prefill(prompts[name])
-        row = rows[name]
-        row.last_token = int(logits.argmax(-1)[0])
-        row.tokens.append(row.last_token)
-        row.remaining -= 1
-        batch.join(row, cache)
+    def add(*names: str) -> None:  # several names: prefilled together, left-padded
+        prefill = prefill_prompts(model, loop.steps, batch.policy, [prompts[name] for name in names])
+        for index, name in enumerate(names):
+            row = rows[name]
+            row.last_token = int(prefill.logits[index].argmax(-1))
+            row.tokens.append(row.last_token)
+            row.remaining -= 1
+            batch.join(row, prefill, index)
 
     def step() -> None:
         logits, _ = batch.decode()
@@ -405,8 +450,8 @@ def test_batch_pads_shifts_swaps_and_compacts(model, options) -> None:  # noqa: 
 
     with torch.inference_mode():
         add("a")
-        add("b")  # shorter: left-padded into [57, 60)
-        add("d")  # the third row, so that a leaves from the middle of the buffer (row swap)
+        add("b", "d")  # one prefill for both; b, shorter than a, is left-padded into [57, 60)
+        # d is the third row, so that a leaves from the middle of the buffer (row swap)
         step()  # a is done and leaves: b and d start at >= 57, so the batch compacts
         assert moves and moves[-1] < 0, moves
         step()

@@ -6,9 +6,11 @@ with one write cursor `length` for all rows. A row's tokens are contiguous: colu
 `start`. RoPE positions are per row (`next_position`), so a row sees exactly what it would see
 alone, only left-padded.
 
-- join: a request is prefilled alone (batch 1), then its n prompt columns are copied to
-  `[length - n, length)` of a free buffer row. If n > length the whole batch first moves right
-  by n - length (more left padding for the others).
+- prefill: the prompts admitted together (same loop configuration) run as one left-padded
+  batch (`prefill_prompts`), so a round of short prompts reads the weights once, not once each.
+- join: a prefilled row's n prompt columns are copied to `[length - n, length)` of a free
+  buffer row. If n > length the whole batch first moves right by n - length (more left padding
+  for the others).
 - decode: one token for every row through `model.decode_step`, with the validity mask.
 - leave: the last buffer row moves into the hole (one row copied), and once the leading
   columns are padding for every row the batch moves left (compaction).
@@ -28,7 +30,7 @@ import torch
 
 from looplm.cache import KVCache
 from looplm.exit import ExitPolicy, make_policy
-from looplm.models.ouro import OuroForCausalLM, StepOutput
+from looplm.models.ouro import OuroForCausalLM, StepOutput, positions_from_mask
 
 
 @dataclass(frozen=True)
@@ -42,18 +44,57 @@ class LoopConfig:
     skip_compute: bool
 
 
+@dataclass
+class Prefill:
+    """Prompts run together: row i holds prompt i's n_i tokens at cache columns
+    `[width - n_i, width)` (left padding), its last-position logits `[V]` and 0-based exit step."""
+
+    cache: KVCache
+    lengths: list[int]
+    logits: torch.Tensor  # [k, V]
+    exit_steps: torch.Tensor  # [k]
+    every: torch.Tensor | None = None  # one prompt's logits at every position [n, V], when asked
+
+
+def prefill_prompts(model: OuroForCausalLM, steps: int, policy: ExitPolicy, prompts: list[list[int]],
+                    every_position: bool = False) -> Prefill:
+    """Run `prompts` through every loop as one left-padded batch (one prompt: no padding, no
+    mask). `every_position` (one prompt only) also reads the logits at each prompt position."""
+    if every_position and len(prompts) != 1:
+        raise ValueError("every_position reads one prompt at a time")
+    width, device = max(map(len, prompts)), model.device
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)  # padding ids are masked out
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long, device=device)
+        mask[i, width - len(prompt):] = 1
+    attention_mask = None if bool(mask.all()) else mask
+    cache = model.make_cache(len(prompts), width, steps)
+    out = model.run_steps(ids, positions_from_mask(attention_mask, ids), attention_mask, cache, steps)
+    logits, exit_steps = model.readout(out, policy, position=-1)
+    every = None
+    if every_position:
+        row = StepOutput(out.hidden_states[:, 0], out.gate_lambda[:, 0], out.exit_probs[:, 0])
+        every, _ = model.readout_tokens(row, policy)
+    return Prefill(cache, [len(p) for p in prompts], logits, exit_steps, every)
+
+
+def loop_policy(model: OuroForCausalLM, loop: LoopConfig) -> ExitPolicy:
+    """The exit policy a loop configuration names, with the model's own defaults."""
+    config = model.config
+    return make_policy(loop.exit_policy, loop.exit_threshold, loop.steps, config.early_exit_threshold,
+                       config.early_exit_step)
+
+
 class Batch:
     def __init__(self, model: OuroForCausalLM, loop: LoopConfig, max_width: int) -> None:
         self.model, self.loop, self.max_width = model, loop, max_width
         config = model.config
-        self.policy: ExitPolicy = make_policy(
-            loop.exit_policy, loop.exit_threshold, loop.steps, config.early_exit_threshold, config.early_exit_step
-        )
+        self.policy: ExitPolicy = loop_policy(model, loop)
         self.slots = loop.steps * config.num_hidden_layers
         self.rows: list = []  # row i of the buffer holds rows[i] (objects with start, next_position, last_token)
         self.length = 0
         self.keys = self.values = self.valid = None  # allocated on first join
-        self.prefill_cache: KVCache | None = None
 
     # -- buffers -------------------------------------------------------------------------------
 
@@ -115,25 +156,10 @@ class Batch:
 
     # -- rows ----------------------------------------------------------------------------------
 
-    def prefill(self, prompt_ids: list[int],
-                every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor, KVCache, torch.Tensor | None]:
-        """Run a prompt alone (batch 1). Returns its last-position logits `[1, V]`, exit step `[1]`,
-        cache, and with `every_position` the logits each prompt position reads `[n, V]` (same rule)."""
-        n = len(prompt_ids)
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
-        positions = torch.arange(n, device=ids.device).unsqueeze(0)
-        cache = self.model.make_cache(1, n, self.loop.steps)
-        out = self.model.run_steps(ids, positions, None, cache, self.loop.steps)
-        logits, exit_step = self.model.readout(out, self.policy, position=-1)
-        every = None
-        if every_position:
-            row = StepOutput(out.hidden_states[:, 0], out.gate_lambda[:, 0], out.exit_probs[:, 0])
-            every, _ = self.model.readout_tokens(row, self.policy)
-        return logits, exit_step, cache, every
-
-    def join(self, row, cache: KVCache) -> None:  # noqa: ANN001 - an engine Sequence
-        """Append a prefilled row (its batch-1 cache holds its n prompt tokens)."""
-        n = cache.length
+    def join(self, row, prefill: Prefill, index: int = 0) -> None:  # noqa: ANN001 - an engine Sequence
+        """Append a prefilled row: row `index` of `prefill`, which holds its n prompt tokens."""
+        n, cache = prefill.lengths[index], prefill.cache
+        source = slice(cache.length - n, cache.length)
         wanted = max(self.length, n) + max([row.remaining for row in self.rows] + [row.remaining])
         self.compact(force=wanted > self.max_width)
         if not self.rows:
@@ -145,11 +171,11 @@ class Batch:
                 self._shift(n - self.length)
             else:
                 self.length = n
-        index, begin = len(self.rows), self.length - n
-        self.keys[:, index, :, begin : self.length] = cache.keys[:, 0, :, :n]
-        self.values[:, index, :, begin : self.length] = cache.values[:, 0, :, :n]
-        self.valid[index] = False
-        self.valid[index, begin : self.length] = True
+        slot, begin = len(self.rows), self.length - n
+        self.keys[:, slot, :, begin : self.length] = cache.keys[:, index, :, source]
+        self.values[:, slot, :, begin : self.length] = cache.values[:, index, :, source]
+        self.valid[slot] = False
+        self.valid[slot, begin : self.length] = True
         row.start, row.next_position = begin, n
         self.rows.append(row)
 

@@ -4,8 +4,9 @@ Works on token ids only; the HTTP side tokenizes, detokenizes and watches for st
 
 The worker loops:
 1. retire cancelled sequences (their rows leave the batch and the cache is reused);
-2. admit waiting requests: prefill each alone, sample its first token, join it to a batch with
-   the same `LoopConfig` (or start a new batch);
+2. admit waiting requests (up to `max_batch` running): prefill those of one `LoopConfig`
+   together (left-padded, by length, in passes of at most PREFILL_ROWS prompts), sample each
+   one's first token, join it to a batch with the same `LoopConfig` (or start a new batch);
 3. run one decode step for every batch (round-robin over loop configurations), sample each
    row with its own sampling parameters and generator, hand the tokens over, and retire rows
    that hit an eos id or their token budget.
@@ -34,7 +35,7 @@ from looplm.exit import POLICY_NAMES
 from looplm.generate import KV_MODES
 from looplm.models.ouro import OuroForCausalLM
 from looplm.sampling import SamplingParams, TokenChooser
-from looplm.server.batch import Batch, LoopConfig
+from looplm.server.batch import Batch, LoopConfig, Prefill, loop_policy, prefill_prompts
 
 log = logging.getLogger("looplm.server")
 
@@ -230,42 +231,60 @@ class Engine:
         self._fail_all("the server is shutting down")
 
     def _admit(self) -> None:
-        # The n choices of a request queue one after another with the same prompt: one prefill
-        # serves them all (joining a batch copies the prefill's cache, so it can be shared).
-        prefills: dict[tuple, tuple] = {}
-        while self.running < self.max_batch:
-            with self._wake:
-                if not self._waiting:
-                    return
-                seq = self._waiting.popleft()
+        """Admit as many waiting sequences as the batch limit allows. Those that share a loop
+        configuration are prefilled together (`prefill_prompts`): one pass over the weights for a
+        round of prompts, and one prompt pass for the n choices of a request."""
+        with self._wake:
+            admitted = [self._waiting.popleft() for _ in range(min(self.max_batch - self.running, len(self._waiting)))]
+        groups: dict[tuple, list[Sequence]] = {}
+        for seq in admitted:  # echo requests read every prompt position: one prompt per pass
+            key = (seq.loop, seq.id) if seq.echo_logprobs else (seq.loop, None)
+            groups.setdefault(key, []).append(seq)
+        for group in groups.values():
+            for chunk in _prefill_chunks(group):
+                self._prefill_and_join(chunk)
+
+    def _prefill_and_join(self, seqs: list[Sequence]) -> None:
+        prompts = list(dict.fromkeys(tuple(seq.prompt_ids) for seq in seqs))  # the n choices of a prompt share it
+        loop, echo = seqs[0].loop, seqs[0].echo_logprobs
+        try:
+            prefill = prefill_prompts(self.model, loop.steps, loop_policy(self.model, loop), [list(p) for p in prompts],
+                                      echo)
+        except Exception as exc:  # a bad request must not take the engine down
+            log.exception("prefill failed")
+            for seq in seqs:
+                self._emit(seq, Event("error", message=f"prefill failed: {exc}"))
+            return
+        self.prefills_total += len(prompts)
+        for seq in seqs:
             try:
-                self._prefill_and_join(seq, prefills)
-            except Exception as exc:  # a bad request must not take the engine down
-                log.exception("prefill failed")
+                self._start(seq, prefill, prompts.index(tuple(seq.prompt_ids)))
+            except Exception as exc:
+                log.exception("joining a batch failed")
                 self._emit(seq, Event("error", message=f"prefill failed: {exc}"))
 
-    def _prefill_and_join(self, seq: Sequence, prefills: dict[tuple, tuple]) -> None:
+    def _start(self, seq: Sequence, prefill: Prefill, row: int) -> None:
+        """A prefilled sequence's first token, then its place in a batch (unless that token ended it)."""
+        self.prompt_tokens_total += len(seq.prompt_ids)
+        if prefill.every is not None:
+            self._emit(seq, Event("prompt", prompt_logprobs=self._prompt_logprobs(seq, prefill.every)))
+        if seq.max_tokens == 0:  # only the prompt's log-probabilities were asked for
+            self._emit(seq, Event("done", finish_reason="length"))
+            return
+        logits = prefill.logits[row : row + 1]
+        token = self._sample([seq], logits)[0]
+        if self._deliver(seq, token, int(prefill.exit_steps[row]) + 1, logits[0]):
+            self._batch_for(seq).join(seq, prefill, row)
+            self.peak_running = max(self.peak_running, self.running)
+
+    def _batch_for(self, seq: Sequence) -> Batch:
+        """A running batch of the sequence's loop configuration with room for it, else a new one."""
         batch = next((b for b in self.batches if b.loop == seq.loop and b.fits(len(seq.prompt_ids), seq.remaining)),
                      None)
         if batch is None:
             batch = Batch(self.model, seq.loop, self.max_context)
             self.batches.append(batch)
-        key = (tuple(seq.prompt_ids), seq.loop, seq.echo_logprobs)
-        if key not in prefills:
-            prefills.clear()  # only the latest prompt is kept: its choices are queued together
-            prefills[key] = batch.prefill(seq.prompt_ids, every_position=seq.echo_logprobs)
-            self.prefills_total += 1
-        logits, exit_step, cache, every = prefills[key]
-        self.prompt_tokens_total += len(seq.prompt_ids)
-        if every is not None:
-            self._emit(seq, Event("prompt", prompt_logprobs=self._prompt_logprobs(seq, every)))
-        if seq.max_tokens == 0:  # only the prompt's log-probabilities were asked for
-            self._emit(seq, Event("done", finish_reason="length"))
-            return
-        token = self._sample([seq], logits)[0]
-        if self._deliver(seq, token, int(exit_step[0]) + 1, logits[0]):
-            batch.join(seq, cache)
-            self.peak_running = max(self.peak_running, self.running)
+        return batch
 
     def _step(self, batch: Batch) -> None:
         try:
@@ -328,6 +347,30 @@ class Engine:
         for seq in waiting + [seq for batch in self.batches for seq in batch.rows]:
             self._emit(seq, Event("error", message=message))
         self.batches = []
+
+
+# A round's prompts are prefilled together up to this many rows x padded width (the cache of one
+# pass holds rows x width positions for every (step, layer): 768 KiB each at the 1.4B shape).
+PREFILL_TOKENS = 2048
+PREFILL_ROWS = 16
+
+
+def _prefill_chunks(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Sequences (one loop configuration) in groups to prefill together: by prompt length, so a
+    group pads little, each within PREFILL_TOKENS and PREFILL_ROWS (a longer prompt goes alone)."""
+    chunks: list[list[Sequence]] = []
+    prompts: set[tuple] = set()
+    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+        key = tuple(seq.prompt_ids)
+        if chunks:
+            rows = len(prompts | {key})
+            if rows <= PREFILL_ROWS and rows * len(seq.prompt_ids) <= PREFILL_TOKENS:
+                chunks[-1].append(seq)
+                prompts.add(key)
+                continue
+        chunks.append([seq])
+        prompts = {key}
+    return chunks
 
 
 def _token_logprobs(tokens: list[int], logits: torch.Tensor, alternatives: int) -> list[TokenLogprob]:
