@@ -658,3 +658,19 @@ def test_looplm_serve_command(tmp_path) -> None:  # noqa: ANN001
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_prefill_chunks_group_by_length_within_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from looplm.server import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 40)
+    monkeypatch.setattr(engine_module, "PREFILL_ROWS", 3)
+
+    def seq(n: int, fill: int = 1) -> Sequence:
+        return Sequence([fill] * n, 1, None, SamplingParams(), None, frozenset(), lambda e: None)
+
+    long = [seq(50), seq(50)]  # longer than PREFILL_TOKENS: one pass, which its two choices share
+    short = [seq(5, 1), seq(9, 2), seq(12, 3), seq(4, 4), seq(5, 1)]
+    chunks = engine_module._prefill_chunks(short + long)
+    lengths = [[len(s.prompt_ids) for s in chunk] for chunk in chunks]
+    assert lengths == [[4, 5, 5, 9], [12], [50, 50]]  # by length; 3 distinct prompts a pass at most

@@ -362,12 +362,11 @@ def _prefill_chunks(seqs: list[Sequence]) -> list[list[Sequence]]:
     prompts: set[tuple] = set()
     for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
         key = tuple(seq.prompt_ids)
-        if chunks:
-            rows = len(prompts | {key})
-            if rows <= PREFILL_ROWS and rows * len(seq.prompt_ids) <= PREFILL_TOKENS:
-                chunks[-1].append(seq)
-                prompts.add(key)
-                continue
+        rows = len(prompts | {key})
+        if chunks and (key in prompts or (rows <= PREFILL_ROWS and rows * len(key) <= PREFILL_TOKENS)):
+            chunks[-1].append(seq)  # a prompt already in the group costs nothing more
+            prompts.add(key)
+            continue
         chunks.append([seq])
         prompts = {key}
     return chunks
