@@ -295,6 +295,7 @@ def test_serve_refuses_a_bad_or_busy_address_before_loading() -> None:
 
     assert_one_line_error(invoke("serve", "--port", "70000"), "--port must be from 1 to 65535")
     assert_one_line_error(invoke("serve", "--threads", "0"), "--threads must be a positive integer")
+    assert_one_line_error(invoke("serve", "--prefill-chunk", "0"), "--prefill-chunk must be a positive integer")
     assert_one_line_error(invoke("serve", "--host", "no-such-host.invalid"), "--host 'no-such-host.invalid'")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -663,14 +663,105 @@ def test_looplm_serve_command(tmp_path) -> None:  # noqa: ANN001
 def test_prefill_chunks_group_by_length_within_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     from looplm.server import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 40)
     monkeypatch.setattr(engine_module, "PREFILL_ROWS", 3)
 
     def seq(n: int, fill: int = 1) -> Sequence:
         return Sequence([fill] * n, 1, None, SamplingParams(), None, frozenset(), lambda e: None)
 
-    long = [seq(50), seq(50)]  # longer than PREFILL_TOKENS: one pass, which its two choices share
+    long = [seq(50), seq(50)]  # longer than the budget: one pass, which its two choices share
     short = [seq(5, 1), seq(9, 2), seq(12, 3), seq(4, 4), seq(5, 1)]
-    chunks = engine_module._prefill_chunks(short + long)
+    chunks = engine_module._prefill_chunks(short + long, 40)
     lengths = [[len(s.prompt_ids) for s in chunk] for chunk in chunks]
     assert lengths == [[4, 5, 5, 9], [12], [50, 50]]  # by length; 3 distinct prompts a pass at most
+
+
+def _collect(engine: Engine, prompt: list[int], budget: int, log: list | None = None, name: str = "",
+             **fields: object) -> tuple[list[int], threading.Event, list]:
+    """Submit one sequence; returns its token list, a done event and its prompt log-probabilities."""
+    tokens: list[int] = []
+    prompt_logprobs: list = []
+    done = threading.Event()
+
+    def on_event(event) -> None:  # noqa: ANN001
+        if event.kind == "token":
+            tokens.append(event.token)
+            if log is not None:
+                log.append(name)
+        elif event.kind == "prompt":
+            prompt_logprobs.extend(event.prompt_logprobs)
+        else:
+            done.set()
+
+    engine.submit(Sequence(prompt, budget, engine.loop_config(), SamplingParams(), None, frozenset(), on_event,
+                           **fields))
+    return tokens, done, prompt_logprobs
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model,  # noqa: ANN001
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With prefill_chunk 8, a 45-token prompt takes six passes; the running request gets tokens
+    in between, and both get exactly the tokens they get alone."""
+    from looplm.server import batch as batch_module
+
+    order: list[str] = []
+    real = batch_module.ChunkedPrefill.advance
+
+    def logged(self, tokens: int):  # noqa: ANN001, ANN202
+        order.append("chunk")
+        return real(self, tokens)
+
+    monkeypatch.setattr(batch_module.ChunkedPrefill, "advance", logged)
+    engine = Engine(model, max_context=256, prefill_chunk=8).start()
+    short_prompt, long_prompt = [11, 12, 13, 14, 15], [20 + (7 * j) % 200 for j in range(45)]
+    try:
+        short, short_done, _ = _collect(engine, short_prompt, 30, order, "short")
+        while not short:  # the short request is decoding before the long one arrives
+            time.sleep(0.005)
+        long, long_done, _ = _collect(engine, long_prompt, 6, order, "long")
+        assert short_done.wait(60) and long_done.wait(60)
+    finally:
+        engine.stop()
+    assert order.count("chunk") == 6  # ceil(45 / 8)
+    first, last = order.index("chunk"), len(order) - 1 - order[::-1].index("chunk")
+    assert "short" in order[first:last]  # decoding went on between the chunks
+    assert short == model.generate(short_prompt, 30, eos_token_ids=[])[0]
+    assert long == model.generate(long_prompt, 6, eos_token_ids=[])[0]
+    assert engine.prefilling == 0 and engine.running == 0
+
+
+def test_chunked_echo_logprobs_equal_the_whole_prompts(model) -> None:  # noqa: ANN001
+    prompt = [30 + (13 * j) % 200 for j in range(37)]
+    results = []
+    for chunk in (256, 8):
+        engine = Engine(model, max_context=256, prefill_chunk=chunk).start()
+        engine_busy = _collect(engine, [5, 6, 7], 40)  # something decoding, so that the prompt is chunked
+        try:
+            _, done, logprobs = _collect(engine, prompt, 0, echo_logprobs=True, logprobs=0)
+            assert done.wait(60) and engine_busy[1].wait(60)
+        finally:
+            engine.stop()
+        results.append(logprobs)
+    whole, chunked = results
+    assert [e.token for e in chunked] == prompt and chunked[0].logprob is None
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(whole[1:], chunked[1:])) < 1e-4
+
+
+def test_cancelling_a_request_during_its_chunked_prefill(model) -> None:  # noqa: ANN001
+    engine = Engine(model, max_context=256, prefill_chunk=4).start()
+    try:
+        busy, busy_done, _ = _collect(engine, [5, 6, 7], 60)
+        while not busy:
+            time.sleep(0.005)
+        events: list = []
+        seq = Sequence([40 + j for j in range(60)], 5, engine.loop_config(), SamplingParams(), None, frozenset(),
+                       events.append)
+        engine.submit(seq)
+        time.sleep(0.02)
+        engine.cancel(seq)
+        assert busy_done.wait(60)
+        deadline = time.time() + 10
+        while engine.prefilling and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.prefilling == 0 and not any(e.kind == "error" for e in events)
+    finally:
+        engine.stop()

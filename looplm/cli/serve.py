@@ -27,6 +27,9 @@ def serve(
                                               "context).")] = 2048,
     max_batch: Annotated[int, common.option("Most sequences decoding at once (all batches together).")] = 16,
     max_queue: Annotated[int, common.option("Most requests waiting; more get HTTP 429.")] = 64,
+    prefill_chunk: Annotated[int, common.option(
+        "Prompt positions per prefill pass while others decode: longer prompts are prefilled in chunks, so "
+        "running requests wait at most one chunk between tokens.")] = 256,
     threads: Annotated[Optional[int], common.option(
         "Torch CPU threads (default: torch's choice). 1 is fastest for tiny models on a busy machine.",
         default_in_help=True)] = None,
@@ -42,6 +45,8 @@ def serve(
 
     if threads is not None and threads < 1:
         raise LooplmError(f"--threads must be a positive integer, got {threads}")
+    if prefill_chunk < 1:
+        raise LooplmError(f"--prefill-chunk must be a positive integer, got {prefill_chunk}")
     listener = _listen(host, port)  # a bad or busy address fails now, not after loading the model
     if not _is_loopback(host) and not api_key:
         common.stderr().print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
@@ -51,7 +56,7 @@ def serve(
         torch.set_num_threads(threads)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)
     name = served_model_name or name_for(model)
-    app = build_app(lm, name, api_key, max_context, max_batch, max_queue)
+    app = build_app(lm, name, api_key, max_context, max_batch, max_queue, prefill_chunk)
     shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     common.stderr().print(f"serving '{name}' at http://{shown_host}:{port}/v1 (Ctrl-C stops)")
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[listener])

@@ -21,14 +21,15 @@ def served_model_name(model: str | None) -> str:
 
 
 def build_app(model, name: str, api_key: str | None = None, max_context: int = 2048, max_batch: int = 16,  # noqa: ANN001
-              max_queue: int = 64):  # noqa: ANN201
+              max_queue: int = 64, prefill_chunk: int = 256):  # noqa: ANN201
     """A FastAPI app over a new engine for a loaded model; the engine starts and stops with the app.
 
-    `max_context` is capped at the model's `max_position_embeddings`.
+    `max_context` is capped at the model's `max_position_embeddings`; `prefill_chunk` bounds the
+    prompt positions one prefill pass runs while other requests are decoding.
     """
     from looplm.server.app import create_app
     from looplm.server.engine import Engine
 
     context = min(max_context, model.config.max_position_embeddings)
-    engine = Engine(model, max_context=context, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, max_context=context, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     return create_app(engine, name, api_key=api_key)

@@ -79,6 +79,40 @@ def prefill_prompts(model: OuroForCausalLM, steps: int, policy: ExitPolicy, prom
     return Prefill(cache, [len(p) for p in prompts], logits, exit_steps, every)
 
 
+class ChunkedPrefill:
+    """One prompt prefilled a chunk at a time (batch 1, every loop, no padding), so that running
+    batches keep decoding between its chunks instead of waiting for the whole prompt."""
+
+    def __init__(self, model: OuroForCausalLM, steps: int, policy: ExitPolicy, prompt: list[int],
+                 every_position: bool = False) -> None:
+        self.model, self.steps, self.policy, self.prompt = model, steps, policy, prompt
+        self.every_position = every_position
+        self.cache = model.make_cache(1, len(prompt), steps)
+        self._every: list[torch.Tensor] = []
+
+    @property
+    def done(self) -> int:
+        """Prompt tokens already in the cache."""
+        return self.cache.length
+
+    def advance(self, tokens: int) -> Prefill | None:
+        """Run the next `tokens` prompt tokens; after the last chunk, the finished `Prefill`."""
+        start = self.done
+        end = min(start + tokens, len(self.prompt))
+        device = self.model.device
+        ids = torch.tensor([self.prompt[start:end]], dtype=torch.long, device=device)
+        positions = torch.arange(start, end, device=device).unsqueeze(0)
+        out = self.model.run_steps(ids, positions, None, self.cache, self.steps)
+        if self.every_position:  # the readout of each position is its own: chunks concatenate
+            row = StepOutput(out.hidden_states[:, 0], out.gate_lambda[:, 0], out.exit_probs[:, 0])
+            self._every.append(self.model.readout_tokens(row, self.policy)[0])
+        if end < len(self.prompt):
+            return None
+        logits, exit_steps = self.model.readout(out, self.policy, position=-1)
+        every = torch.cat(self._every) if self.every_position else None
+        return Prefill(self.cache, [len(self.prompt)], logits, exit_steps, every)
+
+
 def loop_policy(model: OuroForCausalLM, loop: LoopConfig) -> ExitPolicy:
     """The exit policy a loop configuration names, with the model's own defaults."""
     config = model.config

@@ -4,9 +4,11 @@ Works on token ids only; the HTTP side tokenizes, detokenizes and watches for st
 
 The worker loops:
 1. retire cancelled sequences (their rows leave the batch and the cache is reused);
-2. admit waiting requests (up to `max_batch` running): prefill those of one `LoopConfig`
-   together (left-padded, by length, in passes of at most PREFILL_ROWS prompts), sample each
-   one's first token, join it to a batch with the same `LoopConfig` (or start a new batch);
+2. admit waiting requests (up to `max_batch` running or prefilling) and run one prefill pass:
+   the short prompts of one `LoopConfig` together (left-padded, by length, within
+   `prefill_chunk` positions and PREFILL_ROWS prompts), or the next `prefill_chunk` tokens of a
+   long prompt (`ChunkedPrefill`); a prefilled sequence's first token is sampled and it joins a
+   batch with the same `LoopConfig` (or starts a new batch);
 3. run one decode step for every batch (round-robin over loop configurations), sample each
    row with its own sampling parameters and generator, hand the tokens over, and retire rows
    that hit an eos id or their token budget.
@@ -35,7 +37,7 @@ from looplm.exit import POLICY_NAMES
 from looplm.generate import KV_MODES
 from looplm.models.ouro import OuroForCausalLM
 from looplm.sampling import SamplingParams, TokenChooser
-from looplm.server.batch import Batch, LoopConfig, Prefill, loop_policy, prefill_prompts
+from looplm.server.batch import Batch, ChunkedPrefill, LoopConfig, Prefill, loop_policy, prefill_prompts
 
 log = logging.getLogger("looplm.server")
 
@@ -95,15 +97,24 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: OuroForCausalLM, max_context: int = 2048, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(self, model: OuroForCausalLM, max_context: int = 2048, max_batch: int = 16, max_queue: int = 64,
+                 prefill_chunk: int = 256) -> None:
         limit = model.config.max_position_embeddings
         if not 1 < max_context <= limit:
             raise GenerationError(f"max_context must be in [2, {limit}] (the model's context), got {max_context}")
         if max_batch < 1 or max_queue < 1:
             raise GenerationError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        if prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.max_context, self.max_batch, self.max_queue = model, max_context, max_batch, max_queue
+        # Prompt positions one prefill pass runs while batches are decoding: a longer prompt is
+        # prefilled in chunks of this size, a round of short ones in passes of at most this many.
+        self.prefill_chunk = prefill_chunk
         self.batches: list[Batch] = []
         self._waiting: collections.deque[Sequence] = collections.deque()
+        self._ready: list[Sequence] = []  # admitted (they hold a place in max_batch), not prefilled yet
+        self._chunked: list[tuple[ChunkedPrefill, list[Sequence]]] = []  # long prompts, and who waits on each
+        self._chunk_turn = False  # short and long prompts take turns for the one prefill pass of a round
         self._cancelled: set[Sequence] = set()
         self._wake = threading.Condition()
         self._ids = itertools.count(1)
@@ -210,13 +221,19 @@ class Engine:
     def running(self) -> int:
         return sum(len(batch.rows) for batch in self.batches)
 
+    @property
+    def prefilling(self) -> int:
+        """Admitted sequences whose prompt is not fully prefilled yet."""
+        return len(self._ready) + sum(len(seqs) for _, seqs in self._chunked)
+
     # -- the worker -----------------------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self._waiting and not self._cancelled and not self.running:
+                    while (not self._stopping and not self._waiting and not self._cancelled and not self.running
+                           and not self.prefilling):
                         self._wake.wait()
                     if self._stopping:
                         break
@@ -231,18 +248,68 @@ class Engine:
         self._fail_all("the server is shutting down")
 
     def _admit(self) -> None:
-        """Admit as many waiting sequences as the batch limit allows. Those that share a loop
-        configuration are prefilled together (`prefill_prompts`): one pass over the weights for a
-        round of prompts, and one prompt pass for the n choices of a request."""
+        """Admit waiting sequences up to `max_batch`, then run this round's one prefill pass: the
+        running batches decode between passes, so a long prompt never stalls them for longer than
+        `prefill_chunk` positions take."""
         with self._wake:
-            admitted = [self._waiting.popleft() for _ in range(min(self.max_batch - self.running, len(self._waiting)))]
-        groups: dict[tuple, list[Sequence]] = {}
-        for seq in admitted:  # echo requests read every prompt position: one prompt per pass
-            key = (seq.loop, seq.id) if seq.echo_logprobs else (seq.loop, None)
-            groups.setdefault(key, []).append(seq)
-        for group in groups.values():
-            for chunk in _prefill_chunks(group):
-                self._prefill_and_join(chunk)
+            room = self.max_batch - self.running - self.prefilling
+            self._ready += [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        for seq in [s for s in self._ready if len(s.prompt_ids) > self.prefill_chunk]:
+            self._ready.remove(seq)
+            self._queue_chunked(seq)
+        chunk_turn = bool(self._chunked) and (not self._ready or self._chunk_turn)
+        self._chunk_turn = not self._chunk_turn
+        if chunk_turn:
+            self._advance_chunked()
+        elif self._ready:
+            self._prefill_ready()
+
+    def _queue_chunked(self, seq: Sequence) -> None:
+        """A long prompt waits for chunked prefill; the choices of one prompt share it."""
+        for prefill, seqs in self._chunked:
+            if (not seq.echo_logprobs and not prefill.every_position and prefill.done == 0
+                    and prefill.prompt == seq.prompt_ids and seqs[0].loop == seq.loop):
+                seqs.append(seq)
+                return
+        try:
+            prefill = ChunkedPrefill(self.model, seq.loop.steps, loop_policy(self.model, seq.loop), seq.prompt_ids,
+                                     seq.echo_logprobs)
+        except Exception as exc:  # e.g. no memory for its cache
+            log.exception("prefill failed")
+            self._emit(seq, Event("error", message=f"prefill failed: {exc}"))
+            return
+        self._chunked.append((prefill, [seq]))
+
+    def _advance_chunked(self) -> None:
+        """The next chunk of the oldest long prompt (all of it when nothing else is decoding)."""
+        prefill, seqs = self._chunked[0]
+        tokens = self.prefill_chunk if self.running else len(prefill.prompt)
+        try:
+            finished = prefill.advance(tokens)
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._chunked.pop(0)
+            for seq in seqs:
+                self._emit(seq, Event("error", message=f"prefill failed: {exc}"))
+            return
+        if finished is not None:
+            self._chunked.pop(0)
+            self.prefills_total += 1
+            for seq in seqs:
+                self._start_safely(seq, finished, 0)
+
+    def _prefill_ready(self) -> None:
+        """One left-padded pass over the short prompts of the oldest ready sequence's loop
+        configuration (by length, within `prefill_chunk` padded positions and PREFILL_ROWS)."""
+        head = self._ready[0]
+        if head.echo_logprobs:  # reads every prompt position: one prompt per pass
+            group = [head]
+        else:
+            same = [seq for seq in self._ready if seq.loop == head.loop and not seq.echo_logprobs]
+            group = next(chunk for chunk in _prefill_chunks(same, self.prefill_chunk) if head in chunk)
+        for seq in group:
+            self._ready.remove(seq)
+        self._prefill_and_join(group)
 
     def _prefill_and_join(self, seqs: list[Sequence]) -> None:
         prompts = list(dict.fromkeys(tuple(seq.prompt_ids) for seq in seqs))  # the n choices of a prompt share it
@@ -257,11 +324,14 @@ class Engine:
             return
         self.prefills_total += len(prompts)
         for seq in seqs:
-            try:
-                self._start(seq, prefill, prompts.index(tuple(seq.prompt_ids)))
-            except Exception as exc:
-                log.exception("joining a batch failed")
-                self._emit(seq, Event("error", message=f"prefill failed: {exc}"))
+            self._start_safely(seq, prefill, prompts.index(tuple(seq.prompt_ids)))
+
+    def _start_safely(self, seq: Sequence, prefill: Prefill, row: int) -> None:
+        try:
+            self._start(seq, prefill, row)
+        except Exception as exc:
+            log.exception("joining a batch failed")
+            self._emit(seq, Event("error", message=f"prefill failed: {exc}"))
 
     def _start(self, seq: Sequence, prefill: Prefill, row: int) -> None:
         """A prefilled sequence's first token, then its place in a batch (unless that token ended it)."""
@@ -331,6 +401,13 @@ class Engine:
         return chosen
 
     def _retire(self, seq: Sequence) -> None:
+        if seq in self._ready:
+            self._ready.remove(seq)
+        for prefill, seqs in list(self._chunked):
+            if seq in seqs:
+                seqs.remove(seq)
+                if not seqs:  # nobody waits for this prompt any more
+                    self._chunked.remove((prefill, seqs))
         for batch in self.batches:
             if seq in batch.rows:
                 batch.leave(seq)
@@ -344,26 +421,26 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         with self._wake:
             waiting, self._waiting = list(self._waiting), collections.deque()
-        for seq in waiting + [seq for batch in self.batches for seq in batch.rows]:
+        pending = self._ready + [seq for _, seqs in self._chunked for seq in seqs]
+        for seq in waiting + pending + [seq for batch in self.batches for seq in batch.rows]:
             self._emit(seq, Event("error", message=message))
-        self.batches = []
+        self.batches, self._ready, self._chunked = [], [], []
 
 
-# A round's prompts are prefilled together up to this many rows x padded width (the cache of one
-# pass holds rows x width positions for every (step, layer): 768 KiB each at the 1.4B shape).
-PREFILL_TOKENS = 2048
+# The most prompts one prefill pass takes (the padded positions are bounded by `prefill_chunk`).
 PREFILL_ROWS = 16
 
 
-def _prefill_chunks(seqs: list[Sequence]) -> list[list[Sequence]]:
+def _prefill_chunks(seqs: list[Sequence], budget: int) -> list[list[Sequence]]:
     """Sequences (one loop configuration) in groups to prefill together: by prompt length, so a
-    group pads little, each within PREFILL_TOKENS and PREFILL_ROWS (a longer prompt goes alone)."""
+    group pads little, each within `budget` padded positions and PREFILL_ROWS prompts (a longer
+    prompt goes alone)."""
     chunks: list[list[Sequence]] = []
     prompts: set[tuple] = set()
     for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
         key = tuple(seq.prompt_ids)
         rows = len(prompts | {key})
-        if chunks and (key in prompts or (rows <= PREFILL_ROWS and rows * len(key) <= PREFILL_TOKENS)):
+        if chunks and (key in prompts or (rows <= PREFILL_ROWS and rows * len(key) <= budget)):
             chunks[-1].append(seq)  # a prompt already in the group costs nothing more
             prompts.add(key)
             continue
