@@ -357,6 +357,29 @@ def test_piped_chat_exits_1_when_a_message_got_no_reply() -> None:
     assert result.stdout.strip() and "Traceback" not in result.output  # the other two were answered
 
 
+def test_chat_drops_the_oldest_exchanges_to_fit_the_context(monkeypatch: pytest.MonkeyPatch,
+                                                             default_model) -> None:  # noqa: ANN001
+    seen: list[list[dict]] = []
+
+    def fake_stream(model, messages, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append([dict(m) for m in messages])
+        yield TextChunk("fine " * 10, finish_reason="stop")
+
+    monkeypatch.setattr("looplm.cli.chat.stream_text", fake_stream)
+    message = " ".join(["word"] * 30)
+    # 4096 positions - 4000 for the reply leave 96 for the prompt: about two exchanges fit
+    result = invoke("chat", "--max-new-tokens", "4000", "--system", "be brief", input=f"{message}\n" * 5)
+    assert result.exit_code == 0, result.output
+    assert "oldest turn" in result.stderr and "error" not in result.stderr
+    assert all(turn[0] == {"role": "system", "content": "be brief"} for turn in seen)  # the system prompt stays
+    tok = default_model.tokenizer
+    for turn in seen:  # every prompt fits beside the reply's budget
+        assert len(tok.encode(tok.apply_chat_template(turn))) + 4000 <= default_model.config.max_position_embeddings
+    assert len(seen[-1]) < 1 + 2 * 5 - 1  # without dropping, the fifth prompt would hold 9 messages
+    assert seen[-1][-1] == {"role": "user", "content": message}
+    assert all(m["role"] != "assistant" or m["content"] for m in seen[-1])
+
+
 def test_chat_shows_reasoning_apart_and_keeps_answers_only(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[dict]] = []
 

@@ -4,7 +4,8 @@ Reads one user message per line (from a terminal or piped stdin). `<think>` reas
 streamed dimmed and kept apart from the answer; only answers go back into the history.
 `--show-steps` prints, after each reply, the mean loops per token and the loops skipping saved.
 A chat template that cannot render a conversation stops the command before the first message;
-with piped input, a message that got no reply makes the command exit 1 at the end.
+with piped input, a message that got no reply makes the command exit 1 at the end. When the
+conversation outgrows the context, its oldest exchanges leave it (the system prompt stays).
 """
 
 import sys
@@ -88,6 +89,10 @@ def chat(
         history.append({"role": "user", "content": line})
         sent += 1
         try:
+            dropped = fit_context(lm, history, len(start), options["max_new_tokens"], think)
+            if dropped:
+                common.stderr().print(f"(the {dropped} oldest turn{'s' if dropped > 1 else ''} left the "
+                                      "conversation to fit the context)", style="dim")
             reply, stats = _stream_reply(lm, history, options, think, hide_think)
             if show_steps and stats is not None:
                 common.stderr().print(steps_line(stats), style="dim")
@@ -105,6 +110,19 @@ def chat(
     if failed and not interactive:  # a script feeding messages must see that some got no reply
         common.stderr().print(f"error: {failed} of {sent} messages got no reply")
         raise typer.Exit(common.EXIT_ERROR)
+
+
+def fit_context(lm, history: list[dict], keep: int, max_new_tokens: int, think: bool) -> int:  # noqa: ANN001
+    """Drop the oldest exchanges (a user message and its reply), never the first `keep` messages
+    (the system prompt) nor the newest message, until the prompt and the reply's budget fit the
+    model's context; the number of exchanges dropped. If the newest message alone is too long,
+    generation says so."""
+    limit = lm.config.max_position_embeddings - max_new_tokens
+    dropped = 0
+    while len(history) > keep + 1 and len(lm.tokenizer.encode(render_prompt(lm, history, think))) > limit:
+        del history[keep : keep + 2 if len(history) > keep + 2 else keep + 1]
+        dropped += 1
+    return dropped
 
 
 def steps_line(stats: GenerationStats) -> str:
