@@ -83,7 +83,8 @@ def test_models_health_and_metrics(server, client) -> None:  # noqa: ANN001
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     text = httpx.get(server.url + "/metrics").text
     for name in ("requests_total", "prompt_tokens_total", "completion_tokens_total", "queue_depth",
-                 "running_sequences", "mean_loops_per_token", "prefills_total"):
+                 "running_sequences", "mean_loops_per_token", "prefills_total",
+                 "prefilling_sequences"):
         assert f"looplm_{name}" in text
 
 

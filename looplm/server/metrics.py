@@ -54,4 +54,6 @@ class Metrics:
                [("", engine.prefills_total)])
         metric("queue_depth", "gauge", "Requests waiting to be admitted.", [("", engine.queue_depth)])
         metric("running_sequences", "gauge", "Sequences in running batches.", [("", engine.running)])
+        metric("prefilling_sequences", "gauge", "Admitted sequences whose prompt is still being prefilled.",
+               [("", engine.prefilling)])
         return "\n".join(lines) + "\n"
