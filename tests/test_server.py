@@ -574,6 +574,7 @@ BAD_REQUESTS = [
     ("repetition_penalty 0", "/v1/completions", {"model": NAME, "prompt": "a", "repetition_penalty": 0}, 400),
     ("min_p above 1", "/v1/completions", {"model": NAME, "prompt": "a", "min_p": 1.5}, 400),
     ("vllm min_tokens", "/v1/completions", {"model": NAME, "prompt": "a", "min_tokens": 3}, 400),
+    ("completion suffix", "/v1/completions", {"model": NAME, "prompt": "def f(", "suffix": "return x"}, 400),
     ("stop_token_ids past the vocab", "/v1/completions", {"model": NAME, "prompt": "a", "stop_token_ids": [99999]},
      400),
     ("vllm guided_json", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],

@@ -28,7 +28,7 @@ UNSUPPORTED_UNLESS = {
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "structured_outputs": (None,), "prompt_logprobs": (None,), "functions": (None, []),
     "function_call": (None, "none"), "tool_choice": (None, "none"), "prediction": (None,),
-    "modalities": (None, ["text"]), "audio": (None,),
+    "modalities": (None, ["text"]), "audio": (None,), "suffix": (None, ""),
 }
 
 
