@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import looplm
+from looplm.kernels import cpu as cpu_module
 from looplm.kernels.cpu import SkinnyLinear, apply_kernels, choose_prefill_route
 from looplm.kernels.extension import extension_or_reason
 
@@ -70,6 +71,26 @@ def test_skinny_module_agrees_with_linear(route: str, shape: tuple[int, int, int
         ours, ref = skinny(x), plain(x)
     assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
     assert (ours.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2**-6
+
+
+@pytest.mark.parametrize("rows", [9, 13, 16])
+def test_a_short_prompt_on_the_fp32_route_is_skinny_chunks_with_decodes_bits(rows: int) -> None:
+    """9-16 rows on the upcasting route run as skinny-kernel chunks: each row gets exactly the
+    bits it gets alone (as in decode); more rows, and the bf16 route, keep their GEMMs."""
+    plain, skinny = make_skinny(512, 48, bias=False, route="fp32")
+    x = torch.randn(2, (rows + 1) // 2, 512).bfloat16()  # a batch of two prompts: 10, 14 or 16 rows
+    upcasts: list[int] = []
+    real = cpu_module.upcast_linear
+    cpu_module.upcast_linear = lambda x, weight: (upcasts.append(x.shape[0]), real(x, weight))[1]
+    try:
+        with torch.inference_mode():
+            together = skinny(x).reshape(-1, 48)
+            alone = torch.cat([skinny(row.reshape(1, 512)) for row in x.reshape(-1, 512)])
+            assert not upcasts and torch.equal(together, alone)
+            skinny(torch.randn(17, 512).bfloat16())
+    finally:
+        cpu_module.upcast_linear = real
+    assert len(upcasts) == 1  # 17 rows: the fp32 GEMM
 
 
 def test_skinny_module_trains_like_linear() -> None:
