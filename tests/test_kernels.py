@@ -487,6 +487,50 @@ def test_int4_module_in_looplm_layout(rows: int, route: str) -> None:
     assert (fallback.double() - exact).norm() <= 0.01 * exact.norm()
 
 
+class _CountingKernels:
+    """looplm's kernel module with its calls counted by name."""
+
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls.append(name)
+            return getattr(self.inner, name)(*args, **kwargs)
+        return call
+
+
+def test_prompts_on_the_fp32_route_run_the_integer_kernels_in_row_chunks(make_checkpoint,  # noqa: ANN001
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without AVX-512 BF16, int8 prompts up to INT8_CHUNKED_MAX_ROWS rows and int4 prompts of
+    any length run the decode kernels in calls of 8 rows (each row's output as it is alone)."""
+    from looplm.quant import linear as quant_linear
+
+    fp32_gemms: list[int] = []
+    real_gemm = quant_linear.linear_fp32
+    monkeypatch.setattr(quant_linear, "linear_fp32", lambda x, w: (fp32_gemms.append(x.shape[0]), real_gemm(x, w))[1])
+    monkeypatch.setattr(quant_linear, "INT8_CHUNKED_MAX_ROWS", 32)
+    path = make_checkpoint()
+    int8 = looplm.load(path, dtype="bfloat16", quant="int8").model.layers[0].mlp.up_proj
+    int4 = looplm.load(path, dtype="bfloat16", quant="int4", group_size=32).model.layers[0].mlp.up_proj
+    int4.cpu_kernels = counting = _CountingKernels(kernels)
+    with torch.inference_mode():
+        for layer in (int8, int4):
+            layer.prefill_route = "fp32"
+            x = torch.randn(30, layer.in_features).bfloat16()
+            alone = torch.cat([layer(row[None]) for row in x])
+            assert torch.equal(layer(x), alone)
+        assert not fp32_gemms
+        int8(torch.randn(33, int8.in_features).bfloat16())  # past the int8 limit: the fp32 GEMM
+        assert fp32_gemms == [33]
+        int4(torch.randn(300, int4.in_features).bfloat16())
+        # 30 rows one by one, 30 together (4 calls), 300 rows (38 calls): never a dequantize
+        assert "int4_dequantize" not in counting.calls and counting.calls.count("int4_dot_linear") == 30 + 4 + 38
+        int4.prefill_route = "bf16"  # CPUs with AVX-512 BF16: dequantize once, one bf16 GEMM
+        int4(torch.randn(9, int4.in_features).bfloat16())
+        assert counting.calls[-1] == "int4_dequantize"
+
+
 def test_quantized_models_use_the_integer_kernels(make_checkpoint) -> None:  # noqa: ANN001
     from looplm.quant.linear import Int4Linear, Int8Linear
 

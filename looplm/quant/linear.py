@@ -8,12 +8,14 @@ Each module computes `x @ dequant(W).T (+ bias)` and picks its kernel per call:
   runs, with the per-channel scale applied to the output (exact: it is per output column).
   With looplm's C++ kernels loaded (`looplm.kernels.use_cpu_kernels`, bf16 CPU models), the
   1-8 row case runs looplm's integer dot-product kernel instead (activations quantized to
-  int8 per block of 32 columns on the fly).
+  int8 per block of 32 columns on the fly), and on CPUs without AVX-512 BF16 so do prompts of
+  up to `INT8_CHUNKED_MAX_ROWS` rows, in calls of 8 rows.
 - `Int4Linear` on CPU, torch layout: `aten._weight_int4pack_mm_for_cpu` (fused, group-wise)
   for any number of rows.
 - `Int4Linear` on CPU, looplm layout (chosen at load time when looplm's kernels will run the
   model): looplm's integer dot-product kernel for 1-8 rows, and for more rows a C++ dequantize
-  to bf16 (fp32 on CPUs without AVX-512 BF16) followed by a GEMM.
+  to bf16 followed by a GEMM; on CPUs without AVX-512 BF16 the kernel runs every prompt, in
+  calls of 8 rows (faster there than dequantizing for an fp32 GEMM).
 - `Int4Linear` on CUDA, "cuda" layout (bf16 models on compute capability 8.0+, chosen when the
   module is built on the GPU): torch's fused int4 kernel `aten._weight_int4pack_mm` (tinygemm)
   for any number of rows. Tested by `tests/test_cuda.py` where a GPU exists.
@@ -23,11 +25,13 @@ Each module computes `x @ dequant(W).T (+ bias)` and picks its kernel per call:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.kernels.fp32_gemm import fp32_weight_buffer, linear_fp32, upcast_weight
+from looplm.kernels.fp32_gemm import linear_fp32, upcast_weight
 from looplm.quant.kernels import (
     cuda_int4_inner_k_tiles,
     dequantize_int4,
@@ -41,6 +45,19 @@ from looplm.quant.kernels import (
 
 # Up to this many rows the fused int8 kernel beats cast + GEMM (measured crossover: 8-16 rows).
 FUSED_MAX_ROWS = 8
+# On the upcasting prefill route (CPUs without AVX-512 BF16), prompts run as fused-kernel calls
+# of FUSED_MAX_ROWS rows instead of a dequantize + fp32 GEMM: int8 up to this many rows, int4
+# always. Measured on the 1.4B shape, AVX2 EPYC (session 12, docs/benchmarks.md): int8 wins up
+# to 256 rows and is even at 512; int4 wins at every length, 1.57x at 512. The activations are
+# then quantized per block of 32 as in decode (perplexity cost measured in docs/quantization.md).
+INT8_CHUNKED_MAX_ROWS = 256
+
+
+def in_row_chunks(kernel: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """`kernel` over `rows` [M, K] in calls of at most FUSED_MAX_ROWS rows (each row's output is its own)."""
+    if rows.shape[0] <= FUSED_MAX_ROWS:
+        return kernel(rows.contiguous())
+    return torch.cat([kernel(rows[i : i + FUSED_MAX_ROWS].contiguous()) for i in range(0, rows.shape[0], FUSED_MAX_ROWS)])
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts (looplm's too)
 INT4_LAYOUTS = ("torch", "looplm", "cuda", "portable")
 
@@ -76,8 +93,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)
-        if self.decode_kernel is not None and x.dtype == torch.bfloat16 and x.is_cpu and rows.shape[0] <= FUSED_MAX_ROWS:
-            y = self.decode_kernel(rows.contiguous(), self.weight_int8, self._scale_fp32())
+        fused_rows = INT8_CHUNKED_MAX_ROWS if self.prefill_route == "fp32" else FUSED_MAX_ROWS
+        if self.decode_kernel is not None and x.dtype == torch.bfloat16 and x.is_cpu and rows.shape[0] <= fused_rows:
+            scale32 = self._scale_fp32()
+            y = in_row_chunks(lambda part: self.decode_kernel(part, self.weight_int8, scale32), rows)
         elif x.device.type == "cpu" and rows.shape[0] <= FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, scale)
         elif self.prefill_route == "fp32" and x.dtype == torch.bfloat16 and x.is_cpu:
@@ -120,8 +139,9 @@ class Int4Linear(nn.Module):
 
     # Set by `looplm.kernels.use_cpu_kernels` on "looplm"-layout modules: the extension module.
     cpu_kernels = None
-    # "fp32": prefill (more than 8 rows) dequantizes to fp32 and runs an fp32 GEMM (CPUs
-    # without AVX-512 BF16, as `looplm.kernels.cpu.SkinnyLinear` does); "bf16": a bf16 GEMM.
+    # "fp32" (CPUs without AVX-512 BF16): prefill runs looplm's int4 kernel in calls of 8 rows,
+    # faster there than dequantizing for an fp32 GEMM; "bf16": more than 8 rows dequantize to
+    # bf16 for one bf16 GEMM.
     prefill_route = "bf16"
 
     def __init__(
@@ -193,12 +213,8 @@ class Int4Linear(nn.Module):
     def _looplm(self, rows: torch.Tensor) -> torch.Tensor:
         kernels = self.cpu_kernels
         args = (self.weight_looplm, self.scales_looplm, self.mins_looplm, self.group_size)
-        if rows.shape[0] <= FUSED_MAX_ROWS:
-            return kernels.int4_dot_linear(rows.contiguous(), *args, self.out_features)
-        if self.prefill_route == "fp32":
-            weight = fp32_weight_buffer((self.out_features, self.in_features))
-            kernels.int4_dequantize(*args, self.in_features, self.out_features, fp32_out=True, out=weight)
-            return linear_fp32(rows.float(), weight).to(rows.dtype)
+        if rows.shape[0] <= FUSED_MAX_ROWS or self.prefill_route == "fp32":
+            return in_row_chunks(lambda part: kernels.int4_dot_linear(part, *args, self.out_features), rows)
         return F.linear(rows, kernels.int4_dequantize(*args, self.in_features, self.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
