@@ -503,7 +503,8 @@ class _CountingKernels:
 def test_prompts_on_the_fp32_route_run_the_integer_kernels_in_row_chunks(make_checkpoint,  # noqa: ANN001
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Without AVX-512 BF16, int8 prompts up to INT8_CHUNKED_MAX_ROWS rows and int4 prompts of
-    any length run the decode kernels in calls of 8 rows (each row's output as it is alone)."""
+    any length run the decode kernels in calls of 8 rows (each row's output as decoding it alone
+    gives, up to the kernel's summation order)."""
     from looplm.quant import linear as quant_linear
 
     fp32_gemms: list[int] = []
@@ -518,8 +519,9 @@ def test_prompts_on_the_fp32_route_run_the_integer_kernels_in_row_chunks(make_ch
         for layer in (int8, int4):
             layer.prefill_route = "fp32"
             x = torch.randn(30, layer.in_features).bfloat16()
-            alone = torch.cat([layer(row[None]) for row in x])
-            assert torch.equal(layer(x), alone)
+            alone = torch.cat([layer(row[None]) for row in x])  # decode's kernel, one row a call
+            together = layer(x)
+            assert (together.float() - alone.float()).abs().max() <= alone.float().abs().max() * 2**-7
         assert not fp32_gemms
         int8(torch.randn(33, int8.in_features).bfloat16())  # past the int8 limit: the fp32 GEMM
         assert fp32_gemms == [33]

@@ -73,7 +73,7 @@ class SkinnyLinear(nn.Linear):
             kernels, _ = extension_or_reason()
             flat = x.reshape(rows, x.shape[-1])
             parts = [kernels.skinny_linear_bf16(flat[i : i + MAX_SKINNY_ROWS].contiguous(), weight)
-                     for i in range(0, rows, MAX_SKINNY_ROWS)]  # each row's output is its own: chunks concatenate
+                     for i in range(0, rows, MAX_SKINNY_ROWS)]  # rows are independent: chunks concatenate
             out = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*x.shape[:-1], weight.shape[0])
         elif self.prefill_route == "fp32":
             out = upcast_linear(x, weight)

@@ -54,7 +54,7 @@ INT8_CHUNKED_MAX_ROWS = 256
 
 
 def in_row_chunks(kernel: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """`kernel` over `rows` [M, K] in calls of at most FUSED_MAX_ROWS rows (each row's output is its own)."""
+    """`kernel` over `rows` [M, K] in calls of at most FUSED_MAX_ROWS rows (the kernels compute rows independently)."""
     if rows.shape[0] <= FUSED_MAX_ROWS:
         return kernel(rows.contiguous())
     return torch.cat([kernel(rows[i : i + FUSED_MAX_ROWS].contiguous()) for i in range(0, rows.shape[0], FUSED_MAX_ROWS)])
