@@ -6,8 +6,9 @@ with one write cursor `length` for all rows. A row's tokens are contiguous: colu
 `start`. RoPE positions are per row (`next_position`), so a row sees exactly what it would see
 alone, only left-padded.
 
-- prefill: the prompts admitted together (same loop configuration) run as one left-padded
-  batch (`prefill_prompts`), so a round of short prompts reads the weights once, not once each.
+- prefill: short prompts admitted together (same loop configuration) run as one left-padded
+  batch (`prefill_prompts`), so a round of them reads the weights once, not once each; a long
+  prompt runs a chunk at a time (`ChunkedPrefill`) between the batches' decode steps.
 - join: a prefilled row's n prompt columns are copied to `[length - n, length)` of a free
   buffer row. If n > length the whole batch first moves right by n - length (more left padding
   for the others).
@@ -72,11 +73,15 @@ def prefill_prompts(model: OuroForCausalLM, steps: int, policy: ExitPolicy, prom
     cache = model.make_cache(len(prompts), width, steps)
     out = model.run_steps(ids, positions_from_mask(attention_mask, ids), attention_mask, cache, steps)
     logits, exit_steps = model.readout(out, policy, position=-1)
-    every = None
-    if every_position:
-        row = StepOutput(out.hidden_states[:, 0], out.gate_lambda[:, 0], out.exit_probs[:, 0])
-        every, _ = model.readout_tokens(row, policy)
+    every = _every_position(model, out, policy) if every_position else None
     return Prefill(cache, [len(p) for p in prompts], logits, exit_steps, every)
+
+
+def _every_position(model: OuroForCausalLM, out: StepOutput, policy: ExitPolicy) -> torch.Tensor:
+    """The logits each position of row 0 reads under `policy` `[n, V]` (per position, so the
+    readouts of a prompt's chunks concatenate)."""
+    row = StepOutput(out.hidden_states[:, 0], out.gate_lambda[:, 0], out.exit_probs[:, 0])
+    return model.readout_tokens(row, policy)[0]
 
 
 class ChunkedPrefill:
@@ -103,9 +108,8 @@ class ChunkedPrefill:
         ids = torch.tensor([self.prompt[start:end]], dtype=torch.long, device=device)
         positions = torch.arange(start, end, device=device).unsqueeze(0)
         out = self.model.run_steps(ids, positions, None, self.cache, self.steps)
-        if self.every_position:  # the readout of each position is its own: chunks concatenate
-            row = StepOutput(out.hidden_states[:, 0], out.gate_lambda[:, 0], out.exit_probs[:, 0])
-            self._every.append(self.model.readout_tokens(row, self.policy)[0])
+        if self.every_position:
+            self._every.append(_every_position(self.model, out, self.policy))
         if end < len(self.prompt):
             return None
         logits, exit_steps = self.model.readout(out, self.policy, position=-1)
