@@ -597,7 +597,7 @@ def test_bad_requests_get_openai_errors(server, name, route, body, status) -> No
 def test_options_at_their_off_values_are_accepted(server) -> None:  # noqa: ANN001
     """Clients that send vLLM's or OpenAI's extras at their defaults are served; other values get a 400."""
     body = {"model": NAME, "prompt": "a", "max_tokens": 2, "repetition_penalty": 1.0, "min_p": 0, "best_of": 1,
-            "tool_choice": "none", "response_format": {"type": "text"},
+            "tool_choice": "none", "tools": [], "response_format": {"type": "text"},
             "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=30).status_code == 200
     refused = httpx.post(server.url + "/v1/completions", json={**body, "min_tokens": 4}, timeout=30)

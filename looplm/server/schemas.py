@@ -22,7 +22,7 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 # implement, each with the values that mean "off". Any other value gets a 400: ignoring it would
 # answer a different request than the one sent.
 UNSUPPORTED_UNLESS = {
-    "min_tokens": (None, 0),
+    "tools": (None, []), "min_tokens": (None, 0),
     "best_of": (None, 1), "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0),
     "include_stop_str_in_output": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
@@ -66,7 +66,6 @@ class SamplingOptions(LoopOptions):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-    tools: Any = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="before")
@@ -86,13 +85,6 @@ class SamplingOptions(LoopOptions):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop must be up to 4 non-empty strings")
         return stops
-
-    @field_validator("tools")
-    @classmethod
-    def _unsupported(cls, value: Any) -> Any:
-        if value not in (None, False, 0, []):
-            raise ValueError("is not supported by looplm")
-        return value
 
     @field_validator("response_format")
     @classmethod
