@@ -7,6 +7,7 @@ directory would lose that hour; `check_writable` makes it fail first instead.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from looplm.errors import LooplmError
@@ -27,12 +28,16 @@ def check_writable(path: Path | str | None, option: str) -> None:
         raise LooplmError(f"{option} {path}: cannot write there ({existing} is not a writable directory)")
 
 
-def write_result(path: Path | str, text: str, kept: str) -> None:
-    """Write `text` to `path` (making its folder); on failure a LooplmError that says where the results still are."""
+def write_result(path: Path | str, content: str | Callable[[Path], None], kept: str) -> None:
+    """Write `content` (text, or a function that writes the file at the path it is given) to `path`,
+    making its folder; on failure a LooplmError that says where the results still are (`kept`)."""
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        if callable(content):
+            content(path)
+        else:
+            path.write_text(content)
     except OSError as exc:  # checked up front, but a disk can still fill up
         raise LooplmError(f"could not write {path} ({exc.strerror or exc}); {kept}") from None
 

@@ -128,11 +128,7 @@ def _write(results: dict, output: Optional[Path], plot: Optional[Path], plot_def
         write_result(output, json.dumps(results, indent=2) + "\n", kept)
     plot = plot or (output.with_suffix(".png") if output is not None and plot_default else None)
     if plot is not None:
-        try:
-            plot.parent.mkdir(parents=True, exist_ok=True)
-            plot_results(results, plot)
-        except OSError as exc:
-            raise LooplmError(f"could not write {plot} ({exc.strerror or exc}); {kept}") from None
+        write_result(plot, lambda path: plot_results(results, path), kept)
 
 
 def _task_command(task: str, summary: str):  # noqa: ANN202
