@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from looplm.config import OuroConfig, read_json
 from looplm.errors import CheckpointError
@@ -52,10 +53,25 @@ def index_weights(path: Path, quantized: bool = False) -> dict[str, TensorEntry]
 def empty_model(config: OuroConfig, dtype: torch.dtype, device: torch.device) -> OuroForCausalLM:
     with torch.device("meta"):
         model = OuroForCausalLM(config)
-    model = model.to(dtype).to_empty(device=device)
+    materialize(model, dtype, device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Give every meta-device parameter and buffer uninitialised memory on `device`, floats in `dtype`.
+
+    `Module.to_empty` does the same through torch's reference ops for meta tensors, whose first
+    use imports torch.fx's symbolic shapes: half a second of every command's start-up. Tied
+    parameters come out untied; callers tie them again."""
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            kind = dtype if tensor.is_floating_point() else tensor.dtype
+            empty = torch.empty(tensor.shape, dtype=kind, device=device)
+            if isinstance(tensor, nn.Parameter):
+                empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+            setattr(module, name, empty)
 
 
 def fill_weights(model: OuroForCausalLM, entries: dict[str, TensorEntry], path: Path) -> None:

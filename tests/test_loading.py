@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,29 @@ def test_default_model_is_created_once_and_loads() -> None:
     assert model.config.model_type == "ouro" and model.tokenizer is not None
     again = looplm.load()
     assert torch.equal(model.lm_head.weight, again.lm_head.weight)
+
+
+COMPILER_MODULES = ("torch._dynamo", "torch.fx.experimental.symbolic_shapes")
+
+
+def test_loading_and_generating_do_not_import_the_compiler() -> None:
+    """torch's init functions and meta-tensor ops import torch._dynamo and torch.fx on first use, a
+    second and a half of every CLI command's start-up; the loader avoids both."""
+    code = (
+        "import sys, looplm; model = looplm.load(); model.generate([[5, 6, 7]], max_new_tokens=2); "
+        f"print([m for m in {COMPILER_MODULES!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_model_built_off_the_meta_device_has_an_initialised_embedding() -> None:
+    from looplm.config import OuroConfig
+    from looplm.models.ouro import OuroForCausalLM
+
+    raw = json.loads((Path(looplm.default_model.default_model_dir()) / "config.json").read_text())
+    model = OuroForCausalLM(OuroConfig.from_dict(raw))
+    weight = model.model.embed_tokens.weight
+    assert weight.requires_grad and torch.isfinite(weight).all()
+    assert 0.9 < weight.std().item() < 1.1  # torch's N(0, 1) default

@@ -20,7 +20,7 @@ from looplm.kernels.swap import replace_linears
 from looplm.models.ouro import OuroForCausalLM
 from looplm.quant.model import QuantSpec, check_shape, expected_shapes, module_from_portable, portable_tensors
 from looplm.safetensors_io import TensorEntry, read_into
-from looplm.weights import fill_weights
+from looplm.weights import fill_weights, materialize
 
 QUANT_CONFIG_KEY = "quantization_config"
 
@@ -76,7 +76,7 @@ def load_quantized(
         return pending[name]
 
     replace_linears(model, hold)
-    model = model.to(dtype).to_empty(device=device)
+    materialize(model, dtype, device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     suffixes = tuple(expected_shapes(1, spec.group_size, spec)) if stored else ("weight",)
