@@ -291,6 +291,8 @@ def stream_generate(
     if seed is not None:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise GenerationError(f"seed must be an integer, got {seed!r}")
+        if not -(2**63) <= seed < 2**64:  # what torch's generators take
+            raise GenerationError(f"seed must fit in 64 bits, got {seed}")
         generator = torch.Generator(device=model.device).manual_seed(seed)
     elif not sampling.greedy:
         generator = torch.Generator(device=model.device)

@@ -228,6 +228,7 @@ def test_bad_prompts(gqa_model) -> None:  # noqa: ANN001
         (["hi"], "one list of ints"),
         ([[5], []], "at least one token"),
         ({"seed": "x", "input_ids": [5, 6]}, "seed must be an integer"),
+        ({"seed": 2**64, "input_ids": [5, 6]}, "seed must fit in 64 bits"),
     ],
 )
 def test_malformed_inputs_are_generation_errors(gqa_model, input_ids, message: str) -> None:  # noqa: ANN001

@@ -572,6 +572,7 @@ BAD_REQUESTS = [
     ("logit_bias 101", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"5": 101}}, 400),
     ("logit_bias key not an id", "/v1/completions", {"model": NAME, "prompt": "a", "logit_bias": {"x": 1}}, 400),
     ("repetition_penalty 0", "/v1/completions", {"model": NAME, "prompt": "a", "repetition_penalty": 0}, 400),
+    ("seed past int64", "/v1/completions", {"model": NAME, "prompt": "a", "seed": 2**64}, 400),
     ("min_p above 1", "/v1/completions", {"model": NAME, "prompt": "a", "min_p": 1.5}, 400),
     ("vllm min_tokens", "/v1/completions", {"model": NAME, "prompt": "a", "min_tokens": 3}, 400),
     ("completion suffix", "/v1/completions", {"model": NAME, "prompt": "def f(", "suffix": "return x"}, 400),
@@ -602,6 +603,16 @@ def test_options_at_their_off_values_are_accepted(server) -> None:  # noqa: ANN0
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=30).status_code == 200
     refused = httpx.post(server.url + "/v1/completions", json={**body, "min_tokens": 4}, timeout=30)
     assert refused.json()["error"]["message"] == "min_tokens 4 is not supported by looplm"
+
+
+def test_a_request_without_a_model_is_served_by_the_served_model(server) -> None:  # noqa: ANN001
+    """As in vLLM: `curl` users need not know the served name; a wrong name is still a 404."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "seed": 3}
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == NAME
+    named = httpx.post(server.url + "/v1/chat/completions", json={**body, "model": NAME}, timeout=30).json()
+    assert named["choices"][0]["message"] == response.json()["choices"][0]["message"]
 
 
 def test_errors_through_the_client_and_the_server_survives(server, client) -> None:  # noqa: ANN001

@@ -145,7 +145,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     async def parse(request: Request, schema: type[BaseModel]) -> Any:
         """A generation request: its schema, and a model name this server serves."""
         body = await parse_json(request, schema)
-        if body.model != model_name:
+        if body.model is not None and body.model != model_name:
             raise ApiError(404, f"model '{body.model}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
         return body

@@ -46,13 +46,13 @@ class LoopOptions(BaseModel):
 class SamplingOptions(LoopOptions):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str | None = None  # as in vLLM, a request without one asks for the served model
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's range (int64)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
