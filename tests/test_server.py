@@ -595,6 +595,14 @@ def test_bad_requests_get_openai_errors(server, name, route, body, status) -> No
     assert error["message"] and error["type"]
 
 
+@pytest.mark.parametrize("prompt", [{"x": 1}, [1.5, 5], ["a", [5]], [True, 5], [[5], "a"], 7])
+def test_a_prompt_of_the_wrong_shape_gets_one_message(server, prompt) -> None:  # noqa: ANN001
+    response = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": prompt}, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        "prompt: give a string, a list of strings, a list of token ids or a list of token-id lists")
+
+
 def test_options_at_their_off_values_are_accepted(server) -> None:  # noqa: ANN001
     """Clients that send vLLM's or OpenAI's extras at their defaults are served; other values get a 400."""
     body = {"model": NAME, "prompt": "a", "max_tokens": 2, "repetition_penalty": 1.0, "min_p": 0, "best_of": 1,

@@ -167,6 +167,19 @@ class CompletionRequest(SamplingOptions):
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_forms(cls, value: Any) -> Any:
+        """One message for every wrong shape, instead of pydantic's per-branch complaints."""
+        def ids(item: Any) -> bool:
+            return isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+
+        if isinstance(value, str) or (ids(value) and value):
+            return value
+        if isinstance(value, list) and (all(isinstance(p, str) for p in value) or all(ids(p) for p in value)):
+            return value
+        raise ValueError("give a string, a list of strings, a list of token ids or a list of token-id lists")
+
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, value: str | list) -> str | list:
