@@ -16,16 +16,29 @@ from looplm.errors import LooplmError
 PRINTED_ABOVE = "the JSON document is the last line printed above"
 
 
-def check_writable(path: Path | str | None, option: str) -> None:
-    """A LooplmError unless `path` can be created or replaced as a file (missing folders may be made)."""
+def check_writable(path: Path | str | None, option: str, directory: bool = False) -> None:
+    """A LooplmError unless `path` can be created or replaced as a file (missing folders may be made),
+    or, with `directory`, created as a directory or written into."""
     if path is None:
         return
     path = Path(path).expanduser()
-    if path.is_dir():
+    if directory and path.exists() and not path.is_dir():
+        raise LooplmError(f"{option} {path} exists and is not a directory")
+    if not directory and path.is_dir():
         raise LooplmError(f"{option} {path} is a directory; give a file name")
-    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    existing = next(folder for folder in ((path,) if directory else ()) + tuple(path.parents) if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise LooplmError(f"{option} {path}: cannot write there ({existing} is not a writable directory)")
+
+
+def make_output_dir(path: Path | str, option: str) -> Path:
+    """Create the directory `path` (and its parents) before a run writes there, or a LooplmError."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LooplmError(f"{option} {path}: cannot create the directory ({exc.strerror or exc})") from None
+    return path
 
 
 def write_result(path: Path | str, content: str | Callable[[Path], None], kept: str) -> None:
@@ -42,4 +55,4 @@ def write_result(path: Path | str, content: str | Callable[[Path], None], kept: 
         raise LooplmError(f"could not write {path} ({exc.strerror or exc}); {kept}") from None
 
 
-__all__ = ["PRINTED_ABOVE", "check_writable", "write_result"]
+__all__ = ["PRINTED_ABOVE", "check_writable", "make_output_dir", "write_result"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from looplm.errors import LooplmError, exit_code_of
-from looplm.output_files import PRINTED_ABOVE, check_writable, write_result
+from looplm.output_files import PRINTED_ABOVE, check_writable, make_output_dir, write_result
 
 
 def test_check_writable_accepts_new_files_and_refuses_directories(tmp_path: Path) -> None:
@@ -21,6 +21,23 @@ def test_check_writable_accepts_new_files_and_refuses_directories(tmp_path: Path
     (tmp_path / "a-file").write_text("")
     with pytest.raises(LooplmError, match=r"cannot write there \(.*a-file is not a writable directory\)"):
         check_writable(tmp_path / "a-file" / "r.json", "--output")
+
+
+def test_check_writable_for_directories_accepts_new_and_existing_ones(tmp_path: Path) -> None:
+    check_writable(tmp_path / "new" / "run", "--out", directory=True)
+    check_writable(tmp_path, "--out", directory=True)  # written into
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(LooplmError, match=r"--out .*a-file exists and is not a directory"):
+        check_writable(tmp_path / "a-file", "--out", directory=True)
+    with pytest.raises(LooplmError, match=r"cannot write there \(.*a-file is not a writable directory\)"):
+        check_writable(tmp_path / "a-file" / "run", "--out", directory=True)
+
+
+def test_make_output_dir_makes_parents_or_says_why_not(tmp_path: Path) -> None:
+    assert make_output_dir(tmp_path / "a" / "b", "--out").is_dir()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(LooplmError, match=r"^--out .*a-file/run: cannot create the directory \(.+\)$"):
+        make_output_dir(tmp_path / "a-file" / "run", "--out")
 
 
 def test_write_result_makes_folders_and_says_where_the_results_are(tmp_path: Path) -> None:

@@ -330,6 +330,21 @@ def test_cli_quantize_errors_are_one_line(make_checkpoint, tmp_path: Path, args:
     assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
 
 
+def test_cli_quantize_to_an_unwritable_place_fails_before_loading(make_checkpoint, tmp_path: Path,  # noqa: ANN001
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import looplm.quant.export
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(looplm.quant.export, "load", no_load)
+    (tmp_path / "a-file").write_text("")
+    result = CliRunner().invoke(app, ["quantize", "-m", str(make_checkpoint()), "-o", str(tmp_path / "a-file" / "q")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and "cannot write there" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_cli_quantize_error_exits_nonzero_without_traceback(make_checkpoint, tmp_path: Path) -> None:  # noqa: ANN001
     path = _broken_copy(tmp_path, make_checkpoint, lambda t: t.pop("model.layers.0.mlp.gate_proj.qweight"))
     cmd = [sys.executable, "-m", "looplm", "generate", "hi", "-m", str(path), "--max-new-tokens", "1"]

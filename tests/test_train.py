@@ -179,6 +179,27 @@ def test_data_builder_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     assert "--max-terms at least 2" in capsys.readouterr().err
 
 
+def test_data_builder_refuses_an_unwritable_out_before_building(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import looplm.train.data as data
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("built before the output was checked")
+
+    monkeypatch.setattr(data, "build_tiny_corpus", no_build)
+    (tmp_path / "a-file").write_text("")
+    from looplm.errors import exit_code_of
+
+    assert exit_code_of(lambda: data.main([str(tmp_path / "a-file" / "out")])) == 1
+    assert "cannot write there" in capsys.readouterr().err
+
+
+def test_an_out_directory_that_cannot_be_made_is_one_error(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(LooplmError, match="--out .*: cannot create the directory"):
+        train(_config(data_dir, tmp_path / "a-file" / "run"))
+
+
 def test_data_builder_checks_the_like_directory_before_writing(data_dir: Path, tmp_path: Path) -> None:
     from looplm.train.data import build_arithmetic_phase
 

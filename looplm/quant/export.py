@@ -41,24 +41,36 @@ def save_quantized(source: str | None, output: Path, spec: QuantSpec, dtype: str
     if output.resolve() == source_path.resolve():
         raise QuantizationError(f"{output}: the output directory must differ from the source model")
     _check_output(output, overwrite)
-    model = load(source, dtype=dtype)
-    raw = read_json(source_path / "config.json") if source_path.is_dir() else _config_dict(model.config)
-    if raw.get(QUANT_CONFIG_KEY) is not None:
-        raise QuantizationError(f"{source}: the model is already quantized")
-    tensors = quantized_state_dict(model, spec)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.partial"
-    staging.mkdir()  # not tempfile.mkdtemp: its 0700 would become the output directory's mode
+    staging = _make_staging_dir(output)  # before the model loads, so an unwritable place fails first
     try:
-        save_safetensors(tensors, staging / "model.safetensors")
+        model = load(source, dtype=dtype)
+        raw = read_json(source_path / "config.json") if source_path.is_dir() else _config_dict(model.config)
+        if raw.get(QUANT_CONFIG_KEY) is not None:
+            raise QuantizationError(f"{source}: the model is already quantized")
+        tensors = quantized_state_dict(model, spec)
         raw[QUANT_CONFIG_KEY] = spec.to_json()
         raw["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-        (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
-        _copy_side_files(model, source_path, staging)
-        _move_into(staging, output)
+        try:
+            save_safetensors(tensors, staging / "model.safetensors")
+            (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+            _copy_side_files(model, source_path, staging)
+            _move_into(staging, output)
+        except OSError as exc:  # a full disk, or a directory that changed under us
+            raise QuantizationError(f"could not write {output} ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+def _make_staging_dir(output: Path) -> Path:
+    """An empty directory beside `output` to write into; moved into place when complete."""
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()  # not tempfile.mkdtemp: its 0700 would become the output directory's mode
+    except OSError as exc:
+        raise QuantizationError(f"{output}: cannot write there ({exc.strerror or exc})") from None
+    return staging
 
 
 def _model_files(directory: Path) -> list[str]:

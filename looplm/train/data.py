@@ -33,6 +33,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from looplm.errors import LooplmError, exit_code_of
+from looplm.output_files import check_writable, make_output_dir
 from looplm.tokenizer import Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -193,7 +194,7 @@ def encode_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
 
 def write_data_dir(out: Path, sources: dict[str, tuple[list[str], float]], tokenizer: Tokenizer) -> dict:
     """Write the tokenizer, one token file per source, and data.json (`{name: {tokens, weight}}`)."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "data directory")
     tokenizer.save(out)
     meta = {"sources": {}}
     for name, (docs, weight) in sources.items():
@@ -268,7 +269,7 @@ def build_arithmetic_phase(
     if "text" not in sources:
         raise LooplmError(f"{like / 'data.json'} has no 'text' source to reuse (it lists {', '.join(sorted(sources))})")
     text = _load_ids(like / "text.npy")
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "data directory")
     tokenizer.save(out)
     meta = {"sources": {"text": dict(sources["text"])}}
     np.save(out / "text.npy", text)
@@ -396,6 +397,7 @@ def main(argv: list[str]) -> None:
         parser.error(f"--arithmetic-weight must be in [0, 1], got {args.arithmetic_weight}")
     if min(args.problems, args.max_digits) < 1 or args.max_terms < 2:
         parser.error("--problems and --max-digits must be at least 1, --max-terms at least 2")
+    check_writable(args.out, "OUT", directory=True)  # before minutes of tokenizing
     if args.like is None:
         meta = build_tiny_corpus(args.out, arithmetic_weight=args.arithmetic_weight, seed=args.seed,
                                  n_problems=args.problems, max_digits=args.max_digits, max_terms=args.max_terms)

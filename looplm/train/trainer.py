@@ -38,6 +38,7 @@ from looplm.config import OuroConfig
 from looplm.devices import resolve_device
 from looplm.errors import LooplmError
 from looplm.models.ouro import OuroForCausalLM
+from looplm.output_files import make_output_dir
 from looplm.tokenizer import Tokenizer
 from looplm.train.data import TokenBatches
 from looplm.train.objective import per_step_token_loss, stage1_loss, stage2_loss
@@ -282,8 +283,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         raise LooplmError(f"micro_batch {micro} does not divide the per-process batch {local_batch}")
     accum = local_batch // micro
 
+    batches = TokenBatches(Path(config.data_dir), config.seq_len, config.seed)  # says what a data dir needs
     tokenizer = Tokenizer.from_dir(config.data_dir)
-    batches = TokenBatches(Path(config.data_dir), config.seq_len, config.seed)
     torch.manual_seed(config.seed)
     model, raw_config = _build_model(config, tokenizer)
     if batches.max_token_id >= model.config.vocab_size:  # the embedding lookup would fail mid-run
@@ -310,7 +311,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out, "--out")
         if start_step > 0 and (out / LOG_FILE).exists():  # drop rows logged after the checkpoint by an interrupted run
             lines = (out / LOG_FILE).read_text().splitlines()
             kept = [line for line in lines if json.loads(line).get("step", 0) <= start_step]
