@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from looplm.errors import GenerationError
-from looplm.generate import GenerationStats, stream_generate
+
+if TYPE_CHECKING:
+    from looplm.generate import GenerationStats
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -65,6 +68,9 @@ def stream_text(
     repetition_penalty: float = 1.0,
     min_p: float = 0.0,
 ) -> Iterator[TextChunk]:
+    # torch comes with looplm.generate: imported here, so the CLI's modules load without it
+    from looplm.generate import GenerationStats, stream_generate
+
     tokenizer = _tokenizer(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):

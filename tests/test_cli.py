@@ -534,3 +534,13 @@ def test_bench_on_cuda_without_a_gpu_is_one_line_error() -> None:
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err.decode()
     assert err.decode().strip().splitlines()[-1].startswith("error:") and "CUDA" in err.decode()
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """torch takes about 1.5 s to import: `looplm --help`, `--version` and option errors do not wait for it,
+    and `looplm.load` still brings it in on first use."""
+    code = ("import sys, looplm.cli; before = 'torch' in sys.modules; looplm.load; "
+            "print(before, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]

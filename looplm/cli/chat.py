@@ -8,17 +8,21 @@ with piped input, a message that got no reply makes the command exit 1 at the en
 conversation outgrows the context, its oldest exchanges leave it (the system prompt stays).
 """
 
+from __future__ import annotations
+
 import sys
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.text import Text
 
 from looplm.cli import common
 from looplm.errors import LooplmError
-from looplm.generate import GenerationStats
 from looplm.text import THINK_OPEN, ReasoningStream, render_prompt, stream_text
 from looplm.tokenizer import split_reasoning
+
+if TYPE_CHECKING:
+    from looplm.generate import GenerationStats
 
 HELP = "commands: /reset clears the history, /exit quits (so does Ctrl-D)"
 
