@@ -177,6 +177,24 @@ def test_offline_hub_id_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     assert_one_line(info.value, "ByteDance/Ouro-1.4B-Thinking", "local directory")
 
 
+def test_a_hub_id_in_the_local_hub_cache_loads_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model downloaded once keeps working without a network, from huggingface_hub's cache layout."""
+    from huggingface_hub import constants
+
+    from looplm.default_model import default_model_dir
+
+    repo = tmp_path / "hub" / "models--acme--tiny-ouro"
+    shutil.copytree(default_model_dir(), repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model = looplm.load("acme/tiny-ouro")
+    assert torch.equal(model.lm_head.weight, looplm.load().lm_head.weight)
+    with pytest.raises(HubError, match="acme/other"):  # not in the cache: still the one-line error
+        looplm.load("acme/other")
+
+
 def test_bad_dtype_and_device(ckpt: Path) -> None:
     with pytest.raises(ConfigError):
         looplm.load(ckpt, dtype="int3")
