@@ -280,12 +280,13 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
                   f"read bandwidth {bw['gb_s']['median']:.1f} GB/s [{bw['gb_s']['min']:.1f}-{bw['gb_s']['max']:.1f}]")
     for shape, rows in result["shapes"].items():
         table = Table(title=f"Ouro {shape} shape, random weights, CPU, batch 1: prompt {opts['prompt_len']}, "
-                            f"{opts['new_tokens']} new tokens, median \\[min-max] of {opts['repeats']} rounds "
+                            f"{opts['new_tokens']} new tokens, median \\[min-max] of {opts['repeats']} "
+                            f"round{'s' if opts['repeats'] != 1 else ''} "
                             "(ratios: paired within a round)")
         for name in ("variant", "prefill tok/s", "decode tok/s", "decode x no-cache", "decode x bf16 torch",
                      "decode x bf16 looplm", "prefill x bf16 torch", "GB/token", "row GB/s", "% roofline",
                      "peak RSS GiB", "other load"):
-            table.add_column(name, justify="right")
+            table.add_column(name, justify="right", overflow="fold")  # a narrow terminal wraps, never cuts
         for row in rows:
             table.add_row(row["variant"]["name"], _fmt(row["prefill_tok_s"], 1), _fmt(row["decode_tok_s"], 2),
                           _paired(row["decode_vs_no-cache_paired"]), _paired(row["decode_vs_bf16-torch_paired"]),
@@ -303,6 +304,9 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
 
 
 def _fmt(spread: dict, digits: int) -> str:
+    """Median, and [min-max] when there were several rounds."""
+    if spread["n"] == 1:
+        return f"{spread['median']:.{digits}f}"
     return f"{spread['median']:.{digits}f} [{spread['min']:.{digits}f}-{spread['max']:.{digits}f}]"
 
 

@@ -503,6 +503,27 @@ def test_bench_compare_table_runs_on_the_tiny_shape(tmp_path: Path) -> None:
     assert rows[2]["layer_bytes"] < rows[1]["layer_bytes"] * 0.6  # int8 layers: about half of bf16
 
 
+def test_bench_compare_report_wraps_in_a_narrow_terminal_and_never_cuts_numbers() -> None:
+    from rich.console import Console
+
+    from looplm.bench_compare import print_report
+
+    saved = json.loads((Path(__file__).parent.parent / "docs" / "bench-compare-run24-avx2.json").read_text())
+    console = Console(width=90, record=True)
+    print_report(saved, console)
+    text = console.export_text()
+    assert "…" not in text and "of 2 rounds" in text
+    assert "7.22" in text and "3.35x" in text  # the spreads fold onto the lines below
+    one_round = json.loads(json.dumps(saved))
+    one_round["options"]["repeats"] = 1
+    for row in one_round["shapes"]["1.4b"]:
+        row["decode_tok_s"] = {**row["decode_tok_s"], "n": 1}
+    console = Console(width=200, record=True)
+    print_report(one_round, console)
+    text = console.export_text()
+    assert "of 1 round " in text and re.search(r"│ +7\.22 │", text)  # a lone median, no [min-max]
+
+
 def test_paired_decode_benchmark_script_runs_on_the_default_model() -> None:
     """benchmarks/bench_decode_context.py: every row decodes and gets a paired ratio to the first."""
     from looplm.default_model import default_model_dir
