@@ -305,8 +305,11 @@ def test_serve_refuses_a_bad_or_busy_address_before_loading() -> None:
                               f"cannot listen on 127.0.0.1:{port}")  # the address is checked before the model
 
 
-def test_model_without_tokenizer_cannot_take_text() -> None:
-    assert_one_line_error(invoke("generate", "hi", "-m", str(OURO_TINY)), "tokenizer")
+def test_model_without_tokenizer_cannot_take_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as patched:  # the text commands refuse before reading the weights
+        patched.setattr(looplm, "load", lambda *args, **kwargs: pytest.fail("weights read first"))
+        for command in (["generate", "hi"], ["chat"], ["eval", "arithmetic", "--n", "2"]):
+            assert_one_line_error(invoke(*command, "-m", str(OURO_TINY)), "has no tokenizer.json")
     model = looplm.load(OURO_TINY)
     with pytest.raises(GenerationError, match="no tokenizer"):
         next(stream_text(model, "hi", max_new_tokens=1))

@@ -65,7 +65,7 @@ def chat(
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
-    lm = common.load_model(model, dtype, device, steps, quant, group_size)
+    lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
     options = {**sampling.for_model(lm), **exits.as_kwargs()}
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

@@ -8,6 +8,7 @@ its full traceback (typer's pretty exceptions are off).
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Optional
 
 import click
@@ -247,11 +248,18 @@ def kv_bytes(model, kv_mode: str) -> int:  # noqa: ANN001
 
 def load_model(  # noqa: ANN201
     model: Optional[str], dtype: str, device: str, steps: Optional[int], quant: Optional[str] = None,
-    group_size: int = 128,
+    group_size: int = 128, needs_text: bool = False,
 ):
-    """`looplm.load` with a spinner on an interactive stderr (`device` may be 'auto')."""
+    """`looplm.load` with a spinner on an interactive stderr (`device` may be 'auto').
+    `needs_text`: the command reads or writes text, so a model directory without a tokenizer is
+    refused before its weights are read (seconds to minutes for a real checkpoint)."""
     from looplm import load
 
+    if needs_text and model is not None:
+        path = Path(model).expanduser()
+        if path.is_dir() and not (path / "tokenizer.json").exists():
+            raise LooplmError(f"{path} has no tokenizer.json, so this command cannot take text; copy the model's "
+                              "tokenizer.json (and tokenizer_config.json) into it")
     options = {"dtype": dtype, "device": device, "steps": steps, "quant": quant, "group_size": group_size}
     console = stderr()
     if not console.is_terminal:

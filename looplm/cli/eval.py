@@ -48,7 +48,7 @@ def arithmetic(
     if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
         raise LooplmError(f"--exit-threshold must be in (0, 1], got {exit_threshold}")
     check_writable(output, "--output")
-    lm = common.load_model(model, dtype, device, None)
+    lm = common.load_model(model, dtype, device, None, needs_text=True)
     results = evaluate_arithmetic(lm, step_list, n=n, seed=seed, exit_threshold=exit_threshold)
     common.stdout().print(format_table(results))
     _write(results, output, None, plot_default=False)
@@ -82,7 +82,7 @@ def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_t
     plot = plot or (output.with_suffix(".png") if output is not None else None)
     for path, option in ((output, "--output"), (records, "--records"), (plot, "--plot")):
         check_writable(path, option)
-    lm = common.load_model(model, dtype, device, None)
+    lm = common.load_model(model, dtype, device, None, needs_text=True)
     if task_spec.kind != "loglik":  # a decoder the device or the options rule out fails before any work
         from looplm.generate import resolve_decoder
 

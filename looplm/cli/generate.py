@@ -47,7 +47,7 @@ def generate(
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
-    lm = common.load_model(model, dtype, device, steps, quant, group_size)
+    lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
     request = [{"role": "user", "content": prompt}] if chat else prompt
     text = []
     for chunk in stream_text(lm, request, **sampling.for_model(lm), **exits.as_kwargs()):
