@@ -11,6 +11,7 @@ at threshold 1.0 (spec 5.3). Pass `cdf_dtype=torch.float32` for the exact rule.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,16 @@ def select_exit_steps(
     if threshold is not None:
         return threshold_exit_steps(exit_probs, threshold)
     return torch.full(shape, steps - 1, dtype=torch.long, device=exit_probs.device)
+
+
+def mix_steps(exit_probs: torch.Tensor, per_step_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The reference's weighted exit, sum over steps of p_t * logits_t: `[T, ...]` weights, T logits
+    `[..., V]`, added one step at a time in the logits' dtype as the reference does."""
+    mixed = None
+    for weight, logits in zip(exit_probs, per_step_logits):
+        term = logits * weight.unsqueeze(-1).to(logits.dtype)
+        mixed = term if mixed is None else mixed + term
+    return mixed
 
 
 def gather_steps(per_step: torch.Tensor, exit_steps: torch.Tensor) -> torch.Tensor:
@@ -212,12 +223,7 @@ class WeightedPolicy(ExitPolicy):
     def readout(self, per_step_logits: list[torch.Tensor]) -> torch.Tensor | None:
         if not self.lambdas:  # no gate: the last step is the whole mass
             return per_step_logits[-1]
-        pdf = exit_distribution(torch.stack(self.lambdas))
-        mixed = None
-        for weight, logits in zip(pdf, per_step_logits):
-            term = logits * weight.unsqueeze(-1).to(logits.dtype)
-            mixed = term if mixed is None else mixed + term
-        return mixed
+        return mix_steps(exit_distribution(torch.stack(self.lambdas)), per_step_logits)
 
 
 POLICY_NAMES = ("last", "gate", "confidence", "kl", "fixed", "weighted")

@@ -72,6 +72,19 @@ def test_threshold_exit_matches_reference(case_output, expected, threshold: floa
     assert torch.equal(logits, chosen)
 
 
+@pytest.mark.parametrize("threshold", [None, 1.0, 0.5])
+def test_calling_the_model_gives_the_reference_forward_logits(case_output, expected, threshold) -> None:  # noqa: ANN001
+    """`model(input_ids, attention_mask, exit_threshold=...)`, HF-style; None is the config's 1.0."""
+    case, model, out = case_output
+    with torch.inference_mode():
+        called = model(expected["input_ids"], expected["attention_mask"], exit_threshold=threshold)
+    name = 1.0 if threshold is None else threshold
+    assert torch.equal(called.exit_steps, expected[f"{case}.exit_step_thr{name}"])
+    tol = 1e-4 if case.startswith("float32") else 3.0
+    assert (called.logits.float() - expected[f"{case}.final_logits_thr{name}"].float()).abs().max() <= tol
+    assert called.loss is None
+
+
 def first_fork(ours: list[int], ref: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
 

@@ -283,3 +283,72 @@ def test_bf16_saturated_gates_give_the_spec_exit_pdf_and_steps_bit_for_bit(make_
         with torch.inference_mode():
             _, exit_steps = model.exit_logits(out, threshold)
         assert torch.equal(exit_steps, spec_exit_steps({}, expected_pdf, threshold)), threshold
+
+
+def _labels_for_real_predictions(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Labels whose predicting position is a real token: a pad position's logits mean nothing."""
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    return labels
+
+
+def test_calling_the_model_with_labels_gives_the_reference_mixture_and_loss(case) -> None:  # noqa: ANN001
+    """The reference's labels path: logits sum_t p_t * logits_t, HF's shifted cross-entropy against them."""
+    _, path, raw, steps, prompts = case
+    ids, mask = padded(prompts, raw["pad_token_id"])
+    labels = _labels_for_real_predictions(ids, mask)
+    model = looplm.load(path, dtype=torch.float32, steps=steps)
+    called = model(ids, mask, labels=labels)
+    ref = spec_forward(raw, state_dict(path, torch.float32), ids, mask, steps)
+    mixture = (ref["pdf"].unsqueeze(-1) * ref["logits"]).sum(0)
+    assert (called.logits - mixture)[mask.bool()].abs().max() <= 1e-4
+    expected = F.cross_entropy(mixture[:, :-1].reshape(-1, mixture.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+    assert called.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert called.exit_steps is None
+    called.loss.backward()  # differentiable, as the reference's training path
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    if steps > 1:  # one step takes the whole mass whatever the gate says
+        assert model.model.early_exit_gate.weight.grad.abs().sum() > 0
+
+
+def test_calling_the_model_follows_the_reference_priority(case) -> None:  # noqa: ANN001
+    """A fixed step wins over the threshold; out of range it is ignored; with no threshold at all
+    `use_weighted_exit` gives the mixture, else the last step."""
+    _, path, raw, steps, prompts = case
+    ids, mask = padded(prompts, raw["pad_token_id"])
+    real = mask.bool()
+    ref = spec_forward(raw, state_dict(path, torch.float32), ids, mask, steps)
+    model = looplm.load(path, dtype=torch.float32, steps=steps)
+    with torch.inference_mode():
+        for k in range(steps):
+            fixed = model(ids, mask, exit_at_step=k, exit_threshold=0.1)
+            assert (fixed.exit_steps[real] == k).all()
+            assert (fixed.logits - ref["logits"][k])[real].abs().max() <= 1e-4
+        default = model(ids, mask)  # the config's fixed step, else its threshold
+        expected = spec_exit_steps(raw, ref["pdf"], raw["early_exit_threshold"])
+        assert torch.equal(default.exit_steps[real], expected[real])
+        # an out-of-range step given in the call replaces the config's and is ignored: the threshold decides
+        ignored = model(ids, mask, exit_at_step=steps, exit_threshold=0.5)
+        expected = spec_exit_steps({**raw, "early_exit_step": None}, ref["pdf"], 0.5)
+        assert torch.equal(ignored.exit_steps[real], expected[real])
+    raw_without_threshold = {**raw, "early_exit_threshold": None, "early_exit_step": None}
+    (path / "config.json").write_text(json.dumps(raw_without_threshold))
+    model = looplm.load(path, dtype=torch.float32, steps=steps)
+    with torch.inference_mode():
+        weighted = model(ids, mask, use_weighted_exit=True)
+        last = model(ids, mask)
+    mixture = (ref["pdf"].unsqueeze(-1) * ref["logits"]).sum(0)
+    assert weighted.exit_steps is None and (weighted.logits - mixture)[real].abs().max() <= 1e-4
+    assert (last.exit_steps == steps - 1).all() and (last.logits - ref["logits"][-1])[real].abs().max() <= 1e-4
+
+
+def test_labels_of_the_wrong_shape_are_refused(make_checkpoint) -> None:  # noqa: ANN001
+    from looplm.errors import GenerationError
+
+    model = looplm.load(make_checkpoint(), dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(GenerationError, match="labels must be integer ids shaped like input_ids"):
+        model(ids, labels=torch.tensor([[5, 6]]))
+    with pytest.raises(GenerationError, match="labels must be integer ids"):
+        model(ids, labels=ids.float())

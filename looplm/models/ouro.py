@@ -27,7 +27,7 @@ from torch import nn
 from looplm.cache import KVCache, Segments, SharedKVCache
 from looplm.config import OuroConfig
 from looplm.errors import GenerationError
-from looplm.exit import ExitPolicy, StepView, exit_distribution, gather_steps, select_exit_steps
+from looplm.exit import ExitPolicy, StepView, exit_distribution, gather_steps, mix_steps, select_exit_steps
 
 
 class RMSNorm(nn.Module):
@@ -322,6 +322,15 @@ class StepOutput:
         return cls(hidden_states=hidden, gate_lambda=gate_lambda, exit_probs=exit_probs)
 
 
+@dataclass
+class CausalLMOutput:
+    """What calling the model returns (`model(input_ids, ...)`), as the reference's forward does."""
+
+    logits: torch.Tensor  # (B, S, vocab): the logits each token reads
+    loss: torch.Tensor | None = None  # with labels: mean shifted cross-entropy, fp32
+    exit_steps: torch.Tensor | None = None  # (B, S): the 0-based step each token read; None for a mixture
+
+
 class OuroForCausalLM(nn.Module):
     def __init__(self, config: OuroConfig) -> None:
         super().__init__()
@@ -433,24 +442,59 @@ class OuroForCausalLM(nn.Module):
         out.logits = self.lm_head(out.hidden_states)
         return out
 
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        exit_threshold: float | None = None,
+        exit_at_step: int | None = None,
+        use_weighted_exit: bool = False,
+        steps: int | None = None,
+    ) -> CausalLMOutput:
+        """`model(input_ids, ...)` as the reference's forward, without a cache. Every step runs; the
+        logits follow the reference's order of priority:
+
+        1. `labels` given: the exit-weighted mixture of the steps' logits, and `loss`, the mean
+           cross-entropy of each position against the next label (-100 ignored), in fp32. This is
+           the reference's convenience path, not the paper's objective (`looplm train` has that).
+        2. a fixed 0-based step (`exit_at_step`, else the config's `early_exit_step`) within range;
+        3. the threshold rule (`exit_threshold`, else the config's `early_exit_threshold`);
+        4. the weighted mixture if `use_weighted_exit`, else the last step.
+        """
+        out = self.forward_steps(input_ids, attention_mask, steps)
+        if labels is not None:
+            logits = mix_steps(out.exit_probs, out.logits)
+            return CausalLMOutput(logits, loss=shifted_cross_entropy(logits, labels, input_ids))
+        fixed = self.config.early_exit_step if exit_at_step is None else exit_at_step
+        threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+        fixed_applies = fixed is not None and 0 <= fixed < out.logits.shape[0]
+        if threshold is None and not fixed_applies and use_weighted_exit:
+            return CausalLMOutput(mix_steps(out.exit_probs, out.logits))
+        logits, exit_steps = self.exit_logits(out, threshold, exit_at_step=fixed)
+        return CausalLMOutput(logits, exit_steps=exit_steps)
+
     def exit_logits(
         self,
         out: StepOutput,
         exit_threshold: float | None = None,
         position: int | None = None,
+        exit_at_step: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the step each token exits at, and those steps.
 
         `exit_threshold` None means the config's `early_exit_threshold` (1.0 in Ouro configs),
-        applied with the reference's running-sum rule in the model dtype. `position` restricts
-        the work to one sequence position (decoding needs only the last).
+        applied with the reference's running-sum rule in the model dtype. A fixed 0-based step
+        (`exit_at_step`, else the config's `early_exit_step`) within range comes first, as in the
+        reference. `position` restricts the work to one sequence position (decoding needs only the last).
         """
         hidden, probs = out.hidden_states, out.exit_probs
         if position is not None:
             one = slice(position, position + 1 or None)  # position -1 is the last: [-1:None], not [-1:0]
             hidden, probs = hidden[:, :, one], probs[:, :, one]
         threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
-        exit_steps = select_exit_steps(probs, threshold, self.config.early_exit_step)
+        fixed = self.config.early_exit_step if exit_at_step is None else exit_at_step
+        exit_steps = select_exit_steps(probs, threshold, fixed)
         return self.lm_head(gather_steps(hidden, exit_steps)), exit_steps
 
     def readout_tokens(self, out: StepOutput, policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
@@ -575,6 +619,16 @@ class OuroForCausalLM(nn.Module):
         from looplm.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of position i's logits against labels[i + 1], positions labelled -100
+    (and the last) left out, in fp32: the loss of HF's causal LMs, which the reference returns."""
+    if labels.shape != input_ids.shape or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise GenerationError(f"labels must be integer ids shaped like input_ids {list(input_ids.shape)}, got a "
+                              f"{str(labels.dtype).removeprefix('torch.')} tensor {list(labels.shape)}")
+    targets = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
