@@ -202,6 +202,27 @@ def test_speculative_decoding_gives_the_same_text_and_reports_acceptance(default
     assert "Traceback" not in bad.output
 
 
+def test_generate_system_and_think_use_the_chat_template_and_json_splits_reasoning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple] = []
+
+    def fake_stream(model, request, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append((request, kwargs.get("enable_thinking")))
+        from looplm.generate import GenerationStats
+
+        yield TextChunk("weighing it\n</think>\n\nfinal answer", finish_reason="stop", stats=GenerationStats())
+
+    monkeypatch.setattr("looplm.cli.generate.stream_text", fake_stream)
+    result = invoke("generate", "q", "--system", "be brief", "--think", "--json")
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}], True)
+    data = json.loads(result.stdout)
+    assert (data["reasoning"], data["answer"]) == ("weighing it", "final answer")
+    assert invoke("generate", "q", "--json").exit_code == 0
+    assert seen[-1] == ("q", False)  # plain text prompt: no template, no split
+    assert json.loads(invoke("generate", "q", "--json").stdout)["reasoning"] is None
+
+
 def test_compiling_a_model_on_the_cpu_kernels_is_a_clear_error() -> None:
     """The default bf16 CPU model runs looplm's C++ kernels, which Dynamo cannot trace."""
     result = invoke("generate", "hi", "--decoder", "compile", "--max-new-tokens", "2", "--device", "cpu")

@@ -258,6 +258,9 @@ def load_model(  # noqa: ANN201
     if needs_text and model is not None:
         path = Path(model).expanduser()
         if path.is_dir() and not (path / "tokenizer.json").exists():
+            from looplm.config import OuroConfig
+
+            OuroConfig.from_file(path / "config.json")  # a missing or broken config is the first thing to fix
             raise LooplmError(f"{path} has no tokenizer.json, so this command cannot take text; copy the model's "
                               "tokenizer.json (and tokenizer_config.json) into it")
     options = {"dtype": dtype, "device": device, "steps": steps, "quant": quant, "group_size": group_size}

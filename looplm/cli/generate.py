@@ -2,12 +2,13 @@
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from looplm.cli import common
-from looplm.text import stream_text
+from looplm.text import THINK_OPEN, stream_text
+from looplm.tokenizer import split_reasoning
 
 
 @common.app.command()
@@ -38,6 +39,9 @@ def generate(
     draft_tokens: common.DraftTokens = 2,
     draft_confidence: common.DraftConfidence = 0.0,
     chat: Annotated[bool, common.option("Send the prompt as one user message via the chat template", "--chat")] = False,
+    system: Annotated[Optional[str], common.option("System prompt (implies --chat).", default_in_help=True)] = None,
+    think: Annotated[bool, common.option("Open a <think> block in the prompt, enable_thinking (implies --chat).",
+                                         "--think")] = False,
     as_json: Annotated[bool, common.option("Print one JSON object (ids, text, timings).", "--json")] = False,
 ) -> None:
     """Generate a completion for PROMPT and stream it to stdout; timings go to stderr."""
@@ -48,18 +52,24 @@ def generate(
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
     lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
-    request = [{"role": "user", "content": prompt}] if chat else prompt
+    chat = chat or system is not None or think
+    system_message = [{"role": "system", "content": system}] if system is not None else []
+    request = [*system_message, {"role": "user", "content": prompt}] if chat else prompt
     text = []
-    for chunk in stream_text(lm, request, **sampling.for_model(lm), **exits.as_kwargs()):
+    for chunk in stream_text(lm, request, enable_thinking=think, **sampling.for_model(lm), **exits.as_kwargs()):
         text.append(chunk.text)
         if not as_json:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
     stats = chunk.stats
     if as_json:
+        # with a chat template, a Thinking model's <think> text is also given apart from the answer
+        reasoning, answer = split_reasoning((THINK_OPEN if think else "") + "".join(text)) if chat else (None, None)
         print(json.dumps({
             "model": lm.source,
             "text": "".join(text),
+            "reasoning": reasoning,
+            "answer": answer,
             "finish_reason": chunk.finish_reason,
             "prompt_ids": chunk.prompt_ids,
             "new_ids": chunk.token_ids,
