@@ -29,7 +29,7 @@ from looplm.decode_job import GenerationStats, TokenJob, device_elapsed
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, make_policy
 from looplm.models.ouro import OuroForCausalLM, check_token_ids, positions_from_mask
-from looplm.sampling import SamplingParams, TokenChooser, logit_bias_pairs
+from looplm.sampling import SamplingParams, TokenChooser, logit_bias_pairs, make_generator
 from looplm.speculative import DraftParams, speculative_tokens
 from looplm.static_decode import resolve_mode, static_tokens
 
@@ -287,16 +287,7 @@ def stream_generate(
     stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
     if stop_strings and model.tokenizer is None:
         raise GenerationError("stop strings need a tokenizer, and this model was loaded without one")
-    generator = None
-    if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise GenerationError(f"seed must be an integer, got {seed!r}")
-        if not -(2**63) <= seed < 2**64:  # what torch's generators take
-            raise GenerationError(f"seed must fit in 64 bits, got {seed}")
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-    elif not sampling.greedy:
-        generator = torch.Generator(device=model.device)
-        generator.seed()
+    generator = make_generator(seed, sampling.greedy, model.device)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = int(ids.shape[1])
     stats.steps_per_token = [[] for _ in range(ids.shape[0])]

@@ -84,6 +84,22 @@ def logit_bias_pairs(bias: Mapping[int | str, float] | None) -> tuple[tuple[int,
     return tuple(sorted(pairs.items()))  # SamplingParams checks the values
 
 
+def make_generator(seed: int | None, greedy: bool, device: torch.device) -> torch.Generator | None:
+    """The random generator a request samples with: seeded with `seed` (which must fit torch's
+    64 bits), else freshly seeded from the OS when sampling, else None (greedy needs none)."""
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise GenerationError(f"seed must be an integer, got {seed!r}")
+        if not -(2**63) <= seed < 2**64:
+            raise GenerationError(f"seed must fit in 64 bits, got {seed}")
+        return torch.Generator(device=device).manual_seed(seed)
+    if greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.seed()
+    return generator
+
+
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None,
                   seen: torch.Tensor | None = None) -> torch.Tensor:
     """`[B, V]` logits, in fp32, after (in vLLM's order) the bias, the repetition penalty over the

@@ -36,7 +36,7 @@ from looplm.errors import GenerationError
 from looplm.exit import POLICY_NAMES
 from looplm.generate import KV_MODES
 from looplm.models.ouro import OuroForCausalLM
-from looplm.sampling import SamplingParams, TokenChooser
+from looplm.sampling import SamplingParams, TokenChooser, make_generator
 from looplm.server.batch import Batch, ChunkedPrefill, LoopConfig, Prefill, loop_policy, prefill_prompts
 
 log = logging.getLogger("looplm.server")
@@ -184,11 +184,7 @@ class Engine:
         if min(seq.prompt_ids) < 0 or max(seq.prompt_ids) >= vocab:
             raise GenerationError(f"token ids must be in [0, {vocab})")
         seq.sampling.check_vocab(vocab)
-        if seq.seed is not None:
-            seq.generator = torch.Generator(device=self.model.device).manual_seed(seq.seed)
-        elif not seq.sampling.greedy:
-            seq.generator = torch.Generator(device=self.model.device)
-            seq.generator.seed()
+        seq.generator = make_generator(seq.seed, seq.sampling.greedy, self.model.device)
         prompt = torch.tensor([seq.prompt_ids]) if seq.sampling.repetition_penalty != 1 else None
         seq.chooser = TokenChooser(seq.sampling, seq.generator, prompt)
         with self._wake:
