@@ -63,31 +63,7 @@ def generate(
             sys.stdout.flush()
     stats = chunk.stats
     if as_json:
-        # with a chat template, a Thinking model's <think> text is also given apart from the answer
-        reasoning, answer = split_reasoning((THINK_OPEN if think else "") + "".join(text)) if chat else (None, None)
-        print(json.dumps({
-            "model": lm.source,
-            "text": "".join(text),
-            "reasoning": reasoning,
-            "answer": answer,
-            "finish_reason": chunk.finish_reason,
-            "prompt_ids": chunk.prompt_ids,
-            "new_ids": chunk.token_ids,
-            "usage": {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens},
-            "timings": {"setup_s": stats.setup_s, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
-                        "decode_tok_s": stats.decode_tok_s},
-            "decoder": stats.decoder,
-            "speculative": {"draft_steps": draft_steps, "draft_tokens": draft_tokens,
-                            "draft_confidence": draft_confidence, "rounds": stats.draft_rounds,
-                            "proposed": stats.draft_proposed, "accepted": stats.draft_accepted,
-                            "acceptance": stats.draft_acceptance} if draft_steps is not None else None,
-            "mean_exit_step": chunk.mean_exit_step,
-            "steps_per_token": stats.steps_per_token[0] if stats.steps_per_token else [],
-            "mean_steps": stats.mean_steps,
-            "exit_policy": exit_policy or "default",
-            "kv_mode": kv_mode,
-            "kv_bytes_per_token": common.kv_bytes(lm, kv_mode),
-        }))
+        print(json.dumps(_json_report(lm, chunk, "".join(text), chat, think, exits)))
         return
     sys.stdout.write("\n")
     setup = f"{stats.decoder} decoder built in {stats.setup_s:.2f} s | " if stats.setup_s else ""
@@ -99,3 +75,33 @@ def generate(
         f"mean exit step {chunk.mean_exit_step or 0:.2f} | {drafts}finish: {chunk.finish_reason}",
         style="dim",
     )
+
+
+def _json_report(lm, chunk, text: str, chat: bool, think: bool, exits: common.DecodeOptions) -> dict:  # noqa: ANN001
+    """`--json`'s one object: text, ids, timings and the loops used. With a chat template, a
+    Thinking model's <think> text is also given apart from the answer."""
+    stats = chunk.stats
+    reasoning, answer = split_reasoning((THINK_OPEN if think else "") + text) if chat else (None, None)
+    return {
+        "model": lm.source,
+        "text": text,
+        "reasoning": reasoning,
+        "answer": answer,
+        "finish_reason": chunk.finish_reason,
+        "prompt_ids": chunk.prompt_ids,
+        "new_ids": chunk.token_ids,
+        "usage": {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens},
+        "timings": {"setup_s": stats.setup_s, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
+                    "decode_tok_s": stats.decode_tok_s},
+        "decoder": stats.decoder,
+        "speculative": {"draft_steps": exits.draft_steps, "draft_tokens": exits.draft_tokens,
+                        "draft_confidence": exits.draft_confidence, "rounds": stats.draft_rounds,
+                        "proposed": stats.draft_proposed, "accepted": stats.draft_accepted,
+                        "acceptance": stats.draft_acceptance} if exits.draft_steps is not None else None,
+        "mean_exit_step": chunk.mean_exit_step,
+        "steps_per_token": stats.steps_per_token[0] if stats.steps_per_token else [],
+        "mean_steps": stats.mean_steps,
+        "exit_policy": exits.exit_policy or "default",
+        "kv_mode": exits.kv_mode,
+        "kv_bytes_per_token": common.kv_bytes(lm, exits.kv_mode),
+    }
