@@ -432,14 +432,17 @@ class OuroForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         steps: int | None = None,
+        with_logits: bool = True,
     ) -> StepOutput:
-        """All per-step logits `[T, B, S, vocab]` and the exit pdf `[T, B, S]`, without a cache."""
+        """All per-step logits `[T, B, S, vocab]` (unless `with_logits` is False) and the exit pdf
+        `[T, B, S]`, without a cache."""
         check_token_ids(input_ids, self.config.vocab_size)
         steps = self.resolve_steps(steps)
         positions = positions_from_mask(attention_mask, input_ids)
         key_valid = None if attention_mask is None else attention_mask.bool()
         out = self.run_steps(input_ids, positions, key_valid, steps=steps)
-        out.logits = self.lm_head(out.hidden_states)
+        if with_logits:
+            out.logits = self.lm_head(out.hidden_states)
         return out
 
     def forward(
@@ -462,17 +465,18 @@ class OuroForCausalLM(nn.Module):
         3. the threshold rule (`exit_threshold`, else the config's `early_exit_threshold`);
         4. the weighted mixture if `use_weighted_exit`, else the last step.
         """
-        out = self.forward_steps(input_ids, attention_mask, steps)
-        if labels is not None:
-            logits = mix_steps(out.exit_probs, out.logits)
-            return CausalLMOutput(logits, loss=shifted_cross_entropy(logits, labels, input_ids))
         fixed = self.config.early_exit_step if exit_at_step is None else exit_at_step
         threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
-        fixed_applies = fixed is not None and 0 <= fixed < out.logits.shape[0]
-        if threshold is None and not fixed_applies and use_weighted_exit:
-            return CausalLMOutput(mix_steps(out.exit_probs, out.logits))
-        logits, exit_steps = self.exit_logits(out, threshold, exit_at_step=fixed)
-        return CausalLMOutput(logits, exit_steps=exit_steps)
+        total = self.config.total_ut_steps if steps is None else steps
+        fixed_applies = fixed is not None and 0 <= fixed < total
+        mixture = labels is not None or (use_weighted_exit and threshold is None and not fixed_applies)
+        out = self.forward_steps(input_ids, attention_mask, steps, with_logits=mixture)  # else: one step's lm_head
+        if not mixture:
+            logits, exit_steps = self.exit_logits(out, threshold, exit_at_step=fixed)
+            return CausalLMOutput(logits, exit_steps=exit_steps)
+        logits = mix_steps(out.exit_probs, out.logits)
+        loss = None if labels is None else shifted_cross_entropy(logits, labels, input_ids)
+        return CausalLMOutput(logits, loss=loss)
 
     def exit_logits(
         self,
