@@ -52,9 +52,11 @@ class QuantSpec:
 
 def check_shape(name: str, out_features: int, in_features: int, spec: QuantSpec) -> None:
     if spec.bits == 4 and in_features % spec.group_size:
+        fitting = [str(size) for size in INT4_GROUP_SIZES if in_features % size == 0]
+        advice = (f"group size {' or '.join(fitting)} fits" if fitting else
+                  f"no int4 group size ({', '.join(map(str, INT4_GROUP_SIZES))}) divides it: use int8")
         raise QuantizationError(
-            f"int4 group size {spec.group_size} does not divide {name}'s {in_features} input features; "
-            f"pick a group size that divides {in_features}"
+            f"int4 group size {spec.group_size} does not divide {name}'s {in_features} input features; {advice}"
         )
 
 
