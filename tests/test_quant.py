@@ -275,6 +275,14 @@ def _umask() -> int:
     return mask
 
 
+def test_save_quantized_reports_its_stages(make_checkpoint, tmp_path: Path) -> None:  # noqa: ANN001
+    """What `looplm quantize` shows on a terminal while a large model is loaded, quantized and written."""
+    stages: list[str] = []
+    save_quantized(str(make_checkpoint()), tmp_path / "q", QuantSpec(8, 128), report=stages.append)
+    projections = 2 * 7  # the small checkpoint's two layers, seven projections each
+    assert stages == ["loading", *(f"quantizing {i}/{projections}" for i in range(1, projections + 1)), "writing"]
+
+
 def test_an_existing_model_is_replaced_only_with_overwrite(make_checkpoint, tmp_path: Path,  # noqa: ANN001
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     path = make_checkpoint()

@@ -23,7 +23,12 @@ def quantize(
     from looplm.quant.export import save_quantized
 
     spec = QuantSpec(bits, group_size if bits == 4 else 128)  # bad settings fail before loading
-    out = save_quantized(model, output, spec, dtype=dtype, overwrite=overwrite)
+    console = common.stderr()
+    if console.is_terminal:  # a 2.6B model takes about half a minute: say which stage it is in
+        with console.status("loading", spinner="dots") as status:
+            out = save_quantized(model, output, spec, dtype=dtype, overwrite=overwrite, report=status.update)
+    else:
+        out = save_quantized(model, output, spec, dtype=dtype, overwrite=overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
     label = f"int{bits}" + (f", group size {group_size}" if bits == 4 else "")
     common.stderr().print(f"wrote {out} ({label}, {size / 2**20:.1f} MiB of weights)")

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,13 +30,13 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.js
 
 
 def save_quantized(source: str | None, output: Path, spec: QuantSpec, dtype: str = "bfloat16",
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, report: Callable[[str], None] | None = None) -> Path:
     """Quantize the model at `source` (directory, hub id, .gguf, None = default) into `output`.
 
     A directory that already holds a model is refused unless `overwrite`; then its weights,
     config and tokenizer files are replaced (other files stay). The files are written to a
     staging directory beside `output` and moved in at the end, so a failed or interrupted run
-    leaves `output` as it was."""
+    leaves `output` as it was. `report` is told each stage ("loading", "quantizing 3/168", "writing")."""
     output = Path(output)
     source_path = _source_path(source)
     if output.resolve() == source_path.resolve():
@@ -43,11 +44,14 @@ def save_quantized(source: str | None, output: Path, spec: QuantSpec, dtype: str
     _check_output(output, overwrite)
     staging = _make_staging_dir(output)  # before the model loads, so an unwritable place fails first
     try:
+        report = report or (lambda stage: None)
+        report("loading")
         model = load(source, dtype=dtype)
         raw = read_json(source_path / "config.json") if source_path.is_dir() else _config_dict(model.config)
         if raw.get(QUANT_CONFIG_KEY) is not None:
             raise QuantizationError(f"{source}: the model is already quantized")
-        tensors = quantized_state_dict(model, spec)
+        tensors = quantized_state_dict(model, spec, lambda done, total: report(f"quantizing {done}/{total}"))
+        report("writing")
         raw[QUANT_CONFIG_KEY] = spec.to_json()
         raw["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         try:
@@ -100,18 +104,22 @@ def _move_into(staging: Path, output: Path) -> None:
         os.replace(path, output / path.name)
 
 
-def quantized_state_dict(model: OuroForCausalLM, spec: QuantSpec) -> dict[str, torch.Tensor]:
+def quantized_state_dict(model: OuroForCausalLM, spec: QuantSpec,
+                         progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
     """Portable tensors for the selected linears, the model's own tensors for everything else.
-    Each float weight is released once quantized, so memory stays near the float model's size."""
+    Each float weight is released once quantized, so memory stays near the float model's size.
+    `progress(done, total)` follows the linears."""
     selected = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and spec.selects(name)}
     for name, linear in selected.items():
         check_shape(name, linear.out_features, linear.in_features, spec)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, linear in selected.items():
+        for done, (name, linear) in enumerate(selected.items(), 1):
             for suffix, tensor in portable_tensors(name, linear.weight, spec).items():
                 out[f"{name}.{suffix}"] = tensor.contiguous()
             linear.weight.data = torch.empty(0, dtype=linear.weight.dtype)  # free the float copy
+            if progress is not None:
+                progress(done, len(selected))
         skip = {f"{name}.weight" for name in selected}
         for name, param in model.named_parameters():  # a tied lm_head is listed once, as the embedding
             if name not in skip:
