@@ -589,3 +589,15 @@ def test_the_command_line_starts_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("command", [["generate", "hi", "--max-new-tokens", "1"], ["chat", "--max-new-tokens", "1"],
+                                     ["eval", "arithmetic", "--n", "1", "--steps", "1"]])
+def test_threads_option_sets_torch_threads_before_the_work(command: list[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # the test process keeps its own threads
+    result = invoke(*command, "--threads", "1", input="hi\n")
+    assert result.exit_code == 0, result.output
+    assert calls == [1]
+    assert_one_line_error(invoke(*command, "--threads", "0", input="hi\n"), "--threads must be a positive integer")

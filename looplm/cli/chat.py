@@ -41,6 +41,7 @@ def chat(
     top_k: common.TopK = None,
     exit_threshold: common.ExitThreshold = None,
     seed: common.Seed = None,
+    threads: common.Threads = None,
     presence_penalty: common.PresencePenalty = 0.0,
     frequency_penalty: common.FrequencyPenalty = 0.0,
     repetition_penalty: common.RepetitionPenalty = None,
@@ -65,6 +66,7 @@ def chat(
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
+    common.set_threads(threads)
     lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
     options = {**sampling.for_model(lm), **exits.as_kwargs()}
     start = [{"role": "system", "content": system}] if system else []

@@ -102,6 +102,9 @@ ExitThreshold = Annotated[Optional[float], option(
     default_in_help=True,
 )]
 Seed = Annotated[Optional[int], option("Random seed for sampling (reproducible output).", default_in_help=True)]
+Threads = Annotated[Optional[int], option(
+    "Torch CPU threads (default: torch's choice, one per core). Fewer leave cores to other work.", default_in_help=True
+)]
 PresencePenalty = Annotated[float, option(
     "Subtract this, in [-2, 2], from the logit of every token already generated (OpenAI's presence_penalty)."
 )]
@@ -244,6 +247,17 @@ def kv_bytes(model, kv_mode: str) -> int:  # noqa: ANN001
     config = model.config
     return kv_bytes_per_token(config.total_ut_steps, config.num_hidden_layers, config.num_key_value_heads,
                               config.head_dim, model.lm_head.weight.element_size(), kv_mode)
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Apply `--threads` (checked) before any work."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or threads < 1:
+        raise LooplmError(f"--threads must be a positive integer, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def load_model(  # noqa: ANN201

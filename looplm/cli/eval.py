@@ -37,6 +37,7 @@ def arithmetic(
     n: Annotated[int, typer.Option("--n", help="Held-out problems.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed that picks the held-out problems.")] = 1234,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results JSON here.")] = None,
+    threads: common.Threads = None,
 ) -> None:
     """Exact-match accuracy on held-out arithmetic (1-digit chains of 2-4 terms, e.g. 7-8+9-5=), per loop count
     (default: read the last loop)."""
@@ -48,6 +49,7 @@ def arithmetic(
     if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
         raise LooplmError(f"--exit-threshold must be in (0, 1], got {exit_threshold}")
     check_writable(output, "--output")
+    common.set_threads(threads)
     lm = common.load_model(model, dtype, device, None, needs_text=True)
     results = evaluate_arithmetic(lm, step_list, n=n, seed=seed, exit_threshold=exit_threshold)
     common.stdout().print(format_table(results))
@@ -56,7 +58,7 @@ def arithmetic(
 
 def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size,  # noqa: ANN001
               output, records, plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution,
-              skip_compute, kv_mode="full", decoder="auto") -> None:
+              skip_compute, kv_mode="full", decoder="auto", threads=None) -> None:
     from looplm.eval.harness import EvalSettings, parse_policies, parse_shard, plan
     from looplm.eval.report import results_table
 
@@ -82,6 +84,7 @@ def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_t
     plot = plot or (output.with_suffix(".png") if output is not None else None)
     for path, option in ((output, "--output"), (records, "--records"), (plot, "--plot")):
         check_writable(path, option)
+    common.set_threads(threads)
     lm = common.load_model(model, dtype, device, None, needs_text=True)
     if task_spec.kind != "loglik":  # a decoder the device or the options rule out fails before any work
         from looplm.generate import resolve_decoder
@@ -158,9 +161,11 @@ def _task_command(task: str, summary: str):  # noqa: ANN202
         skip_compute: Annotated[bool, typer.Option(help="Generation: exited tokens run no further loops.")] = False,
         kv_mode: Annotated[str, typer.Option(help="Generation: KV cache mode, full or shared.")] = "full",
         decoder: common.Decoder = "auto",
+        threads: common.Threads = None,
     ) -> None:
         _run_task(task, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size, output, records,
-                  plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution, skip_compute, kv_mode, decoder)
+                  plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution, skip_compute, kv_mode, decoder,
+                  threads)
 
     command.__doc__ = summary
     eval_app.command(name=task)(command)

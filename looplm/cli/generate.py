@@ -26,6 +26,7 @@ def generate(
     top_k: common.TopK = None,
     exit_threshold: common.ExitThreshold = None,
     seed: common.Seed = None,
+    threads: common.Threads = None,
     presence_penalty: common.PresencePenalty = 0.0,
     frequency_penalty: common.FrequencyPenalty = 0.0,
     repetition_penalty: common.RepetitionPenalty = None,
@@ -51,6 +52,7 @@ def generate(
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
+    common.set_threads(threads)
     lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
     chat = chat or system is not None or think
     system_message = [{"role": "system", "content": system}] if system is not None else []

@@ -43,17 +43,12 @@ def serve(
     from looplm.server import build_app
     from looplm.server import served_model_name as name_for
 
-    if threads is not None and threads < 1:
-        raise LooplmError(f"--threads must be a positive integer, got {threads}")
+    common.set_threads(threads)
     if prefill_chunk < 1:
         raise LooplmError(f"--prefill-chunk must be a positive integer, got {prefill_chunk}")
     listener = _listen(host, port)  # a bad or busy address fails now, not after loading the model
     if not _is_loopback(host) and not api_key:
         common.stderr().print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     lm = common.load_model(model, dtype, device, steps, quant, group_size)
     name = served_model_name or name_for(model)
     app = build_app(lm, name, api_key, max_context, max_batch, max_queue, prefill_chunk)
