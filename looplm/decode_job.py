@@ -25,6 +25,7 @@ class GenerationStats:
     """Model time only (the caller's work between tokens is not counted)."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens a `PromptCache` already held, so the prompt pass skipped them
     new_tokens: int = 0
     prefill_s: float = 0.0  # the prompt pass, which also yields the first new token
     decode_s: float = 0.0  # the one-token passes that yield every later token
@@ -72,7 +73,7 @@ class GenerationStats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        return (self.prompt_tokens - self.cached_tokens) / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
 @dataclass

@@ -29,6 +29,7 @@ from looplm.decode_job import GenerationStats, TokenJob, device_elapsed
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy, make_policy
 from looplm.models.ouro import OuroForCausalLM, check_token_ids, positions_from_mask
+from looplm.prompt_cache import PromptCache
 from looplm.sampling import SamplingParams, TokenChooser, logit_bias_pairs, make_generator
 from looplm.speculative import DraftParams, speculative_tokens
 from looplm.static_decode import resolve_mode, static_tokens
@@ -105,20 +106,22 @@ def _token_rows(input_ids: Sequence) -> list[list[int]]:
 
 
 def resolve_decoder(decoder: str, model: OuroForCausalLM, use_cache: bool, kv_mode: str, skip_compute: bool,
-                    drafting: bool = False) -> str:
+                    drafting: bool = False, prompt_cache: bool = False) -> str:
     """'dynamic' or the static mode to run; refuses a static mode the request cannot use.
 
     The static step keeps one K/V per (step, layer), runs every loop and needs a cache, so
-    `auto` picks it only on CUDA with the full KV cache, without compute skipping and without
-    speculative drafting (`drafting`: its rounds run their own variable-length passes)."""
+    `auto` picks it only on CUDA with the full KV cache, without compute skipping, without
+    speculative drafting (`drafting`: its rounds run their own variable-length passes) and
+    without a `prompt_cache` (whose K/V live in a cache of their own)."""
     if decoder not in DECODERS:
         raise GenerationError(f"unknown decoder '{decoder}' (choose from {', '.join(DECODERS)})")
     if decoder == "auto":
-        static_fits = use_cache and kv_mode == "full" and not skip_compute and not drafting
+        static_fits = use_cache and kv_mode == "full" and not skip_compute and not drafting and not prompt_cache
         return "graph" if static_fits and model.device.type == "cuda" else "dynamic"
     if decoder != "dynamic":
         refused = [what for what, bad in (("use_cache=False", not use_cache), (f"kv_mode='{kv_mode}'", kv_mode != "full"),
-                                          ("skip_compute", skip_compute), ("draft_steps", drafting)) if bad]
+                                          ("skip_compute", skip_compute), ("draft_steps", drafting),
+                                          ("a prompt_cache", prompt_cache)) if bad]
         if refused:
             raise GenerationError(f"the static decoder ('{decoder}') runs every loop with the full KV cache, so it "
                                   f"cannot take {' or '.join(refused)}; use decoder='dynamic'")
@@ -141,13 +144,16 @@ def decode_tokens(
     skip_compute: bool = False,
     decoder: str = "dynamic",
     draft: DraftParams | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield `(tokens [B], exit_steps [B])` for each new position; the caller feeds nothing back.
 
     Inference mode is switched on around each model call only, never across a `yield`, so the
     caller's own code between tokens keeps its autograd state. `stats` times model work only.
     `decoder` is 'dynamic' or a static mode already checked by `resolve_decoder`; `draft`
-    (checked by `stream_generate`) decodes self-speculatively (`looplm.speculative`).
+    (checked by `stream_generate`) decodes self-speculatively (`looplm.speculative`);
+    `prompt_cache` (checked too: one row, full cache, dynamic step) keeps the K/V of the prompt
+    prefix it shares with its last request, and the prompt pass runs only the rest.
     """
     stats.decoder = decoder
     job = TokenJob(model, input_ids, attention_mask, max_new_tokens, sampling, generator, policy, steps, stats)
@@ -162,22 +168,27 @@ def decode_tokens(
     batch, prompt_len = ids.shape
     mask = None if attention_mask is None else attention_mask.to(device)
     positions = positions_from_mask(mask, ids)
-    cache = None
-    if use_cache:
+    cache, kept = None, 0
+    if prompt_cache is not None:
+        cache, kept = prompt_cache.prepare(model, ids[0].tolist(), prompt_len + max_new_tokens, steps)
+        stats.cached_tokens = kept
+    elif use_cache:
         cache = model.make_cache(batch, prompt_len + max_new_tokens, steps, kv_mode=kv_mode, prompt_len=prompt_len)
     choose = TokenChooser(sampling, generator, ids, mask)
 
     @torch.inference_mode()
-    def forward(new_ids: torch.Tensor, new_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if cache is not None and cache.length > 0:  # one-token decode step
+    def forward(new_ids: torch.Tensor, new_positions: torch.Tensor, prompt: bool = False) -> tuple[torch.Tensor, ...]:
+        if cache is not None and not prompt:  # one-token decode step
             logits, exit_steps = model.decode_step(new_ids, new_positions, mask, cache, steps, policy, skip_compute)
-        else:  # prefill, or full recomputation without a cache: every step runs
+        else:  # the prompt, or full recomputation without a cache: every step runs
             out = model.run_steps(new_ids, new_positions, mask, cache, steps)
             logits, exit_steps = model.readout(out, policy, position=-1)
         return choose(logits), exit_steps
 
     start = time.perf_counter()
-    token, exit_step = forward(ids, positions)
+    token, exit_step = forward(ids[:, kept:], positions[:, kept:], prompt=True)
+    if prompt_cache is not None:
+        prompt_cache.ids.extend(ids[0, kept:].tolist())
     stats.prefill_s = device_elapsed(start, device)
     stats.new_tokens = 1
     yield token, exit_step
@@ -188,7 +199,10 @@ def decode_tokens(
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
         if cache is not None:
             positions = next_position
-            token, exit_step = forward(token.unsqueeze(1), next_position)
+            fed = token
+            token, exit_step = forward(fed.unsqueeze(1), next_position)
+            if prompt_cache is not None:  # its K/V are in the cache now
+                prompt_cache.ids.append(int(fed[0]))
         else:  # recompute the whole sequence every token
             ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
             positions = torch.cat([positions, next_position], dim=1)
@@ -225,6 +239,7 @@ def stream_generate(
     logit_bias: Mapping[int | str, float] | None = None,
     repetition_penalty: float = 1.0,
     min_p: float = 0.0,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[StepEvent]:
     """Generate step by step; a row stops at an eos id, a stop string, or `max_new_tokens`.
 
@@ -246,6 +261,10 @@ def stream_generate(
     `repetition_penalty` (> 0, 1 = off; HF's and vLLM's) divides the positive logits and
     multiplies the negative ones of every token the row has seen, prompt included. `min_p`
     (sampling only) drops tokens below min_p x the likeliest token's probability.
+
+    `prompt_cache` (`looplm.prompt_cache.PromptCache`, one sequence, full KV cache, dynamic decode
+    step) carries a conversation's K/V from one request to the next: the prompt pass runs only
+    the tokens after the prefix the cache already holds.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -268,7 +287,8 @@ def stream_generate(
         if refused:
             raise GenerationError(f"speculative decoding (draft_steps) verifies every loop with the full KV cache, "
                                   f"so it cannot take {' or '.join(refused)}")
-    decoder = resolve_decoder(decoder, model, use_cache, kv_mode, skip_compute, drafting=draft is not None)
+    decoder = resolve_decoder(decoder, model, use_cache, kv_mode, skip_compute, drafting=draft is not None,
+                              prompt_cache=prompt_cache is not None)
     policy = make_policy(
         exit_policy, exit_threshold, steps, model.config.early_exit_threshold, model.config.early_exit_step
     )
@@ -280,6 +300,8 @@ def stream_generate(
     ids, mask = prepare_inputs(input_ids, attention_mask, pad_id)
     _check_inputs(model, ids, max_new_tokens)
     ids = ids.long()
+    if prompt_cache is not None:
+        _check_prompt_cache(ids, mask, use_cache, kv_mode, skip_compute, draft)
     if draft is not None and ids.shape[0] > 1:
         warnings.warn(f"speculative decoding of a batch keeps, each round, only the drafts all {ids.shape[0]} rows "
                       "accepted, so it rarely pays; it is meant for one sequence at a time (docs/speculative.md)",
@@ -300,7 +322,7 @@ def stream_generate(
     produced: list[list[int]] = [[] for _ in range(batch)]
     tokens_iter = decode_tokens(
         model, ids, mask, max_new_tokens, sampling, generator, policy, use_cache, steps, stats, kv_mode, skip_compute,
-        decoder, draft,
+        decoder, draft, prompt_cache,
     )
     for index, (tokens, exit_steps) in enumerate(tokens_iter):
         event = StepEvent(index=index, tokens={}, exit_steps={})
@@ -347,6 +369,7 @@ def generate(
     logit_bias: Mapping[int | str, float] | None = None,
     repetition_penalty: float = 1.0,
     min_p: float = 0.0,
+    prompt_cache: PromptCache | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
     """The new token ids of each sequence, ending with the eos id or stop-string token that ended it.
 
@@ -355,7 +378,8 @@ def generate(
     marks left padding; lists of prompts of different lengths are left-padded automatically.
     `decoder` picks the decode step and `draft_steps` (with `draft_tokens`, `draft_confidence`)
     turns on self-speculative decoding, and `presence_penalty`, `frequency_penalty`, `logit_bias`,
-    `repetition_penalty` and `min_p` shape the choice, as in `stream_generate`.
+    `repetition_penalty` and `min_p` shape the choice, and `prompt_cache` carries a conversation's
+    K/V between calls, as in `stream_generate`.
     """
     produced: dict[int, list[int]] = {}
     stats = GenerationStats()
@@ -363,7 +387,7 @@ def generate(
         model, input_ids, max_new_tokens, temperature, top_p, top_k, seed, exit_threshold,
         use_cache, stop, attention_mask, steps, eos_token_ids, stats, exit_policy, kv_mode, skip_compute, decoder,
         draft_steps, draft_tokens, draft_confidence, presence_penalty, frequency_penalty, logit_bias,
-        repetition_penalty, min_p,
+        repetition_penalty, min_p, prompt_cache,
     ):
         for row, token in event.tokens.items():
             produced.setdefault(row, []).append(token)
@@ -382,6 +406,19 @@ def generate_static(
     'graph' on CUDA and 'eager' elsewhere. Takes `generate`'s other keyword arguments (a full
     KV cache, no compute skipping)."""
     return generate(model, input_ids, max_new_tokens, decoder=resolve_mode(mode, model.device), **kwargs)
+
+
+def _check_prompt_cache(ids: torch.Tensor, mask: torch.Tensor | None, use_cache: bool, kv_mode: str,
+                        skip_compute: bool, draft: DraftParams | None) -> None:
+    """A prompt cache holds one unpadded sequence's full K/V, as the dynamic decode step writes
+    them (`resolve_decoder` has refused the static ones)."""
+    refused = [what for what, bad in (
+        (f"a batch of {ids.shape[0]}", ids.shape[0] != 1), ("padding", mask is not None and not bool(mask.all())),
+        ("use_cache=False", not use_cache), (f"kv_mode='{kv_mode}'", kv_mode != "full"),
+        ("skip_compute", skip_compute), ("draft_steps", draft is not None)) if bad]
+    if refused:
+        raise GenerationError("a prompt_cache keeps one sequence's full K/V for the dynamic decode step, so it "
+                              f"cannot take {' or '.join(refused)}")
 
 
 def _check_inputs(model: OuroForCausalLM, ids: torch.Tensor, max_new_tokens: int) -> None:

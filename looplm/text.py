@@ -21,6 +21,7 @@ from looplm.errors import GenerationError
 
 if TYPE_CHECKING:
     from looplm.generate import GenerationStats
+    from looplm.prompt_cache import PromptCache
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -67,6 +68,7 @@ def stream_text(
     logit_bias: Mapping[int | str, float] | None = None,
     repetition_penalty: float = 1.0,
     min_p: float = 0.0,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[TextChunk]:
     # torch comes with looplm.generate: imported here, so the CLI's modules load without it
     from looplm.generate import GenerationStats, stream_generate
@@ -85,7 +87,8 @@ def stream_text(
                              kv_mode=kv_mode, skip_compute=skip_compute, decoder=decoder,
                              draft_steps=draft_steps, draft_tokens=draft_tokens, draft_confidence=draft_confidence,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                             logit_bias=logit_bias, repetition_penalty=repetition_penalty, min_p=min_p)
+                             logit_bias=logit_bias, repetition_penalty=repetition_penalty, min_p=min_p,
+                             prompt_cache=prompt_cache)
     # closing(): stream_generate holds torch.inference_mode open until it is closed.
     with closing(events):
         for event in events:

@@ -23,6 +23,7 @@ from looplm.tokenizer import split_reasoning
 
 if TYPE_CHECKING:
     from looplm.generate import GenerationStats
+    from looplm.prompt_cache import PromptCache
 
 HELP = "commands: /reset clears the history, /exit quits (so does Ctrl-D)"
 
@@ -68,7 +69,7 @@ def chat(
                                  draft_confidence)
     common.set_threads(threads)
     lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
-    options = {**sampling.for_model(lm), **exits.as_kwargs()}
+    options = {**sampling.for_model(lm), **exits.as_kwargs(), "prompt_cache": conversation_cache(lm, exits)}
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     # Fail before reading input when no message could ever render (broken template, no tokenizer).
@@ -86,6 +87,8 @@ def chat(
             break
         if line == "/reset":
             history = list(start)
+            if options["prompt_cache"] is not None:
+                options["prompt_cache"].clear()
             common.stderr().print("(history cleared)", style="dim")
             continue
         if not line or line.startswith("/"):
@@ -116,6 +119,20 @@ def chat(
     if failed and not interactive:  # a script feeding messages must see that some got no reply
         common.stderr().print(f"error: {failed} of {sent} messages got no reply")
         raise typer.Exit(common.EXIT_ERROR)
+
+
+def conversation_cache(lm, exits: common.DecodeOptions) -> PromptCache | None:  # noqa: ANN001
+    """A cache that carries the conversation's K/V from turn to turn, so each turn's prompt pass runs
+    only what the last turn did not already hold. None where the options decode through K/V of
+    their own: a static decoder (CUDA's default), shared KV, compute skipping, speculative drafts."""
+    from looplm.generate import resolve_decoder
+    from looplm.prompt_cache import PromptCache
+
+    drafting = exits.draft_steps is not None
+    decoder = resolve_decoder(exits.decoder, lm, True, exits.kv_mode, exits.skip_compute, drafting=drafting)
+    if decoder != "dynamic" or exits.kv_mode != "full" or exits.skip_compute or drafting:
+        return None
+    return PromptCache()
 
 
 def fit_context(lm, history: list[dict], keep: int, max_new_tokens: int, think: bool) -> int:  # noqa: ANN001

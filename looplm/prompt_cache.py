@@ -1,0 +1,65 @@
+"""Keep one conversation's KV cache between requests, so each turn prefills only what is new.
+
+A chat sends its whole history with every message. On a CPU a prompt pass costs far more per
+token than a decode step (the Ouro-1.4B shape prefills about 13 tokens a second on two cores),
+so re-reading a long history each turn is most of the wait. `PromptCache` remembers the token
+ids whose keys and values it holds; the next request keeps the longest prefix it shares with
+them and runs only the rest. The history a chat template renders again need not match what was
+generated (a Thinking model's reasoning is dropped from it): the cache keeps what still matches.
+
+The tokens come out as they would from a fresh prompt pass, up to floating-point order: the
+kept prefix was computed in another pass than the rest (tested in fp32).
+
+Only the dynamic decode step with the full KV cache, one sequence, every loop computed:
+`kv_mode="shared"` and `skip_compute` store other K/V for decoded tokens than a prompt pass
+would, and the static and speculative decoders keep caches of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from looplm.cache import KVCache
+from looplm.models.ouro import OuroForCausalLM
+
+CAPACITY_BUCKET = 256  # grow the buffers in steps of this many positions, not every turn
+
+
+@dataclass
+class PromptCache:
+    """The K/V of `ids` (one sequence) for `steps` loops; `reused` says how much the last request kept."""
+
+    cache: KVCache | None = None
+    ids: list[int] = field(default_factory=list)  # the tokens in `cache`, position by position
+    steps: int | None = None
+    reused: int = 0
+
+    def clear(self) -> None:
+        """Forget the conversation (and free its buffers)."""
+        self.cache, self.ids, self.steps, self.reused = None, [], None, 0
+
+    def prepare(self, model: OuroForCausalLM, prompt: list[int], capacity: int, steps: int) -> tuple[KVCache, int]:
+        """The cache to generate `prompt` with, holding `capacity` positions, and how many prompt
+        tokens it already holds. At most all but the last: the last prompt token is always run,
+        since its logits give the first new token."""
+        kept = self._shared_prefix(model, prompt, steps)
+        if self.cache is None or self.cache.max_len < capacity or kept == 0:
+            size = -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
+            bigger = model.make_cache(1, size, steps)
+            if kept:
+                bigger.keys[..., :kept, :] = self.cache.keys[..., :kept, :]
+                bigger.values[..., :kept, :] = self.cache.values[..., :kept, :]
+            self.cache = bigger
+        self.cache.length = kept
+        self.ids, self.steps, self.reused = list(prompt[:kept]), steps, kept
+        return self.cache, kept
+
+    def _shared_prefix(self, model: OuroForCausalLM, prompt: list[int], steps: int) -> int:
+        cache = self.cache
+        if cache is None or self.steps != steps or cache.keys.dtype != model.dtype or cache.keys.device != model.device:
+            return 0
+        limit = min(len(self.ids), cache.length, len(prompt) - 1)
+        kept = 0
+        while kept < limit and self.ids[kept] == prompt[kept]:
+            kept += 1
+        return kept
