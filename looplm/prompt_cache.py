@@ -18,9 +18,11 @@ would, and the static and speculative decoders keep caches of their own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from looplm.cache import KVCache
-from looplm.models.ouro import OuroForCausalLM
+if TYPE_CHECKING:  # types only: the model makes the cache
+    from looplm.cache import KVCache
+    from looplm.models.ouro import OuroForCausalLM
 
 CAPACITY_BUCKET = 256  # grow the buffers in steps of this many positions, not every turn
 
