@@ -453,6 +453,8 @@ def test_loops_saved_counts_decoded_tokens_only() -> None:
     assert steps_line(stats).startswith("mean steps per token 2.67 of 4 | loops saved 6 of 16 (38%")
     stats.skipping = False
     assert stats.loops_saved == 0 and "loops saved 0" in steps_line(stats)
+    stats.prompt_tokens, stats.cached_tokens = 236, 215
+    assert steps_line(stats).endswith(" | prompt 236 tokens, 215 kept from the last turn")
 
 
 # -- inspect ------------------------------------------------------------------------------------

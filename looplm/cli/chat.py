@@ -149,15 +149,19 @@ def fit_context(lm, history: list[dict], keep: int, max_new_tokens: int, think: 
 
 
 def steps_line(stats: GenerationStats) -> str:
-    """One line on the loops a reply used, from its `GenerationStats`."""
+    """One line on the loops a reply used, from its `GenerationStats`, and the prompt tokens the
+    conversation's cache spared the prompt pass."""
     total = stats.steps_available
     line = f"mean steps per token {stats.mean_steps:.2f} of {total}"
     if stats.skipping:
         possible = stats.loops_possible
         share = stats.loops_saved / possible if possible else 0.0
-        return f"{line} | loops saved {stats.loops_saved} of {possible} ({share:.0%}; the first token comes from the prefill)"
-    # Without skipping the policy only picks which loop's logits to read: every loop still ran.
-    return f"{line} | loops saved 0 (every loop ran; saving needs --skip-compute and a policy that exits early)"
+        line += f" | loops saved {stats.loops_saved} of {possible} ({share:.0%}; the first token comes from the prefill)"
+    else:  # the policy only picked which loop's logits to read: every loop still ran
+        line += " | loops saved 0 (every loop ran; saving needs --skip-compute and a policy that exits early)"
+    if stats.cached_tokens:
+        line += f" | prompt {stats.prompt_tokens} tokens, {stats.cached_tokens} kept from the last turn"
+    return line
 
 
 def _stream_reply(lm, history: list[dict], options: dict, think: bool,  # noqa: ANN001
