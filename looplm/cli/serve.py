@@ -30,6 +30,9 @@ def serve(
     prefill_chunk: Annotated[int, common.option(
         "Prompt positions per prefill pass while others decode: longer prompts are prefilled in chunks, so "
         "running requests wait at most one chunk between tokens.")] = 256,
+    prefix_cache_mb: Annotated[int, common.option(
+        "MiB of finished requests' K/V kept for prompts that start the same way (a chat's next turn), so "
+        "only the rest is prefilled; 0 turns it off.")] = 1024,
     threads: Annotated[Optional[int], common.option(
         "Torch CPU threads (default: torch's choice). 1 is fastest for tiny models on a busy machine.",
         default_in_help=True)] = None,
@@ -46,12 +49,14 @@ def serve(
     common.set_threads(threads)
     if prefill_chunk < 1:
         raise LooplmError(f"--prefill-chunk must be a positive integer, got {prefill_chunk}")
+    if prefix_cache_mb < 0:
+        raise LooplmError(f"--prefix-cache-mb must be 0 or more, got {prefix_cache_mb}")
     listener = _listen(host, port)  # a bad or busy address fails now, not after loading the model
     if not _is_loopback(host) and not api_key:
         common.stderr().print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     lm = common.load_model(model, dtype, device, steps, quant, group_size)
     name = served_model_name or name_for(model)
-    app = build_app(lm, name, api_key, max_context, max_batch, max_queue, prefill_chunk)
+    app = build_app(lm, name, api_key, max_context, max_batch, max_queue, prefill_chunk, prefix_cache_mb)
     shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     common.stderr().print(f"serving '{name}' at http://{shown_host}:{port}/v1 (Ctrl-C stops)")
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[listener])

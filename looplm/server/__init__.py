@@ -21,15 +21,17 @@ def served_model_name(model: str | None) -> str:
 
 
 def build_app(model, name: str, api_key: str | None = None, max_context: int = 2048, max_batch: int = 16,  # noqa: ANN001
-              max_queue: int = 64, prefill_chunk: int = 256):  # noqa: ANN201
+              max_queue: int = 64, prefill_chunk: int = 256, prefix_cache_mb: int = 1024):  # noqa: ANN201
     """A FastAPI app over a new engine for a loaded model; the engine starts and stops with the app.
 
     `max_context` is capped at the model's `max_position_embeddings`; `prefill_chunk` bounds the
-    prompt positions one prefill pass runs while other requests are decoding.
+    prompt positions one prefill pass runs while other requests are decoding; `prefix_cache_mb`
+    holds finished sequences' K/V for prompts that start the same way (0: off).
     """
     from looplm.server.app import create_app
     from looplm.server.engine import Engine
 
     context = min(max_context, model.config.max_position_embeddings)
-    engine = Engine(model, max_context=context, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    engine = Engine(model, max_context=context, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                    prefix_cache_bytes=prefix_cache_mb << 20)
     return create_app(engine, name, api_key=api_key)

@@ -89,10 +89,18 @@ class ChunkedPrefill:
     batches keep decoding between its chunks instead of waiting for the whole prompt."""
 
     def __init__(self, model: OuroForCausalLM, steps: int, policy: ExitPolicy, prompt: list[int],
-                 every_position: bool = False) -> None:
+                 every_position: bool = False, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """`prefix`: the K/V `[T*L, H_kv, k, D]` of the prompt's first k tokens, from an earlier
+        request (`PrefixStore`); only the rest is run."""
         self.model, self.steps, self.policy, self.prompt = model, steps, policy, prompt
         self.every_position = every_position
         self.cache = model.make_cache(1, len(prompt), steps)
+        self.kept = 0
+        if prefix is not None:
+            self.kept = prefix[0].shape[2]
+            self.cache.keys[:, 0, :, : self.kept] = prefix[0]
+            self.cache.values[:, 0, :, : self.kept] = prefix[1]
+            self.cache.length = self.kept
         self._every: list[torch.Tensor] = []
 
     @property

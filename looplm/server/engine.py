@@ -38,6 +38,7 @@ from looplm.generate import KV_MODES
 from looplm.models.ouro import OuroForCausalLM
 from looplm.sampling import SamplingParams, TokenChooser, make_generator
 from looplm.server.batch import Batch, ChunkedPrefill, LoopConfig, Prefill, loop_policy, prefill_prompts
+from looplm.server.prefix_store import PrefixStore
 
 log = logging.getLogger("looplm.server")
 
@@ -86,6 +87,8 @@ class Sequence:
     chooser: TokenChooser | None = None  # set by `Engine.submit`; keeps the counts the penalties need
     cancelled: bool = False
     generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # the tokens handed over so far
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix store
     start: int = 0  # first buffer column of this row in its batch
     next_position: int = 0  # RoPE position of the next token fed in
     last_token: int = 0
@@ -98,7 +101,7 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: OuroForCausalLM, max_context: int = 2048, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, prefix_cache_bytes: int = 0) -> None:
         limit = model.config.max_position_embeddings
         if not 1 < max_context <= limit:
             raise GenerationError(f"max_context must be in [2, {limit}] (the model's context), got {max_context}")
@@ -110,6 +113,8 @@ class Engine:
         # Prompt positions one prefill pass runs while batches are decoding: a longer prompt is
         # prefilled in chunks of this size, a round of short ones in passes of at most this many.
         self.prefill_chunk = prefill_chunk
+        # Finished sequences' K/V, for prompts that start the same way (a chat's next turn); 0: off.
+        self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.batches: list[Batch] = []
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._ready: list[Sequence] = []  # admitted (they hold a place in max_batch), not prefilled yet
@@ -126,6 +131,7 @@ class Engine:
         self.prompt_tokens_total = 0
         self.decode_steps_total = 0
         self.prefills_total = 0  # prompt passes run (one per request prompt, however many choices)
+        self.cached_prompt_tokens_total = 0  # prompt tokens taken from the prefix store instead of run
         self.peak_running = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -250,9 +256,11 @@ class Engine:
         with self._wake:
             room = self.max_batch - self.running - self.prefilling
             self._ready += [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        for seq in [s for s in self._ready if len(s.prompt_ids) > self.prefill_chunk]:
-            self._ready.remove(seq)
-            self._queue_chunked(seq)
+        for seq in list(self._ready):
+            prefix = self._stored_prefix(seq)
+            if prefix is not None or len(seq.prompt_ids) > self.prefill_chunk:
+                self._ready.remove(seq)
+                self._queue_chunked(seq, prefix)
         chunk_turn = bool(self._chunked) and (not self._ready or self._chunk_turn)
         self._chunk_turn = not self._chunk_turn
         if chunk_turn:
@@ -260,16 +268,27 @@ class Engine:
         elif self._ready:
             self._prefill_ready()
 
-    def _queue_chunked(self, seq: Sequence) -> None:
-        """A long prompt waits for chunked prefill; the choices of one prompt share it."""
+    def _stored_prefix(self, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The K/V of the longest stored prefix of the sequence's prompt, when it may use one."""
+        if self.prefix_store is None or seq.echo_logprobs or not _reuses_kv(seq.loop):
+            return None
+        kept, entry = self.prefix_store.longest(seq.loop.steps, seq.prompt_ids)
+        if entry is None:
+            return None
+        seq.cached_tokens = kept
+        return entry.keys[:, :, :kept], entry.values[:, :, :kept]
+
+    def _queue_chunked(self, seq: Sequence, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """A long prompt, or one that starts with stored K/V, waits for chunked prefill; the
+        choices of one prompt share it."""
         for prefill, seqs in self._chunked:
-            if (not seq.echo_logprobs and not prefill.every_position and prefill.done == 0
+            if (not seq.echo_logprobs and not prefill.every_position and prefill.done == prefill.kept
                     and prefill.prompt == seq.prompt_ids and seqs[0].loop == seq.loop):
                 seqs.append(seq)
                 return
         try:
             prefill = ChunkedPrefill(self.model, seq.loop.steps, loop_policy(self.model, seq.loop), seq.prompt_ids,
-                                     seq.echo_logprobs)
+                                     seq.echo_logprobs, prefix)
         except Exception as exc:  # e.g. no memory for its cache
             log.exception("prefill failed")
             self._emit(seq, Event("error", message=f"prefill failed: {exc}"))
@@ -332,6 +351,7 @@ class Engine:
     def _start(self, seq: Sequence, prefill: Prefill, row: int) -> None:
         """A prefilled sequence's first token, then its place in a batch (unless that token ended it)."""
         self.prompt_tokens_total += len(seq.prompt_ids)
+        self.cached_prompt_tokens_total += seq.cached_tokens
         if prefill.every is not None:
             self._emit(seq, Event("prompt", prompt_logprobs=self._prompt_logprobs(seq, prefill.every)))
         if seq.max_tokens == 0:  # only the prompt's log-probabilities were asked for
@@ -365,13 +385,24 @@ class Engine:
         self.decode_steps_total += 1
         for seq, token, exit_step, row_logits in zip(list(batch.rows), tokens, exit_steps.tolist(), logits):
             if not self._deliver(seq, token, exit_step + 1, row_logits):
-                batch.leave(seq)
+                self._leave(batch, seq)
+
+    def _leave(self, batch: Batch, seq: Sequence) -> None:
+        """A sequence leaves its batch; its K/V (prompt, then every token fed back) go to the prefix store."""
+        if self.prefix_store is not None and _reuses_kv(batch.loop):
+            row = batch.rows.index(seq)
+            ids = (seq.prompt_ids + seq.tokens)[: batch.length - seq.start]
+            columns = slice(seq.start, batch.length)
+            self.prefix_store.put(batch.loop.steps, ids, batch.keys[:, row, :, columns],
+                                  batch.values[:, row, :, columns])
+        batch.leave(seq)
 
     def _deliver(self, seq: Sequence, token: int, loops: int, logits: torch.Tensor) -> bool:
         """Hand one token, read from `logits` [V], over; False when the sequence is finished (or cancelled)."""
         if seq.cancelled:
             return False
         seq.generated += 1
+        seq.tokens.append(token)
         seq.last_token = token
         self.tokens_total += 1
         self.loops_total += loops
@@ -406,7 +437,7 @@ class Engine:
                     self._chunked.remove((prefill, seqs))
         for batch in self.batches:
             if seq in batch.rows:
-                batch.leave(seq)
+                self._leave(batch, seq)
 
     def _emit(self, seq: Sequence, event: Event) -> None:
         try:
@@ -421,6 +452,11 @@ class Engine:
         for seq in waiting + pending + [seq for batch in self.batches for seq in batch.rows]:
             self._emit(seq, Event("error", message=message))
         self.batches, self._ready, self._chunked = [], [], []
+
+
+def _reuses_kv(loop: LoopConfig) -> bool:
+    """Whether a row's K/V are what a prompt pass computes: every loop, one K/V per (step, layer)."""
+    return loop.kv_mode == "full" and not loop.skip_compute
 
 
 # The most prompts one prefill pass takes (the padded positions are bounded by `prefill_chunk`).

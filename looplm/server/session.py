@@ -45,6 +45,7 @@ class Session:
         self.engine, self.tokenizer, self.eos_ids, self.silent_ids = engine, tokenizer, eos_ids, silent_ids
         self.choices: list[Choice] = []
         self.prompt_tokens = 0
+        self._first_choices: list[Sequence] = []  # one per prompt: its choices share the prompt pass
         self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
 
@@ -68,11 +69,13 @@ class Session:
         try:
             for prompt in prompts:
                 self.prompt_tokens += len(prompt)
-                for _ in range(n):
+                for choice in range(n):
                     index = len(self.choices)
                     choice_seed = None if seed is None else seed + index
                     seq = Sequence(prompt, max_tokens, loop, sampling, choice_seed, self.eos_ids, self._hand_off(index),
                                    logprobs, echo_logprobs)
+                    if choice == 0:
+                        self._first_choices.append(seq)
                     text = ChoiceText(self.tokenizer, stops, split_reasoning, in_reasoning)
                     self.choices.append(Choice(index, seq, text))
                     self.engine.submit(seq)
@@ -147,6 +150,8 @@ class Session:
         loops = sum(c.loops for c in self.choices)
         return {
             "prompt_tokens": self.prompt_tokens,
+            # OpenAI's field: prompt tokens whose K/V an earlier request left (the server's prefix store)
+            "prompt_tokens_details": {"cached_tokens": sum(seq.cached_tokens for seq in self._first_choices)},
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
             "mean_loops_per_token": round(loops / completion, 4) if completion else None,
