@@ -29,16 +29,16 @@ CAPACITY_BUCKET = 256  # grow the buffers in steps of this many positions, not e
 
 @dataclass
 class PromptCache:
-    """The K/V of `ids` (one sequence) for `steps` loops; `reused` says how much the last request kept."""
+    """The K/V of `ids` (one sequence) for `steps` loops (`GenerationStats.cached_tokens` says how
+    many prompt tokens a request kept)."""
 
     cache: KVCache | None = None
     ids: list[int] = field(default_factory=list)  # the tokens in `cache`, position by position
     steps: int | None = None
-    reused: int = 0
 
     def clear(self) -> None:
         """Forget the conversation (and free its buffers)."""
-        self.cache, self.ids, self.steps, self.reused = None, [], None, 0
+        self.cache, self.ids, self.steps = None, [], None
 
     def prepare(self, model: OuroForCausalLM, prompt: list[int], capacity: int, steps: int) -> tuple[KVCache, int]:
         """The cache to generate `prompt` with, holding `capacity` positions, and how many prompt
@@ -53,7 +53,7 @@ class PromptCache:
                 bigger.values[..., :kept, :] = self.cache.values[..., :kept, :]
             self.cache = bigger
         self.cache.length = kept
-        self.ids, self.steps, self.reused = list(prompt[:kept]), steps, kept
+        self.ids, self.steps = list(prompt[:kept]), steps
         return self.cache, kept
 
     def _shared_prefix(self, model: OuroForCausalLM, prompt: list[int], steps: int) -> int:
