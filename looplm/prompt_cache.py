@@ -17,6 +17,7 @@ would, and the static and speculative decoders keep caches of their own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -60,8 +61,14 @@ class PromptCache:
         cache = self.cache
         if cache is None or self.steps != steps or cache.keys.dtype != model.dtype or cache.keys.device != model.device:
             return 0
-        limit = min(len(self.ids), cache.length, len(prompt) - 1)
-        kept = 0
-        while kept < limit and self.ids[kept] == prompt[kept]:
-            kept += 1
-        return kept
+        return reusable_prefix(self.ids[: cache.length], prompt)
+
+
+def reusable_prefix(held: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading tokens of `prompt` `held` shares, at most all but the last prompt token:
+    that one always runs, since its logits give the first new token."""
+    limit = min(len(held), len(prompt) - 1)
+    shared = 0
+    while shared < limit and held[shared] == prompt[shared]:
+        shared += 1
+    return shared

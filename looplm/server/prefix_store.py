@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from looplm.prompt_cache import reusable_prefix
+
 
 @dataclass
 class StoredPrefix:
@@ -54,10 +56,7 @@ class PrefixStore:
         for entry_steps, ids in self._entries:
             if entry_steps != steps:
                 continue
-            limit = min(len(ids), len(prompt) - 1)
-            shared = 0
-            while shared < limit and ids[shared] == prompt[shared]:
-                shared += 1
+            shared = reusable_prefix(ids, prompt)
             if shared > best:
                 best, found = shared, (entry_steps, ids)
         if best < self.min_tokens:
