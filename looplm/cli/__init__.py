@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from looplm.cli import bench, chat, eval, generate, inspect, quantize, serve, train  # noqa: F401 - importing registers each command
+from looplm.cli import batch, bench, chat, eval, generate, inspect, quantize, serve, train  # noqa: F401 - importing registers each command
 from looplm.cli.common import app
 
 __all__ = ["app", "main"]

@@ -2,7 +2,8 @@
 
 Layers: `app.py` (routes) -> `schemas.py` (request bodies) -> `session.py` (one request's
 choices, text deltas) -> `engine.py` (worker thread, continuous batching) -> `batch.py`
-(one batch's KV buffer). `reasoning.py` splits `<think>` text; `metrics.py` renders /metrics.
+(one batch's KV buffer). `reasoning.py` splits `<think>` text; `metrics.py` renders /metrics;
+`offline.py` runs a JSONL file of requests through the app in-process (`looplm batch`).
 """
 
 from __future__ import annotations

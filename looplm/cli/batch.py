@@ -1,0 +1,87 @@
+"""`looplm batch INPUT -o OUTPUT`: offline batch inference over a JSONL file of OpenAI requests."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from looplm.cli import common
+from looplm.errors import LooplmError
+
+
+@common.app.command()
+def batch(
+    input_file: Annotated[Path, typer.Argument(
+        help="JSONL, one request per line: an OpenAI batch line (custom_id, method, url, body) or a bare "
+             "request body with messages (chat) or prompt (completions).", show_default=False)],
+    output: Annotated[Path, common.option(
+        "JSONL results in OpenAI's batch output format, one line per request as it finishes. If it exists, "
+        "its finished requests are kept and only the rest run.", "--output", "-o")],
+    model: common.Model = None,
+    dtype: common.Dtype = "bfloat16",
+    device: common.Device = "auto",
+    steps: common.Steps = None,
+    quant: common.Quant = None,
+    group_size: common.GroupSize = 128,
+    max_tokens: Annotated[Optional[int], common.option(
+        "max_tokens for requests that set neither max_tokens nor max_completion_tokens (default: the server's "
+        "rule, up to --max-context).", default_in_help=True)] = None,
+    max_context: Annotated[int, common.option("Prompt + max_tokens limit per request (capped at the model's "
+                                              "context).")] = 2048,
+    max_batch: Annotated[int, common.option("Most sequences decoding at once.")] = 16,
+    prefill_chunk: Annotated[int, common.option("Prompt positions per prefill pass while others decode.")] = 256,
+    prefix_cache_mb: Annotated[int, common.option(
+        "MiB of finished requests' K/V kept for prompts that start the same way (a shared system prompt or "
+        "few-shot examples), so only the rest is prefilled; 0 turns it off.")] = 1024,
+    threads: common.Threads = None,
+    served_model_name: Annotated[Optional[str], common.option(
+        "Model id written in the replies (default: the model's directory name, or looplm-default).",
+        default_in_help=True)] = None,
+) -> None:
+    """Run a JSONL file of chat/completion requests with continuous batching; results to --output."""
+    from looplm.server import served_model_name as name_for
+    from looplm.server.offline import plan_batch, run_batch
+
+    for value, flag in ((max_batch, "--max-batch"), (prefill_chunk, "--prefill-chunk"), (max_context, "--max-context")):
+        if value < 1:
+            raise LooplmError(f"{flag} must be a positive integer, got {value}")
+    if prefix_cache_mb < 0:
+        raise LooplmError(f"--prefix-cache-mb must be 0 or more, got {prefix_cache_mb}")
+    if max_tokens is not None and max_tokens < 1:
+        raise LooplmError(f"--max-tokens must be a positive integer, got {max_tokens}")
+    plan = plan_batch(input_file, output, max_tokens, "--output")  # the files are checked before the model loads
+    if not plan.todo:
+        common.stderr().print(f"all {len(plan.requests)} requests are already in {output}; nothing to run")
+        return
+    common.set_threads(threads)
+    lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
+    try:
+        summary = _with_progress(lambda progress: run_batch(
+            lm, plan, served_model_name or name_for(model), max_context, max_batch, prefill_chunk, prefix_cache_mb,
+            progress))
+    except KeyboardInterrupt:
+        common.stderr().print(f"interrupted: the finished requests are in {output}; run the same command again to "
+                              "run the rest")
+        raise
+    kept = f", {summary.skipped} kept from an earlier run" if summary.skipped else ""
+    rate = summary.completion_tokens / summary.seconds if summary.seconds else 0.0
+    common.stderr().print(
+        f"{summary.succeeded} requests done in {summary.seconds:.1f} s{kept} | {summary.prompt_tokens} prompt "
+        f"tokens, {summary.completion_tokens} completion tokens ({rate:.1f} tok/s) | results in {output}")
+    if summary.failed:
+        shown = ", ".join(summary.failed_ids[:5]) + (", ..." if summary.failed > 5 else "")
+        raise LooplmError(f"{summary.failed} of {summary.total} requests failed ({shown}); their errors are in "
+                          f"{output}, and running the same command again retries them")
+
+
+def _with_progress(work):  # noqa: ANN001, ANN202
+    """`work(progress)` under a progress bar on stderr: `progress(total, done)` starts it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=common.stderr(), transient=False) as bar:
+        def start(total: int, done: int):  # noqa: ANN202
+            handle = bar.add_task("requests", total=total, completed=done)
+            return lambda finished: bar.advance(handle, finished)
+
+        return work(start)

@@ -1,0 +1,209 @@
+"""`looplm batch`: OpenAI batch files run through the server's app in-process, resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import looplm
+from looplm.cli import app
+from looplm.errors import LooplmError
+from looplm.server.offline import plan_batch, read_requests, resume, run_batch
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOOPLM_HOME", str(tmp_path_factory.mktemp("home")))
+        return looplm.load(dtype="float32")  # fp32: a row in a batch gives the tokens it gives alone
+
+
+def write_lines(path: Path, *items: object) -> Path:
+    path.write_text("".join((item if isinstance(item, str) else json.dumps(item)) + "\n" for item in items))
+    return path
+
+
+def openai_line(custom_id: str, body: dict, url: str = "/v1/chat/completions") -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def results(path: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len({row["custom_id"] for row in rows}) == len(rows), "one line per request"
+    return {row["custom_id"]: row for row in rows}
+
+
+def greedy_chat(model, content: str, max_tokens: int) -> str:  # noqa: ANN001
+    tok = model.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": content}]))
+    return tok.decode(model.generate(ids, max_tokens)[0])
+
+
+# -- reading the input ---------------------------------------------------------------------------
+
+
+def test_openai_lines_and_bare_bodies_are_read(tmp_path: Path) -> None:
+    path = write_lines(
+        tmp_path / "in.jsonl",
+        openai_line("a", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+        "",
+        {"messages": [{"role": "user", "content": "yo"}], "max_tokens": 3},
+        {"custom_id": "c", "prompt": "Once", "n": 2},
+    )
+    requests = read_requests(path)
+    assert [(r.custom_id, r.url, r.line) for r in requests] == [
+        ("a", "/v1/chat/completions", 1), ("line-3", "/v1/chat/completions", 3), ("c", "/v1/completions", 4)]
+    assert "model" not in requests[0].body  # the batch's model answers every request
+    assert requests[2].body == {"prompt": "Once", "n": 2}
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("not json", "in.jsonl:1: not JSON"),
+    ("[1, 2]", "a request is a JSON object, got list"),
+    (json.dumps(openai_line("a", {}, url="/v1/embeddings")), "url must be /v1/chat/completions or /v1/completions"),
+    (json.dumps({**openai_line("a", {}), "method": "GET"}), "method must be POST"),
+    (json.dumps({"custom_id": "a", "url": "/v1/completions", "body": "x"}), "body must be a JSON object"),
+    (json.dumps({"url": "/v1/completions", "body": {"prompt": "x"}}), "custom_id is missing"),
+    (json.dumps({"custom_id": 7, "prompt": "x"}), "custom_id must be a non-empty string"),
+    (json.dumps({"temperature": 0}), "messages (chat) or prompt (completions)"),
+    (json.dumps({"prompt": "x", "stream": True}), "stream is not supported"),
+])
+def test_a_faulty_line_is_named(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(LooplmError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_requests(write_lines(tmp_path / "in.jsonl", line))
+
+
+def test_repeated_ids_empty_and_missing_files_are_refused(tmp_path: Path) -> None:
+    twice = write_lines(tmp_path / "twice.jsonl", {"custom_id": "q", "prompt": "a"}, {"custom_id": "q", "prompt": "b"})
+    with pytest.raises(LooplmError, match="twice.jsonl:2: custom_id 'q' is already used on line 1"):
+        read_requests(twice)
+    with pytest.raises(LooplmError, match="holds no requests"):
+        read_requests(write_lines(tmp_path / "empty.jsonl", ""))
+    with pytest.raises(LooplmError, match="does not exist"):
+        read_requests(tmp_path / "missing.jsonl")
+    one = write_lines(tmp_path / "one.jsonl", {"prompt": "a"})
+    with pytest.raises(LooplmError, match="must not be the input"):
+        plan_batch(one, tmp_path / "." / "one.jsonl")
+
+
+# -- resuming ---------------------------------------------------------------------------------------
+
+
+def output_row(custom_id: str, status: int) -> dict:
+    return {"id": "batch_req_x", "custom_id": custom_id, "response": {"status_code": status, "body": {}}, "error": None}
+
+
+def test_resume_keeps_finished_lines_and_drops_failed_and_cut_ones(tmp_path: Path) -> None:
+    requests = read_requests(write_lines(tmp_path / "in.jsonl", *({"custom_id": i, "prompt": i} for i in "abcd")))
+    out = write_lines(tmp_path / "out.jsonl", output_row("a", 200), output_row("b", 400), output_row("c", 200),
+                      output_row("gone", 500))
+    with out.open("a") as f:
+        f.write('{"custom_id": "d", "resp')  # a killed run's last line
+    assert resume(out, requests) == {"a", "c"}
+    assert list(results(out)) == ["a", "c"]  # the failed lines go: they are tried again
+
+
+def test_resume_refuses_an_output_of_another_batch(tmp_path: Path) -> None:
+    requests = read_requests(write_lines(tmp_path / "in.jsonl", {"custom_id": "a", "prompt": "x"}))
+    other = write_lines(tmp_path / "other.jsonl", output_row("zz", 200))
+    with pytest.raises(LooplmError, match="custom_id 'zz', which the input does not have"):
+        resume(other, requests)
+    assert results(other)["zz"]  # left as it was
+    garbage = write_lines(tmp_path / "garbage.jsonl", "nonsense", output_row("a", 200))
+    with pytest.raises(LooplmError, match="garbage.jsonl:1 is not a batch output line"):
+        resume(garbage, requests)
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def test_a_batch_gives_the_servers_replies_and_a_rerun_only_retries_failures(tmp_path: Path, model) -> None:  # noqa: ANN001
+    questions = [f"What is {i}+{i}?" for i in range(6)]
+    lines = [openai_line(f"q{i}", {"messages": [{"role": "user", "content": q}], "max_tokens": 9, "temperature": 0})
+             for i, q in enumerate(questions)]
+    lines.append({"custom_id": "story", "prompt": "Once upon a time", "n": 2, "temperature": 0})
+    lines.append({"custom_id": "bad", "prompt": "x", "max_tokens": -1})
+    source = write_lines(tmp_path / "in.jsonl", *lines)
+    out = tmp_path / "out" / "results.jsonl"
+    seen: list[tuple[int, int]] = []
+
+    def progress(total: int, done: int):  # noqa: ANN202
+        seen.append((total, done))
+        return lambda finished: seen.append((-1, finished))
+
+    summary = run_batch(model, plan_batch(source, out, max_tokens=7), "tiny", max_batch=3, progress=progress)
+    rows = results(out)
+    assert seen[0] == (8, 0) and seen.count((-1, 1)) == 8
+    assert (summary.total, summary.succeeded, summary.failed, summary.failed_ids) == (8, 7, 1, ["bad"])
+    for i, question in enumerate(questions):  # batched with others, each gives its greedy reply alone
+        body = rows[f"q{i}"]["response"]["body"]
+        assert rows[f"q{i}"]["response"]["status_code"] == 200 and rows[f"q{i}"]["error"] is None
+        assert body["model"] == "tiny" and rows[f"q{i}"]["response"]["request_id"] == body["id"]
+        assert body["choices"][0]["message"]["content"] == greedy_chat(model, question, 9)
+    story = rows["story"]["response"]["body"]
+    assert story["usage"]["completion_tokens"] <= 14  # --max-tokens 7 for a request without max_tokens
+    assert story["choices"][0]["text"] == story["choices"][1]["text"]
+    assert summary.completion_tokens == sum(r["response"]["body"]["usage"]["completion_tokens"]
+                                            for r in rows.values() if r["response"]["status_code"] == 200)
+    bad = rows["bad"]["response"]
+    assert bad["status_code"] == 400 and "max_tokens" in bad["body"]["error"]["message"]
+
+    first = {key: row["id"] for key, row in rows.items()}
+    again = run_batch(model, plan_batch(source, out), "tiny", max_batch=3)
+    assert (again.skipped, again.succeeded, again.failed) == (7, 0, 1)
+    rows = results(out)
+    assert {key: row["id"] for key, row in rows.items() if key != "bad"} == {
+        key: value for key, value in first.items() if key != "bad"}  # finished lines kept as they were
+    assert rows["bad"]["id"] != first["bad"]  # tried again
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def invoke(*args: str):  # noqa: ANN201
+    return CliRunner().invoke(app, ["batch", *args])
+
+
+def test_cli_runs_a_batch_and_says_what_failed(tmp_path: Path) -> None:
+    source = write_lines(tmp_path / "in.jsonl", {"custom_id": "ok", "prompt": "Once", "max_tokens": 3},
+                         {"custom_id": "bad", "prompt": "Once", "temperature": 9})
+    out = tmp_path / "out.jsonl"
+    result = invoke(str(source), "-o", str(out), "--dtype", "float32", "--max-batch", "2")
+    assert result.exit_code == 1
+    assert "1 requests done" in result.stderr
+    assert "error: 1 of 2 requests failed (bad)" in result.stderr and "retries them" in result.stderr
+    assert results(out)["ok"]["response"]["status_code"] == 200
+    source.write_text(json.dumps({"custom_id": "ok", "prompt": "Once", "max_tokens": 3}) + "\n")
+    result = invoke(str(source), "-o", str(out))
+    assert result.exit_code == 0 and "already in" in result.stderr
+
+
+def test_cli_checks_its_files_and_options_before_loading_the_model(tmp_path: Path) -> None:
+    source = write_lines(tmp_path / "in.jsonl", {"prompt": "x"})
+    missing_model = str(tmp_path / "no-model")
+    for args, message in [
+        ((str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl"), "-m", missing_model), "does not exist"),
+        ((str(source), "-o", str(tmp_path), "-m", missing_model), f"--output {tmp_path} is a directory"),
+        ((str(source), "-o", str(tmp_path / "o.jsonl"), "--max-batch", "0"), "--max-batch must be a positive"),
+        ((str(source), "-o", str(tmp_path / "o.jsonl"), "--max-tokens", "0"), "--max-tokens must be a positive"),
+        ((str(source), "-o", str(tmp_path / "o.jsonl"), "--prefix-cache-mb", "-1"), "--prefix-cache-mb must be"),
+    ]:
+        result = invoke(*args)
+        assert result.exit_code == 1, args
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_cli_interrupted_says_how_to_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import looplm.server.offline as offline
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(offline, "run_batch", interrupted)
+    source = write_lines(tmp_path / "in.jsonl", {"prompt": "x"})
+    result = invoke(str(source), "-o", str(tmp_path / "o.jsonl"))
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr and "run the same command again" in result.stderr
