@@ -53,6 +53,7 @@ def test_openai_lines_and_bare_bodies_are_read(tmp_path: Path) -> None:
         {"messages": [{"role": "user", "content": "yo"}], "max_tokens": 3},
         {"custom_id": "c", "prompt": "Once", "n": 2},
     )
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a byte-order mark is skipped
     requests = read_requests(path)
     assert [(r.custom_id, r.url, r.line) for r in requests] == [
         ("a", "/v1/chat/completions", 1), ("line-3", "/v1/chat/completions", 3), ("c", "/v1/completions", 4)]

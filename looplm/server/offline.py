@@ -59,7 +59,7 @@ class BatchSummary:
 def read_requests(path: Path) -> list[BatchRequest]:
     """The requests of an input file, or a LooplmError naming the first faulty line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some editors write one) is not JSON
     except FileNotFoundError:
         raise LooplmError(f"input file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
