@@ -80,6 +80,9 @@ def chat(client, content: str, **kwargs):  # noqa: ANN001, ANN201
 
 def test_models_health_and_metrics(server, client) -> None:  # noqa: ANN001
     assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError, match="model 'other/model' does not exist"):
+        client.models.retrieve("other/model")
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     text = httpx.get(server.url + "/metrics").text
     for name in ("requests_total", "prompt_tokens_total", "completion_tokens_total", "queue_depth",

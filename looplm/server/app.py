@@ -107,11 +107,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
+    def unknown_model(name: str) -> ApiError:
+        return ApiError(404, f"model '{name}' does not exist; this server serves '{model_name}'", param="model",
+                        code="model_not_found")
+
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "looplm",
+            "max_model_len": engine.max_context}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "looplm",
-                "max_model_len": engine.max_context}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")  # OpenAI's "retrieve model"; hub ids have a slash
+    async def one_model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise unknown_model(model_id)
+        return card
 
     # -- the tokenizer (vLLM's routes: lm-evaluation-harness's `tokenizer_backend=remote` uses them) --
 
@@ -146,8 +157,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
         """A generation request: its schema, and a model name this server serves."""
         body = await parse_json(request, schema)
         if body.model is not None and body.model != model_name:
-            raise ApiError(404, f"model '{body.model}' does not exist; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
+            raise unknown_model(body.model)
         return body
 
     async def parse_json(request: Request, schema: type[BaseModel]) -> Any:
