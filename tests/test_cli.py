@@ -355,6 +355,57 @@ def test_chat_with_piped_input() -> None:
     assert "history cleared" in result.stderr and "unknown command" in result.stderr
 
 
+def test_chat_saves_and_loads_a_conversation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[dict]] = []
+
+    def fake_stream(lm, history, **kwargs):  # noqa: ANN001, ANN003, ANN202 - replies "r1", "r2", ...
+        seen.append([dict(m) for m in history])
+        yield TextChunk(f"r{len(seen)}", finish_reason="stop")
+
+    monkeypatch.setattr("looplm.cli.chat.stream_text", fake_stream)
+    saved = tmp_path / "conv.json"
+    result = invoke("chat", "--system", "be brief", input=f"q1\n/save {saved}\nq2\n")
+    assert result.exit_code == 0, result.output
+    expected = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "r1"}]
+    assert json.loads(saved.read_text()) == {"messages": expected}
+    assert "saved 3 messages" in result.stderr
+
+    seen.clear()
+    result = invoke("chat", "--load", str(saved), input=f"q3\n/reset\nq4\n/save {saved}\n")
+    assert result.exit_code == 0, result.output
+    assert seen[0] == [*expected, {"role": "user", "content": "q3"}]  # the loaded conversation goes on
+    assert seen[1] == [expected[0], {"role": "user", "content": "q4"}]  # /reset keeps the loaded system prompt
+    assert json.loads(saved.read_text())["messages"] == [*seen[1], {"role": "assistant", "content": "r2"}]
+
+    result = invoke("chat", input=f"q\n/save\n/save {tmp_path / 'no' / 'dir' / 'x.json'}\n")
+    assert result.exit_code == 1  # piped: a failed save is a failed run
+    assert "/save needs a file name" in result.stderr and "cannot write" in result.stderr
+    assert "error: 2 /save commands failed" in result.stderr
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "does not exist"),
+    ("{not json", "is not a readable JSON file"),
+    ('{"turns": []}', 'expected {"messages": [...]} or a list of messages'),
+    ('[{"role": "bot", "content": "x"}]', "message 0 is not a"),
+    ('[{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]', "only the first message may be"),
+])
+def test_chat_load_refuses_a_bad_file_before_the_model_loads(tmp_path: Path, content: str | None,
+                                                              message: str) -> None:
+    path = tmp_path / "conv.json"
+    if content is not None:
+        path.write_text(content)
+    result = invoke("chat", "--load", str(path), "-m", str(tmp_path / "no-model"), input="hi\n")
+    assert_one_line_error(result, message)
+
+
+def test_chat_load_with_its_own_system_message_refuses_system(tmp_path: Path) -> None:
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": "a"}]}))
+    assert_one_line_error(invoke("chat", "--load", str(path), "--system", "b"), "has its own system message")
+
+
 def test_chat_with_a_broken_template_stops_before_reading_input(tmp_path: Path) -> None:
     import shutil
 

@@ -6,11 +6,15 @@ streamed dimmed and kept apart from the answer; only answers go back into the hi
 A chat template that cannot render a conversation stops the command before the first message;
 with piped input, a message that got no reply makes the command exit 1 at the end. When the
 conversation outgrows the context, its oldest exchanges leave it (the system prompt stays).
+`/save FILE` writes the conversation as `{"messages": [...]}` (OpenAI's form: a request body for
+`looplm batch` or the server), and `--load FILE` starts from such a file.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -25,7 +29,8 @@ if TYPE_CHECKING:
     from looplm.generate import GenerationStats
     from looplm.prompt_cache import PromptCache
 
-HELP = "commands: /reset clears the history, /exit quits (so does Ctrl-D)"
+HELP = "commands: /reset clears the history, /save FILE writes it as JSON, /exit quits (so does Ctrl-D)"
+ROLES = ("system", "user", "assistant")
 
 
 @common.app.command()
@@ -61,21 +66,28 @@ def chat(
     show_steps: Annotated[bool, common.option(
         "After each reply, print the mean loops per token and, with --skip-compute, the loops saved.", "--show-steps"
     )] = False,
+    load: Annotated[Optional[Path], common.option(
+        "Start from a conversation saved with /save (or any JSON {\"messages\": [...]} of system, user and "
+        "assistant messages).", default_in_help=True)] = None,
 ) -> None:
     """Chat with the model; one message per line, /reset and /exit."""
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop,
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
+    loaded = read_conversation(load) if load is not None else []
+    if system and loaded and loaded[0]["role"] == "system":
+        raise LooplmError(f"{load} has its own system message; leave out --system")
     common.set_threads(threads)
     lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
     options = {**sampling.for_model(lm), **exits.as_kwargs(), "prompt_cache": conversation_cache(lm, exits)}
-    start = [{"role": "system", "content": system}] if system else []
-    history = list(start)
+    loaded_system = loaded[:1] if loaded and loaded[0]["role"] == "system" else []
+    start = [{"role": "system", "content": system}] if system else loaded_system  # kept by /reset
+    history = start + loaded[len(loaded_system):]
     # Fail before reading input when no message could ever render (broken template, no tokenizer).
     render_prompt(lm, [*start, {"role": "user", "content": "hello"}], think)
     interactive = sys.stdin.isatty()
-    failed = sent = 0
+    failed = sent = saves_failed = 0
     if interactive:
         common.stderr().print(HELP, style="dim")
     while True:
@@ -90,6 +102,9 @@ def chat(
             if options["prompt_cache"] is not None:
                 options["prompt_cache"].clear()
             common.stderr().print("(history cleared)", style="dim")
+            continue
+        if line.split(maxsplit=1)[0:1] == ["/save"]:
+            saves_failed += not _save(history, line[len("/save"):].strip())
             continue
         if not line or line.startswith("/"):
             if line:
@@ -116,9 +131,51 @@ def chat(
             failed += 1
         else:
             history.append({"role": "assistant", "content": split_reasoning(reply)[1]})
-    if failed and not interactive:  # a script feeding messages must see that some got no reply
+    if interactive:
+        return
+    if failed:  # a script feeding messages must see that some got no reply
         common.stderr().print(f"error: {failed} of {sent} messages got no reply")
+    if saves_failed:
+        common.stderr().print(f"error: {saves_failed} /save command{'s' if saves_failed > 1 else ''} failed")
+    if failed or saves_failed:
         raise typer.Exit(common.EXIT_ERROR)
+
+
+def read_conversation(path: Path) -> list[dict]:
+    """The messages of a saved conversation, checked: a JSON object with `messages` (or a bare list),
+    each a system (first only), user or assistant message with text content."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LooplmError(f"--load {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LooplmError(f"--load {path} is not a readable JSON file ({getattr(exc, 'strerror', None) or exc})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list):
+        raise LooplmError(f"--load {path}: expected {{\"messages\": [...]}} or a list of messages")
+    for number, message in enumerate(messages):
+        if (not isinstance(message, dict) or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)):
+            raise LooplmError(f"--load {path}: message {number} is not a {{\"role\": system|user|assistant, "
+                              "\"content\": text} object")
+        if message["role"] == "system" and number > 0:
+            raise LooplmError(f"--load {path}: only the first message may be a system message")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _save(history: list[dict], target: str) -> bool:
+    """`/save FILE`: the conversation as JSON; a failure is one line and the chat goes on."""
+    if not target:
+        common.stderr().print("error: /save needs a file name: /save FILE")
+        return False
+    path = Path(target).expanduser()
+    try:
+        path.write_text(json.dumps({"messages": history}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        common.stderr().print(f"error: cannot write {path} ({exc.strerror or exc})")
+        return False
+    common.stderr().print(f"(saved {len(history)} messages to {path})", style="dim")
+    return True
 
 
 def conversation_cache(lm, exits: common.DecodeOptions) -> PromptCache | None:  # noqa: ANN001
