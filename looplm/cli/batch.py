@@ -26,27 +26,18 @@ def batch(
     max_tokens: Annotated[Optional[int], common.option(
         "max_tokens for requests that set neither max_tokens nor max_completion_tokens (default: the server's "
         "rule, up to --max-context).", default_in_help=True)] = None,
-    max_context: Annotated[int, common.option("Prompt + max_tokens limit per request (capped at the model's "
-                                              "context).")] = 2048,
-    max_batch: Annotated[int, common.option("Most sequences decoding at once.")] = 16,
-    prefill_chunk: Annotated[int, common.option("Prompt positions per prefill pass while others decode.")] = 256,
-    prefix_cache_mb: Annotated[int, common.option(
-        "MiB of finished requests' K/V kept for prompts that start the same way (a shared system prompt or "
-        "few-shot examples), so only the rest is prefilled; 0 turns it off.")] = 1024,
+    max_context: common.MaxContext = 2048,
+    max_batch: common.MaxBatch = 16,
+    prefill_chunk: common.PrefillChunk = 256,
+    prefix_cache_mb: common.PrefixCacheMb = 1024,
     threads: common.Threads = None,
-    served_model_name: Annotated[Optional[str], common.option(
-        "Model id written in the replies (default: the model's directory name, or looplm-default).",
-        default_in_help=True)] = None,
+    served_model_name: common.ServedModelName = None,
 ) -> None:
     """Run a JSONL file of chat/completion requests with continuous batching; results to --output."""
     from looplm.server import served_model_name as name_for
     from looplm.server.offline import plan_batch, run_batch
 
-    for value, flag in ((max_batch, "--max-batch"), (prefill_chunk, "--prefill-chunk"), (max_context, "--max-context")):
-        if value < 1:
-            raise LooplmError(f"{flag} must be a positive integer, got {value}")
-    if prefix_cache_mb < 0:
-        raise LooplmError(f"--prefix-cache-mb must be 0 or more, got {prefix_cache_mb}")
+    common.check_engine_options(max_context, max_batch, prefill_chunk, prefix_cache_mb)
     if max_tokens is not None and max_tokens < 1:
         raise LooplmError(f"--max-tokens must be a positive integer, got {max_tokens}")
     plan = plan_batch(input_file, output, max_tokens, "--output")  # the files are checked before the model loads

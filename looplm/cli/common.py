@@ -153,6 +153,29 @@ DraftConfidence = Annotated[float, option(
     "End a speculative round's drafting at the first draft the draft gives less than this probability "
     "(0: always draft --draft-tokens).", "--draft-confidence")]
 
+# -- the serving engine's options (`looplm serve` and `looplm batch`) ------------------------------
+
+MaxContext = Annotated[int, option("Prompt + max_tokens limit per request (capped at the model's context).")]
+MaxBatch = Annotated[int, option("Most sequences decoding at once (all batches together).")]
+PrefillChunk = Annotated[int, option(
+    "Prompt positions per prefill pass while others decode: longer prompts are prefilled in chunks, so "
+    "running requests wait at most one chunk between tokens.")]
+PrefixCacheMb = Annotated[int, option(
+    "MiB of finished requests' K/V kept for prompts that start the same way (a chat's next turn, a shared "
+    "system prompt), so only the rest is prefilled; 0 turns it off.")]
+ServedModelName = Annotated[Optional[str], option(
+    "Model id the replies carry, which server requests may also name (default: the model's directory name, or "
+    "looplm-default).", default_in_help=True)]
+
+
+def check_engine_options(max_context: int, max_batch: int, prefill_chunk: int, prefix_cache_mb: int) -> None:
+    """The engine options' bounds, checked before the model loads."""
+    for value, flag in ((max_context, "--max-context"), (max_batch, "--max-batch"), (prefill_chunk, "--prefill-chunk")):
+        if value < 1:
+            raise LooplmError(f"{flag} must be a positive integer, got {value}")
+    if prefix_cache_mb < 0:
+        raise LooplmError(f"--prefix-cache-mb must be 0 or more, got {prefix_cache_mb}")
+
 
 @dataclass(frozen=True)
 class DecodeOptions:

@@ -23,22 +23,15 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(
         envvar="LOOPLM_API_KEY", show_default=False,
         help="Require 'Authorization: Bearer KEY' on /v1/* (also read from $LOOPLM_API_KEY).")] = None,
-    max_context: Annotated[int, common.option("Prompt + max_tokens limit per request (capped at the model's "
-                                              "context).")] = 2048,
-    max_batch: Annotated[int, common.option("Most sequences decoding at once (all batches together).")] = 16,
+    max_context: common.MaxContext = 2048,
+    max_batch: common.MaxBatch = 16,
     max_queue: Annotated[int, common.option("Most requests waiting; more get HTTP 429.")] = 64,
-    prefill_chunk: Annotated[int, common.option(
-        "Prompt positions per prefill pass while others decode: longer prompts are prefilled in chunks, so "
-        "running requests wait at most one chunk between tokens.")] = 256,
-    prefix_cache_mb: Annotated[int, common.option(
-        "MiB of finished requests' K/V kept for prompts that start the same way (a chat's next turn), so "
-        "only the rest is prefilled; 0 turns it off.")] = 1024,
+    prefill_chunk: common.PrefillChunk = 256,
+    prefix_cache_mb: common.PrefixCacheMb = 1024,
     threads: Annotated[Optional[int], common.option(
         "Torch CPU threads (default: torch's choice). 1 is fastest for tiny models on a busy machine.",
         default_in_help=True)] = None,
-    served_model_name: Annotated[Optional[str], common.option(
-        "Model id clients pass (default: the model's directory name, or looplm-default).", default_in_help=True
-    )] = None,
+    served_model_name: common.ServedModelName = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming, /metrics)."""
     import uvicorn
@@ -47,10 +40,9 @@ def serve(
     from looplm.server import served_model_name as name_for
 
     common.set_threads(threads)
-    if prefill_chunk < 1:
-        raise LooplmError(f"--prefill-chunk must be a positive integer, got {prefill_chunk}")
-    if prefix_cache_mb < 0:
-        raise LooplmError(f"--prefix-cache-mb must be 0 or more, got {prefix_cache_mb}")
+    common.check_engine_options(max_context, max_batch, prefill_chunk, prefix_cache_mb)
+    if max_queue < 1:
+        raise LooplmError(f"--max-queue must be a positive integer, got {max_queue}")
     listener = _listen(host, port)  # a bad or busy address fails now, not after loading the model
     if not _is_loopback(host) and not api_key:
         common.stderr().print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
