@@ -384,6 +384,21 @@ def test_chat_saves_and_loads_a_conversation(tmp_path: Path, monkeypatch: pytest
     assert "error: 2 /save commands failed" in result.stderr
 
 
+def test_chat_takes_a_message_of_several_lines_between_triple_quotes(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+
+    def fake_stream(lm, history, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        sent.append(history[-1]["content"])
+        yield TextChunk("ok", finish_reason="stop")
+
+    monkeypatch.setattr("looplm.cli.chat.stream_text", fake_stream)
+    typed = '"""def f(x):\n    return x\n"""\n"""/etc/hosts is a file"""\nplain\n"""\nunfinished\n  at the end'
+    result = invoke("chat", input=typed)
+    assert result.exit_code == 0, result.output
+    assert sent == ["def f(x):\n    return x", "/etc/hosts is a file", "plain", "unfinished\n  at the end"]
+    assert "unknown command" not in result.stderr  # fenced text is never a command
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (None, "does not exist"),
     ("{not json", "is not a readable JSON file"),

@@ -1,6 +1,7 @@
 """`looplm chat`: a multi-turn REPL over the model's chat template.
 
-Reads one user message per line (from a terminal or piped stdin). `<think>` reasoning is
+Reads one user message per line (from a terminal or piped stdin), or several lines between
+\"\"\" fences. `<think>` reasoning is
 streamed dimmed and kept apart from the answer; only answers go back into the history.
 `--show-steps` prints, after each reply, the mean loops per token and the loops skipping saved.
 A chat template that cannot render a conversation stops the command before the first message;
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
     from looplm.generate import GenerationStats
     from looplm.prompt_cache import PromptCache
 
-HELP = "commands: /reset clears the history, /save FILE writes it as JSON, /exit quits (so does Ctrl-D)"
+HELP = ('commands: /reset clears the history, /save FILE writes it as JSON, /exit quits (so does Ctrl-D); '
+        'a message between """ and """ may span lines')
+FENCE = '"""'
 ROLES = ("system", "user", "assistant")
 
 
@@ -92,22 +95,23 @@ def chat(
         common.stderr().print(HELP, style="dim")
     while True:
         try:
-            line = input(">>> " if interactive else "").strip()
+            line, fenced = read_message(interactive)
         except EOFError:
             break
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history = list(start)
-            if options["prompt_cache"] is not None:
-                options["prompt_cache"].clear()
-            common.stderr().print("(history cleared)", style="dim")
+        if not line:
             continue
-        if line.split(maxsplit=1)[0:1] == ["/save"]:
-            saves_failed += not _save(history, line[len("/save"):].strip())
-            continue
-        if not line or line.startswith("/"):
-            if line:
+        if not fenced and line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                history = list(start)
+                if options["prompt_cache"] is not None:
+                    options["prompt_cache"].clear()
+                common.stderr().print("(history cleared)", style="dim")
+            elif command == "/save":
+                saves_failed += not _save(history, argument.strip())
+            else:
                 common.stderr().print(f"unknown command {line}; {HELP}", style="dim")
             continue
         history.append({"role": "user", "content": line})
@@ -139,6 +143,23 @@ def chat(
         common.stderr().print(f"error: {saves_failed} /save command{'s' if saves_failed > 1 else ''} failed")
     if failed or saves_failed:
         raise typer.Exit(common.EXIT_ERROR)
+
+
+def read_message(interactive: bool) -> tuple[str, bool]:
+    """One message and whether it was fenced: a line, or the lines from one that starts with \"\"\"
+    to one that ends with it (pasted text keeps its lines, and is never a /command). EOFError when
+    the input ends before a message starts."""
+    line = input(">>> " if interactive else "").strip()
+    if not line.startswith(FENCE):
+        return line, False
+    lines = [line[len(FENCE):]]
+    while not lines[-1].endswith(FENCE):
+        try:
+            lines.append(input("... " if interactive else ""))
+        except EOFError:  # the input ended inside the message: send what there is
+            return "\n".join(lines).strip(), True
+    lines[-1] = lines[-1][: -len(FENCE)]
+    return "\n".join(lines).strip(), True
 
 
 def read_conversation(path: Path) -> list[dict]:
