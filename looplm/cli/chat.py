@@ -1,8 +1,8 @@
 """`looplm chat`: a multi-turn REPL over the model's chat template.
 
 Reads one user message per line (from a terminal or piped stdin), or several lines between
-\"\"\" fences. `<think>` reasoning is
-streamed dimmed and kept apart from the answer; only answers go back into the history.
+\"\"\" fences. `<think>` reasoning is streamed dimmed and kept apart from the answer; only
+answers go back into the history.
 `--show-steps` prints, after each reply, the mean loops per token and the loops skipping saved.
 A chat template that cannot render a conversation stops the command before the first message;
 with piped input, a message that got no reply makes the command exit 1 at the end. When the
