@@ -13,7 +13,6 @@ conversation outgrows the context, its oldest exchanges leave it (the system pro
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -22,6 +21,7 @@ import typer
 from rich.text import Text
 
 from looplm.cli import common
+from looplm.conversation import fit_context, read_messages, write_messages
 from looplm.errors import LooplmError
 from looplm.text import THINK_OPEN, ReasoningStream, render_prompt, stream_text
 from looplm.tokenizer import split_reasoning
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 HELP = ('commands: /reset clears the history, /save FILE writes it as JSON, /exit quits (so does Ctrl-D); '
         'a message between """ and """ may span lines')
 FENCE = '"""'
-ROLES = ("system", "user", "assistant")
 
 
 @common.app.command()
@@ -78,7 +77,7 @@ def chat(
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
-    loaded = read_conversation(load) if load is not None else []
+    loaded = read_messages(load) if load is not None else []
     if system and loaded and loaded[0]["role"] == "system":
         raise LooplmError(f"{load} has its own system message; leave out --system")
     common.set_threads(threads)
@@ -162,28 +161,6 @@ def read_message(interactive: bool) -> tuple[str, bool]:
     return "\n".join(lines).strip(), True
 
 
-def read_conversation(path: Path) -> list[dict]:
-    """The messages of a saved conversation, checked: a JSON object with `messages` (or a bare list),
-    each a system (first only), user or assistant message with text content."""
-    try:
-        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LooplmError(f"--load {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LooplmError(f"--load {path} is not a readable JSON file ({getattr(exc, 'strerror', None) or exc})") from None
-    messages = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(messages, list):
-        raise LooplmError(f"--load {path}: expected {{\"messages\": [...]}} or a list of messages")
-    for number, message in enumerate(messages):
-        if (not isinstance(message, dict) or message.get("role") not in ROLES
-                or not isinstance(message.get("content"), str)):
-            raise LooplmError(f"--load {path}: message {number} is not a {{\"role\": system|user|assistant, "
-                              "\"content\": text} object")
-        if message["role"] == "system" and number > 0:
-            raise LooplmError(f"--load {path}: only the first message may be a system message")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def _save(history: list[dict], target: str) -> bool:
     """`/save FILE`: the conversation as JSON; a failure is one line and the chat goes on."""
     if not target:
@@ -191,7 +168,7 @@ def _save(history: list[dict], target: str) -> bool:
         return False
     path = Path(target).expanduser()
     try:
-        path.write_text(json.dumps({"messages": history}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        write_messages(path, history)
     except OSError as exc:
         common.stderr().print(f"error: cannot write {path} ({exc.strerror or exc})")
         return False
@@ -211,19 +188,6 @@ def conversation_cache(lm, exits: common.DecodeOptions) -> PromptCache | None:  
     if decoder != "dynamic" or exits.kv_mode != "full" or exits.skip_compute or drafting:
         return None
     return PromptCache()
-
-
-def fit_context(lm, history: list[dict], keep: int, max_new_tokens: int, think: bool) -> int:  # noqa: ANN001
-    """Drop the oldest exchanges (a user message and its reply), never the first `keep` messages
-    (the system prompt) nor the newest message, until the prompt and the reply's budget fit the
-    model's context; the number of exchanges dropped. If the newest message alone is too long,
-    generation says so."""
-    limit = lm.config.max_position_embeddings - max_new_tokens
-    dropped = 0
-    while len(history) > keep + 1 and len(lm.tokenizer.encode(render_prompt(lm, history, think))) > limit:
-        del history[keep : keep + 2 if len(history) > keep + 2 else keep + 1]
-        dropped += 1
-    return dropped
 
 
 def steps_line(stats: GenerationStats) -> str:
