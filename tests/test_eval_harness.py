@@ -125,27 +125,29 @@ def test_results_format_resume_and_merge(tiny, fake_task: Task, tmp_path: Path) 
 
 
 def test_generation_tasks_use_skip_and_kv_mode(tiny, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    import looplm.generate
+    from looplm.server.engine import Engine
 
     items = [Item(id=f"g{k}", messages=[{"role": "user", "content": f"{k}+1="}], answer=str(k + 1)) for k in range(3)]
     task = Task("fakegen", "generate", "math_equiv", lambda shots: items, max_new_tokens=3)
     monkeypatch.setitem(harness.get_task.__globals__["TASKS"], "fakegen", task)
-    seen, real = [], looplm.generate.generate
+    seen, real = [], Engine.loop_config
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        seen.append((kwargs["kv_mode"], kwargs["skip_compute"]))
-        return real(*args, **kwargs)
+    def spy(self, *args):  # noqa: ANN001, ANN002, ANN202
+        loop = real(self, *args)
+        seen.append((loop.kv_mode, loop.skip_compute))
+        return loop
 
-    monkeypatch.setattr(looplm.generate, "generate", spy)
+    monkeypatch.setattr(Engine, "loop_config", spy)
     settings = EvalSettings(task="fakegen", steps=[4], policies=[("gate", 0.5)], chat=False, kv_mode="shared",
                             skip_compute=True)
     results = run_eval(tiny, settings)["results"]
-    assert seen and set(seen) == {("shared", True)}
+    assert len(seen) == 6 and set(seen) == {("shared", True)}
     assert [r["n"] for r in results] == [3, 3] and 1.0 <= results[1]["mean_steps"] <= 4.0
 
 
 def test_generation_tasks_through_the_static_decoder(tiny, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: ANN001
-    """`decoder` reaches generate; the static step writes every item's output as the dynamic one does (fp32)."""
+    """A static `decoder` reaches generate in static batches; it writes every item's output and loops
+    as the dynamic step's continuous batching does (fp32)."""
     import looplm.generate
 
     items = [Item(id=f"g{k}", messages=[{"role": "user", "content": f"{k}+2="}], answer=str(k + 2)) for k in range(3)]
@@ -165,9 +167,38 @@ def test_generation_tasks_through_the_static_decoder(tiny, monkeypatch: pytest.M
         run_eval(tiny, settings, tmp_path / f"{decoder}.jsonl")
         lines = [json.loads(line) for line in (tmp_path / f"{decoder}.jsonl").read_text().splitlines()]
         assert lines[0]["header"]["decoder"] == decoder
-        runs[decoder] = [(row["id"], row["key"], row["output"], row["step_sum"]) for row in lines[1:]]
-    assert set(seen) == {"dynamic", "eager"}
+        runs[decoder] = sorted((row["id"], row["key"], row["output"], row["step_sum"]) for row in lines[1:])
+    assert seen == ["eager"] * 6  # 3 configurations x batches of 2 + 1 items
     assert len(runs["eager"]) == 9 and runs["eager"] == runs["dynamic"]
+
+
+def test_generation_prompts_with_a_shared_start_reuse_its_kv(tiny, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+                                                              tmp_path: Path) -> None:
+    """Few-shot prompts share their examples: once an answer has finished, later prompts prefill
+    only what follows the stored prefix, and the answers stay those of a full prefill (fp32)."""
+    from looplm.server.engine import Engine
+
+    shots = "Q: what is 1+1? A: 2. Q: what is 2+2? A: 4. Q: what is 3+3? A: 6. " * 2
+    items = [Item(id=f"s{k}", messages=[{"role": "user", "content": f"{shots}Q: what is {k}+{k}? A:"}],
+                  answer=str(2 * k)) for k in range(4)]
+    task = Task("fewshot", "generate", "math_equiv", lambda shots: items, max_new_tokens=5)
+    monkeypatch.setitem(harness.get_task.__globals__["TASKS"], "fewshot", task)
+    engines, start = [], Engine.start
+
+    def keep(self):  # noqa: ANN001, ANN202
+        engines.append(self)
+        return start(self)
+
+    monkeypatch.setattr(Engine, "start", keep)
+    outputs = {}
+    for budget in (0, 64):
+        settings = EvalSettings(task="fewshot", steps=[4], chat=False, batch_size=1, prefix_cache_mb=budget)
+        run_eval(tiny, settings, tmp_path / f"{budget}.jsonl")
+        lines = (tmp_path / f"{budget}.jsonl").read_text().splitlines()[1:]
+        outputs[budget] = sorted((row["id"], row["output"], row["step_sum"]) for row in map(json.loads, lines))
+    assert engines[0].cached_prompt_tokens_total == 0
+    assert engines[1].cached_prompt_tokens_total >= 3 * 40  # items 2-4 reuse at least the shared examples
+    assert outputs[64] == outputs[0]
 
 
 def test_policies_without_threshold_record_their_default(tiny, fake_task: Task) -> None:  # noqa: ANN001

@@ -58,7 +58,7 @@ def arithmetic(
 
 def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size,  # noqa: ANN001
               output, records, plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution,
-              skip_compute, kv_mode="full", decoder="auto", threads=None) -> None:
+              skip_compute, kv_mode="full", decoder="auto", threads=None, prefix_cache_mb=1024) -> None:
     from looplm.eval.harness import EvalSettings, parse_policies, parse_shard, plan
     from looplm.eval.report import results_table
 
@@ -66,13 +66,15 @@ def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_t
         task=task, steps=parse_steps(steps) if steps else [], limit=limit, batch_size=batch_size,
         policies=parse_policies(exit_policy, exit_threshold), shard=parse_shard(shard), chat=chat,
         num_fewshot=num_fewshot, max_new_tokens=max_new_tokens, allow_code_execution=allow_code_execution,
-        skip_compute=skip_compute, kv_mode=kv_mode, decoder=decoder,
+        skip_compute=skip_compute, kv_mode=kv_mode, decoder=decoder, prefix_cache_mb=prefix_cache_mb,
     )
     common.DecodeOptions(None, kv_mode, skip_compute, decoder)  # checks --kv-mode and --decoder
     if limit is not None and limit < 1:
         raise LooplmError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise LooplmError(f"--batch-size must be at least 1, got {batch_size}")
+    if prefix_cache_mb < 0:
+        raise LooplmError(f"--prefix-cache-mb must be 0 or more, got {prefix_cache_mb}")
     if num_fewshot < 0:
         raise LooplmError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -146,7 +148,8 @@ def _task_command(task: str, summary: str):  # noqa: ANN202
             "NAME:THRESHOLD, e.g. gate:0.5,confidence:0.9,weighted.")] = None,
         exit_threshold: Annotated[Optional[float], typer.Option(
             help="Threshold for policies given without one.")] = None,
-        batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+        batch_size: Annotated[int, typer.Option(
+            help="Sequences per forward pass; for generation tasks, rows decoding at once.")] = 8,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results.json here.")] = None,
         records: Annotated[Optional[Path], typer.Option(
             help="Per-item JSONL (resumes from it); default: OUTPUT with .jsonl, else ./looplm-eval-TASK.jsonl.")] = None,
@@ -161,11 +164,14 @@ def _task_command(task: str, summary: str):  # noqa: ANN202
         skip_compute: Annotated[bool, typer.Option(help="Generation: exited tokens run no further loops.")] = False,
         kv_mode: Annotated[str, typer.Option(help="Generation: KV cache mode, full or shared.")] = "full",
         decoder: common.Decoder = "auto",
+        prefix_cache_mb: Annotated[int, typer.Option(
+            help="Generation: MiB of finished answers' K/V kept for prompts that start the same way (few-shot "
+            "examples), so only the rest is prefilled; 0 turns it off.")] = 1024,
         threads: common.Threads = None,
     ) -> None:
         _run_task(task, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size, output, records,
                   plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution, skip_compute, kv_mode, decoder,
-                  threads)
+                  threads, prefix_cache_mb)
 
     command.__doc__ = summary
     eval_app.command(name=task)(command)

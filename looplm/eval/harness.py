@@ -3,8 +3,8 @@
 A run evaluates one task under several configurations at once: each loop count of `steps`
 read at its last step (`exit_policy="last"`), and each exit policy at the largest loop count.
 Log-likelihood tasks get every configuration from one pass per batch (`loglik.py`); generation
-tasks decode once per configuration through `looplm.generate` (the real decode path, so exits
-and `skip_compute` act as in serving).
+tasks decode once per configuration through the serving engine (continuous batching; a static
+decoder uses `looplm.generate` in static batches), so exits and `skip_compute` act as in serving.
 
 Every scored (item, configuration) pair is appended to a JSONL records file as soon as it is
 known, so a killed run started again with the same records file skips what is done. Records
@@ -17,7 +17,8 @@ results.json (public, stable): `{"task", "model", "metric", "results": [{"steps"
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import queue
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,9 @@ class EvalSettings:
     skip_compute: bool = False
     kv_mode: str = "full"  # generation tasks: "shared" keeps one K/V per layer for decoded tokens
     decoder: str = "dynamic"  # generation tasks: the decode step (looplm.generate.DECODERS)
+    # Generation tasks on the dynamic step: MiB of finished answers' K/V kept for prompts that start
+    # the same way (few-shot examples), so only the rest of a prompt is prefilled; 0: off.
+    prefix_cache_mb: int = 1024
     code_timeout_s: float = 10.0
 
     def configs(self) -> list[Config]:
@@ -278,29 +282,98 @@ def _argmax(values: list[float]) -> int:
 
 def _run_generate(model, task: Task, items: list[Item], configs: list[Config], settings: EvalSettings,  # noqa: ANN001
                   records: Records, progress: Callable[[int], Progress] | None) -> None:
+    """Greedy answers for every pending (item, configuration). The dynamic decode step runs them
+    continuously batched (the serving engine: a finished row is replaced at once, so no row waits
+    on the longest answer of a static batch); a static decoder (`settings.decoder`) runs static
+    batches of `batch_size`."""
+    from looplm.generate import resolve_decoder
+
+    max_new = settings.max_new_tokens or task.max_new_tokens
+    jobs = [(config, item) for config in configs for item in items if (item.id, config.key) not in records.done]
+    prompts = [model.tokenizer.encode(_render(model.tokenizer, item, settings.chat)) for _, item in jobs]
+    advance = progress(len(jobs)) if progress else None
+    if not jobs:  # all done by an earlier run
+        return
+    if resolve_decoder(settings.decoder, model, True, settings.kv_mode, settings.skip_compute) == "dynamic":
+        answers = _answers_continuously(model, jobs, prompts, max_new, settings)
+    else:
+        answers = _answers_in_static_batches(model, jobs, prompts, max_new, settings)
+    for index, tokens, steps_used in answers:  # each as soon as it is known: a killed run keeps it
+        config, item = jobs[index]
+        text = model.tokenizer.decode(tokens)
+        correct, prediction = _check(task, item, text, settings.code_timeout_s)
+        records.add({"id": item.id, "key": config.key, **config.as_dict(), "correct": correct,
+                     "prediction": prediction, "answer": item.answer if task.name != "humaneval" else None,
+                     "output": text, "step_sum": float(sum(steps_used)), "step_count": len(steps_used)})
+        if advance:
+            advance(1)
+
+
+Answer = tuple[int, list[int], list[int]]  # (job index, new token ids, 1-based loops of each token)
+
+
+def _answers_in_static_batches(model, jobs: list[tuple[Config, Item]], prompts: list[list[int]],  # noqa: ANN001
+                               max_new: int, settings: EvalSettings) -> Iterator[Answer]:
+    """`looplm.generate` over consecutive jobs of one configuration, `batch_size` at a time."""
     from looplm.generate import generate
 
-    tokenizer = model.tokenizer
-    max_new = settings.max_new_tokens or task.max_new_tokens
-    todo = [(config, [item for item in items if (item.id, config.key) not in records.done]) for config in configs]
-    advance = progress(sum(len(pending) for _, pending in todo)) if progress else None
-    for config, pending in todo:
-        for start in range(0, len(pending), settings.batch_size):
-            chunk = pending[start : start + settings.batch_size]
-            prompts = [tokenizer.encode(_render(tokenizer, item, settings.chat)) for item in chunk]
-            new_ids, stats = generate(
-                model, prompts, max_new, steps=config.steps, exit_policy=config.exit_policy,
-                exit_threshold=config.exit_threshold, skip_compute=settings.skip_compute, kv_mode=settings.kv_mode,
-                return_stats=True, decoder=settings.decoder,
-            )
-            for item, ids, used in zip(chunk, new_ids, stats.steps_per_token):
-                text = tokenizer.decode(ids)
-                correct, prediction = _check(task, item, text, settings.code_timeout_s)
-                records.add({"id": item.id, "key": config.key, **config.as_dict(), "correct": correct,
-                             "prediction": prediction, "answer": item.answer if task.name != "humaneval" else None,
-                             "output": text, "step_sum": float(sum(used)), "step_count": len(used)})
-            if advance:
-                advance(len(chunk))
+    start = 0
+    while start < len(jobs):
+        config = jobs[start][0]
+        end = start
+        while end < len(jobs) and end - start < settings.batch_size and jobs[end][0] == config:
+            end += 1
+        new_ids, stats = generate(
+            model, prompts[start:end], max_new, steps=config.steps, exit_policy=config.exit_policy,
+            exit_threshold=config.exit_threshold, skip_compute=settings.skip_compute, kv_mode=settings.kv_mode,
+            return_stats=True, decoder=settings.decoder,
+        )
+        yield from zip(range(start, end), new_ids, stats.steps_per_token)
+        start = end
+
+
+def _answers_continuously(model, jobs: list[tuple[Config, Item]], prompts: list[list[int]],  # noqa: ANN001
+                          max_new: int, settings: EvalSettings) -> Iterator[Answer]:
+    """Every job through one serving engine of `batch_size` rows, yielded in the order they finish."""
+    from looplm.sampling import SamplingParams
+    from looplm.server.engine import Engine, Sequence
+
+    defaults = model.generation_defaults or {}
+    eos = frozenset(defaults.get("eos_token_ids", model.config.eos_token_ids))
+    engine = Engine(model, max_context=model.config.max_position_embeddings, max_batch=settings.batch_size,
+                    max_queue=max(1, len(jobs)), prefix_cache_bytes=settings.prefix_cache_mb << 20)
+    for prompt in prompts:
+        engine.check_length(len(prompt), max_new)  # a prompt too long for the context fails before any work
+    finished: queue.Queue[tuple[int, list[int], list[int], str | None]] = queue.Queue()
+
+    def collector(index: int):  # noqa: ANN202 - the engine thread calls it with each event of one job
+        tokens: list[int] = []
+        loops: list[int] = []
+
+        def on_event(event) -> None:  # noqa: ANN001
+            if event.kind == "token":
+                tokens.append(event.token)
+                loops.append(event.loops)
+            elif event.kind in ("done", "error"):
+                finished.put((index, tokens, loops, event.message if event.kind == "error" else None))
+
+        return on_event
+
+    for index, ((config, _), prompt) in enumerate(zip(jobs, prompts)):
+        loop = engine.loop_config(config.steps, config.exit_policy, config.exit_threshold, settings.kv_mode,
+                                  settings.skip_compute)
+        engine.submit(Sequence(prompt, max_new, loop, SamplingParams(), None, eos, collector(index)))
+    # Started with every job queued, the engine batches them the same way each run, so a bf16 run
+    # (whose rounding depends on which rows share a batch) gives the same answers every time.
+    engine.start()
+    try:
+        for _ in jobs:
+            index, tokens, loops, error = finished.get()
+            if error is not None:
+                raise LooplmError(f"generation failed: {error}")
+            yield index, tokens, loops
+    finally:
+        engine.stop()
 
 
 def _render(tokenizer, item: Item, chat: bool | None) -> str:  # noqa: ANN001
