@@ -17,7 +17,6 @@ results.json (public, stable): `{"task", "model", "metric", "results": [{"steps"
 from __future__ import annotations
 
 import json
-import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,45 +334,12 @@ def _answers_in_static_batches(model, jobs: list[tuple[Config, Item]], prompts: 
 def _answers_continuously(model, jobs: list[tuple[Config, Item]], prompts: list[list[int]],  # noqa: ANN001
                           max_new: int, settings: EvalSettings) -> Iterator[Answer]:
     """Every job through one serving engine of `batch_size` rows, yielded in the order they finish."""
-    from looplm.sampling import SamplingParams
-    from looplm.server.engine import Engine, Sequence
+    from looplm.server.jobs import Job, run_jobs
 
-    defaults = model.generation_defaults or {}
-    eos = frozenset(defaults.get("eos_token_ids", model.config.eos_token_ids))
-    engine = Engine(model, max_context=model.config.max_position_embeddings, max_batch=settings.batch_size,
-                    max_queue=max(1, len(jobs)), prefix_cache_bytes=settings.prefix_cache_mb << 20)
-    for prompt in prompts:
-        engine.check_length(len(prompt), max_new)  # a prompt too long for the context fails before any work
-    finished: queue.Queue[tuple[int, list[int], list[int], str | None]] = queue.Queue()
-
-    def collector(index: int):  # noqa: ANN202 - the engine thread calls it with each event of one job
-        tokens: list[int] = []
-        loops: list[int] = []
-
-        def on_event(event) -> None:  # noqa: ANN001
-            if event.kind == "token":
-                tokens.append(event.token)
-                loops.append(event.loops)
-            elif event.kind in ("done", "error"):
-                finished.put((index, tokens, loops, event.message if event.kind == "error" else None))
-
-        return on_event
-
-    for index, ((config, _), prompt) in enumerate(zip(jobs, prompts)):
-        loop = engine.loop_config(config.steps, config.exit_policy, config.exit_threshold, settings.kv_mode,
-                                  settings.skip_compute)
-        engine.submit(Sequence(prompt, max_new, loop, SamplingParams(), None, eos, collector(index)))
-    # Started with every job queued, the engine batches them the same way each run, so a bf16 run
-    # (whose rounding depends on which rows share a batch) gives the same answers every time.
-    engine.start()
-    try:
-        for _ in jobs:
-            index, tokens, loops, error = finished.get()
-            if error is not None:
-                raise LooplmError(f"generation failed: {error}")
-            yield index, tokens, loops
-    finally:
-        engine.stop()
+    engine_jobs = [Job(prompt, max_new, config.steps, config.exit_policy, config.exit_threshold, settings.kv_mode,
+                       settings.skip_compute) for (config, _), prompt in zip(jobs, prompts)]
+    for result in run_jobs(model, engine_jobs, settings.batch_size, settings.prefix_cache_mb << 20):
+        yield result.index, result.tokens, result.loops
 
 
 def _render(tokenizer, item: Item, chat: bool | None) -> str:  # noqa: ANN001

@@ -15,7 +15,8 @@ is cuda:0: without a GPU the model runs on the CPU, with a warning.
 `generate_until` reads `until`, `max_gen_toks`, `do_sample` (without it: greedy), `temperature`,
 `top_p`, `top_k`, `min_p` and `repetition_penalty` from a task's `generation_kwargs` and refuses
 others (as HF's generate does); sampling seeds come from torch's global generator (lm-eval's
-`--seed`). A misspelt model argument is a warning.
+`--seed`). Its requests run continuously batched through one serving engine
+(`looplm.server.jobs`). A misspelt model argument is a warning.
 
 Per-request loop settings: a request may override `steps`, `exit_policy` and `exit_threshold`.
 For `generate_until` put them in the task's `generation_kwargs`; for any request type set them as
@@ -48,6 +49,9 @@ LOOP_KEYS = ("steps", "exit_policy", "exit_threshold")
 # Without do_sample the choice is greedy (temperature, top_p, top_k and min_p unused, as in HF).
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 GENERATION_KEYS = ("until", "max_gen_toks", *SAMPLING_KEYS, *LOOP_KEYS)
+# generate_until keeps finished requests' K/V (up to this many bytes) for prompts that start the
+# same way, as `looplm eval` does by default.
+PREFIX_CACHE_BYTES = 1 << 30
 # Arguments lm-eval's CLI adds to every model's own; looplm has no use for them.
 LM_EVAL_PASSES = {"max_batch_size", "trust_remote_code"}
 
@@ -131,29 +135,28 @@ class LooplmLM(LM):
         return totals
 
     def generate_until(self, requests) -> list[str]:  # noqa: ANN001
-        from looplm.generate import generate
+        """Every request through one serving engine of `batch_size` rows (`looplm.server.jobs`):
+        continuous batching, and prompts that share their start (few-shot examples) prefill only
+        the rest. Each request's seed comes from torch's global generator, which lm-eval's --seed sets."""
+        from looplm.sampling import SamplingParams
+        from looplm.server.jobs import Job, run_jobs
 
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, request in enumerate(requests):
+        jobs = []
+        for request in requests:
             kwargs = dict(request.args[1]) if len(request.args) > 1 else {}
-            groups[self._gen_key(request, kwargs)].append(index)
+            (steps, exit_policy, exit_threshold), until, max_new, sampling = self._gen_key(request, kwargs)
+            limit = max(1, self.max_length - max_new)
+            prompt = self.tokenizer.encode(request.args[0])[-limit:] or [self.prefix_token_id]
+            seed = int(torch.randint(0, 1 << 62, (1,)))
+            jobs.append(Job(prompt, max_new, steps, exit_policy, exit_threshold, sampling=SamplingParams(**dict(sampling)),
+                            seed=seed, stop=until))
         outputs = [""] * len(requests)
-        for key, indices in groups.items():
-            loop, until, max_new, sampling = key
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                limit = max(1, self.max_length - max_new)
-                prompts = [self.tokenizer.encode(requests[i].args[0])[-limit:] or [self.prefix_token_id] for i in chunk]
-                # Each call's seed comes from torch's global generator, which lm-eval's --seed sets.
-                seed = int(torch.randint(0, 1 << 62, (1,)))
-                new_ids = generate(self.model, prompts, max_new, stop=list(until) or None, steps=loop[0],
-                                   exit_policy=loop[1], exit_threshold=loop[2], seed=seed, **dict(sampling))
-                for i, ids in zip(chunk, new_ids):
-                    text = self.tokenizer.decode(ids)
-                    for stop in until:  # the stop string itself is not part of the answer
-                        text = text.split(stop, 1)[0]
-                    outputs[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        for result in run_jobs(self.model, jobs, self.batch_size, PREFIX_CACHE_BYTES):
+            text = self.tokenizer.decode(result.tokens)
+            for stop in jobs[result.index].stop:  # the stop string itself is not part of the answer
+                text = text.split(stop, 1)[0]
+            outputs[result.index] = text
+            self.cache_hook.add_partial("generate_until", requests[result.index].args, text)
         return outputs
 
     # -- helpers ---------------------------------------------------------------------------------

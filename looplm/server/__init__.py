@@ -3,7 +3,8 @@
 Layers: `app.py` (routes) -> `schemas.py` (request bodies) -> `session.py` (one request's
 choices, text deltas) -> `engine.py` (worker thread, continuous batching) -> `batch.py`
 (one batch's KV buffer). `reasoning.py` splits `<think>` text; `metrics.py` renders /metrics;
-`offline.py` runs a JSONL file of requests through the app in-process (`looplm batch`).
+`offline.py` runs a JSONL file of requests through the app in-process (`looplm batch`);
+`jobs.py` runs a list of token-id generations through an engine (`looplm eval`, lm-eval).
 """
 
 from __future__ import annotations
