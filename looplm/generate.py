@@ -332,7 +332,7 @@ def stream_generate(
             event.tokens[row] = token
             event.exit_steps[row] = int(exit_steps[row]) + 1
             stats.steps_per_token[row].append(event.exit_steps[row])
-            if token in eos or _hits_stop(model, produced[row], stop_strings):
+            if token in eos or hits_stop(model, produced[row], stop_strings):
                 event.finished[row] = "stop"
             elif index == max_new_tokens - 1:
                 event.finished[row] = "length"
@@ -432,7 +432,8 @@ def _check_inputs(model: OuroForCausalLM, ids: torch.Tensor, max_new_tokens: int
         )
 
 
-def _hits_stop(model: OuroForCausalLM, produced: list[int], stop_strings: list[str]) -> bool:
+def hits_stop(model: OuroForCausalLM, produced: list[int], stop_strings: list[str]) -> bool:
+    """Whether the text of `produced` (new token ids) now contains one of `stop_strings`."""
     if not stop_strings:
         return False
     # Only the tail can contain a newly completed stop string; decode a bounded window.

@@ -42,7 +42,7 @@ class JobResult:
 def run_jobs(model, jobs: list[Job], max_batch: int = 8, prefix_cache_bytes: int = 0) -> Iterator[JobResult]:  # noqa: ANN001
     """Yield each job's result as it finishes. Bad jobs (a prompt too long for the context, a bad
     loop setting) raise a LooplmError before anything runs; a failed step raises one after."""
-    from looplm.generate import _hits_stop
+    from looplm.generate import hits_stop
 
     if any(job.stop for job in jobs) and model.tokenizer is None:
         raise LooplmError("stop strings need a tokenizer, and this model was loaded without one")
@@ -61,7 +61,7 @@ def run_jobs(model, jobs: list[Job], max_batch: int = 8, prefix_cache_bytes: int
             if event.kind == "token":
                 result.tokens.append(event.token)
                 result.loops.append(event.loops)
-                if _hits_stop(model, result.tokens, list(job.stop)):
+                if hits_stop(model, result.tokens, list(job.stop)):
                     closed.append(True)
                     engine.cancel(sequence[0])  # frees its row; nothing more is read from it
                     finished.put((result, None))
