@@ -89,8 +89,15 @@ def test_the_store_keeps_its_budget_and_drops_what_a_longer_entry_extends() -> N
     assert store.longest(4, [1, 2, 3])[1] is None  # no shared prefix of min_tokens
     store.put(4, [7] * 25, kv(25), kv(25))  # over budget: the least recently used entry goes
     assert len(store) == 1 and store.longest(4, [7] * 26)[0] == 25
-    store.put(4, list(range(60)), kv(60), kv(60))  # larger than the whole budget: not kept
-    assert store.longest(4, list(range(61)))[1] is None
+    store.put(4, list(range(60)), kv(60), kv(60))  # larger than the whole budget: its first 50 tokens
+    assert len(store) == 1 and store.nbytes == 64 * 50
+    shared, entry = store.longest(4, list(range(61)))
+    assert shared == 50 and entry.ids == tuple(range(50)) and entry.keys.shape[2] == 50
+    store.put(4, [9] * 60, kv(60), kv(60))
+    assert store.longest(4, list(range(61)))[1] is None  # the budget holds one such entry
+    small = PrefixStore(budget_bytes=64 * 3, min_tokens=4)
+    small.put(4, list(range(9)), kv(9), kv(9))  # fewer than min_tokens fit: nothing is kept
+    assert len(small) == 0 and small.nbytes == 0
 
 
 def test_usage_reports_cached_prompt_tokens(model) -> None:  # noqa: ANN001

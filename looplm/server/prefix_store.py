@@ -7,7 +7,9 @@ from the longest stored prefix it shares, prefilling only the rest.
 
 Only K/V that a prompt pass would also compute are stored and reused: every loop run, one K/V
 per (step, layer) (so not `kv_mode="shared"` nor `skip_compute`), for the same loop count. The
-store holds at most `budget_bytes`; the entry used least recently goes first.
+store holds at most `budget_bytes`; the entry used least recently goes first. A sequence larger
+than the whole budget keeps its leading tokens, as many as fit: the start (a system prompt,
+few-shot examples, the earlier turns) is what later prompts share.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ class PrefixStore:
         self.nbytes = 0
 
     def put(self, steps: int, ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Keep `ids`' K/V `[T*L, H_kv, n, D]` (copied); entries it extends are dropped."""
-        if len(ids) < self.min_tokens or keys.nbytes + values.nbytes > self.budget_bytes:
+        """Keep `ids`' K/V `[T*L, H_kv, n, D]` (copied), or as many leading tokens as the budget
+        holds; entries it extends are dropped."""
+        per_token = (keys.nbytes + values.nbytes) // max(1, len(ids))
+        fits = min(len(ids), self.budget_bytes // max(1, per_token))
+        if fits < self.min_tokens:
             return
-        entry = StoredPrefix(tuple(ids), keys.clone(), values.clone())
+        entry = StoredPrefix(tuple(ids[:fits]), keys[:, :, :fits].clone(), values[:, :, :fits].clone())
         for key in [k for k in self._entries if k[0] == steps and entry.ids[: len(k[1])] == k[1]]:
             self._drop(key)
         self._entries[(steps, entry.ids)] = entry
