@@ -105,6 +105,7 @@ def test_resume_keeps_finished_lines_and_drops_failed_and_cut_ones(tmp_path: Pat
         f.write('{"custom_id": "d", "resp')  # a killed run's last line
     assert resume(out, requests) == {"a", "c"}
     assert list(results(out)) == ["a", "c"]  # the failed lines go: they are tried again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
 
 
 def test_resume_refuses_an_output_of_another_batch(tmp_path: Path) -> None:
@@ -159,6 +160,13 @@ def test_a_batch_gives_the_servers_replies_and_a_rerun_only_retries_failures(tmp
     assert {key: row["id"] for key, row in rows.items() if key != "bad"} == {
         key: value for key, value in first.items() if key != "bad"}  # finished lines kept as they were
     assert rows["bad"]["id"] != first["bad"]  # tried again
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_one_error(tmp_path: Path, model) -> None:  # noqa: ANN001
+    source = write_lines(tmp_path / "in.jsonl", {"prompt": "Once", "max_tokens": 2})
+    with pytest.raises(LooplmError, match="could not write /dev/full .No space left on device.; the requests finished"):
+        run_batch(model, plan_batch(source, "/dev/full"), "tiny", max_batch=1)
 
 
 # -- the command line ------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ The input is OpenAI's Batch API format, one request per line:
 (`url` may also be `/v1/completions`). A line may also be a bare request body with `messages`
 (chat) or `prompt` (completions), optionally with its own `custom_id`; without one its id is
 `line-N`. A request's `model` is ignored: the batch runs the model it was started with. Every
-request goes through the same FastAPI app as `looplm serve`, over an in-process
-transport (no socket), so validation, chat templates, stop strings, `<think>` splitting and
-usage are the server's own, and the engine batches the requests continuously.
+request goes through the same FastAPI app as `looplm serve`, over an in-process transport (no
+socket), so validation, chat templates, stop strings, `<think>` splitting and usage are the
+server's own, and the engine batches the requests continuously.
 
 The output is OpenAI's batch output format, one line per request, in the order requests finish:
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}`. A
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -31,9 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from looplm.errors import LooplmError
+from looplm.server.schemas import MAX_N
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
-MAX_CHOICES = 8  # the server's limit on `n`: the engine's queue is sized for this many per request
+# The most sequences one request queues: up to MAX_N prompts (completions) times n <= MAX_N. The
+# engine's queue is sized for every request in flight, so a batch never meets the server's 429.
+SEQUENCES_PER_REQUEST = MAX_N * MAX_N
 
 
 @dataclass
@@ -56,8 +60,9 @@ class BatchSummary:
     failed_ids: list[str] = field(default_factory=list)
 
 
-def read_requests(path: Path) -> list[BatchRequest]:
+def read_requests(path: Path | str) -> list[BatchRequest]:
     """The requests of an input file, or a LooplmError naming the first faulty line."""
+    path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some editors write one) is not JSON
     except FileNotFoundError:
@@ -146,7 +151,10 @@ def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
                               "have; pass another output file or delete it")
         done.add(custom_id)
         kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    if len(kept) < len(lines):  # through a temporary file: a crash here must not lose the kept lines
+        temporary = path.with_name(path.name + ".resume-tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, path)
     return done
 
 
@@ -171,26 +179,37 @@ async def _run(app, requests: list[BatchRequest], output: Path, in_flight: int, 
     transport = httpx.ASGITransport(app=app)
     pending = iter(requests)
     started = time.perf_counter()
-    async with httpx.AsyncClient(transport=transport, base_url="http://looplm", timeout=None) as client:
-        with output.open("a", encoding="utf-8") as out:
-            async def worker() -> None:
-                for request in pending:  # the workers share one iterator: each request runs once
-                    status, body = await _send(client, request)
-                    out.write(json.dumps(output_line(request, status, body), ensure_ascii=False) + "\n")
-                    out.flush()  # one line per finished request: a stop loses only those in flight
-                    if status == 200:
-                        summary.succeeded += 1
-                        usage = body.get("usage") or {}
-                        summary.prompt_tokens += usage.get("prompt_tokens", 0)
-                        summary.completion_tokens += usage.get("completion_tokens", 0)
-                    else:
-                        summary.failed += 1
-                        summary.failed_ids.append(request.custom_id)
-                    summary.seconds = time.perf_counter() - started
-                    if advance is not None:
-                        advance(1)
+    out = output.open("a", encoding="utf-8")
 
-            await asyncio.gather(*(worker() for _ in range(in_flight)))
+    async def worker(client) -> None:  # noqa: ANN001
+        for request in pending:  # the workers share one iterator: each request runs once
+            status, body = await _send(client, request)
+            try:
+                out.write(json.dumps(output_line(request, status, body), ensure_ascii=False) + "\n")
+                out.flush()  # one line per finished request: a stop loses only those in flight
+            except OSError as exc:  # e.g. the disk is full
+                raise LooplmError(f"could not write {output} ({exc.strerror or exc}); the requests finished "
+                                  "before are in it, and a rerun goes on from them") from None
+            if status == 200:
+                summary.succeeded += 1
+                usage = body.get("usage") or {}
+                summary.prompt_tokens += usage.get("prompt_tokens", 0)
+                summary.completion_tokens += usage.get("completion_tokens", 0)
+            else:
+                summary.failed += 1
+                summary.failed_ids.append(request.custom_id)
+            summary.seconds = time.perf_counter() - started
+            if advance is not None:
+                advance(1)
+
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://looplm", timeout=None) as client:
+            await asyncio.gather(*(worker(client) for _ in range(in_flight)))
+    finally:
+        try:
+            out.close()
+        except OSError:  # the failed write above is the error to report
+            pass
 
 
 @dataclass
@@ -245,7 +264,7 @@ def run_batch(model, plan: BatchPlan, name: str, max_context: int = 2048, max_ba
         return summary
     in_flight = 2 * max_batch  # a queue as long as the batch: a finished row is replaced at once
     context = min(max_context, model.config.max_position_embeddings)
-    engine = Engine(model, max_context=context, max_batch=max_batch, max_queue=in_flight * MAX_CHOICES,
+    engine = Engine(model, max_context=context, max_batch=max_batch, max_queue=in_flight * SEQUENCES_PER_REQUEST,
                     prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_mb << 20)
     app = create_app(engine, name, manage_engine=False)
     advance = progress(summary.total, summary.skipped) if progress is not None else None
