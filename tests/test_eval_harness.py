@@ -208,6 +208,12 @@ def test_policies_without_threshold_record_their_default(tiny, fake_task: Task) 
         ("last", None), ("confidence", 0.9), ("kl", 0.01), ("weighted", None)]
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_records_file_that_cannot_be_written_is_one_error(tiny, fake_task: Task) -> None:  # noqa: ANN001
+    with pytest.raises(LooplmError, match="could not write the records file /dev/full .No space left on device."):
+        run_eval(tiny, EvalSettings(task="fake", steps=[1], limit=1), Path("/dev/full"))
+
+
 def test_records_of_another_model_are_refused(tiny, fake_task: Task, tmp_path: Path) -> None:  # noqa: ANN001
     records = tmp_path / "r.jsonl"
     records.write_text(json.dumps({"header": {"task": "fake", "model": "other"}}) + "\n")

@@ -115,15 +115,22 @@ class Records:
                 path.write_text(text, encoding="utf-8")
         elif path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"header": header}) + "\n", encoding="utf-8")
+            self._append(json.dumps({"header": header}) + "\n", mode="w")
         self.done = {(row["id"], row["key"]) for row in self.rows}
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
         self.done.add((row["id"], row["key"]))
-        if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as f:  # one line per write: a crash loses one row at most
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.path is not None:  # one line per write: a crash loses one row at most
+            self._append(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def _append(self, text: str, mode: str = "a") -> None:
+        try:
+            with self.path.open(mode, encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:  # e.g. the disk is full
+            raise LooplmError(f"could not write the records file {self.path} ({exc.strerror or exc}); the items "
+                              "scored before are in it, and a rerun with it goes on from them") from None
 
 
 def read_records(path: Path) -> list[dict]:
