@@ -72,7 +72,7 @@ def chat(
         "Start from a conversation saved with /save (or any JSON {\"messages\": [...]} of system, user and "
         "assistant messages).", default_in_help=True)] = None,
 ) -> None:
-    """Chat with the model; one message per line, /reset and /exit."""
+    """Chat with the model; one message per line (or lines between \"\"\" fences), /reset, /save FILE, /exit."""
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop,
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
