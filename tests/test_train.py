@@ -306,6 +306,27 @@ def test_ctrl_c_finishes_the_step_saves_and_resume_continues(data_dir: Path, tmp
     assert split == pytest.approx(full, rel=1e-5)
 
 
+def test_a_full_disk_while_saving_is_one_error_and_keeps_the_last_checkpoint(data_dir: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import looplm.train.saving as saving
+
+    out = tmp_path / "run"
+    train(_config(data_dir, out, steps=2, save_every=1))
+    before = torch.load(out / "trainer_state.pt", weights_only=True)["step"]
+    real_save = torch.save
+
+    def no_space(obj, path):  # noqa: ANN001, ANN202
+        real_save(obj, path)  # a part of the file is written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(saving.torch, "save", no_space)
+    with pytest.raises(LooplmError, match=r"could not write the checkpoint of step 4 in .*No space left on device.*"
+                                          r"--resume continues"):
+        train(_config(data_dir, out, steps=4, save_every=2, resume=True))
+    assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == before == 2
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+
+
 def test_batches_depend_only_on_seed_and_step(data_dir: Path) -> None:
     a, b = TokenBatches(data_dir, 32, seed=1), TokenBatches(data_dir, 32, seed=1)
     assert torch.equal(a.global_batch(5, 4), b.global_batch(5, 4))

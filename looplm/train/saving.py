@@ -62,5 +62,9 @@ def save_checkpoint(
 
 def _atomic(path: Path, write) -> None:  # noqa: ANN001
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted write leaves neither a torn file nor its temporary
+        tmp.unlink(missing_ok=True)
+        raise

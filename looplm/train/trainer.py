@@ -19,6 +19,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -357,13 +359,15 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                    "elapsed_s": round(time.perf_counter() - started, 2)}
             row.update({k: (v.tolist() if v.dim() else float(v)) for k, v in stats.items()})
             if rank == 0:
-                with (out / LOG_FILE).open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                with _disk_errors(out, "the training log", row["step"]):
+                    with (out / LOG_FILE).open("a") as f:
+                        f.write(json.dumps(row) + "\n")
             progress.update(row)
             last = step + 1 == config.steps or step + 1 == config.stop_at or stop.agreed(world, device)
             if (config.save_every and (step + 1) % config.save_every == 0) or last:
                 if rank == 0:
-                    save_checkpoint(out, model, raw_config, tokenizer, optimizer, step + 1, _rng_state())
+                    with _disk_errors(out, "the checkpoint", step + 1):
+                        save_checkpoint(out, model, raw_config, tokenizer, optimizer, step + 1, _rng_state())
                     plot_log(out / LOG_FILE, out / PLOT_FILE)
                 if world > 1:
                     dist.barrier()
@@ -376,6 +380,16 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                   file=sys.stderr)
         raise KeyboardInterrupt
     return row
+
+
+@contextlib.contextmanager
+def _disk_errors(out: Path, what: str, step: int) -> Iterator[None]:
+    """A failed write (a full disk, say) as one error line that says what the run still holds."""
+    try:
+        yield
+    except OSError as exc:
+        raise LooplmError(f"could not write {what} of step {step} in {out} ({exc.strerror or exc}); the last "
+                          "checkpoint saved there is intact, and --resume continues from it") from None
 
 
 def _loss(config: TrainConfig, logits: torch.Tensor, gate_logits: torch.Tensor, targets: torch.Tensor,
