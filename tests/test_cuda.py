@@ -56,6 +56,24 @@ def test_shared_kv_and_compute_skipping_run_on_cuda(make_checkpoint) -> None:  #
     assert gpu == cpu
 
 
+def test_the_serving_engine_runs_on_cuda(make_checkpoint) -> None:  # noqa: ANN001
+    """The engine behind `looplm serve`, `looplm batch` and `looplm eval` (continuous batching,
+    rows joining and leaving, a prompt started from the prefix store) gives the CPU's tokens."""
+    from looplm.server.jobs import Job, run_jobs
+
+    path = make_checkpoint(seed=6, num_attention_heads=4, num_key_value_heads=2)
+    shared = random_prompts(300, [24], seed=8)[0]
+    prompts = [shared + tail for tail in random_prompts(300, [3, 9, 5, 7], seed=9)]
+    jobs = [Job(prompt, 6 + 2 * i, steps=4, exit_policy="gate", exit_threshold=0.5) for i, prompt in enumerate(prompts)]
+
+    def tokens(device: str) -> list[list[int]]:
+        model = looplm.load(path, dtype="float32", device=device)
+        results = run_jobs(model, jobs, max_batch=2, prefix_cache_bytes=1 << 24)
+        return [r.tokens for r in sorted(results, key=lambda r: r.index)]
+
+    assert tokens("cuda") == tokens("cpu")
+
+
 @pytest.mark.parametrize("mode", ["graph", "compile+graph"])
 def test_static_decode_graph_modes_match_generate(make_checkpoint, mode: str) -> None:  # noqa: ANN001
     """Captured (and compiled) decode steps give generate's tokens and exit steps on a GQA,
