@@ -317,6 +317,9 @@ def test_serve_refuses_a_bad_or_busy_address_before_loading() -> None:
     assert_one_line_error(invoke("serve", "--port", "70000"), "--port must be from 1 to 65535")
     assert_one_line_error(invoke("serve", "--threads", "0"), "--threads must be a positive integer")
     assert_one_line_error(invoke("serve", "--prefill-chunk", "0"), "--prefill-chunk must be a positive integer")
+    assert_one_line_error(invoke("serve", "--max-batch", "0"), "--max-batch must be a positive integer")
+    assert_one_line_error(invoke("serve", "--max-queue", "0"), "--max-queue must be a positive integer")
+    assert_one_line_error(invoke("serve", "--prefix-cache-mb", "-1"), "--prefix-cache-mb must be 0 or more")
     assert_one_line_error(invoke("serve", "--host", "no-such-host.invalid"), "--host 'no-such-host.invalid'")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -326,10 +329,13 @@ def test_serve_refuses_a_bad_or_busy_address_before_loading() -> None:
                               f"cannot listen on 127.0.0.1:{port}")  # the address is checked before the model
 
 
-def test_model_without_tokenizer_cannot_take_text(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_without_tokenizer_cannot_take_text(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"prompt": "hi"}\n')
+    batch = ["batch", str(requests), "-o", str(tmp_path / "out.jsonl")]
     with monkeypatch.context() as patched:  # the text commands refuse before reading the weights
         patched.setattr(looplm, "load", lambda *args, **kwargs: pytest.fail("weights read first"))
-        for command in (["generate", "hi"], ["chat"], ["eval", "arithmetic", "--n", "2"]):
+        for command in (["generate", "hi"], ["chat"], ["eval", "arithmetic", "--n", "2"], batch):
             assert_one_line_error(invoke(*command, "-m", str(OURO_TINY)), "has no tokenizer.json")
     model = looplm.load(OURO_TINY)
     with pytest.raises(GenerationError, match="no tokenizer"):
