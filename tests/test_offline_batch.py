@@ -182,7 +182,7 @@ def test_cli_runs_a_batch_and_says_what_failed(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     result = invoke(str(source), "-o", str(out), "--dtype", "float32", "--max-batch", "2")
     assert result.exit_code == 1
-    assert "1 requests done" in result.stderr
+    assert "1 request done" in result.stderr
     assert "error: 1 of 2 requests failed (bad)" in result.stderr and "retries them" in result.stderr
     assert results(out)["ok"]["response"]["status_code"] == 200
     source.write_text(json.dumps({"custom_id": "ok", "prompt": "Once", "max_tokens": 3}) + "\n")
