@@ -28,6 +28,8 @@ def test_readme_python_examples_run_on_the_embedded_model() -> None:
     assert torch.allclose(namespace["out"].exit_probs.float().sum(0), torch.ones(1, len(ids)), atol=1e-2)
     stats = namespace["stats"]
     assert 1 <= stats.mean_steps <= steps and len(stats.steps_per_token) == 1
+    answers = namespace["answers"]  # run_jobs: every prompt answered, in the order given
+    assert len(answers) == 3 and all(isinstance(text, str) for text in answers) and any(answers)
     new_ids = namespace["new_ids"]  # the speculative example's output, the last one assigned
     assert len(new_ids) == 1 and 1 <= len(new_ids[0]) <= 128
     assert all(0 <= t < model.config.vocab_size for t in new_ids[0])
