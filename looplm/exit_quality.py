@@ -177,7 +177,7 @@ def arithmetic_accuracy(model: OuroForCausalLM, problems: list, setting: Setting
 
     tokenizer = model.tokenizer
     eot = tokenizer.token_to_id(END_OF_TEXT)
-    eos = set(model.generation_defaults.get("eos_token_ids", model.config.eos_token_ids))
+    eos = set(model.stop_ids)
     pad = model.generation_defaults.get("pad_token_id", 0) or 0
     max_new = max(len(p.answer) for p in problems) + 2  # the answer, the newline, one spare
     correct, step_sum, step_count = 0, 0, 0

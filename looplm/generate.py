@@ -295,7 +295,7 @@ def stream_generate(
     defaults = model.generation_defaults
     if isinstance(eos_token_ids, int):
         eos_token_ids = [eos_token_ids]
-    eos = set(defaults.get("eos_token_ids", model.config.eos_token_ids) if eos_token_ids is None else eos_token_ids)
+    eos = set(model.stop_ids if eos_token_ids is None else eos_token_ids)
     pad_id = defaults.get("pad_token_id", model.config.pad_token_id) or 0
     ids, mask = prepare_inputs(input_ids, attention_mask, pad_id)
     _check_inputs(model, ids, max_new_tokens)

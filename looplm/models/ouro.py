@@ -345,6 +345,12 @@ class OuroForCausalLM(nn.Module):
         self.source: str = ""
 
     @property
+    def stop_ids(self) -> frozenset[int]:
+        """The eos ids generation stops at by default: generation_config.json's (as `looplm.load`
+        read them), else config.json's."""
+        return frozenset(self.generation_defaults.get("eos_token_ids", self.config.eos_token_ids))
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 

@@ -59,7 +59,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     model = engine.model
     tokenizer = model.tokenizer
     defaults = model.generation_defaults or {}
-    eos_ids = frozenset(defaults.get("eos_token_ids", model.config.eos_token_ids))
+    eos_ids = model.stop_ids
 
     def pick(value: float | None, key: str, fallback: float) -> float:
         """A request's sampling value, else the model's generation config's, else the fallback."""
