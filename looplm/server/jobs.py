@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from looplm.errors import LooplmError
+from looplm.generate import hits_stop
 from looplm.sampling import SamplingParams
 from looplm.server.engine import Engine, Event, Sequence
 
@@ -42,40 +43,17 @@ class JobResult:
 def run_jobs(model, jobs: list[Job], max_batch: int = 8, prefix_cache_bytes: int = 0) -> Iterator[JobResult]:  # noqa: ANN001
     """Yield each job's result as it finishes. Bad jobs (a prompt too long for the context, a bad
     loop setting) raise a LooplmError before anything runs; a failed step raises one after."""
-    from looplm.generate import hits_stop
-
     if any(job.stop for job in jobs) and model.tokenizer is None:
         raise LooplmError("stop strings need a tokenizer, and this model was loaded without one")
-    defaults = model.generation_defaults or {}
-    eos = frozenset(defaults.get("eos_token_ids", model.config.eos_token_ids))
+    eos = model.stop_ids
     engine = Engine(model, max_context=model.config.max_position_embeddings, max_batch=max_batch,
                     max_queue=max(1, len(jobs)), prefix_cache_bytes=prefix_cache_bytes)
     finished: queue.Queue[tuple[JobResult, str | None]] = queue.Queue()
-
-    def receiver(index: int, job: Job):  # noqa: ANN202 - called on the engine thread with each event
-        result, closed, sequence = JobResult(index, [], []), [], []
-
-        def on_event(event: Event) -> None:
-            if closed:
-                return
-            if event.kind == "token":
-                result.tokens.append(event.token)
-                result.loops.append(event.loops)
-                if hits_stop(model, result.tokens, list(job.stop)):
-                    closed.append(True)
-                    engine.cancel(sequence[0])  # frees its row; nothing more is read from it
-                    finished.put((result, None))
-            elif event.kind in ("done", "error"):
-                closed.append(True)
-                finished.put((result, event.message if event.kind == "error" else None))
-
-        return on_event, sequence
-
     for index, job in enumerate(jobs):
         loop = engine.loop_config(job.steps, job.exit_policy, job.exit_threshold, job.kv_mode, job.skip_compute)
-        on_event, holder = receiver(index, job)
-        holder.append(engine.submit(Sequence(job.prompt, job.max_new_tokens, loop, job.sampling, job.seed, eos,
-                                             on_event)))
+        receiver = _Receiver(model, engine, job, JobResult(index, [], []), finished)
+        receiver.sequence = engine.submit(Sequence(job.prompt, job.max_new_tokens, loop, job.sampling, job.seed, eos,
+                                                   receiver.on_event))
     engine.start()
     try:
         for _ in jobs:
@@ -85,6 +63,34 @@ def run_jobs(model, jobs: list[Job], max_batch: int = 8, prefix_cache_bytes: int
             yield result
     finally:
         engine.stop()
+
+
+class _Receiver:
+    """One job's events, on the engine thread: tokens are collected until the sequence ends or a
+    stop string appears (then the sequence is cancelled, freeing its row), and the result is
+    handed to the waiting caller once."""
+
+    def __init__(self, model, engine: Engine, job: Job, result: JobResult,  # noqa: ANN001
+                 finished: queue.Queue[tuple[JobResult, str | None]]) -> None:
+        self.model, self.engine, self.job, self.result, self.finished = model, engine, job, result, finished
+        self.sequence: Sequence | None = None  # set once submitted
+        self.closed = False
+
+    def on_event(self, event: Event) -> None:
+        if self.closed:
+            return
+        if event.kind == "token":
+            self.result.tokens.append(event.token)
+            self.result.loops.append(event.loops)
+            if hits_stop(self.model, self.result.tokens, list(self.job.stop)):
+                self.engine.cancel(self.sequence)  # nothing more is read from it
+                self._close(None)
+        elif event.kind in ("done", "error"):
+            self._close(event.message if event.kind == "error" else None)
+
+    def _close(self, error: str | None) -> None:
+        self.closed = True
+        self.finished.put((self.result, error))
 
 
 __all__ = ["Job", "JobResult", "run_jobs"]
