@@ -56,8 +56,9 @@ def batch(
         raise
     kept = f", {summary.skipped} kept from an earlier run" if summary.skipped else ""
     rate = summary.completion_tokens / summary.seconds if summary.seconds else 0.0
+    requests = "request" if summary.succeeded == 1 else "requests"
     common.stderr().print(
-        f"{summary.succeeded} request{'' if summary.succeeded == 1 else 's'} done in {summary.seconds:.1f} s{kept} | {summary.prompt_tokens} prompt "
+        f"{summary.succeeded} {requests} done in {summary.seconds:.1f} s{kept} | {summary.prompt_tokens} prompt "
         f"tokens, {summary.completion_tokens} completion tokens ({rate:.1f} tok/s) | results in {output}")
     if summary.failed:
         shown = ", ".join(summary.failed_ids[:5]) + (", ..." if summary.failed > 5 else "")
