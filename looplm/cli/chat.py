@@ -83,13 +83,8 @@ def chat(
     common.set_threads(threads)
     lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
     options = {**sampling.for_model(lm), **exits.as_kwargs(), "prompt_cache": conversation_cache(lm, exits)}
-    loaded_system = loaded[:1] if loaded and loaded[0]["role"] == "system" else []
-    start = [{"role": "system", "content": system}] if system else loaded_system  # kept by /reset
-    history = start + loaded[len(loaded_system):]
-    # Fail before reading input when no message could ever render (broken template, no tokenizer).
-    render_prompt(lm, [*start, {"role": "user", "content": "hello"}], think)
+    session = ChatSession(lm, options, think, hide_think, show_steps, system, loaded)
     interactive = sys.stdin.isatty()
-    failed = sent = saves_failed = 0
     if interactive:
         common.stderr().print(HELP, style="dim")
     while True:
@@ -99,29 +94,54 @@ def chat(
             break
         if not line:
             continue
-        if not fenced and line.startswith("/"):
-            command, _, argument = line.partition(" ")
-            if command in ("/exit", "/quit"):
-                break
-            if command == "/reset":
-                history = list(start)
-                if options["prompt_cache"] is not None:
-                    options["prompt_cache"].clear()
-                common.stderr().print("(history cleared)", style="dim")
-            elif command == "/save":
-                saves_failed += not _save(history, argument.strip())
-            else:
-                common.stderr().print(f"unknown command {line}; {HELP}", style="dim")
-            continue
-        history.append({"role": "user", "content": line})
-        sent += 1
+        if fenced or not line.startswith("/"):
+            session.send(line)
+        elif not session.command(line):
+            break
+    if not interactive:  # a script feeding messages must see that some got no reply
+        session.report_failures()
+
+
+class ChatSession:
+    """The conversation of one `looplm chat`: its messages, the /commands, and what failed."""
+
+    def __init__(self, lm, options: dict, think: bool, hide_think: bool, show_steps: bool,  # noqa: ANN001
+                 system: str | None, loaded: list[dict]) -> None:
+        self.lm, self.options, self.think, self.hide_think, self.show_steps = lm, options, think, hide_think, show_steps
+        loaded_system = loaded[:1] if loaded and loaded[0]["role"] == "system" else []
+        self.start = [{"role": "system", "content": system}] if system else loaded_system  # kept by /reset
+        self.history = self.start + loaded[len(loaded_system):]
+        self.sent = self.failed = self.saves_failed = 0
+        # Fail before reading input when no message could ever render (broken template, no tokenizer).
+        render_prompt(lm, [*self.start, {"role": "user", "content": "hello"}], think)
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False when it ends the chat."""
+        command, _, argument = line.partition(" ")
+        if command in ("/exit", "/quit"):
+            return False
+        if command == "/reset":
+            self.history = list(self.start)
+            if self.options["prompt_cache"] is not None:
+                self.options["prompt_cache"].clear()
+            common.stderr().print("(history cleared)", style="dim")
+        elif command == "/save":
+            self.saves_failed += not _save(self.history, argument.strip())
+        else:
+            common.stderr().print(f"unknown command {line}; {HELP}", style="dim")
+        return True
+
+    def send(self, message: str) -> None:
+        """Stream the reply to one user message; a message that gets none leaves the history as it was."""
+        self.history.append({"role": "user", "content": message})
+        self.sent += 1
         try:
-            dropped = fit_context(lm, history, len(start), options["max_new_tokens"], think)
+            dropped = fit_context(self.lm, self.history, len(self.start), self.options["max_new_tokens"], self.think)
             if dropped:
                 common.stderr().print(f"(the {dropped} oldest turn{'s' if dropped > 1 else ''} left the "
                                       "conversation to fit the context)", style="dim")
-            reply, stats = _stream_reply(lm, history, options, think, hide_think)
-            if show_steps and stats is not None:
+            reply, stats = _stream_reply(self.lm, self.history, self.options, self.think, self.hide_think)
+            if self.show_steps and stats is not None:
                 common.stderr().print(steps_line(stats), style="dim")
         except LooplmError as exc:  # e.g. the history outgrew the context: the REPL goes on
             common.stderr().print(f"error: {common.one_line(exc)} (/reset starts over)")
@@ -130,18 +150,20 @@ def chat(
             sys.stdout.write("\n")
             reply = None
         if reply is None:
-            history.pop()
-            failed += 1
+            self.history.pop()
+            self.failed += 1
         else:
-            history.append({"role": "assistant", "content": split_reasoning(reply)[1]})
-    if interactive:
-        return
-    if failed:  # a script feeding messages must see that some got no reply
-        common.stderr().print(f"error: {failed} of {sent} messages got no reply")
-    if saves_failed:
-        common.stderr().print(f"error: {saves_failed} /save command{'s' if saves_failed > 1 else ''} failed")
-    if failed or saves_failed:
-        raise typer.Exit(common.EXIT_ERROR)
+            self.history.append({"role": "assistant", "content": split_reasoning(reply)[1]})
+
+    def report_failures(self) -> None:
+        """Name the messages that got no reply and the /saves that failed, and exit 1 if any did."""
+        if self.failed:
+            common.stderr().print(f"error: {self.failed} of {self.sent} messages got no reply")
+        if self.saves_failed:
+            plural = "s" if self.saves_failed > 1 else ""
+            common.stderr().print(f"error: {self.saves_failed} /save command{plural} failed")
+        if self.failed or self.saves_failed:
+            raise typer.Exit(common.EXIT_ERROR)
 
 
 def read_message(interactive: bool) -> tuple[str, bool]:
