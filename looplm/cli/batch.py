@@ -7,6 +7,7 @@ import typer
 
 from looplm.cli import common
 from looplm.errors import LooplmError
+from looplm.server import DEFAULT_PREFIX_CACHE_MB
 
 
 @common.app.command()
@@ -29,7 +30,7 @@ def batch(
     max_context: common.MaxContext = 2048,
     max_batch: common.MaxBatch = 16,
     prefill_chunk: common.PrefillChunk = 256,
-    prefix_cache_mb: common.PrefixCacheMb = 1024,
+    prefix_cache_mb: common.PrefixCacheMb = DEFAULT_PREFIX_CACHE_MB,
     threads: common.Threads = None,
     served_model_name: common.ServedModelName = None,
 ) -> None:

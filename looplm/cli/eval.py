@@ -12,6 +12,7 @@ import typer
 from looplm.cli import common
 from looplm.errors import LooplmError
 from looplm.output_files import check_writable, write_result
+from looplm.server import DEFAULT_PREFIX_CACHE_MB
 
 eval_app = typer.Typer(help="Evaluate a model on a task; results in the shared results.json format.", no_args_is_help=True)
 common.app.add_typer(eval_app, name="eval")
@@ -58,7 +59,7 @@ def arithmetic(
 
 def _run_task(task: str, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size,  # noqa: ANN001
               output, records, plot, shard, chat, num_fewshot, max_new_tokens, allow_code_execution,
-              skip_compute, kv_mode="full", decoder="auto", threads=None, prefix_cache_mb=1024) -> None:
+              skip_compute, kv_mode="full", decoder="auto", threads=None, prefix_cache_mb=DEFAULT_PREFIX_CACHE_MB) -> None:
     from looplm.eval.harness import EvalSettings, parse_policies, parse_shard, plan
     from looplm.eval.report import results_table
 
@@ -166,7 +167,7 @@ def _task_command(task: str, summary: str):  # noqa: ANN202
         decoder: common.Decoder = "auto",
         prefix_cache_mb: Annotated[int, typer.Option(
             help="Generation: MiB of finished answers' K/V kept for prompts that start the same way (few-shot "
-            "examples), so only the rest is prefilled; 0 turns it off.")] = 1024,
+            "examples), so only the rest is prefilled; 0 turns it off.")] = DEFAULT_PREFIX_CACHE_MB,
         threads: common.Threads = None,
     ) -> None:
         _run_task(task, model, dtype, device, limit, steps, exit_policy, exit_threshold, batch_size, output, records,

@@ -8,6 +8,7 @@ import typer
 
 from looplm.cli import common
 from looplm.errors import LooplmError
+from looplm.server import DEFAULT_PREFIX_CACHE_MB
 
 
 @common.app.command()
@@ -27,7 +28,7 @@ def serve(
     max_batch: common.MaxBatch = 16,
     max_queue: Annotated[int, common.option("Most requests waiting; more get HTTP 429.")] = 64,
     prefill_chunk: common.PrefillChunk = 256,
-    prefix_cache_mb: common.PrefixCacheMb = 1024,
+    prefix_cache_mb: common.PrefixCacheMb = DEFAULT_PREFIX_CACHE_MB,
     threads: Annotated[Optional[int], common.option(
         "Torch CPU threads (default: torch's choice). 1 is fastest for tiny models on a busy machine.",
         default_in_help=True)] = None,

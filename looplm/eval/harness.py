@@ -25,6 +25,7 @@ from looplm.errors import LooplmError
 from looplm.eval.loglik import Config, encode_pair, score_choices, score_requests
 from looplm.eval.tasks import Item, Task, get_task, select_items
 from looplm.exit import POLICY_NAMES, make_policy
+from looplm.server import DEFAULT_PREFIX_CACHE_MB
 
 Progress = Callable[[int], None]  # called with the number of units just finished
 
@@ -46,7 +47,7 @@ class EvalSettings:
     decoder: str = "dynamic"  # generation tasks: the decode step (looplm.generate.DECODERS)
     # Generation tasks on the dynamic step: MiB of finished answers' K/V kept for prompts that start
     # the same way (few-shot examples), so only the rest of a prompt is prefilled; 0: off.
-    prefix_cache_mb: int = 1024
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB
     code_timeout_s: float = 10.0
 
     def configs(self) -> list[Config]:

@@ -49,9 +49,6 @@ LOOP_KEYS = ("steps", "exit_policy", "exit_threshold")
 # Without do_sample the choice is greedy (temperature, top_p, top_k and min_p unused, as in HF).
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 GENERATION_KEYS = ("until", "max_gen_toks", *SAMPLING_KEYS, *LOOP_KEYS)
-# generate_until keeps finished requests' K/V (up to this many bytes) for prompts that start the
-# same way, as `looplm eval` does by default.
-PREFIX_CACHE_BYTES = 1 << 30
 # Arguments lm-eval's CLI adds to every model's own; looplm has no use for them.
 LM_EVAL_PASSES = {"max_batch_size", "trust_remote_code"}
 
@@ -139,6 +136,7 @@ class LooplmLM(LM):
         continuous batching, and prompts that share their start (few-shot examples) prefill only
         the rest. Each request's seed comes from torch's global generator, which lm-eval's --seed sets."""
         from looplm.sampling import SamplingParams
+        from looplm.server import DEFAULT_PREFIX_CACHE_MB
         from looplm.server.jobs import Job, run_jobs
 
         jobs = []
@@ -151,7 +149,8 @@ class LooplmLM(LM):
             jobs.append(Job(prompt, max_new, steps, exit_policy, exit_threshold, sampling=SamplingParams(**dict(sampling)),
                             seed=seed, stop=until))
         outputs = [""] * len(requests)
-        for result in run_jobs(self.model, jobs, self.batch_size, PREFIX_CACHE_BYTES):
+        # Finished requests' K/V are kept for prompts that start the same way, as `looplm eval` does.
+        for result in run_jobs(self.model, jobs, self.batch_size, DEFAULT_PREFIX_CACHE_MB << 20):
             text = self.tokenizer.decode(result.tokens)
             for stop in jobs[result.index].stop:  # the stop string itself is not part of the answer
                 text = text.split(stop, 1)[0]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 
 DEFAULT_MODEL_NAME = "looplm-default"
+# The prefix store's default budget wherever an engine runs: serve, batch, eval, lm-eval.
+DEFAULT_PREFIX_CACHE_MB = 1024
 
 
 def served_model_name(model: str | None) -> str:
@@ -23,7 +25,7 @@ def served_model_name(model: str | None) -> str:
 
 
 def build_app(model, name: str, api_key: str | None = None, max_context: int = 2048, max_batch: int = 16,  # noqa: ANN001
-              max_queue: int = 64, prefill_chunk: int = 256, prefix_cache_mb: int = 1024):  # noqa: ANN201
+              max_queue: int = 64, prefill_chunk: int = 256, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB):  # noqa: ANN201
     """A FastAPI app over a new engine for a loaded model; the engine starts and stops with the app.
 
     `max_context` is capped at the model's `max_position_embeddings`; `prefill_chunk` bounds the

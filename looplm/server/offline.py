@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from looplm.errors import LooplmError
+from looplm.server import DEFAULT_PREFIX_CACHE_MB
 from looplm.server.schemas import MAX_N
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
@@ -248,7 +249,7 @@ def plan_batch(input_path: Path | str, output_path: Path | str, max_tokens: int 
 
 
 def run_batch(model, plan: BatchPlan, name: str, max_context: int = 2048, max_batch: int = 16,  # noqa: ANN001
-              prefill_chunk: int = 256, prefix_cache_mb: int = 1024,
+              prefill_chunk: int = 256, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
               progress: Callable[[int, int], Callable[[int], None]] | None = None) -> BatchSummary:
     """Run the plan's unfinished requests on `model` and append their results to its output file.
 
