@@ -5,6 +5,7 @@ and exit code 1; Ctrl-C exits 130 without a message; any other exception is a bu
 its full traceback (typer's pretty exceptions are off).
 """
 
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -103,7 +104,8 @@ ExitThreshold = Annotated[Optional[float], option(
 )]
 Seed = Annotated[Optional[int], option("Random seed for sampling (reproducible output).", default_in_help=True)]
 Threads = Annotated[Optional[int], option(
-    "Torch CPU threads (default: torch's choice, one per core). Fewer leave cores to other work.", default_in_help=True
+    "Torch CPU threads (default: one per core, less the cores other processes keep busy when the command "
+    "starts). Fewer leave cores to other work.", default_in_help=True
 )]
 PresencePenalty = Annotated[float, option(
     "Subtract this, in [-2, 2], from the logit of every token already generated (OpenAI's presence_penalty)."
@@ -273,14 +275,28 @@ def kv_bytes(model, kv_mode: str) -> int:  # noqa: ANN001
 
 
 def set_threads(threads: Optional[int]) -> None:
-    """Apply `--threads` (checked) before any work."""
-    if threads is None:
-        return
-    if isinstance(threads, bool) or threads < 1:
+    """Apply `--threads` (checked) before any work. Without it (and without OMP_NUM_THREADS), leave
+    alone the cores other processes keep busy (`looplm.cpu_load`), saying so on a terminal."""
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
         raise LooplmError(f"--threads must be a positive integer, got {threads}")
     import torch
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return
+    if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() == 1:
+        return
+    from looplm.cpu_load import allowed_cpus, choose_threads, other_busy_cores
+
+    cpus = allowed_cpus()
+    choice = choose_threads(torch.get_num_threads(), other_busy_cores(cpus=cpus), len(cpus or ()) or os.cpu_count() or 1)
+    if choice.threads is None:
+        return
+    torch.set_num_threads(choice.threads)
+    if sys.stderr.isatty():
+        stderr().print(f"(other processes keep {choice.busy_cores:.1f} cores busy: using {choice.threads} of "
+                       f"{choice.default} threads, since waiting on a busy core slows every op; --threads N sets it)",
+                       style="dim")
 
 
 def load_model(  # noqa: ANN201

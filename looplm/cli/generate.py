@@ -96,6 +96,7 @@ def _json_report(lm, chunk, text: str, chat: bool, think: bool, exits: common.De
         "timings": {"setup_s": stats.setup_s, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
                     "decode_tok_s": stats.decode_tok_s},
         "decoder": stats.decoder,
+        "threads": _cpu_threads(),
         "speculative": {"draft_steps": exits.draft_steps, "draft_tokens": exits.draft_tokens,
                         "draft_confidence": exits.draft_confidence, "rounds": stats.draft_rounds,
                         "proposed": stats.draft_proposed, "accepted": stats.draft_accepted,
@@ -107,3 +108,9 @@ def _json_report(lm, chunk, text: str, chat: bool, think: bool, exits: common.De
         "kv_mode": exits.kv_mode,
         "kv_bytes_per_token": common.kv_bytes(lm, exits.kv_mode),
     }
+
+
+def _cpu_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
