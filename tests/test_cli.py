@@ -675,3 +675,15 @@ def test_threads_option_sets_torch_threads_before_the_work(command: list[str],
     assert result.exit_code == 0, result.output
     assert calls == [1]
     assert_one_line_error(invoke(*command, "--threads", "0", input="hi\n"), "--threads must be a positive integer")
+
+
+def test_train_takes_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import looplm.train.trainer as trainer
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(trainer, "train", lambda config: None)  # the threads are set before the run starts
+    args = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    assert invoke(*args, "--threads", "1").exit_code == 0
+    assert calls == [1]
+    assert_one_line_error(invoke(*args, "--threads", "0"), "--threads must be a positive integer")

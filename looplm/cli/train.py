@@ -43,6 +43,7 @@ def train(
                                     "--overwrite")] = False,
     stop_at: Annotated[Optional[int], _opt("Stop after this step (checkpoint saved); --resume continues.")] = None,
     device: common.Device = "auto",
+    threads: common.Threads = None,
     progress: Annotated[bool, _opt("Show a progress bar.", "--progress/--no-progress")] = True,
 ) -> None:
     """Train an Ouro-architecture model with the LoopLM objective; loss per step goes to OUT/train_log.jsonl."""
@@ -62,6 +63,7 @@ def train(
         save_every=save_every, seed=seed, resume=resume, overwrite=overwrite, stop_at=stop_at, device=device,
         progress=progress,
     )
+    common.set_threads(threads)
     final = run(config)
     if final and os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
         common.stderr().print(f"step {final['step']}: loss {final['loss']:.4f}; checkpoint in {out}")
