@@ -5,17 +5,18 @@ them at its end. A decode step runs thousands of short ops, so when another proc
 busy, the thread the scheduler sets aside keeps the others waiting at every op: on a 2-core
 machine with one busy process, decode with 2 threads ran 2.3-3.6x slower than with 1, for models
 from 5.5M to 135M parameters (`benchmarks/bench_threads.py`, docs/benchmarks.md). So the command
-line samples the machine's load for a moment before it starts and leaves the busy cores alone.
-
-Linux only (`/proc/stat`); elsewhere, or when nothing else is busy, torch's own default stands.
+line samples the machine's load (per-CPU times, through psutil) for a moment before it starts
+and leaves the busy cores alone. Where that cannot be measured, or nothing else is busy, torch's
+own default stands.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import psutil
 
 SAMPLE_SECONDS = 0.1
 # Busy cores (summed over processes) below this count as idle: short bursts of daemons.
@@ -29,33 +30,31 @@ class ThreadChoice:
     default: int  # torch's default thread count
 
 
-def read_proc_stat() -> dict[int, tuple[float, float]] | None:
-    """Per CPU: (busy, total) time so far, in clock ticks; None where /proc/stat is missing."""
+def cpu_times() -> dict[int, tuple[float, float]] | None:
+    """Per CPU: (busy, total) seconds so far; None where the platform cannot say."""
     try:
-        with open("/proc/stat") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
+        per_cpu = psutil.cpu_times(percpu=True)
+    except (OSError, NotImplementedError):
         return None
-    cpus = {}
-    for line in lines:
-        name, *values = line.split()
-        if name.startswith("cpu") and name[3:].isdigit():
-            ticks = [float(v) for v in values[:8]]  # guest time is already counted in user time
-            idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0.0)  # idle + iowait
-            cpus[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
-    return cpus or None
+    times = {}
+    for index, cpu in enumerate(per_cpu):
+        fields = cpu._asdict()
+        # guest time is already counted in user time; idle and iowait are the idle kinds
+        total = sum(fields.values()) - fields.get("guest", 0.0) - fields.get("guest_nice", 0.0)
+        times[index] = (total - fields["idle"] - fields.get("iowait", 0.0), total)
+    return times or None
 
 
 def allowed_cpus() -> set[int] | None:
     """The CPUs this process may run on (None where the platform cannot say)."""
     try:
-        return set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
+        return set(psutil.Process().cpu_affinity())
+    except (AttributeError, OSError, psutil.Error):
         return None
 
 
 def other_busy_cores(seconds: float = SAMPLE_SECONDS,
-                     read: Callable[[], dict[int, tuple[float, float]] | None] = read_proc_stat,
+                     read: Callable[[], dict[int, tuple[float, float]] | None] = cpu_times,
                      sleep: Callable[[float], None] = time.sleep, cpus: set[int] | None = None) -> float | None:
     """Cores among the ones this process may use that other processes kept busy over `seconds`
     (this process sleeps meanwhile, and its own CPU time is taken off)."""
@@ -73,7 +72,7 @@ def other_busy_cores(seconds: float = SAMPLE_SECONDS,
 
 
 def _own_cpu_seconds() -> float:
-    times = os.times()
+    times = psutil.Process().cpu_times()
     return times.user + times.system
 
 
