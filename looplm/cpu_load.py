@@ -3,7 +3,7 @@
 torch's CPU ops (and looplm's kernels) split each op over the intra-op threads and wait for all of
 them at its end. A decode step runs thousands of short ops, so when another process keeps a core
 busy, the thread the scheduler sets aside keeps the others waiting at every op: on a 2-core
-machine with one busy process, decode with 2 threads ran 2.3-3.6x slower than with 1, for models
+machine with one busy process, decode with 2 threads ran 2.3-3.2x slower than with 1, for models
 from 5.5M to 135M parameters (`benchmarks/bench_threads.py`, docs/benchmarks.md). So the command
 line samples the machine's load (per-CPU times, through psutil) for a moment before it starts
 and leaves the busy cores alone. Where that cannot be measured, or nothing else is busy, torch's

@@ -29,9 +29,7 @@ def serve(
     max_queue: Annotated[int, common.option("Most requests waiting; more get HTTP 429.")] = 64,
     prefill_chunk: common.PrefillChunk = 256,
     prefix_cache_mb: common.PrefixCacheMb = DEFAULT_PREFIX_CACHE_MB,
-    threads: Annotated[Optional[int], common.option(
-        "Torch CPU threads (default: torch's choice). 1 is fastest for tiny models on a busy machine.",
-        default_in_help=True)] = None,
+    threads: common.Threads = None,
     served_model_name: common.ServedModelName = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming, /metrics)."""
