@@ -8,15 +8,23 @@ from 5.5M to 135M parameters (`benchmarks/bench_threads.py`, docs/benchmarks.md)
 line samples the machine's load (per-CPU times, through psutil) for a moment before it starts
 and leaves the busy cores alone. Where that cannot be measured, or nothing else is busy, torch's
 own default stands.
+
+A long run (a server, an evaluation, training) keeps checking: the command installs a
+`ThreadGovernor`, and the serving engine and the trainer call `adjust_threads()` between steps,
+which every `interval` seconds measures the load of the window just past and moves the thread
+count to the cores then free (back to the default when the other work ends).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
+
+log = logging.getLogger("looplm")
 
 SAMPLE_SECONDS = 0.1
 # Busy cores (summed over processes) below this count as idle: short bursts of daemons.
@@ -53,6 +61,16 @@ def allowed_cpus() -> set[int] | None:
         return None
 
 
+def busy_between(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]],
+                 cpus: set[int] | None) -> float:
+    """Cores kept busy (by every process) between two `cpu_times` readings, over `cpus` (None: all)."""
+    busy = 0.0
+    for cpu in (cpus if cpus is not None else after.keys()):
+        if cpu in before and cpu in after and after[cpu][1] > before[cpu][1]:
+            busy += (after[cpu][0] - before[cpu][0]) / (after[cpu][1] - before[cpu][1])
+    return busy
+
+
 def other_busy_cores(seconds: float = SAMPLE_SECONDS,
                      read: Callable[[], dict[int, tuple[float, float]] | None] = cpu_times,
                      sleep: Callable[[float], None] = time.sleep, cpus: set[int] | None = None) -> float | None:
@@ -64,11 +82,7 @@ def other_busy_cores(seconds: float = SAMPLE_SECONDS,
     after, own_after = read(), _own_cpu_seconds()
     if before is None or after is None:
         return None
-    busy = 0.0
-    for cpu in (cpus if cpus is not None else after.keys()):
-        if cpu in before and cpu in after and after[cpu][1] > before[cpu][1]:
-            busy += (after[cpu][0] - before[cpu][0]) / (after[cpu][1] - before[cpu][1])
-    return max(0.0, busy - max(0.0, own_after - own_before) / seconds)
+    return max(0.0, busy_between(before, after, cpus) - max(0.0, own_after - own_before) / seconds)
 
 
 def _own_cpu_seconds() -> float:
@@ -83,3 +97,60 @@ def choose_threads(default: int, busy: float | None, cpus: int) -> ThreadChoice:
         return ThreadChoice(None, busy, default)
     free = max(1, cpus - round(busy))
     return ThreadChoice(free if free < default else None, busy, default)
+
+
+class ThreadGovernor:
+    """Every `interval` seconds (checked when called), the cores other processes held over the
+    window just past; sets the thread count to the free ones, or back to `default`."""
+
+    def __init__(self, default: int, cpus: set[int] | None, current: int | None = None, interval: float = 5.0,
+                 read: Callable[[], dict[int, tuple[float, float]] | None] = cpu_times,
+                 clock: Callable[[], float] = time.monotonic,
+                 own_seconds: Callable[[], float] = lambda: _own_cpu_seconds(),
+                 set_threads: Callable[[int], None] | None = None) -> None:
+        self.default, self.cpus, self.interval = default, cpus, interval
+        self.threads = current or default
+        self._read, self._clock, self._own = read, clock, own_seconds
+        self._set = set_threads or _set_torch_threads
+        self._start()
+
+    def _start(self) -> None:
+        self._since, self._before, self._own_before = self._clock(), self._read(), self._own()
+
+    def __call__(self) -> None:
+        now = self._clock()
+        if now - self._since < self.interval:
+            return
+        after, own = self._read(), self._own()
+        window, before, own_before = now - self._since, self._before, self._own_before
+        self._start()
+        if before is None or after is None:
+            return
+        busy = max(0.0, busy_between(before, after, self.cpus) - max(0.0, own - own_before) / window)
+        count = len(self.cpus) if self.cpus else len(after)
+        threads = choose_threads(self.default, busy, count).threads or self.default
+        if threads != self.threads:
+            log.info("other processes kept %.1f cores busy: %d threads (was %d)", busy, threads, self.threads)
+            self._set(threads)
+            self.threads = threads
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# The process's governor, installed by a command that picked its threads itself (no --threads).
+_governor: ThreadGovernor | None = None
+
+
+def install_governor(governor: ThreadGovernor | None) -> None:
+    global _governor
+    _governor = governor
+
+
+def adjust_threads() -> None:
+    """Called between steps of long work; does nothing unless a governor is installed."""
+    if _governor is not None:
+        _governor()

@@ -63,12 +63,14 @@ def restore_threads():  # noqa: ANN201
 
 
 def test_the_command_line_uses_the_free_cores_unless_told(monkeypatch: pytest.MonkeyPatch, restore_threads) -> None:  # noqa: ANN001
+    monkeypatch.setattr(cpu_load, "_governor", None)  # the one set_threads installs goes with the test
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu_load, "allowed_cpus", lambda: {0, 1})
     monkeypatch.setattr(cpu_load, "other_busy_cores", lambda cpus=None: 1.0)
     torch.set_num_threads(2)
     common.set_threads(None)
     assert torch.get_num_threads() == 1
+    assert cpu_load._governor is not None and cpu_load._governor.threads == 1  # a long run keeps checking
     torch.set_num_threads(2)
     common.set_threads(2)  # --threads wins
     assert torch.get_num_threads() == 2
@@ -79,3 +81,59 @@ def test_the_command_line_uses_the_free_cores_unless_told(monkeypatch: pytest.Mo
     monkeypatch.setattr(cpu_load, "other_busy_cores", lambda cpus=None: 0.0)  # an idle machine: torch's default
     common.set_threads(None)
     assert torch.get_num_threads() == 2
+
+
+class FakeMachine:
+    """Per-CPU times, this process's CPU seconds and a clock that tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now, self.own, self.cpus = 0.0, 0.0, {0: [0.0, 0.0], 1: [0.0, 0.0]}
+
+    def run(self, seconds: float, busy: dict[int, float], own_cores: float = 0.0) -> None:
+        """`seconds` pass with CPU i busy `busy[i]` of the time (this process using `own_cores` of it)."""
+        self.now += seconds
+        self.own += own_cores * seconds
+        for cpu, times in self.cpus.items():
+            times[0] += busy.get(cpu, 0.0) * seconds
+            times[1] += seconds
+
+    def read(self) -> dict[int, tuple[float, float]]:
+        return {cpu: (busy, total) for cpu, (busy, total) in self.cpus.items()}
+
+
+def test_the_governor_follows_the_load_of_each_window() -> None:
+    machine, calls = FakeMachine(), []
+    governor = cpu_load.ThreadGovernor(2, {0, 1}, interval=5.0, read=machine.read, clock=lambda: machine.now,
+                                       own_seconds=lambda: machine.own, set_threads=calls.append)
+    machine.run(2.0, {1: 1.0})
+    governor()  # within the interval: nothing measured yet
+    assert calls == []
+    machine.run(3.0, {1: 1.0})
+    governor()  # another process held CPU 1 over the window: one thread
+    assert calls == [1] and governor.threads == 1
+    machine.run(5.0, {0: 1.0, 1: 1.0}, own_cores=1.0)  # it still holds one core; this process the other
+    governor()
+    assert calls == [1]
+    machine.run(5.0, {0: 1.0, 1: 1.0}, own_cores=2.0)  # it left: both busy cores are this process's own
+    governor()
+    assert calls == [1, 2] and governor.threads == 2
+
+
+def test_adjust_threads_runs_the_installed_governor_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_load, "_governor", None)
+    cpu_load.adjust_threads()  # nothing installed: nothing happens
+    calls = []
+    cpu_load.install_governor(lambda: calls.append(1))  # type: ignore[arg-type]
+    cpu_load.adjust_threads()
+    assert calls == [1]
+
+
+def test_the_serving_engine_checks_the_threads_between_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import looplm
+    from looplm.server.jobs import Job, run_jobs
+
+    calls = []
+    monkeypatch.setattr(cpu_load, "_governor", lambda: calls.append(1))
+    results = list(run_jobs(looplm.load(), [Job([5, 6, 7], 6)], max_batch=1))
+    tokens = len(results[0].tokens)  # up to 6 (an eos may end it sooner)
+    assert len(calls) >= max(1, tokens - 1)  # once a round; the first token comes with the prefill

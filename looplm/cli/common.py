@@ -276,7 +276,8 @@ def kv_bytes(model, kv_mode: str) -> int:  # noqa: ANN001
 
 def set_threads(threads: Optional[int]) -> None:
     """Apply `--threads` (checked) before any work. Without it (and without OMP_NUM_THREADS), leave
-    alone the cores other processes keep busy (`looplm.cpu_load`), saying so on a terminal."""
+    alone the cores other processes keep busy (`looplm.cpu_load`), saying so on a terminal, and
+    let long runs follow the load as it changes."""
     if threads is not None and (isinstance(threads, bool) or threads < 1):
         raise LooplmError(f"--threads must be a positive integer, got {threads}")
     import torch
@@ -286,10 +287,11 @@ def set_threads(threads: Optional[int]) -> None:
         return
     if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() == 1:
         return
-    from looplm.cpu_load import allowed_cpus, choose_threads, other_busy_cores
+    from looplm.cpu_load import ThreadGovernor, allowed_cpus, choose_threads, install_governor, other_busy_cores
 
     cpus = allowed_cpus()
     choice = choose_threads(torch.get_num_threads(), other_busy_cores(cpus=cpus), len(cpus or ()) or os.cpu_count() or 1)
+    install_governor(ThreadGovernor(choice.default, cpus, current=choice.threads))  # long runs keep checking
     if choice.threads is None:
         return
     torch.set_num_threads(choice.threads)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from looplm.cpu_load import adjust_threads
 from looplm.errors import GenerationError
 from looplm.exit import POLICY_NAMES
 from looplm.generate import KV_MODES
@@ -242,6 +243,7 @@ class Engine:
                     cancelled, self._cancelled = self._cancelled, set()
                 for seq in cancelled:
                     self._retire(seq)
+                adjust_threads()  # follows other processes' load, when the command chose the threads
                 self._admit()
                 for batch in list(self.batches):
                     if batch.rows:

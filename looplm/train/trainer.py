@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from looplm.config import OuroConfig
+from looplm.cpu_load import adjust_threads
 from looplm.devices import resolve_device
 from looplm.errors import LooplmError
 from looplm.models.ouro import OuroForCausalLM
@@ -327,6 +328,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     started = time.perf_counter()
     with _StopRequest() as stop:  # Ctrl-C: finish the step, save, stop
         for step in range(start_step, config.steps):
+            adjust_threads()  # follows other processes' load, when the command chose the threads
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
