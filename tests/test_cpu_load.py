@@ -137,3 +137,16 @@ def test_the_serving_engine_checks_the_threads_between_steps(monkeypatch: pytest
     results = list(run_jobs(looplm.load(), [Job([5, 6, 7], 6)], max_batch=1))
     tokens = len(results[0].tokens)  # up to 6 (an eos may end it sooner)
     assert len(calls) >= max(1, tokens - 1)  # once a round; the first token comes with the prefill
+
+
+def test_loglik_scoring_checks_the_threads_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import looplm
+    from looplm.eval.loglik import Config, score_choices, score_requests
+
+    calls = []
+    monkeypatch.setattr(cpu_load, "_governor", lambda: calls.append(1))
+    model, configs = looplm.load(dtype="float32"), [Config(2)]
+    score_requests(model, [([5, 6], [7]), ([8], [9, 10]), ([11], [12])], configs, {}, batch_size=2)
+    assert len(calls) == 2  # one a batch
+    score_choices(model, [5, 6], [[7], [8]], configs, {})
+    assert len(calls) == 3

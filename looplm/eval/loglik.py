@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from looplm.cpu_load import adjust_threads
 from looplm.exit import ExitPolicy
 from looplm.models.ouro import OuroForCausalLM, StepOutput
 
@@ -78,6 +79,7 @@ def score_requests(
     results: list[Scored | None] = [None] * len(requests)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
     for start in range(0, len(order), batch_size):
+        adjust_threads()  # follows other processes' load, when the command chose the threads
         chunk = order[start : start + batch_size]
         rows, spans = [], []
         for index in chunk:
@@ -124,6 +126,7 @@ def score_choices(
     with long questions (MMLU) this is several times less work than scoring each pair whole.
     """
     assert context and all(continuations), "context and every continuation need at least one token"
+    adjust_threads()  # one question at a time: follows other processes' load between them
     max_steps = max(c.steps for c in configs)
     device, count = model.device, len(continuations)
     width = max(len(c) for c in continuations) - 1  # the last token of a continuation is never an input
