@@ -9,8 +9,9 @@ line samples the machine's load (per-CPU times, through psutil) for a moment bef
 and leaves the busy cores alone. Where that cannot be measured, or nothing else is busy, torch's
 own default stands.
 
-A long run (a server, an evaluation, training) keeps checking: the command installs a
-`ThreadGovernor`, and the serving engine and the trainer call `adjust_threads()` between steps,
+A long run (a server, an evaluation, training) keeps checking: `use_free_cores()` (what the
+command line calls without --threads; Python code may call it too) installs a `ThreadGovernor`,
+and the serving engine, the trainer and log-likelihood scoring call `adjust_threads()` between steps,
 which every `interval` seconds measures the load of the window just past and moves the thread
 count to the cores then free (back to the default when the other work ends).
 """
@@ -18,6 +19,7 @@ count to the cores then free (back to the default when the other work ends).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,7 +108,7 @@ class ThreadGovernor:
     def __init__(self, default: int, cpus: set[int] | None, current: int | None = None, interval: float = 5.0,
                  read: Callable[[], dict[int, tuple[float, float]] | None] = cpu_times,
                  clock: Callable[[], float] = time.monotonic,
-                 own_seconds: Callable[[], float] = lambda: _own_cpu_seconds(),
+                 own_seconds: Callable[[], float] = _own_cpu_seconds,
                  set_threads: Callable[[int], None] | None = None) -> None:
         self.default, self.cpus, self.interval = default, cpus, interval
         self.threads = current or default
@@ -141,7 +143,7 @@ def _set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-# The process's governor, installed by a command that picked its threads itself (no --threads).
+# The process's governor, installed by `use_free_cores` (the command line's default without --threads).
 _governor: ThreadGovernor | None = None
 
 
@@ -154,3 +156,19 @@ def adjust_threads() -> None:
     """Called between steps of long work; does nothing unless a governor is installed."""
     if _governor is not None:
         _governor()
+
+
+def use_free_cores() -> ThreadChoice | None:
+    """Set torch's threads to the cores other processes leave free now, and install a governor so
+    that long runs follow the load from there (`adjust_threads`). None, changing nothing, where the
+    user set OMP_NUM_THREADS or torch runs one thread anyway."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() == 1:
+        return None
+    cpus = allowed_cpus()
+    choice = choose_threads(torch.get_num_threads(), other_busy_cores(cpus=cpus), len(cpus or ()) or os.cpu_count() or 1)
+    install_governor(ThreadGovernor(choice.default, cpus, current=choice.threads))
+    if choice.threads is not None:
+        torch.set_num_threads(choice.threads)
+    return choice

@@ -5,7 +5,6 @@ and exit code 1; Ctrl-C exits 130 without a message; any other exception is a bu
 its full traceback (typer's pretty exceptions are off).
 """
 
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -285,17 +284,10 @@ def set_threads(threads: Optional[int]) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
         return
-    if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() == 1:
-        return
-    from looplm.cpu_load import ThreadGovernor, allowed_cpus, choose_threads, install_governor, other_busy_cores
+    from looplm.cpu_load import use_free_cores
 
-    cpus = allowed_cpus()
-    choice = choose_threads(torch.get_num_threads(), other_busy_cores(cpus=cpus), len(cpus or ()) or os.cpu_count() or 1)
-    install_governor(ThreadGovernor(choice.default, cpus, current=choice.threads))  # long runs keep checking
-    if choice.threads is None:
-        return
-    torch.set_num_threads(choice.threads)
-    if sys.stderr.isatty():
+    choice = use_free_cores()
+    if choice is not None and choice.threads is not None and sys.stderr.isatty():
         stderr().print(f"(other processes keep {choice.busy_cores:.1f} cores busy: using {choice.threads} of "
                        f"{choice.default} threads, since waiting on a busy core slows every op; --threads N sets it)",
                        style="dim")
