@@ -132,7 +132,8 @@ class ThreadGovernor:
         count = len(self.cpus) if self.cpus else len(after)
         threads = choose_threads(self.default, busy, count).threads or self.default
         if threads != self.threads:
-            log.info("other processes kept %.1f cores busy: %d threads (was %d)", busy, threads, self.threads)
+            log.info("other processes kept %.1f cores busy: using %d of %d threads (was %d)", busy, threads,
+                     self.default, self.threads)
             self._set(threads)
             self.threads = threads
 
