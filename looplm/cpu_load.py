@@ -159,16 +159,26 @@ def adjust_threads() -> None:
         _governor()
 
 
-def use_free_cores() -> ThreadChoice | None:
-    """Set torch's threads to the cores other processes leave free now, and install a governor so
-    that long runs follow the load from there (`adjust_threads`). None, changing nothing, where the
-    user set OMP_NUM_THREADS or torch runs one thread anyway."""
+def free_cores_now(cpus: set[int] | None = None) -> ThreadChoice | None:
+    """The threads to use given the load now (measured for `SAMPLE_SECONDS`); None where the user
+    set OMP_NUM_THREADS or torch runs one thread anyway (nothing to choose)."""
     import torch
 
     if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() == 1:
         return None
+    return choose_threads(torch.get_num_threads(), other_busy_cores(cpus=cpus), len(cpus or ()) or os.cpu_count() or 1)
+
+
+def use_free_cores() -> ThreadChoice | None:
+    """Set torch's threads to the cores other processes leave free now, and install a governor so
+    that long runs follow the load from there (`adjust_threads`). None, changing nothing, where
+    there is nothing to choose (`free_cores_now`)."""
+    import torch
+
     cpus = allowed_cpus()
-    choice = choose_threads(torch.get_num_threads(), other_busy_cores(cpus=cpus), len(cpus or ()) or os.cpu_count() or 1)
+    choice = free_cores_now(cpus)
+    if choice is None:
+        return None
     install_governor(ThreadGovernor(choice.default, cpus, current=choice.threads))
     if choice.threads is not None:
         torch.set_num_threads(choice.threads)

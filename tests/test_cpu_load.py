@@ -150,3 +150,21 @@ def test_loglik_scoring_checks_the_threads_between_batches(monkeypatch: pytest.M
     assert len(calls) == 2  # one a batch
     score_choices(model, [5, 6], [[7], [8]], configs, {})
     assert len(calls) == 3
+
+
+def test_inspect_reports_the_threads_a_command_would_use(monkeypatch: pytest.MonkeyPatch, restore_threads) -> None:  # noqa: ANN001
+    import looplm
+    from looplm.cli.inspect import runtime
+
+    model = looplm.load()
+    monkeypatch.setattr(cpu_load, "_governor", None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_load, "allowed_cpus", lambda: {0, 1})
+    monkeypatch.setattr(cpu_load, "other_busy_cores", lambda cpus=None: 1.0)
+    torch.set_num_threads(2)
+    report = runtime(model)
+    assert report["threads"] == 1 and report["default_threads"] == 2 and report["other_busy_cores"] == 1.0
+    assert report["kernels"] == model.kernels
+    assert torch.get_num_threads() == 2 and cpu_load._governor is None  # inspecting changes nothing
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting: nothing measured, nothing chosen
+    assert runtime(model)["threads"] == 2 and runtime(model)["other_busy_cores"] is None

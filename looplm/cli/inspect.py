@@ -35,18 +35,41 @@ def summary(lm) -> dict:  # noqa: ANN001
         "kv_bytes_per_token_shared": kv_shared,
         "kv_bytes_full_context": kv_per_token * config.max_position_embeddings,
         "kv_slots": config.num_kv_slots,
-        "stop_ids": list(lm.generation_defaults.get("eos_token_ids", config.eos_token_ids)),
+        "stop_ids": sorted(lm.stop_ids),
         "pad_id": lm.generation_defaults.get("pad_token_id", config.pad_token_id),
         "tokenizer": None if tok is None else {
             "vocab_size": tok.vocab_size, "bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token,
             "special_ids": len(tok.special_ids),
             "chat_template": "model's own" if tok.chat_template else "ChatML (built-in)",
         },
+        "runtime": runtime(lm),
         "tensors": [
             {"name": name, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
             for name, p in lm.named_parameters()
         ],
     }
+
+
+def runtime(lm) -> dict:  # noqa: ANN001
+    """What would run the model here: looplm's CPU kernels (which path) or torch ops, and the CPU
+    threads a command would use now (`looplm.cpu_load`: the free cores)."""
+    import torch
+
+    from looplm.cpu_load import allowed_cpus, free_cores_now
+
+    default = torch.get_num_threads()
+    choice = free_cores_now(allowed_cpus())  # None: OMP_NUM_THREADS or one thread, nothing measured
+    return {"kernels": getattr(lm, "kernels", None), "default_threads": default,
+            "other_busy_cores": None if choice is None else choice.busy_cores,
+            "threads": default if choice is None or choice.threads is None else choice.threads}
+
+
+def _kernels_line(kernels: dict | None) -> str:
+    if not kernels:
+        return "torch ops"
+    quantized = [f"{kernels[key]} {name}" for name, key in (("int8", "int8_linears"), ("int4", "int4_linears"))
+                 if kernels.get(key)]
+    return f"looplm {kernels['kernel']} (prefill {kernels['prefill']})" + (f", {', '.join(quantized)}" if quantized else "")
 
 
 def _size(n: float) -> str:
@@ -80,7 +103,7 @@ def inspect(
     )] = None,
     as_json: Annotated[bool, common.option("Print one JSON object.", "--json")] = False,
 ) -> None:
-    """Show a model's config, size, KV-cache cost, stop ids, tokenizer and tensors."""
+    """Show a model's config, size, KV-cache cost, stop ids, tokenizer, runtime and tensors."""
     info = summary(common.load_model(model, dtype, device, steps, quant, group_size))
     shown = info["tensors"]
     if tensors is False:
@@ -107,6 +130,13 @@ def inspect(
         ("stop ids", ", ".join(map(str, info["stop_ids"])) or "none"),
         ("pad id", info["pad_id"]),
         *([(f"tokenizer {k}", v) for k, v in tok.items()] if tok else [("tokenizer", "none (token ids only)")]),
+    ]))
+    run = info["runtime"]
+    busy = "not measured" if run["other_busy_cores"] is None else f"{run['other_busy_cores']:.1f}"
+    out.print(_table("runtime", [
+        ("CPU kernels", _kernels_line(run["kernels"])),
+        ("threads a command would use now", f"{run['threads']} of {run['default_threads']}"),
+        ("cores other processes keep busy", busy),
     ]))
     if shown:
         rows = [(t["name"], tuple(t["shape"]), t["dtype"]) for t in shown]
