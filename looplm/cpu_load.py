@@ -63,14 +63,15 @@ def allowed_cpus() -> set[int] | None:
         return None
 
 
-def busy_between(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]],
-                 cpus: set[int] | None) -> float:
-    """Cores kept busy (by every process) between two `cpu_times` readings, over `cpus` (None: all)."""
+def other_cores_between(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]],
+                        own_seconds: float, window: float, cpus: set[int] | None) -> float:
+    """Cores other processes kept busy between two `cpu_times` readings `window` seconds apart, over
+    `cpus` (None: all): every process's busy time, less the `own_seconds` of CPU this one used."""
     busy = 0.0
     for cpu in (cpus if cpus is not None else after.keys()):
         if cpu in before and cpu in after and after[cpu][1] > before[cpu][1]:
             busy += (after[cpu][0] - before[cpu][0]) / (after[cpu][1] - before[cpu][1])
-    return busy
+    return max(0.0, busy - max(0.0, own_seconds) / window)
 
 
 def other_busy_cores(seconds: float = SAMPLE_SECONDS,
@@ -84,7 +85,7 @@ def other_busy_cores(seconds: float = SAMPLE_SECONDS,
     after, own_after = read(), _own_cpu_seconds()
     if before is None or after is None:
         return None
-    return max(0.0, busy_between(before, after, cpus) - max(0.0, own_after - own_before) / seconds)
+    return other_cores_between(before, after, own_after - own_before, seconds, cpus)
 
 
 def _own_cpu_seconds() -> float:
@@ -128,7 +129,7 @@ class ThreadGovernor:
         self._start()
         if before is None or after is None:
             return
-        busy = max(0.0, busy_between(before, after, self.cpus) - max(0.0, own - own_before) / window)
+        busy = other_cores_between(before, after, own - own_before, window, self.cpus)
         count = len(self.cpus) if self.cpus else len(after)
         threads = choose_threads(self.default, busy, count).threads or self.default
         if threads != self.threads:
