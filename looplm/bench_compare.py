@@ -11,6 +11,13 @@ so a row timed in one block could land in a fast or a slow stretch; taking turns
 drift over all rows, and each round gives a paired ratio (row / reference, same round),
 reported as median [min-max] next to the ratio of medians.
 
+Drift also comes in spells shorter than a round: on a 2-vCPU Zen 4 VM the same int8 model
+decoded at 120 ms/token for a minute, then 175, in one process. So after the rounds, one more
+child process per shape loads every looplm row (the cached rows on looplm's kernels), prefills
+the same prompt into each, and lets them decode in turns of `turn_tokens` tokens; each turn
+gives a paired ratio of the rows that ran seconds apart. That table is what the issue's
+int8 / int4 speed-up targets are read from.
+
 Rows:
 - `no-cache (reference)`: bf16 with torch's ops, every token recomputing the whole sequence,
   which is what the community "fixed" Ouro checkpoint does (it disables the KV cache). Each
@@ -94,6 +101,7 @@ class CompareOptions:
     seed: int = 0
     group_size: int = 128  # int4 rows
     emulate_avx2: bool = False
+    turn_tokens: int = 4  # tokens per row per turn in the interleaved decode; 0 skips it
 
     def check(self) -> None:
         for name in ("prompt_len", "new_tokens", "baseline_tokens", "repeats"):
@@ -102,6 +110,8 @@ class CompareOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.new_tokens < 2 or self.baseline_tokens < 2:
             raise ConfigError("--new-tokens and --baseline-tokens must be at least 2 (decode rate needs 2 tokens)")
+        if not isinstance(self.turn_tokens, int) or self.turn_tokens < 0:
+            raise ConfigError(f"--turn-tokens must be 0 (skip) or a positive integer, got {self.turn_tokens!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be a positive integer, got {self.threads!r}")
         for shape in self.shapes:
@@ -178,19 +188,55 @@ def _token_marks(stream_generate, model, prompt, tokens, use_cache, meter):  # n
         yield meter.mark()
 
 
-# What an AVX2-only CPU would run, on an AVX-512 one: looplm's AVX2 kernels and prefill route,
-# oneDNN and ATen limited to AVX2 (so torch's bf16 GEMM takes its slow AVX2 path too).
-EMULATE_AVX2_ENV = {"LOOPLM_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+def run_turns(spec: dict) -> dict:
+    """Decode with several models in one process, taking turns; runs inside a child interpreter.
+
+    Every model prefills the same prompt, then each turn pulls `turn_tokens` tokens from every
+    model's own generator in order, so the models' times within a turn are seconds apart."""
+    import looplm
+    from looplm.generate import stream_generate
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    variants = [Variant(**variant) for variant in spec["variants"]]
+    models = [looplm.load(spec["path"], dtype="bfloat16", quant=variant.quant, group_size=variant.group_size,
+                          kernels=variant.kernels) for variant in variants]
+    vocab = models[0].config.vocab_size
+    prompt = torch.randint(0, vocab, (1, spec["prompt_len"]), generator=torch.Generator().manual_seed(spec["seed"]))
+    turn, turns = spec["turn_tokens"], (spec["new_tokens"] - 1) // spec["turn_tokens"]
+    ms_per_token: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for model in models:  # warm up allocators and kernels, as the rows do
+            for _ in stream_generate(model, torch.randint(0, vocab, (1, 16)), 3, eos_token_ids=[]):
+                pass
+        streams = [stream_generate(model, prompt, 1 + turns * turn, eos_token_ids=[]) for model in models]
+        for stream in streams:
+            next(stream)  # the prefill and the first token
+        for _ in range(turns):
+            for index, stream in enumerate(streams):
+                start = time.perf_counter()
+                for _ in range(turn):
+                    next(stream)
+                ms_per_token[index].append((time.perf_counter() - start) / turn * 1e3)
+    return {"variants": [asdict(variant) for variant in variants], "turns": turns, "turn_tokens": turn,
+            "ms_per_token": ms_per_token}
 
 
-def run_row_in_child(spec: dict, emulate_avx2: bool = False) -> dict:
+def run_in_child(flag: str, spec: dict, emulate_avx2: bool = False) -> dict:
+    """`run_row` (flag --child) or `run_turns` (--child-turns) in a fresh interpreter."""
     env = {**os.environ, **(EMULATE_AVX2_ENV if emulate_avx2 else {})}
-    proc = subprocess.run([sys.executable, "-m", "looplm.bench_compare", "--child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "looplm.bench_compare", flag, json.dumps(spec)],
                           capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LooplmError(f"bench row '{spec['variant']['name']}' failed: {tail}")
+        what = spec["variant"]["name"] if "variant" in spec else "the rows taking turns"
+        raise LooplmError(f"bench {what} failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# What an AVX2-only CPU would run, on an AVX-512 one: looplm's AVX2 kernels and prefill route,
+# oneDNN and ATen limited to AVX2 (so torch's bf16 GEMM takes its slow AVX2 path too).
+EMULATE_AVX2_ENV = {"LOOPLM_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +265,18 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
                 spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
                         "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
                         "repeats": 1, "threads": options.threads, "seed": options.seed + repeat}
-                parts[key].append(run_row_in_child(spec, options.emulate_avx2))
+                parts[key].append(run_in_child("--child", spec, options.emulate_avx2))
         rows = [_merge_row(key, row_parts) for key, row_parts in parts.items()]
         _add_ratios(rows)
         result["shapes"][shape] = rows
+        taking_turns = [key for key, variant in variants.items() if variant.use_cache and variant.kernels == "auto"]
+        if options.turn_tokens and len(taking_turns) >= 2 and options.new_tokens > options.turn_tokens:
+            log(f"{shape}: {', '.join(variants[key].name for key in taking_turns)} decoding in turns (one process)")
+            spec = {"path": str(path), "variants": [asdict(variants[key]) for key in taking_turns],
+                    "prompt_len": options.prompt_len, "new_tokens": options.new_tokens,
+                    "turn_tokens": options.turn_tokens, "threads": options.threads, "seed": options.seed}
+            result.setdefault("turns", {})[shape] = _turn_rows(taking_turns, run_in_child("--child-turns", spec,
+                                                                                          options.emulate_avx2))
     return result
 
 
@@ -247,6 +301,18 @@ def _merge_row(key: str, parts: list[dict]) -> dict:
     row["roofline_tok_s"] = row["bandwidth_gb_s"] * 1e9 / row["bytes_per_token"]
     row["pct_roofline"] = 100 * row["decode_tok_s"]["median"] / row["roofline_tok_s"]
     return row
+
+
+def _turn_rows(keys: list[str], turns: dict) -> list[dict]:
+    """Per row: ms/token over the turns, and per turn the speed-up over the reference row
+    (bf16 when it took part, else the first), median [min-max]."""
+    times = dict(zip(keys, turns["ms_per_token"], strict=True))
+    reference = "bf16" if "bf16" in times else keys[0]
+    names = {key: variant["name"] for key, variant in zip(keys, turns["variants"], strict=True)}
+    return [{"key": key, "name": names[key], "reference": names[reference], "turns": turns["turns"],
+             "turn_tokens": turns["turn_tokens"], "ms_per_token_by_turn": times[key], "ms_per_token": _spread(times[key]),
+             "speedup_paired": _spread([base / mine for base, mine in zip(times[reference], times[key], strict=True)])}
+            for key in keys]
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -296,11 +362,28 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
                           f"{row['pct_roofline']:.0f}%", f"{row['peak_rss_bytes'] / (1 << 30):.2f}",
                           "-" if row["other_cores_max"] is None else f"{row['other_cores_max']:.2f}")
         console.print(table)
+        if shape in result.get("turns", {}):
+            _print_turns(console, result["turns"][shape], shape)
     busy = [f"{shape} {row['variant']['name']}" for shape, rows in result["shapes"].items() for row in rows
             if (row["other_cores_max"] or 0) > BUSY_OTHER_CORES]
     if busy:
         console.print(f"[yellow]warning: other processes kept > {BUSY_OTHER_CORES} cores busy during: "
                       f"{', '.join(busy)}; those rows are pessimistic[/yellow]")
+
+
+def _print_turns(console, rows: list[dict], shape: str) -> None:  # noqa: ANN001 - rich.console.Console
+    from rich.table import Table
+
+    first = rows[0]
+    table = Table(title=f"Ouro {shape} shape, decode taking turns in one process after the same prompt: "
+                        f"{first['turns']} turns of {first['turn_tokens']} tokens per row, median \\[min-max] "
+                        "(speed-up: paired within a turn)")
+    for name in ("variant", "ms / token", f"decode x {first['reference']}"):
+        table.add_column(name, justify="right", overflow="fold")
+    for row in rows:
+        digits = 1 if row["ms_per_token"]["median"] >= 10 else 3
+        table.add_row(row["name"], _fmt(row["ms_per_token"], digits), _paired(row["speedup_paired"]))
+    console.print(table)
 
 
 def _fmt(spread: dict, digits: int) -> str:
@@ -336,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="run every row as an AVX2-only CPU would (oneDNN, ATen and looplm limited to AVX2)")
+    parser.add_argument("--turn-tokens", type=int, default=4,
+                        help="after the rounds, the looplm rows decode in turns of this many tokens in one process "
+                             "(paired speed-ups); 0 skips it")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-turns", default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -349,12 +436,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child is not None:
         print(json.dumps(run_row(json.loads(args.child))), flush=True)
         return 0
+    if args.child_turns is not None:
+        print(json.dumps(run_turns(json.loads(args.child_turns))), flush=True)
+        return 0
     options = CompareOptions(
         shapes=_split(args.shapes), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         baseline_tokens=args.baseline_tokens, repeats=args.repeats, threads=args.threads,
         rows={"1.4b": _split(args.rows_14), "2.6b": _split(args.rows_26), "tiny": _split(args.rows_tiny)},
         workdir=args.workdir, json_out=args.json_out, seed=args.seed, group_size=args.group_size,
-        emulate_avx2=args.emulate_avx2)
+        emulate_avx2=args.emulate_avx2, turn_tokens=args.turn_tokens)
     try:
         check_writable(options.json_out, "--json-out")
         result = run_compare(options)

@@ -585,7 +585,8 @@ def test_reasoning_stream_handles_split_tags() -> None:
 
 def test_bench_compare_table_runs_on_the_tiny_shape(tmp_path: Path) -> None:
     proc = run_module("bench", "--shapes", "tiny", "--rows-tiny", "no-cache,bf16,int8", "--prompt-len", "8",
-                      "--new-tokens", "3", "--baseline-tokens", "2", "--repeats", "2", "--workdir", str(tmp_path))
+                      "--new-tokens", "3", "--baseline-tokens", "2", "--repeats", "2", "--turn-tokens", "1",
+                      "--workdir", str(tmp_path))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()
     assert "Ouro tiny shape" in out.decode() and "no-cache (reference)" in out.decode()
@@ -602,6 +603,14 @@ def test_bench_compare_table_runs_on_the_tiny_shape(tmp_path: Path) -> None:
     assert paired["min"] == pytest.approx(min(a / b for a, b in zip(*speeds)))
     assert rows[1]["kernels"]["linears"] > 0 and rows[0]["kernels"] is None  # looplm kernels vs torch ops
     assert rows[2]["layer_bytes"] < rows[1]["layer_bytes"] * 0.6  # int8 layers: about half of bf16
+    # then the looplm rows (not the no-cache one) decode in turns in one process: 2 turns of 1 token
+    turns = result["turns"]["tiny"]
+    assert [row["key"] for row in turns] == ["bf16", "int8"]
+    assert all(row["turns"] == 2 and row["ms_per_token"]["n"] == 2 and row["ms_per_token"]["min"] > 0 for row in turns)
+    assert turns[0]["speedup_paired"]["median"] == 1.0 and turns[1]["reference"] == "bf16 (looplm)"
+    by_turn = [a / b for a, b in zip(turns[0]["ms_per_token_by_turn"], turns[1]["ms_per_token_by_turn"])]
+    assert turns[1]["speedup_paired"]["n"] == 2 and turns[1]["speedup_paired"]["min"] == pytest.approx(min(by_turn))
+    assert "decode taking turns in one process" in out.decode()
 
 
 def test_bench_compare_report_wraps_in_a_narrow_terminal_and_never_cuts_numbers() -> None:
