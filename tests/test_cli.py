@@ -634,6 +634,25 @@ def test_bench_compare_report_wraps_in_a_narrow_terminal_and_never_cuts_numbers(
     assert "of 1 round " in text and re.search(r"│ +7\.22 │", text)  # a lone median, no [min-max]
 
 
+def test_bench_compare_report_prints_the_rows_taking_turns_under_each_shape() -> None:
+    from rich.console import Console
+
+    from looplm.bench_compare import print_report
+
+    saved = json.loads((Path(__file__).parent.parent / "docs" / "bench-compare-run26-avx512.json").read_text())
+    console = Console(width=200, record=True)
+    print_report(saved, console)
+    text = console.export_text()
+    first, second = text.index("Ouro 1.4b shape, decode taking turns"), text.index("Ouro 2.6b shape, decode taking turns")
+    assert text.index("Ouro 1.4b shape, random weights") < first < text.index("Ouro 2.6b shape, random weights") < second
+    assert re.search(r"│ +int4 g128 │ +107\.9 \[95\.2-121\.5\] │ +3\.11x \[2\.80-3\.33\] │", text)
+    assert "decode x bf16 (looplm)" in text[first:second] and "decode x int8" in text[second:]
+    without = {key: value for key, value in saved.items() if key != "turns"}  # runs before 26, or --turn-tokens 0
+    console = Console(width=200, record=True)
+    print_report(without, console)
+    assert "taking turns" not in console.export_text()
+
+
 def test_paired_decode_benchmark_script_runs_on_the_default_model() -> None:
     """benchmarks/bench_decode_context.py: every row decodes and gets a paired ratio to the first."""
     from looplm.default_model import default_model_dir
