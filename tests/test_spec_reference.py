@@ -214,6 +214,26 @@ def forward_both(case: tuple, dtype: torch.dtype) -> tuple:
     return model, ours, ref, mask.bool()  # padded positions are don't-care in both
 
 
+def assert_exit_steps_match_spec(got: torch.Tensor, ours_pdf: torch.Tensor, spec_pdf: torch.Tensor, cfg: dict,
+                                 threshold: float, real: torch.Tensor) -> None:
+    """looplm's exit steps are the spec's rule (5.2) applied to its own pdf, bit for bit, and the
+    spec's steps except where rounding flips the rule's comparison.
+
+    The fp32 pdfs agree to about 1e-7, not bit for bit (kernels sum in another order on another
+    CPU), and with a gate that saturates the CDF can land on 1.0 in one and 0.99999994 in the
+    other: seen on a Zen 4, where threshold 1.0 then exits at step 3 in the spec and at the last
+    step in looplm. Both follow the rule. So a position is excused only where, at some step
+    before the last, the two CDFs sit on opposite sides of the threshold within 1e-6 of it."""
+    assert torch.equal(got[real], spec_exit_steps(cfg, ours_pdf, threshold)[real]), threshold
+    ours_cdf, spec_cdf = torch.cumsum(ours_pdf, 0)[:-1], torch.cumsum(spec_pdf, 0)[:-1]
+    flipped = ((ours_cdf >= threshold) != (spec_cdf >= threshold)) & ((ours_cdf - threshold).abs() <= 1e-6) & (
+        (spec_cdf - threshold).abs() <= 1e-6)
+    excused = real & flipped.any(0)
+    assert excused.sum() <= max(1, real.sum() // 10), (threshold, excused.sum())  # rare, never the rule
+    clear = real & ~excused
+    assert torch.equal(got[clear], spec_exit_steps(cfg, spec_pdf, threshold)[clear]), threshold
+
+
 # ---------------------------------------------------------------------------------------------
 # Tests
 
@@ -230,10 +250,9 @@ def test_fp32_forward_matches_spec(case) -> None:  # noqa: ANN001
     for threshold in (0.2, 0.5, 0.9, 1.0):
         with torch.inference_mode():
             logits, exit_steps = model.exit_logits(ours, threshold)
-        expected = spec_exit_steps(raw, ref["pdf"], threshold)
-        assert torch.equal(exit_steps[real], expected[real]), threshold
+        assert_exit_steps_match_spec(exit_steps, ours.exit_probs, ref["pdf"], raw, threshold, real)
         chosen = torch.gather(
-            ref["logits"], 0, expected[None, ..., None].expand(1, *expected.shape, ref["logits"].shape[-1])
+            ref["logits"], 0, exit_steps[None, ..., None].expand(1, *exit_steps.shape, ref["logits"].shape[-1])
         )[0]
         assert (logits - chosen)[real].abs().max() <= 1e-4
 
@@ -326,12 +345,11 @@ def test_calling_the_model_follows_the_reference_priority(case) -> None:  # noqa
             assert (fixed.exit_steps[real] == k).all()
             assert (fixed.logits - ref["logits"][k])[real].abs().max() <= 1e-4
         default = model(ids, mask)  # the config's fixed step, else its threshold
-        expected = spec_exit_steps(raw, ref["pdf"], raw["early_exit_threshold"])
-        assert torch.equal(default.exit_steps[real], expected[real])
+        pdf = model.forward_steps(ids, mask).exit_probs
+        assert_exit_steps_match_spec(default.exit_steps, pdf, ref["pdf"], raw, raw["early_exit_threshold"], real)
         # an out-of-range step given in the call replaces the config's and is ignored: the threshold decides
         ignored = model(ids, mask, exit_at_step=steps, exit_threshold=0.5)
-        expected = spec_exit_steps({**raw, "early_exit_step": None}, ref["pdf"], 0.5)
-        assert torch.equal(ignored.exit_steps[real], expected[real])
+        assert_exit_steps_match_spec(ignored.exit_steps, pdf, ref["pdf"], {**raw, "early_exit_step": None}, 0.5, real)
     raw_without_threshold = {**raw, "early_exit_threshold": None, "early_exit_step": None}
     (path / "config.json").write_text(json.dumps(raw_without_threshold))
     model = looplm.load(path, dtype=torch.float32, steps=steps)
