@@ -275,8 +275,13 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
             spec = {"path": str(path), "variants": [asdict(variants[key]) for key in taking_turns],
                     "prompt_len": options.prompt_len, "new_tokens": options.new_tokens,
                     "turn_tokens": options.turn_tokens, "threads": options.threads, "seed": options.seed}
-            result.setdefault("turns", {})[shape] = _turn_rows(taking_turns, run_in_child("--child-turns", spec,
-                                                                                          options.emulate_avx2))
+            try:  # an extra table: if it fails, the rows measured so far still print
+                turns = run_in_child("--child-turns", spec, options.emulate_avx2)
+            except LooplmError as exc:
+                log(f"warning: {exc}")
+                result.setdefault("turns_failed", {})[shape] = str(exc)
+            else:
+                result.setdefault("turns", {})[shape] = _turn_rows(taking_turns, turns)
     return result
 
 
@@ -364,6 +369,9 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
         console.print(table)
         if shape in result.get("turns", {}):
             _print_turns(console, result["turns"][shape], shape)
+        if shape in result.get("turns_failed", {}):
+            console.print(f"[yellow]warning: the {shape} rows could not decode in turns: "
+                          f"{result['turns_failed'][shape]}[/yellow]")
     busy = [f"{shape} {row['variant']['name']}" for shape, rows in result["shapes"].items() for row in rows
             if (row["other_cores_max"] or 0) > BUSY_OTHER_CORES]
     if busy:

@@ -613,6 +613,32 @@ def test_bench_compare_table_runs_on_the_tiny_shape(tmp_path: Path) -> None:
     assert "decode taking turns in one process" in out.decode()
 
 
+def test_bench_compare_keeps_the_rows_when_the_turns_fail(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from rich.console import Console
+
+    from looplm import bench_compare
+    from looplm.errors import LooplmError
+
+    real_child = bench_compare.run_in_child
+
+    def turns_fail(flag: str, spec: dict, emulate_avx2: bool = False) -> dict:
+        if flag == "--child-turns":
+            raise LooplmError("bench the rows taking turns failed: out of memory (simulated)")
+        return real_child(flag, spec, emulate_avx2)
+
+    monkeypatch.setattr(bench_compare, "run_in_child", turns_fail)
+    logged: list[str] = []
+    options = bench_compare.CompareOptions(shapes=("tiny",), rows={"tiny": ("bf16", "int8")}, prompt_len=8,
+                                           new_tokens=3, repeats=1, turn_tokens=1, workdir=str(tmp_path))
+    result = bench_compare.run_compare(options, log=logged.append)
+    assert [row["key"] for row in result["shapes"]["tiny"]] == ["bf16", "int8"] and "turns" not in result
+    assert "out of memory (simulated)" in result["turns_failed"]["tiny"] and logged[-1].startswith("warning: ")
+    console = Console(width=200, record=True)
+    bench_compare.print_report(result, console)
+    text = console.export_text()
+    assert "Ouro tiny shape, random weights" in text and "could not decode in turns" in text
+
+
 def test_bench_compare_report_wraps_in_a_narrow_terminal_and_never_cuts_numbers() -> None:
     from rich.console import Console
 
