@@ -259,27 +259,37 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
         path, _ = ensure_checkpoint(shape, workdir, options.seed)
         variants = {key: _variant(key, options.group_size) for key in options.rows[shape]}
         parts: dict[str, list[dict]] = {key: [] for key in variants}
+        failed: dict[str, str] = {}  # row key (or "turns") -> why; the rest of the run goes on
         for repeat in range(options.repeats):
             for key, variant in variants.items():
+                if key in failed:
+                    continue
                 log(f"{shape}: {variant.name} (round {repeat + 1}/{options.repeats}, fresh process)")
                 spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
                         "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
                         "repeats": 1, "threads": options.threads, "seed": options.seed + repeat}
-                parts[key].append(run_in_child("--child", spec, options.emulate_avx2))
-        rows = [_merge_row(key, row_parts) for key, row_parts in parts.items()]
+                try:
+                    parts[key].append(run_in_child("--child", spec, options.emulate_avx2))
+                except LooplmError as exc:  # e.g. out of memory: leave the row out, keep the others
+                    log(f"warning: {exc}; the row is left out")
+                    failed[key] = str(exc)
+        rows = [_merge_row(key, row_parts) for key, row_parts in parts.items() if key not in failed]
         _add_ratios(rows)
         result["shapes"][shape] = rows
-        taking_turns = [key for key, variant in variants.items() if variant.use_cache and variant.kernels == "auto"]
+        if failed:
+            result.setdefault("failed", {})[shape] = failed
+        taking_turns = [key for key, variant in variants.items()
+                        if variant.use_cache and variant.kernels == "auto" and key not in failed]
         if options.turn_tokens and len(taking_turns) >= 2 and options.new_tokens > options.turn_tokens:
             log(f"{shape}: {', '.join(variants[key].name for key in taking_turns)} decoding in turns (one process)")
             spec = {"path": str(path), "variants": [asdict(variants[key]) for key in taking_turns],
                     "prompt_len": options.prompt_len, "new_tokens": options.new_tokens,
                     "turn_tokens": options.turn_tokens, "threads": options.threads, "seed": options.seed}
-            try:  # an extra table: if it fails, the rows measured so far still print
+            try:
                 turns = run_in_child("--child-turns", spec, options.emulate_avx2)
             except LooplmError as exc:
                 log(f"warning: {exc}")
-                result.setdefault("turns_failed", {})[shape] = str(exc)
+                result.setdefault("failed", {}).setdefault(shape, {})["turns"] = str(exc)
             else:
                 result.setdefault("turns", {})[shape] = _turn_rows(taking_turns, turns)
     return result
@@ -369,9 +379,9 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
         console.print(table)
         if shape in result.get("turns", {}):
             _print_turns(console, result["turns"][shape], shape)
-        if shape in result.get("turns_failed", {}):
-            console.print(f"[yellow]warning: the {shape} rows could not decode in turns: "
-                          f"{result['turns_failed'][shape]}[/yellow]")
+        for key, why in result.get("failed", {}).get(shape, {}).items():
+            what = "the rows decoding in turns" if key == "turns" else f"the {VARIANTS[key].name} row"
+            console.print(f"[yellow]warning: {shape}: {what} failed and is left out: {why}[/yellow]")
     busy = [f"{shape} {row['variant']['name']}" for shape, rows in result["shapes"].items() for row in rows
             if (row["other_cores_max"] or 0) > BUSY_OTHER_CORES]
     if busy:
@@ -441,11 +451,13 @@ def _split(text: str) -> tuple[str, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.child is not None:
-        print(json.dumps(run_row(json.loads(args.child))), flush=True)
-        return 0
-    if args.child_turns is not None:
-        print(json.dumps(run_turns(json.loads(args.child_turns))), flush=True)
+    if args.child is not None or args.child_turns is not None:
+        run, spec = (run_row, args.child) if args.child is not None else (run_turns, args.child_turns)
+        try:
+            print(json.dumps(run(json.loads(spec))), flush=True)
+        except LooplmError as exc:  # the parent shows the last stderr line: the message, not a traceback
+            print(exc, file=sys.stderr)
+            return 1
         return 0
     options = CompareOptions(
         shapes=_split(args.shapes), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
@@ -460,7 +472,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_report(result)
-    return exit_code_of(lambda: emit_json(result, options.json_out))
+    code = exit_code_of(lambda: emit_json(result, options.json_out))
+    if result.get("failed"):
+        print("error: part of the benchmark failed (warnings above); the table holds what ran", file=sys.stderr)
+        return code or 1
+    return code
 
 
 if __name__ == "__main__":

@@ -613,30 +613,45 @@ def test_bench_compare_table_runs_on_the_tiny_shape(tmp_path: Path) -> None:
     assert "decode taking turns in one process" in out.decode()
 
 
-def test_bench_compare_keeps_the_rows_when_the_turns_fail(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    from rich.console import Console
-
+def test_bench_compare_leaves_out_what_failed_and_keeps_the_rest(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """A row that fails (say, out of memory) is left out after its first failure, the other rows and
+    the turns go on, the report says what failed, and the command exits non-zero after printing."""
     from looplm import bench_compare
     from looplm.errors import LooplmError
 
     real_child = bench_compare.run_in_child
+    calls: list[str] = []
+
+    def some_fail(flag: str, spec: dict, emulate_avx2: bool = False) -> dict:
+        what = spec["variant"]["name"] if "variant" in spec else "turns"
+        calls.append(what)
+        if what == "int8" or (what == "turns" and len(spec["variants"]) == 1):
+            raise LooplmError(f"bench {what} failed: out of memory (simulated)")
+        return real_child(flag, spec, emulate_avx2)
+
+    monkeypatch.setattr(bench_compare, "run_in_child", some_fail)
+    common = ["--shapes", "tiny", "--prompt-len", "8", "--new-tokens", "3", "--baseline-tokens", "2",
+              "--repeats", "2", "--turn-tokens", "1", "--workdir", str(tmp_path)]
+    assert bench_compare.main([*common, "--rows-tiny", "bf16,int8,bf16-torch"]) == 1
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert calls == ["bf16 (looplm)", "int8", "bf16, torch ops", "bf16 (looplm)", "bf16, torch ops"]  # no retry
+    assert [row["key"] for row in result["shapes"]["tiny"]] == ["bf16", "bf16-torch"]
+    assert result["shapes"]["tiny"][1]["decode_vs_bf16_paired"]["n"] == 2
+    assert "out of memory" in result["failed"]["tiny"]["int8"] and "turns" not in result  # one looplm row left
+    assert "int8 row failed and is left out" in out and "part of the benchmark failed" in err
 
     def turns_fail(flag: str, spec: dict, emulate_avx2: bool = False) -> dict:
         if flag == "--child-turns":
             raise LooplmError("bench the rows taking turns failed: out of memory (simulated)")
         return real_child(flag, spec, emulate_avx2)
 
-    monkeypatch.setattr(bench_compare, "run_in_child", turns_fail)
-    logged: list[str] = []
-    options = bench_compare.CompareOptions(shapes=("tiny",), rows={"tiny": ("bf16", "int8")}, prompt_len=8,
-                                           new_tokens=3, repeats=1, turn_tokens=1, workdir=str(tmp_path))
-    result = bench_compare.run_compare(options, log=logged.append)
-    assert [row["key"] for row in result["shapes"]["tiny"]] == ["bf16", "int8"] and "turns" not in result
-    assert "out of memory (simulated)" in result["turns_failed"]["tiny"] and logged[-1].startswith("warning: ")
-    console = Console(width=200, record=True)
-    bench_compare.print_report(result, console)
-    text = console.export_text()
-    assert "Ouro tiny shape, random weights" in text and "could not decode in turns" in text
+    monkeypatch.setattr(bench_compare, "run_in_child", turns_fail)  # the turns failing alone
+    assert bench_compare.main([*common, "--repeats", "1", "--rows-tiny", "bf16,int8"]) == 1
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert [row["key"] for row in result["shapes"]["tiny"]] == ["bf16", "int8"]
+    assert list(result["failed"]["tiny"]) == ["turns"] and "rows decoding in turns failed and is left out" in out
 
 
 def test_bench_compare_report_wraps_in_a_narrow_terminal_and_never_cuts_numbers() -> None:
