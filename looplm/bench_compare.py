@@ -256,28 +256,41 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
     result["bandwidth"] = measure_read_bandwidth(1024, meter)
     for shape in options.shapes:
         log(f"checkpoint: {shape} under {workdir}")
-        path, _ = ensure_checkpoint(shape, workdir, options.seed)
+        try:
+            path, _ = ensure_checkpoint(shape, workdir, options.seed)
+        except KeyboardInterrupt:  # the shapes before this one are kept
+            result["interrupted"] = {"shape": shape, "during": "checkpoint", "rounds_kept": 0}
+            break
         variants = {key: _variant(key, options.group_size) for key in options.rows[shape]}
         parts: dict[str, list[dict]] = {key: [] for key in variants}
         failed: dict[str, str] = {}  # row key (or "turns") -> why; the rest of the run goes on
-        for repeat in range(options.repeats):
-            for key, variant in variants.items():
-                if key in failed:
-                    continue
-                log(f"{shape}: {variant.name} (round {repeat + 1}/{options.repeats}, fresh process)")
-                spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
-                        "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
-                        "repeats": 1, "threads": options.threads, "seed": options.seed + repeat}
-                try:
-                    parts[key].append(run_in_child("--child", spec, options.emulate_avx2))
-                except LooplmError as exc:  # e.g. out of memory: leave the row out, keep the others
-                    log(f"warning: {exc}; the row is left out")
-                    failed[key] = str(exc)
+        try:
+            for repeat in range(options.repeats):
+                for key, variant in variants.items():
+                    if key in failed:
+                        continue
+                    log(f"{shape}: {variant.name} (round {repeat + 1}/{options.repeats}, fresh process)")
+                    spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
+                            "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
+                            "repeats": 1, "threads": options.threads, "seed": options.seed + repeat}
+                    try:
+                        parts[key].append(run_in_child("--child", spec, options.emulate_avx2))
+                    except LooplmError as exc:  # e.g. out of memory: leave the row out, keep the others
+                        log(f"warning: {exc}; the row is left out")
+                        failed[key] = str(exc)
+        except KeyboardInterrupt:  # keep the rounds every row finished, and stop
+            rounds = min((len(parts[key]) for key in parts if key not in failed), default=0)
+            log(f"interrupted: keeping the {rounds} round(s) of {shape} that every row finished")
+            result["interrupted"] = {"shape": shape, "during": "rounds", "rounds_kept": rounds}
+            parts = {key: row_parts[:rounds] for key, row_parts in parts.items()} if rounds else {}
         rows = [_merge_row(key, row_parts) for key, row_parts in parts.items() if key not in failed]
         _add_ratios(rows)
-        result["shapes"][shape] = rows
+        if rows:
+            result["shapes"][shape] = rows
         if failed:
             result.setdefault("failed", {})[shape] = failed
+        if "interrupted" in result:
+            break
         taking_turns = [key for key, variant in variants.items()
                         if variant.use_cache and variant.kernels == "auto" and key not in failed]
         if options.turn_tokens and len(taking_turns) >= 2 and options.new_tokens > options.turn_tokens:
@@ -290,6 +303,10 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
             except LooplmError as exc:
                 log(f"warning: {exc}")
                 result.setdefault("failed", {}).setdefault(shape, {})["turns"] = str(exc)
+            except KeyboardInterrupt:
+                log(f"interrupted: keeping the rows of {shape}, without its turns")
+                result["interrupted"] = {"shape": shape, "during": "turns", "rounds_kept": options.repeats}
+                break
             else:
                 result.setdefault("turns", {})[shape] = _turn_rows(taking_turns, turns)
     return result
@@ -360,9 +377,10 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
                   f"{' '.join(machine['bf16_isa'])}, torch {machine['torch']} with {machine['torch_threads']} threads; "
                   f"read bandwidth {bw['gb_s']['median']:.1f} GB/s [{bw['gb_s']['min']:.1f}-{bw['gb_s']['max']:.1f}]")
     for shape, rows in result["shapes"].items():
+        rounds = rows[0]["load_seconds"]["n"]  # fewer than asked when the run was interrupted
         table = Table(title=f"Ouro {shape} shape, random weights, CPU, batch 1: prompt {opts['prompt_len']}, "
-                            f"{opts['new_tokens']} new tokens, median \\[min-max] of {opts['repeats']} "
-                            f"round{'s' if opts['repeats'] != 1 else ''} "
+                            f"{opts['new_tokens']} new tokens, median \\[min-max] of {rounds} "
+                            f"round{'s' if rounds != 1 else ''} "
                             "(ratios: paired within a round)")
         for name in ("variant", "prefill tok/s", "decode tok/s", "decode x no-cache", "decode x bf16 torch",
                      "decode x bf16 looplm", "prefill x bf16 torch", "GB/token", "row GB/s", "% roofline",
@@ -382,6 +400,12 @@ def print_report(result: dict, console=None) -> None:  # noqa: ANN001 - rich.con
         for key, why in result.get("failed", {}).get(shape, {}).items():
             what = "the rows decoding in turns" if key == "turns" else f"the {VARIANTS[key].name} row"
             console.print(f"[yellow]warning: {shape}: {what} failed and is left out: {why}[/yellow]")
+    if "interrupted" in result:
+        stopped = result["interrupted"]
+        kept = (f"its table holds the {stopped['rounds_kept']} round(s) every row finished"
+                if stopped["rounds_kept"] else "none of its rows finished")
+        console.print(f"[yellow]interrupted during the {stopped['during']} of {stopped['shape']}: {kept}; the shapes "
+                      "after it did not run[/yellow]")
     busy = [f"{shape} {row['variant']['name']}" for shape, rows in result["shapes"].items() for row in rows
             if (row["other_cores_max"] or 0) > BUSY_OTHER_CORES]
     if busy:
@@ -471,8 +495,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LooplmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before any row finished: nothing to print
+        print("interrupted before any row finished", file=sys.stderr)
+        return 130
     print_report(result)
     code = exit_code_of(lambda: emit_json(result, options.json_out))
+    if "interrupted" in result:
+        print("interrupted: the table holds the rounds that finished", file=sys.stderr)
+        return 130
     if result.get("failed"):
         print("error: part of the benchmark failed (warnings above); the table holds what ran", file=sys.stderr)
         return code or 1

@@ -654,6 +654,32 @@ def test_bench_compare_leaves_out_what_failed_and_keeps_the_rest(tmp_path: Path,
     assert list(result["failed"]["tiny"]) == ["turns"] and "rows decoding in turns failed and is left out" in out
 
 
+def test_bench_compare_interrupted_prints_the_rounds_every_row_finished(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """Ctrl-C in round 2 of 3: the table holds round 1 of every row, the next shape does not run,
+    the JSON still comes out, and the exit code is 130."""
+    from looplm import bench_compare
+
+    real_child = bench_compare.run_in_child
+    calls: list[str] = []
+
+    def interrupt_in_round_two(flag: str, spec: dict, emulate_avx2: bool = False) -> dict:
+        calls.append(spec["variant"]["name"])
+        if len(calls) == 4:  # bf16, int8 of round 1 done; bf16 of round 2 done; then Ctrl-C
+            raise KeyboardInterrupt
+        return real_child(flag, spec, emulate_avx2)
+
+    monkeypatch.setattr(bench_compare, "run_in_child", interrupt_in_round_two)
+    code = bench_compare.main(["--shapes", "tiny,1.4b", "--rows-tiny", "bf16,int8", "--prompt-len", "8",
+                               "--new-tokens", "3", "--repeats", "3", "--workdir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 130 and "interrupted" in err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert list(result["shapes"]) == ["tiny"] and result["interrupted"] == {"shape": "tiny", "during": "rounds", "rounds_kept": 1}
+    assert all(row["decode_tok_s"]["n"] == 1 and row["load_seconds"]["n"] == 1 for row in result["shapes"]["tiny"])
+    assert "median [min-max] of 1 round " in out and "interrupted during the rounds of tiny" in out
+    assert [entry.name for entry in tmp_path.iterdir()] == ["ouro-tiny-random-bf16-v1-seed0"]  # 1.4b never started
+
+
 def test_bench_compare_report_wraps_in_a_narrow_terminal_and_never_cuts_numbers() -> None:
     from rich.console import Console
 
@@ -669,6 +695,7 @@ def test_bench_compare_report_wraps_in_a_narrow_terminal_and_never_cuts_numbers(
     one_round["options"]["repeats"] = 1
     for row in one_round["shapes"]["1.4b"]:
         row["decode_tok_s"] = {**row["decode_tok_s"], "n": 1}
+        row["load_seconds"] = {**row["load_seconds"], "n": 1}
     console = Console(width=200, record=True)
     print_report(one_round, console)
     text = console.export_text()
