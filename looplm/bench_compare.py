@@ -262,34 +262,13 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
             result["interrupted"] = {"shape": shape, "during": "checkpoint", "rounds_kept": 0}
             break
         variants = {key: _variant(key, options.group_size) for key in options.rows[shape]}
-        parts: dict[str, list[dict]] = {key: [] for key in variants}
-        failed: dict[str, str] = {}  # row key (or "turns") -> why; the rest of the run goes on
-        try:
-            for repeat in range(options.repeats):
-                for key, variant in variants.items():
-                    if key in failed:
-                        continue
-                    log(f"{shape}: {variant.name} (round {repeat + 1}/{options.repeats}, fresh process)")
-                    spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
-                            "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
-                            "repeats": 1, "threads": options.threads, "seed": options.seed + repeat}
-                    try:
-                        parts[key].append(run_in_child("--child", spec, options.emulate_avx2))
-                    except LooplmError as exc:  # e.g. out of memory: leave the row out, keep the others
-                        log(f"warning: {exc}; the row is left out")
-                        failed[key] = str(exc)
-        except KeyboardInterrupt:  # keep the rounds every row finished, and stop
-            rounds = min((len(parts[key]) for key in parts if key not in failed), default=0)
-            log(f"interrupted: keeping the {rounds} round(s) of {shape} that every row finished")
-            result["interrupted"] = {"shape": shape, "during": "rounds", "rounds_kept": rounds}
-            parts = {key: row_parts[:rounds] for key, row_parts in parts.items()} if rounds else {}
-        rows = [_merge_row(key, row_parts) for key, row_parts in parts.items() if key not in failed]
-        _add_ratios(rows)
+        rows, failed, rounds_kept = _measure_rows(shape, path, variants, options, log)
         if rows:
             result["shapes"][shape] = rows
         if failed:
             result.setdefault("failed", {})[shape] = failed
-        if "interrupted" in result:
+        if rounds_kept is not None:
+            result["interrupted"] = {"shape": shape, "during": "rounds", "rounds_kept": rounds_kept}
             break
         taking_turns = [key for key, variant in variants.items()
                         if variant.use_cache and variant.kernels == "auto" and key not in failed]
@@ -310,6 +289,37 @@ def run_compare(options: CompareOptions, log=None) -> dict:  # noqa: ANN001 - lo
             else:
                 result.setdefault("turns", {})[shape] = _turn_rows(taking_turns, turns)
     return result
+
+
+def _measure_rows(shape: str, path: Path, variants: dict[str, Variant], options: CompareOptions,
+                  log) -> tuple[list[dict], dict[str, str], int | None]:  # noqa: ANN001 - log: Callable
+    """Every row's rounds, each in a fresh process: the merged rows, the rows that failed (key ->
+    why; left out after their first failure), and on Ctrl-C the number of rounds kept (those every
+    row finished), else None."""
+    parts: dict[str, list[dict]] = {key: [] for key in variants}
+    failed: dict[str, str] = {}
+    rounds_kept = None
+    try:
+        for repeat in range(options.repeats):
+            for key, variant in variants.items():
+                if key in failed:
+                    continue
+                log(f"{shape}: {variant.name} (round {repeat + 1}/{options.repeats}, fresh process)")
+                spec = {"path": str(path), "variant": asdict(variant), "prompt_len": options.prompt_len,
+                        "new_tokens": options.new_tokens, "baseline_tokens": options.baseline_tokens,
+                        "repeats": 1, "threads": options.threads, "seed": options.seed + repeat}
+                try:
+                    parts[key].append(run_in_child("--child", spec, options.emulate_avx2))
+                except LooplmError as exc:  # e.g. out of memory: leave the row out, keep the others
+                    log(f"warning: {exc}; the row is left out")
+                    failed[key] = str(exc)
+    except KeyboardInterrupt:
+        rounds_kept = min((len(parts[key]) for key in parts if key not in failed), default=0)
+        log(f"interrupted: keeping the {rounds_kept} round(s) of {shape} that every row finished")
+        parts = {key: row_parts[:rounds_kept] for key, row_parts in parts.items()} if rounds_kept else {}
+    rows = [_merge_row(key, row_parts) for key, row_parts in parts.items() if key not in failed]
+    _add_ratios(rows)
+    return rows, failed, rounds_kept
 
 
 def _variant(key: str, group_size: int) -> Variant:
