@@ -15,6 +15,12 @@ Two modes:
 `update` returns the keys/values a query must attend to, as a list of `(K, V)` segments in
 position order (one segment for the full cache, two for the shared one).
 `rows` restricts reads and writes to a subset of the batch (rows that exited early stop).
+
+Buffers start zeroed unless the caller says its readers never look past the positions written
+(`zeroed=False`, what `generate` asks for): then they come from `torch.empty`, and only the pages
+the generation reaches are ever touched. Zeroing a cache sized for 4096 new tokens of the 1.4B
+shape (3.2 GB) took the first token from 1.0 s to 5.4 s and the peak RSS from 2.9 to 5.9 GiB,
+however few tokens the reply turned out to have.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ def kv_bytes_per_token(
     """Cache bytes one decoded token adds: K and V for each (step, layer) slot, or per layer if shared."""
     slots = num_steps * num_layers if kv_mode == "full" else num_layers
     return 2 * slots * num_kv_heads * head_dim * element_size
+
+
+def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, zeroed: bool) -> torch.Tensor:
+    """A cache buffer: zeros, or memory as the allocator gives it (contents undefined)."""
+    if zeroed:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _write(buffer: torch.Tensor, rows: torch.Tensor | None, begin: int, end: int, tensor: torch.Tensor) -> None:
@@ -59,11 +72,12 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        zeroed: bool = True,
     ) -> None:
         self.num_steps, self.num_layers = num_steps, num_layers
         shape = (num_steps * num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = allocate(shape, dtype, device, zeroed)
+        self.values = allocate(shape, dtype, device, zeroed)
         self.max_len = max_len
         self.length = 0  # tokens stored so far (same in every slot)
 
@@ -132,12 +146,13 @@ class SharedKVCache(KVCache):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        zeroed: bool = True,
     ) -> None:
-        super().__init__(num_steps, num_layers, batch_size, num_kv_heads, prompt_len, head_dim, dtype, device)
+        super().__init__(num_steps, num_layers, batch_size, num_kv_heads, prompt_len, head_dim, dtype, device, zeroed)
         self.prompt_len = prompt_len
         shared = (num_layers, batch_size, num_kv_heads, max_new, head_dim)
-        self.shared_keys = torch.zeros(shared, dtype=dtype, device=device)
-        self.shared_values = torch.zeros(shared, dtype=dtype, device=device)
+        self.shared_keys = allocate(shared, dtype, device, zeroed)
+        self.shared_values = allocate(shared, dtype, device, zeroed)
         self.max_len = prompt_len + max_new
 
     def nbytes(self) -> int:

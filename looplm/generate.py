@@ -173,7 +173,12 @@ def decode_tokens(
         cache, kept = prompt_cache.prepare(model, ids[0].tolist(), prompt_len + max_new_tokens, steps)
         stats.cached_tokens = kept
     elif use_cache:
-        cache = model.make_cache(batch, prompt_len + max_new_tokens, steps, kv_mode=kv_mode, prompt_len=prompt_len)
+        # Not zeroed: every position below the cache's length is written before anything reads
+        # it (the prompt pass writes every prompt column, padding included; each decode step its
+        # column for every row; fill_skipped the slots an early exit skipped), so a long
+        # max_new_tokens costs only the pages the reply reaches.
+        cache = model.make_cache(batch, prompt_len + max_new_tokens, steps, kv_mode=kv_mode, prompt_len=prompt_len,
+                                 zeroed=False)
     choose = TokenChooser(sampling, generator, ids, mask)
 
     @torch.inference_mode()

@@ -48,7 +48,7 @@ class PromptCache:
         kept = self._shared_prefix(model, prompt, steps)
         if self.cache is None or self.cache.max_len < capacity or kept == 0:
             size = -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
-            bigger = model.make_cache(1, size, steps)
+            bigger = model.make_cache(1, size, steps, zeroed=False)  # written before read, as in generate
             if kept:
                 bigger.keys[..., :kept, :] = self.cache.keys[..., :kept, :]
                 bigger.values[..., :kept, :] = self.cache.values[..., :kept, :]

@@ -392,3 +392,56 @@ def test_sampling_with_penalties_is_reproducible_and_differs(gqa_model) -> None:
 def test_bad_penalties_and_bias(gqa_model, kwargs: dict, needle: str) -> None:  # noqa: ANN001
     with pytest.raises(GenerationError, match=needle):
         gqa_model.generate([5, 6, 7], 4, **kwargs)
+
+
+def test_generation_never_reads_a_cache_position_before_writing_it(make_checkpoint, monkeypatch) -> None:  # noqa: ANN001
+    """`generate` and the chat's PromptCache take unzeroed cache buffers (`zeroed=False`). Poisoned
+    with NaN instead, every read of a position not yet written (even one masked to weight 0: 0 x
+    NaN is NaN) would change the tokens; so the results must equal those of zeroed buffers, in the
+    cases that write unevenly: left padding, rows that stop at eos, early exit with real skipping
+    (fill_skipped), the shared KV mode, a conversation's cache carried over, and looplm's bf16
+    C++ decode kernels."""
+    import looplm.cache
+    from looplm.default_model import default_model_dir
+    from looplm.prompt_cache import PromptCache
+
+    real_allocate = looplm.cache.allocate
+
+    def poisoned(shape, dtype, device, zeroed: bool) -> torch.Tensor:  # noqa: ANN001
+        return real_allocate(shape, dtype, device, True) if zeroed else torch.full(shape, float("nan"), dtype=dtype)
+
+    def zero_everything(shape, dtype, device, zeroed: bool) -> torch.Tensor:  # noqa: ANN001
+        return real_allocate(shape, dtype, device, True)
+
+    fp32 = looplm.load(make_checkpoint(seed=5, num_attention_heads=4, num_key_value_heads=2), dtype="float32")
+    bf16 = looplm.load(default_model_dir(), dtype="bfloat16")
+    assert bf16.kernels is not None and bf16.kernels["decode_plans"] > 0  # the C++ layer pass runs
+    padded = random_prompts(300, [3, 9, 6], seed=4)
+    greedy = dict(temperature=0.0, return_stats=True)
+    eos_row = fp32.generate(padded[:1], 6, eos_token_ids=[], temperature=0.0)[0][3]  # row 0 stops at its 4th token
+    cases = [
+        (fp32, dict(eos_token_ids=[])),
+        (fp32, dict(eos_token_ids=[eos_row])),
+        (fp32, dict(eos_token_ids=[], exit_policy="gate", exit_threshold=0.5, skip_compute=True)),
+        (fp32, dict(eos_token_ids=[], kv_mode="shared")),
+        (bf16, dict(eos_token_ids=[])),
+        (bf16, dict(eos_token_ids=[], exit_policy="gate", exit_threshold=0.5, skip_compute=True)),
+    ]
+
+    def run_all() -> list:
+        results = []
+        for model, kwargs in cases:
+            prompts = padded if model is fp32 else [[7, 8, 9], list(range(20, 31)), [40, 41, 42, 43, 44]]
+            tokens, stats = model.generate(prompts, 10, **greedy, **kwargs)
+            results.append((tokens, stats.mean_steps))
+        conversation, turns = PromptCache(), []
+        for prompt in ([5, 6, 7, 8], [5, 6, 7, 8, 9, 10, 11]):  # the second turn keeps the first's K/V
+            turns.append(fp32.generate(prompt, 6, temperature=0.0, eos_token_ids=[], prompt_cache=conversation))
+        return results + [turns]
+
+    monkeypatch.setattr(looplm.cache, "allocate", zero_everything)
+    expected = run_all()
+    monkeypatch.setattr(looplm.cache, "allocate", poisoned)
+    assert run_all() == expected
+    assert expected[2][1] < 4.0 and expected[5][1] < 4.0  # the early-exit cases really skipped steps
+    assert len(expected[1][0][0]) == 4 and len(expected[1][0][1]) == 10  # row 0 stopped at eos, the others ran on

@@ -365,8 +365,11 @@ class OuroForCausalLM(nn.Module):
         steps: int | None = None,
         kv_mode: str = "full",
         prompt_len: int | None = None,
+        zeroed: bool = True,
     ) -> KVCache:
-        """A cache for `max_len` tokens; `kv_mode="shared"` needs the prompt length."""
+        """A cache for `max_len` tokens; `kv_mode="shared"` needs the prompt length. `zeroed=False`
+        leaves the buffers' contents undefined, for callers that never read a position before
+        writing it (see `looplm.cache`)."""
         steps = steps or self.config.total_ut_steps
         shape = dict(
             num_steps=steps,
@@ -376,6 +379,7 @@ class OuroForCausalLM(nn.Module):
             head_dim=self.config.head_dim,
             dtype=self.dtype,
             device=self.device,
+            zeroed=zeroed,
         )
         if kv_mode == "full":
             return KVCache(max_len=max_len, **shape)
