@@ -786,3 +786,21 @@ def test_train_takes_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert invoke(*args, "--threads", "1").exit_code == 0
     assert calls == [1]
     assert_one_line_error(invoke(*args, "--threads", "0"), "--threads must be a positive integer")
+
+
+def test_batch_decode_benchmark_script_compares_the_settings_on_the_default_model() -> None:
+    """benchmarks/bench_batch_decode.py: one row per batch, a paired speed-up per setting."""
+    from looplm.default_model import default_model_dir
+    from looplm.kernels.extension import extension_or_reason
+
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_batch_decode.py"
+    command = [sys.executable, str(script), "--model", str(default_model_dir()), "--batches", "1,5",
+               "--settings", "1,4", "--tokens", "2", "--rounds", "2"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if extension_or_reason()[1] != "avx512bf16":  # the settings are the AVX-512 BF16 kernel's
+        assert proc.returncode != 0 and "needs looplm's kernels on a CPU with AVX-512 BF16" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if re.match(r"\| [15] \|", line)]
+    assert len(rows) == 2 and all(row.count("| 1.00x [1.00-1.00] |") == 1 for row in rows)
+    assert all(re.search(r"\| [0-9]+ \[[0-9]+-[0-9]+\] \| [0-9.]+x \[[0-9.]+-[0-9.]+\] \|$", row) for row in rows)

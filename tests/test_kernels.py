@@ -43,6 +43,27 @@ def test_skinny_linear_matches_exact_product(variant: str, rows: int, in_feature
     assert (ours.float() - torch_out).abs().max() <= (exact.abs().max() * 2**-7)
 
 
+@pytest.mark.skipif(cpu_path != "avx512bf16", reason="the weight-row passes are the AVX-512 BF16 kernel's")
+@pytest.mark.parametrize("per_pass", [0, 1, 2, 3, 4])
+def test_skinny_linear_every_weight_rows_per_pass_gives_the_product(per_pass: int) -> None:
+    """AVX-512 BF16 runs 2-8 activation rows against 3 or 4 weight rows per pass. Every count
+    (0: the automatic choice), for every row count, with output widths that leave 1-3 weight rows
+    over in each thread's range (and in a range too short for one pass), and 32-column tails."""
+    kernels.set_weight_rows_per_pass(per_pass)
+    try:
+        for rows in range(1, 9):
+            for out_features, in_features in [(77, 96), (35, 70), (2, 2048), (1091, 200)]:
+                generator = torch.Generator().manual_seed(rows * 10000 + out_features + in_features)
+                x = torch.randn(rows, in_features, generator=generator).bfloat16()
+                w = torch.randn(out_features, in_features, generator=generator).bfloat16()
+                ours, exact = kernels.skinny_linear_bf16(x, w).float(), exact_bf16_product(x, w)
+                assert ((ours - exact).abs() <= exact.abs() * 2**-8 + 1e-3 * in_features**0.5).all(), (rows, out_features)
+    finally:
+        kernels.set_weight_rows_per_pass(0)
+    with pytest.raises(RuntimeError, match="0 .* to 4"):
+        kernels.set_weight_rows_per_pass(5)
+
+
 def test_skinny_linear_rejects_bad_input() -> None:
     w = torch.randn(8, 16).bfloat16()
     with pytest.raises(RuntimeError, match="1 to 8 rows"):

@@ -17,6 +17,12 @@
 
 // Tests force the AVX2 variants on AVX-512 machines so both stay covered (attention.cpp too).
 bool looplm_force_avx2 = false;
+// AVX-512 BF16 skinny kernel, weight rows per pass: 0 = by the activation rows; 1-4 forces it
+// (tests cover every variant, benchmarks compare them). The choice, from batched decode of the
+// Ouro-1.4B shape on a 2-vCPU Zen 4 (the two settings alternating in one process, paired):
+// against one weight row per pass, 4 per pass gave 0.94x at 2 rows, 0.98x at 3, 1.06x at 4,
+// 1.32x at 5, 1.54x at 6; 3 per pass 1.46x at 7 and 1.63x at 8 (4 would need 32 registers).
+int64_t looplm_weight_rows_per_pass = 0;
 
 int64_t looplm::prefetch_bytes = 16384;  // stream.h
 
@@ -110,6 +116,51 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_avx512bf16(
   }
 }
 
+// Several activation rows: Outs weight rows per pass, so each activation load feeds Outs dot
+// products. With one weight row per pass, 8 rows of a 2048-wide input (32 KiB) do not stay
+// in L1 beside the weight stream, and the activation loads, not memory, set the pace: on a Zen 4
+// that kernel ran M=8 at 0.70x torch's bf16 GEMM (2048 -> 5632), this one at 1.1-1.2x. One
+// accumulator per (weight row, activation row), at most 24 registers, enough independent chains
+// to hide the latency.
+template <int Rows, int Outs>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void outs_avx512bf16(
+    const uint16_t* x, const uint16_t* w, float* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t n) {
+  const int64_t tail = k % 32;
+  const __mmask32 tail_mask = tail ? static_cast<__mmask32>((1ULL << tail) - 1) : 0;
+  int64_t o = n_begin;
+  for (; o + Outs <= n_end; o += Outs) {
+    const uint16_t* wo = w + o * k;
+    __m512 acc[Outs][Rows];
+    for (int j = 0; j < Outs; ++j)
+      for (int r = 0; r < Rows; ++r) acc[j][r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+      __m512bh wv[Outs];
+      for (int j = 0; j < Outs; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wo + j * k + i);
+      for (int r = 0; r < Rows; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * k + i);
+        for (int j = 0; j < Outs; ++j) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], xv, wv[j]);
+      }
+    }
+    if (tail) {
+      __m512bh wv[Outs];
+      for (int j = 0; j < Outs; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, wo + j * k + i);
+      for (int r = 0; r < Rows; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, x + r * k + i);
+        for (int j = 0; j < Outs; ++j) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], xv, wv[j]);
+      }
+    }
+    for (int j = 0; j < Outs; ++j)
+      for (int r = 0; r < Rows; ++r) y[r * n + o + j] = _mm512_reduce_add_ps(acc[j][r]);
+  }
+  if (o < n_end) rows_avx512bf16<Rows>(x, w, y, o, n_end, k, n);  // the rows left over
+}
+
+int weight_rows_per_pass(int rows) {
+  if (looplm_weight_rows_per_pass) return static_cast<int>(looplm_weight_rows_per_pass);
+  return rows <= 3 ? 1 : rows <= 6 ? 4 : 3;
+}
+
 bool has_avx512bf16() {
   static const bool value = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
   return value && !looplm_force_avx2;
@@ -129,7 +180,14 @@ void run_rows(const at::Tensor& x, const at::Tensor& w, at::Tensor& y32, const a
   const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(k, 1));
   if (has_avx512bf16()) {
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { rows_avx512bf16<Rows>(xp, wp, yp, b, e, k, n); });
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+      switch (weight_rows_per_pass(Rows)) {
+        case 2: outs_avx512bf16<Rows, 2>(xp, wp, yp, b, e, k, n); break;
+        case 3: outs_avx512bf16<Rows, 3>(xp, wp, yp, b, e, k, n); break;
+        case 4: outs_avx512bf16<Rows, (Rows <= 6 ? 4 : 3)>(xp, wp, yp, b, e, k, n); break;  // <= 24 accumulators
+        default: rows_avx512bf16<Rows>(xp, wp, yp, b, e, k, n); break;
+      }
+    });
   } else {
     const float* xp = x32.data_ptr<float>();
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { rows_avx2<Rows>(xp, wp, yp, b, e, k, n); });
@@ -167,6 +225,11 @@ at::Tensor skinny_linear_bf16(const at::Tensor& x, const at::Tensor& w) {
 }
 
 void set_force_avx2(bool value) { looplm_force_avx2 = value; }
+
+void set_weight_rows_per_pass(int64_t value) {
+  TORCH_CHECK(value >= 0 && value <= 4, "set_weight_rows_per_pass: 0 (by the activation rows) to 4");
+  looplm_weight_rows_per_pass = value;
+}
 
 void set_prefetch_bytes(int64_t value) {
   TORCH_CHECK(value >= 0 && value <= (1 << 20), "set_prefetch_bytes: 0 (off) to 1 MiB");
@@ -219,5 +282,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear_bf16", &skinny_linear_bf16, "bf16 x @ w.T for 1-8 rows, fp32 accumulation");
   m.def("cpu_path", &cpu_path, "which kernel variant this CPU runs");
   m.def("set_prefetch_bytes", &set_prefetch_bytes, "how far ahead the decode kernels prefetch weights (0: off)");
+  m.def("set_weight_rows_per_pass", &set_weight_rows_per_pass,
+        "AVX-512 BF16 skinny kernel: weight rows per pass, 0 = by the activation rows (tests, benchmarks)");
   m.def("set_force_avx2", &set_force_avx2, "use the AVX2 variant even where AVX-512 BF16 exists (tests)");
 }
