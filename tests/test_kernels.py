@@ -397,6 +397,28 @@ def test_int8_dot_kernel_matches_reference(variant: str, rows: int, in_features:
     assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, ours.bfloat16())
 
 
+@pytest.mark.skipif(cpu_path != "avx512bf16", reason="the weight-row passes are the VNNI int8 kernel's")
+def test_int8_dot_kernel_gives_the_same_bits_for_every_weight_rows_per_pass() -> None:
+    """3-8 activation rows may take 2-4 weight rows per pass; each output sums in the same order
+    as with one, so the results are identical, leftover weight rows and 64-column tails included."""
+    try:
+        for rows in range(3, 9):
+            for out_features, in_features in [(41, 200), (43, 96), (5, 2048)]:
+                generator = torch.Generator().manual_seed(rows * 100 + out_features)
+                x = torch.randn(rows, in_features, generator=generator).bfloat16()
+                q = torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
+                scale = torch.rand(out_features, generator=generator) * 0.01
+                results = []
+                for per_pass in (1, 2, 3, 4, 0):
+                    kernels.set_int8_rows_per_pass(per_pass)
+                    results.append(kernels.int8_dot_linear(x, q, scale, fp32_out=True))
+                assert all(torch.equal(results[0], other) for other in results[1:]), (rows, out_features)
+    finally:
+        kernels.set_int8_rows_per_pass(0)
+    with pytest.raises(RuntimeError, match="0 .automatic. to 4"):
+        kernels.set_int8_rows_per_pass(5)
+
+
 def int4_weights(out_features: int, in_features: int, group: int, seed: int):  # noqa: ANN201
     from looplm.quant.kernels import pack_int4_looplm, quantize_int4
 

@@ -260,6 +260,8 @@ at::Tensor int4_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group,
                            int64_t k, int64_t n, bool fp32_out, const c10::optional<at::Tensor>& out);
 
+void set_int8_rows_per_pass(int64_t value);
+
 // layer.cpp
 void bind_decode_layer(pybind11::module& m);
 
@@ -282,6 +284,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear_bf16", &skinny_linear_bf16, "bf16 x @ w.T for 1-8 rows, fp32 accumulation");
   m.def("cpu_path", &cpu_path, "which kernel variant this CPU runs");
   m.def("set_prefetch_bytes", &set_prefetch_bytes, "how far ahead the decode kernels prefetch weights (0: off)");
+  m.def("set_int8_rows_per_pass", &set_int8_rows_per_pass,
+        "int8 VNNI kernel: weight rows per pass for 3-8 rows, 0 = automatic (tests, benchmarks)");
   m.def("set_weight_rows_per_pass", &set_weight_rows_per_pass,
         "AVX-512 BF16 skinny kernel: weight rows per pass, 0 = by the activation rows (tests, benchmarks)");
   m.def("set_force_avx2", &set_force_avx2, "use the AVX2 variant even where AVX-512 BF16 exists (tests)");
