@@ -119,7 +119,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_avx512bf16(
 // Several activation rows: Outs weight rows per pass, so each activation load feeds Outs dot
 // products. With one weight row per pass, 8 rows of a 2048-wide input (32 KiB) do not stay
 // in L1 beside the weight stream, and the activation loads, not memory, set the pace: on a Zen 4
-// that kernel ran M=8 at 0.70x torch's bf16 GEMM (2048 -> 5632), this one at 1.1-1.2x. One
+// that kernel ran M=8 at 0.70x torch's bf16 GEMM (2048 -> 5632), this one at 1.1-1.3x. One
 // accumulator per (weight row, activation row), at most 24 registers, enough independent chains
 // to hide the latency.
 template <int Rows, int Outs>

@@ -264,6 +264,23 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_vnni_outs(const
   if (o < n_end) int8_vnni<Rows>(xq, lanes, correction, w, wscale, y, o, n_end, k, kp, n);  // the rows left over
 }
 
+// int8_vnni_outs with the weight rows per pass that looplm_int8_rows_per_pass asks for (0:
+// 3 from 6 activation rows), else int8_vnni.
+template <int Rows>
+void int8_vnni_passes(const int8_t* xq, const float* lanes, const float* correction, const int8_t* w,
+                      const float* wscale, float* y, int64_t n_begin, int64_t n_end, int64_t k, int64_t kp, int64_t n) {
+  if constexpr (Rows > 2) {
+    const int64_t outs = looplm_int8_rows_per_pass ? looplm_int8_rows_per_pass : Rows >= 6 ? 3 : 1;
+    switch (outs) {
+      case 2: return int8_vnni_outs<Rows, 2>(xq, lanes, correction, w, wscale, y, n_begin, n_end, k, kp, n);
+      case 3: return int8_vnni_outs<Rows, 3>(xq, lanes, correction, w, wscale, y, n_begin, n_end, k, kp, n);
+      case 4: return int8_vnni_outs<Rows, 4>(xq, lanes, correction, w, wscale, y, n_begin, n_end, k, kp, n);
+      default: break;
+    }
+  }
+  int8_vnni<Rows>(xq, lanes, correction, w, wscale, y, n_begin, n_end, k, kp, n);
+}
+
 __attribute__((target("avx2,fma"))) inline float hsum_ps(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -564,12 +581,8 @@ at::Tensor int8_dot_linear(const at::Tensor& x, const at::Tensor& q, const at::T
   dispatch_rows(m, [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     at::parallel_for(0, n, grain_for(k), [&](int64_t b, int64_t e) {
-      const int outs = R <= 2 ? 1 : looplm_int8_rows_per_pass ? static_cast<int>(looplm_int8_rows_per_pass) : R >= 6 ? 3 : 1;
-      if (!vnni) int8_avx2<R>(xq, xs, wp, sp, yp, b, e, k, kp, n);
-      else if (outs == 2) int8_vnni_outs<(R > 2 ? R : 3), 2>(xq, lanes, correction, wp, sp, yp, b, e, k, kp, n);
-      else if (outs == 3) int8_vnni_outs<(R > 2 ? R : 3), 3>(xq, lanes, correction, wp, sp, yp, b, e, k, kp, n);
-      else if (outs == 4) int8_vnni_outs<(R > 2 ? R : 3), 4>(xq, lanes, correction, wp, sp, yp, b, e, k, kp, n);
-      else int8_vnni<R>(xq, lanes, correction, wp, sp, yp, b, e, k, kp, n);
+      if (vnni) int8_vnni_passes<R>(xq, lanes, correction, wp, sp, yp, b, e, k, kp, n);
+      else int8_avx2<R>(xq, xs, wp, sp, yp, b, e, k, kp, n);
     });
   });
   return finish(x, m, n, fp32_out);
