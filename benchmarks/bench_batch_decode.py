@@ -2,9 +2,9 @@
 against the automatic choice (several weight rows per pass from 4 activation rows on).
 
 One process, the Ouro-1.4B shape (random weights, the checkpoint `looplm bench` writes; `--model`
-for another), a batch of
-random 32-token prompts per batch size; the settings take turns within each round (greedy
-tokens, eos off) and each round gives a paired speed-up, so the machine's drift cancels out.
+for another), a batch of random 32-token prompts per batch size; the settings take turns within
+each round (greedy tokens, eos off) and each round gives a paired speed-up, so the machine's
+drift cancels out.
 
     python benchmarks/bench_batch_decode.py                      # batches 1-8, settings 1 vs 0 (auto)
     python benchmarks/bench_batch_decode.py --batches 4,8 --settings 1,2,3,4
@@ -41,8 +41,9 @@ def main() -> None:
     settings = [int(value) for value in args.settings.split(",")]
     path = args.model or ensure_checkpoint("1.4b", bench_home())[0]
     model = looplm.load(path, dtype="bfloat16")
-    print(f"{model.config.num_hidden_layers} layers x hidden {model.config.hidden_size}, bf16, {torch.get_num_threads()} threads, prompt 32, {args.tokens} decode steps x "
-          f"{args.rounds} rounds; ms per step median [min-max], speed-up paired within a round")
+    print(f"{model.config.num_hidden_layers} layers x hidden {model.config.hidden_size}, bf16, "
+          f"{torch.get_num_threads()} threads, prompt 32, {args.tokens} decode steps x {args.rounds} rounds; "
+          "ms per step median [min-max], speed-up paired within a round")
     print("| batch | " + " | ".join(f"setting {s}: ms / step | x setting {settings[0]}" for s in settings) + " |")
     print("|---|" + "---|---|" * len(settings))
     try:
