@@ -16,11 +16,14 @@ from looplm.errors import GenerationError
 
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # and for each logit_bias value: [-100, 100]
+# Temperatures below this are greedy (as in vLLM): dividing fp32 logits by 1e-38 overflows, and by
+# 5e-324 (0 in fp32) is a division by zero.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no limit
     # Subtracted from a token's logit once it has been generated (presence) and per time (frequency).
@@ -57,7 +60,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def adjusts_logits(self) -> bool:
@@ -92,12 +95,28 @@ def make_generator(seed: int | None, greedy: bool, device: torch.device) -> torc
             raise GenerationError(f"seed must be an integer, got {seed!r}")
         if not -(2**63) <= seed < 2**64:
             raise GenerationError(f"seed must fit in 64 bits, got {seed}")
+        if torch.device(device).type == "cpu":
+            seed = _fold_to_32_bits(seed)
         return torch.Generator(device=device).manual_seed(seed)
     if greedy:
         return None
     generator = torch.Generator(device=device)
     generator.seed()
     return generator
+
+
+def _fold_to_32_bits(seed: int) -> int:
+    """torch's CPU generator (mt19937) keeps only a seed's low 32 bits, so seeds 1 and 1 + 2**32
+    drew the same tokens. Seeds in [0, 2**32) are kept; any other goes through splitmix64's
+    mixer first, so every one of its 64 bits changes the draw."""
+    seed %= 2**64  # a negative seed as torch reads it
+    if seed < 2**32:
+        return seed
+    mask = 2**64 - 1
+    seed = (seed + 0x9E3779B97F4A7C15) & mask
+    seed = ((seed ^ (seed >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    seed = ((seed ^ (seed >> 27)) * 0x94D049BB133111EB) & mask
+    return (seed ^ (seed >> 31)) & 0xFFFFFFFF
 
 
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None,
@@ -170,8 +189,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The fp32 distribution `[B, V]` that `sample` draws from (temperature, then min-p, top-k and
-    top-p); speculative decoding compares two of them. Not for greedy params."""
-    scores = logits.float() / params.temperature
+    top-p); speculative decoding compares two of them. Not for greedy params.
+
+    The logits are shifted so the largest is 0 before the temperature divides them, and an
+    infinite logit (a huge repetition penalty's division) is clamped to the fp32 range first,
+    so extreme but valid settings give a distribution, never NaN."""
+    finite = torch.finfo(torch.float32).max
+    scores = logits.float().clamp(-finite, finite)
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature
     if params.min_p > 0:
         probs = torch.softmax(scores, dim=-1)
         keep = probs >= params.min_p * probs.max(dim=-1, keepdim=True).values
@@ -189,5 +214,6 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
     cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
     drop_sorted = cumulative - torch.softmax(sorted_scores, dim=-1) >= top_p  # mass before this token
+    drop_sorted[..., 0] = False  # a top_p that rounds to 0 in fp32 still keeps the likeliest token
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))

@@ -361,6 +361,54 @@ def test_min_p_keeps_tokens_near_the_likeliest() -> None:
                        torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
 
 
+@pytest.mark.parametrize("params", [
+    {"temperature": 1e-38}, {"temperature": 5e-324}, {"temperature": 1e-6},  # greedy below 1e-5
+    {"temperature": 0.7, "top_p": 1e-46},  # 0 in fp32: the likeliest token is still kept
+    {"temperature": 0.7, "repetition_penalty": 1e-300},  # a seen token's logit / 1e-300 is inf
+    {"temperature": 2e-5, "repetition_penalty": 1e300},
+])
+def test_extreme_but_valid_sampling_settings_give_a_token(params: dict) -> None:
+    """Every value the validation accepts must sample: NaN probabilities made torch.multinomial
+    raise (and, in the server, fail the request's whole decode batch)."""
+    from looplm.sampling import SamplingParams, TokenChooser
+
+    logits = torch.tensor([[2.0, 7.5, -1.0, 7.0, float("-inf")], [0.1, 0.2, 30.0, -30.0, 0.0]])
+    chooser = TokenChooser(SamplingParams(**params), torch.Generator().manual_seed(0),
+                           prompt=torch.tensor([[1, 0], [2, 2]]))
+    tokens = chooser(logits)
+    assert tokens.shape == (2,) and bool((tokens >= 0).all() and (tokens < 4).all())
+    if params.get("temperature", 1) < 1e-5 or params.get("top_p", 1) < 1e-30:
+        assert tokens.tolist() == [1, 2]  # the likeliest token of each row
+
+
+def test_seeds_differ_in_their_high_32_bits_too(gqa_model) -> None:  # noqa: ANN001
+    """torch's CPU generator keeps a seed's low 32 bits: 1 and 1 + 2**32 sampled the same tokens."""
+    from looplm.sampling import make_generator
+
+    prompt = random_prompts(300, [5])[0]
+    runs = {seed: gqa_model.generate(prompt, 16, temperature=1.0, seed=seed, eos_token_ids=[])[0]
+            for seed in (1, 1 + 2**32, -1, 2**63 - 1)}
+    assert len({tuple(tokens) for tokens in runs.values()}) == 4
+    assert runs[1] == gqa_model.generate(prompt, 16, temperature=1.0, seed=1, eos_token_ids=[])[0]
+    plain = torch.Generator().manual_seed(12345)  # seeds below 2**32 draw what torch's own seeding does
+    assert torch.equal(torch.rand(4, generator=make_generator(12345, False, torch.device("cpu"))),
+                       torch.rand(4, generator=plain))
+
+
+def test_probabilities_are_shift_invariant_and_finite() -> None:
+    from looplm.sampling import SamplingParams, probabilities
+
+    logits = torch.tensor([[1.0, 2.0, 3.0, float("-inf")]])
+    params = SamplingParams(temperature=0.5)
+    expected = torch.softmax(logits / 0.5, dim=-1)
+    assert torch.allclose(probabilities(logits, params), expected)
+    assert torch.allclose(probabilities(logits + 100.0, params), expected)
+    # Logits near the fp32 limit overflowed when divided by the temperature before the shift.
+    assert torch.equal(probabilities(torch.tensor([[3e38, 2.9e38, 0.0]]), params), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.equal(probabilities(torch.tensor([[float("inf"), 1.0, 0.0]]), params),
+                       torch.tensor([[1.0, 0.0, 0.0]]))
+
+
 def test_min_p_one_samples_the_greedy_tokens(gqa_model) -> None:  # noqa: ANN001
     prompt = random_prompts(300, [6])[0]
     greedy = gqa_model.generate(prompt, 10, eos_token_ids=[])

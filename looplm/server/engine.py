@@ -361,7 +361,7 @@ class Engine:
             return
         logits = prefill.logits[row : row + 1]
         token = self._sample([seq], logits)[0]
-        if self._deliver(seq, token, int(prefill.exit_steps[row]) + 1, logits[0]):
+        if token is not None and self._deliver(seq, token, int(prefill.exit_steps[row]) + 1, logits[0]):
             self._batch_for(seq).join(seq, prefill, row)
             self.peak_running = max(self.peak_running, self.running)
 
@@ -386,7 +386,7 @@ class Engine:
             return
         self.decode_steps_total += 1
         for seq, token, exit_step, row_logits in zip(list(batch.rows), tokens, exit_steps.tolist(), logits):
-            if not self._deliver(seq, token, exit_step + 1, row_logits):
+            if token is None or not self._deliver(seq, token, exit_step + 1, row_logits):
                 self._leave(batch, seq)
 
     def _leave(self, batch: Batch, seq: Sequence) -> None:
@@ -421,12 +421,21 @@ class Engine:
         first = TokenLogprob(seq.prompt_ids[0], None, [])
         return [first, *_token_logprobs(seq.prompt_ids[1:], every[:-1], seq.logprobs or 0)]
 
-    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+        """Each row's next token; None for a row whose own sampling failed (it got an error
+        event), so one request's settings can never fail the others in its batch."""
         greedy = logits.argmax(dim=-1).tolist()  # one call for the plain greedy rows
-        chosen = []
+        chosen: list[int | None] = []
         for i, seq in enumerate(rows):
-            plain = seq.sampling.greedy and not seq.sampling.adjusts_logits
-            chosen.append(greedy[i] if plain else int(seq.chooser(logits[i : i + 1])[0]))
+            if seq.sampling.greedy and not seq.sampling.adjusts_logits:
+                chosen.append(greedy[i])
+                continue
+            try:
+                chosen.append(int(seq.chooser(logits[i : i + 1])[0]))
+            except Exception as exc:
+                log.exception("sampling failed")
+                self._emit(seq, Event("error", message=f"sampling failed: {exc}"))
+                chosen.append(None)
         return chosen
 
     def _retire(self, seq: Sequence) -> None:
