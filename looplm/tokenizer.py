@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,10 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+# Special tokens that end a chat turn: ChatML's (Ouro, SmolLM2, Qwen), Llama 3's, Phi-3's, Gemma's.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 class Tokenizer:
@@ -130,6 +135,22 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self.token_to_id(self.pad_token) if self.pad_token else None
 
+    @property
+    def end_of_turn_ids(self) -> set[int]:
+        """Ids of the special tokens that close a chat turn (`<|im_end|>` in Ouro's ChatML). Ouro's
+        shipped configs name only `<|endoftext|>` (0) as eos, so without these a chat reply runs
+        past its turn (the spec's "never-ending continuations")."""
+        ids = {self.token_to_id(token) for token in END_OF_TURN_TOKENS}
+        return {i for i in ids if i is not None and i in self.special_ids}
+
+    @cached_property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token decodes to: a text of N bytes is at least
+        N / longest_token_bytes tokens, a bound the server checks before tokenizing a huge body."""
+        size = self._tok.get_vocab_size(with_added_tokens=True)
+        return max(len(self._tok.decode([i], skip_special_tokens=False).encode("utf-8", "replace"))
+                   for i in range(size))
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -140,7 +161,11 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}; pass text, not ids")
         # The post-processor is bypassed on purpose: BOS handling is ours alone (see docstring).
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side refuses a str it cannot hold as UTF-8
+            _check_encodable(text)
+            raise
         bos = self.bos_id
         if add_special_tokens and self.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
@@ -228,6 +253,16 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str | None]:
     if template is None and jinja_file.is_file():  # newer hub repos ship the template separately
         template = _read_text(jinja_file)
     return config, template
+
+
+def _check_encodable(text: str) -> None:
+    """A TokenizerError naming the first lone surrogate (e.g. JSON's "\\ud800"): text with one
+    is not valid Unicode, so it has no UTF-8 bytes to tokenize."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenizerError(f"text is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+                             f"{exc.start}") from None
 
 
 def _validate_messages(messages: Any) -> None:

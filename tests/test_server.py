@@ -7,6 +7,7 @@ exactly the tokens it gives alone.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -154,6 +155,13 @@ def test_streaming_chat_equals_whole(client) -> None:  # noqa: ANN001
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == [whole.finish_reason]
     assert chunks[-1].usage.completion_tokens <= 16
+    assert all(c.usage is None for c in chunks[:-1])
+    raw = httpx.post(str(client.base_url) + "chat/completions", timeout=60, json={
+        "model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
+        "stream_options": {"include_usage": True}}).text
+    events = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+    assert all("usage" in e and e["usage"] is None for e in events[:-1])  # OpenAI's chunks say null
+    assert events[-1]["usage"]["completion_tokens"] <= 4
 
 
 def test_completions_n_and_stop(client, model) -> None:  # noqa: ANN001
@@ -416,6 +424,44 @@ def test_engine_joins_mid_generation_match_library(model) -> None:  # noqa: ANN0
         engine.stop()
 
 
+def test_one_rows_failing_sampler_fails_only_that_row(model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """A request whose sampling raises gets an error event; the rows decoding beside it go on to
+    the tokens they get alone (it used to fail the whole decode batch with it)."""
+    from looplm.server import engine as engine_module
+
+    class Failing(engine_module.TokenChooser):
+        calls = 0
+
+        def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.params.temperature == 0.7 and self.calls == 2:  # in a decode step, not the prefill
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+            return super().__call__(logits)
+
+    monkeypatch.setattr(engine_module, "TokenChooser", Failing)
+    engine = Engine(model, max_context=256, max_batch=8).start()
+    try:
+        steady, steady_done, _ = _collect(engine, [5, 6, 7, 8], 24)
+        while not steady:  # decoding: the failing row joins its batch
+            time.sleep(0.005)
+        events: list = []
+        failing_done = threading.Event()
+
+        def on_event(event) -> None:  # noqa: ANN001
+            events.append(event)
+            if event.kind in ("done", "error"):
+                failing_done.set()
+
+        engine.submit(Sequence([9, 10, 11], 24, engine.loop_config(), SamplingParams(temperature=0.7), None,
+                               frozenset(), on_event))
+        assert failing_done.wait(60) and steady_done.wait(60)
+        assert [e.kind for e in events] == ["token", "error"] and "sampling failed" in events[1].message
+        assert steady == model.generate([5, 6, 7, 8], 24, eos_token_ids=[])[0]
+        assert engine.running == 0
+    finally:
+        engine.stop()
+
+
 class Row:
     def __init__(self, budget: int) -> None:
         self.start = self.next_position = self.last_token = 0
@@ -586,6 +632,11 @@ BAD_REQUESTS = [
     ("tool_choice auto", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
                                                   "tool_choice": "auto"}, 400),
     ("unknown route", "/v1/embeddings", {"model": NAME, "input": "a"}, 404),
+    # JSON may spell a lone surrogate, which is no Unicode text (the tokenizer raised a TypeError: a 500)
+    ("lone surrogate in a prompt", "/v1/completions", b'{"prompt": "hi \\ud800 there", "max_tokens": 2}', 400),
+    ("lone surrogate in a message", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi \\udfff"}], "stream": true}', 400),
+    ("lone surrogate to tokenize", "/tokenize", b'{"prompt": "\\ud800"}', 400),
 ]
 
 
@@ -604,6 +655,44 @@ def test_a_prompt_of_the_wrong_shape_gets_one_message(server, prompt) -> None:  
     assert response.status_code == 400
     assert response.json()["error"]["message"] == (
         "prompt: give a string, a list of strings, a list of token ids or a list of token-id lists")
+
+
+def test_a_text_that_cannot_fit_is_refused_before_tokenizing(server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The tokenizer holds the GIL: a 10 MB prompt stalled the event loop (every stream) for
+    seconds. No token is longer than 25 bytes in this tokenizer, so 60 000 characters cannot fit
+    512 positions: a 400 without a call to the tokenizer. A prompt near the limit is tokenized."""
+    tok = engine_of(server).model.tokenizer
+    encoded = []
+    monkeypatch.setattr(type(tok), "encode", lambda self, text, *a: encoded.append(len(text)) or [5])
+    for route, body in [("/v1/completions", {"prompt": "hello " * 10_000}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 10_000}]}),
+                        ("/tokenize", {"prompt": "hello " * 10_000})]:
+        response = httpx.post(server.url + route, json=body, timeout=30)
+        assert response.status_code == 400, route
+        assert "cannot fit the context of 512 tokens" in response.json()["error"]["message"]
+    assert encoded == []
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "hello " * 4_000}, timeout=30).status_code == 200
+    assert encoded == [24_000]
+
+
+def test_developer_messages_are_system_messages(client) -> None:  # noqa: ANN001
+    def ask(role: str) -> str:
+        messages = [{"role": role, "content": "Answer in verse."}, {"role": "user", "content": "hi"}]
+        return client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+
+    assert ask("developer").choices[0].message.content == ask("system").choices[0].message.content
+    assert ask("developer").usage.prompt_tokens == ask("system").usage.prompt_tokens
+
+
+def test_metrics_label_requests_by_route_template(server) -> None:  # noqa: ANN001
+    """Labels come from the routes, not the path a client sends: random paths would grow the
+    page (and the server's memory) without bound."""
+    for path in ("/v1/zz12345", "/v1/zz54321", "/v1/models/x-98765"):
+        httpx.get(server.url + path, timeout=30)
+    text = httpx.get(server.url + "/metrics").text
+    assert "zz12345" not in text and "98765" not in text
+    assert 'route="other",status="404"' in text
+    assert 'route="/v1/models/{model_id:path}",status="404"' in text
 
 
 def test_options_at_their_off_values_are_accepted(server) -> None:  # noqa: ANN001
@@ -647,7 +736,18 @@ def test_full_queue_answers_429_and_api_key(model) -> None:  # noqa: ANN001
         response = httpx.post(running.url + "/v1/completions", json=body, headers=good)
         assert response.status_code == 429
         assert response.json()["error"]["code"] == "queue_full"
+        lower = {"Authorization": "bearer secret"}  # the scheme is case-insensitive, the key is not
+        assert httpx.post(running.url + "/v1/completions", json=body, headers=lower).status_code == 429
+        assert httpx.post(running.url + "/v1/completions", json=body,
+                          headers={"Authorization": "Bearer SECRET"}).status_code == 401
+        assert httpx.post(running.url + "/v1/completions", json=body,
+                          headers={"Authorization": "Basic secret"}).status_code == 401
         assert httpx.get(running.url + "/health").status_code == 200  # no key needed outside /v1
+        assert httpx.head(running.url + "/health").status_code == 200
+        # More sequences than the queue holds can never be queued: a 400, not a 429 to retry.
+        for more in ({**body, "n": 2}, {**body, "prompt": ["a", "b"]}):
+            response = httpx.post(running.url + "/v1/completions", json=more, headers=good)
+            assert response.status_code == 400 and "queues at most 1 at once" in response.json()["error"]["message"]
 
 
 def test_looplm_serve_command(tmp_path) -> None:  # noqa: ANN001

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from looplm.errors import GenerationError, LooplmError
 from looplm.sampling import SamplingParams, logit_bias_pairs
@@ -95,11 +96,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
         log.error("unexpected error on %s", request.url.path, exc_info=exc)
         return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
 
-    app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics)
+    app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics, routes=app.router.routes)
 
     # -- plain endpoints ------------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "running": engine.running, "queue_depth": engine.queue_depth}
 
@@ -131,6 +132,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
             raise ApiError(400, f"model '{model_name}' has no tokenizer, so it cannot take or write text")
         return tokenizer
 
+    # No token is longer than `longest_token_bytes` (doubled for normalizers that merge
+    # characters), so a text of more characters than this cannot fit the context. It is refused
+    # before tokenizing: the tokenizer holds the GIL, and a 10 MB prompt stalled every stream for 8 s.
+    most_chars = None if tokenizer is None else 2 * engine.max_context * (tokenizer.longest_token_bytes + 1)
+
+    def encode(text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """A request's text as token ids; a 400 for text that is not valid Unicode or cannot fit."""
+        tok = need_tokenizer()
+        if most_chars is not None and len(text) > most_chars:
+            raise ApiError(400, f"{param}: {len(text)} characters cannot fit the context of {engine.max_context} "
+                                f"tokens (at most {most_chars} characters could)", param=param)
+        try:
+            return tok.encode(text, add_special_tokens)
+        except LooplmError as exc:
+            raise ApiError(400, f"{param}: {exc}", param=param) from None
+
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
         tok = need_tokenizer()
@@ -140,7 +157,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         body: TokenizeRequest = await parse_json(request, TokenizeRequest)
-        tokens = need_tokenizer().encode(body.prompt, body.add_special_tokens)
+        tokens = encode(body.prompt, body.add_special_tokens, "prompt")
         return {"count": len(tokens), "max_model_len": engine.max_context, "tokens": tokens}
 
     @app.post("/detokenize")
@@ -178,6 +195,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
 
     def start_session(body: SamplingOptions, prompts: list[list[int]], split: bool, in_reasoning: bool,
                       echo_logprobs: bool = False) -> Session:
+        sequences = body.n * len(prompts)
+        if sequences > engine.max_queue:  # a 429 would invite retries that can never succeed
+            raise ApiError(400, f"this request asks for {sequences} sequences (n x prompts); the server queues "
+                                f"at most {engine.max_queue} at once (--max-queue)", param="n")
         longest = max(len(p) for p in prompts)
         max_tokens = body.token_budget if body.token_budget is not None else max(1, engine.max_context - longest)
         try:
@@ -209,13 +230,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
         body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         tok = need_tokenizer()
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [{"role": m.template_role, "content": m.text()} for m in body.messages]
             prompt = tok.apply_chat_template(messages, add_generation_prompt=True,
                                                    enable_thinking=body.thinking())
         except (ValueError, LooplmError) as exc:
             raise ApiError(400, str(exc), param="messages") from None
         in_reasoning = body.split_reasoning and prompt_opens_reasoning(prompt)
-        session = start_session(body, [tok.encode(prompt, False)], body.split_reasoning, in_reasoning)
+        session = start_session(body, [encode(prompt, False, "messages")], body.split_reasoning, in_reasoning)
         reply = Reply("chatcmpl", "chat.completion", model_name, tok if body.logprobs else None)
         if body.stream:
             return stream(request, session, reply.chat_chunks(session, body.include_usage))
@@ -226,7 +247,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
         body: CompletionRequest = await parse(request, CompletionRequest)
         tok = need_tokenizer()  # token-id prompts too: the reply is text
         given = body.prompts()
-        prompts = [tok.encode(p, True) if isinstance(p, str) else list(p) for p in given]
+        prompts = [encode(p, True, "prompt") if isinstance(p, str) else list(p) for p in given]
         session = start_session(body, prompts, False, False, echo_logprobs=body.echo and body.logprobs is not None)
         texts = [p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in given]
         reply = Reply("cmpl", "text_completion", model_name, tok if body.logprobs is not None else None,
@@ -284,17 +305,19 @@ class AuthAndCount:
     from `Request.is_disconnected`, which non-streaming requests poll to cancel their rows.
     """
 
-    def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:  # noqa: ANN001
-        self.app, self.api_key, self.metrics = app, api_key, metrics
+    def __init__(self, app, api_key: str | None, metrics: Metrics, routes: list) -> None:  # noqa: ANN001
+        self.app, self.api_key, self.metrics, self.routes = app, api_key, metrics, routes
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith("/v1/"):
             return await self.app(scope, receive, send)
+        route = route_label(self.routes, scope)
         if self.api_key:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                self.metrics.record_request(path, 401)
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            # The scheme is case-insensitive (RFC 9110), the key is not.
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.api_key.encode()):
+                self.metrics.record_request(route, 401)
                 body = error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
                                   "authentication_error", code="invalid_api_key")
                 return await JSONResponse(body, status_code=401)(scope, receive, send)
@@ -309,7 +332,17 @@ class AuthAndCount:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.metrics.record_request(path, status)
+            self.metrics.record_request(route, status)
+
+
+def route_label(routes: list, scope: dict) -> str:
+    """The path template of the route a request matches (`/v1/models/{model_id:path}`), else
+    "other": metric labels must not grow with whatever paths clients send."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:  # FULL, or PARTIAL: the path matches, the method does not (a 405)
+            return route.path
+    return "other"
 
 
 class Reply:
@@ -358,9 +391,10 @@ class Reply:
 
     async def chat_chunks(self, session: Session, include_usage: bool) -> AsyncIterator[dict]:
         head = self.head("chat.completion.chunk")
+        no_usage = {"usage": None} if include_usage else {}  # OpenAI's chunks before the usage chunk
         for choice in session.choices:
             yield {**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                        "finish_reason": None, "logprobs": None}]}
+                                        "finish_reason": None, "logprobs": None}], **no_usage}
         async for index, delta, reason, logprobs in session.deltas():
             body: dict[str, Any] = {}
             if delta.reasoning:
@@ -368,14 +402,16 @@ class Reply:
             if delta.content:
                 body["content"] = delta.content
             yield {**head, "choices": [{"index": index, "delta": body, "finish_reason": reason,
-                                        "logprobs": self.chat_logprobs(logprobs)}]}
+                                        "logprobs": self.chat_logprobs(logprobs)}], **no_usage}
         if include_usage:
             yield {**head, "choices": [], "usage": session.usage()}
 
     async def text_chunks(self, session: Session, include_usage: bool) -> AsyncIterator[dict]:
         head = self.head(self.object)
+        no_usage = {"usage": None} if include_usage else {}
         async for index, delta, reason, logprobs in session.deltas():
             yield {**head, "choices": [{"index": index, "text": self.with_echo(index, delta.content),
-                                        "finish_reason": reason, "logprobs": self.text_logprobs(index, logprobs)}]}
+                                        "finish_reason": reason, "logprobs": self.text_logprobs(index, logprobs)}],
+                   **no_usage}
         if include_usage:
             yield {**head, "choices": [], "usage": session.usage()}
