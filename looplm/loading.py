@@ -153,7 +153,8 @@ def _load_tokenizer(path: Path):  # noqa: ANN202 - Tokenizer | None, imported la
 def _generation_defaults(path: Path, config: OuroConfig, tokenizer) -> dict:  # noqa: ANN001
     """Stop ids and sampling defaults from generation_config.json, config.json and the tokenizer.
 
-    Ouro revisions disagree on eos (0 or 2), so every eos id any file lists is a stop id.
+    Ouro revisions disagree on eos (0 or 2), so every eos id any file lists is a stop id, and so
+    is the tokenizer's end-of-turn token (`<|im_end|>`), which every revision's chat turns end with.
     """
     gen_file = path / "generation_config.json"
     raw = read_json(gen_file) if gen_file.exists() else {}
@@ -161,8 +162,8 @@ def _generation_defaults(path: Path, config: OuroConfig, tokenizer) -> dict:  # 
     gen_eos = raw.get("eos_token_id")
     if gen_eos is not None:
         eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
-    if tokenizer is not None and tokenizer.eos_id is not None:
-        eos.add(tokenizer.eos_id)
+    if tokenizer is not None:
+        eos.update(_tokenizer_stop_ids(tokenizer))
     defaults: dict = {"eos_token_ids": sorted(eos)}
     pad = raw.get("pad_token_id", config.pad_token_id)
     if pad is None and tokenizer is not None:
@@ -172,6 +173,14 @@ def _generation_defaults(path: Path, config: OuroConfig, tokenizer) -> dict:  # 
         if key in raw:
             defaults[key] = raw[key]
     return defaults
+
+
+def _tokenizer_stop_ids(tokenizer) -> set[int]:  # noqa: ANN001 - looplm.tokenizer.Tokenizer
+    """The tokenizer's eos id and its end-of-turn ids."""
+    eos = tokenizer.end_of_turn_ids
+    if tokenizer.eos_id is not None:
+        eos.add(tokenizer.eos_id)
+    return eos
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> OuroForCausalLM:
@@ -194,8 +203,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> OuroForC
     model = model.to(device=device, dtype=dtype)
     model.tokenizer = checkpoint.tokenizer
     eos = set(config.eos_token_ids)
-    if model.tokenizer is not None and model.tokenizer.eos_id is not None:
-        eos.add(model.tokenizer.eos_id)
+    if model.tokenizer is not None:
+        eos.update(_tokenizer_stop_ids(model.tokenizer))
     pad = config.pad_token_id if config.pad_token_id is not None else min(eos, default=0)
     model.generation_defaults = {"eos_token_ids": sorted(eos), "pad_token_id": pad}
     return model

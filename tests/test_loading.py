@@ -64,6 +64,19 @@ def test_generation_config_eos_ids_are_all_stop_ids(ckpt: Path) -> None:
     assert model.generation_defaults["temperature"] == 0.7
 
 
+def test_the_end_of_turn_token_stops_where_every_config_names_only_0(make_checkpoint) -> None:  # noqa: ANN001
+    """The spec's shipped Ouro configs (config, generation config, tokenizer) all say eos 0, while
+    chat turns end with <|im_end|> (2): it is a stop id all the same, or replies run on."""
+    path = make_checkpoint(eos_token_id=0)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    model = looplm.load(path)
+    assert model.tokenizer.eos_id == 0 and model.tokenizer.end_of_turn_ids == {2}
+    assert model.stop_ids == {0, 2}
+    assert looplm.load().stop_ids == {0, 2}  # the embedded model's configs name 0 only, too
+
+
 def test_ignores_rotary_inv_freq(ckpt: Path) -> None:
     weights = load_file(str(ckpt / "model.safetensors"))
     weights["model.rotary_emb.inv_freq"] = torch.ones(8)
