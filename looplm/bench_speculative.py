@@ -180,9 +180,18 @@ def round_cost_fit(cost: dict) -> dict[int, tuple[float, float]]:
     return fits
 
 
+def _cost_bound(measured: dict[tuple[int, int], float], k: int, drafts: float) -> float:
+    """The measured cost of the cheapest fixed round of depth k that drafts at least `drafts`
+    tokens (else of the most drafts measured): a round that drafts fewer costs no more, so the
+    projection made with it is a lower bound."""
+    rows = sorted((gamma, cost) for (depth, gamma), cost in measured.items() if depth == k)
+    return next((cost for gamma, cost in rows if gamma >= drafts), rows[-1][1])
+
+
 def projections(acceptance: dict, cost: dict) -> list[dict]:
     """Part 1's measured tokens per round over part 2's round cost in decode steps: the measured
-    cost for fixed rounds, the fitted line at the mean number of drafts for rounds that end early."""
+    cost for fixed rounds, the fitted line at the mean number of drafts for rounds that end early
+    (or, where noise put that line at or below zero, the `_cost_bound`: source "bound")."""
     measured = {(r["draft_steps"], r["draft_tokens"]): r["round_over_step"] for r in cost["rows"]}
     fits = round_cost_fit(cost)
     out = []
@@ -193,6 +202,8 @@ def projections(acceptance: dict, cost: dict) -> list[dict]:
                 continue
             intercept, slope = fits[k]
             round_over_step, source = intercept + slope * row["mean_drafts"], "fit"
+            if round_over_step <= 0:  # noise tilted a two-point line below zero: no cost at all
+                round_over_step, source = _cost_bound(measured, k, row["mean_drafts"]), "bound"
         else:
             if (k, row["draft_tokens"]) not in measured:
                 continue
