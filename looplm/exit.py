@@ -229,6 +229,22 @@ class WeightedPolicy(ExitPolicy):
 POLICY_NAMES = ("last", "gate", "confidence", "kl", "fixed", "weighted")
 
 
+def check_threshold(name: str, threshold: float) -> None:
+    """A GenerationError unless `threshold` means something to the rule `name`: a cumulative exit
+    mass in (0, 1] (gate), a probability in [0, 1] (confidence; 0 exits after the first loop), a
+    KL divergence >= 0 (kl)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise GenerationError(f"exit_threshold must be a number, got {threshold!r}")
+    if name == "kl":
+        if not 0.0 <= threshold < float("inf"):
+            raise GenerationError(f"the kl exit threshold is a KL divergence, >= 0; got {threshold!r}")
+    elif name == "confidence":
+        if not 0.0 <= threshold <= 1.0:
+            raise GenerationError(f"the confidence exit threshold is a probability in [0, 1], got {threshold!r}")
+    elif not 0.0 < threshold <= 1.0:
+        raise GenerationError(f"exit_threshold must be in (0, 1], got {threshold!r}")
+
+
 def make_policy(
     name: str | None,
     threshold: float | None,
@@ -240,7 +256,10 @@ def make_policy(
 
     `name=None` keeps the reference's default: a fixed step if the config sets
     `early_exit_step`, else the gate rule at `threshold` (or the config's threshold), else last.
+    A `threshold` given is checked for the rule that reads it (`check_threshold`).
     """
+    if threshold is not None and name in (None, "gate", "confidence", "kl"):
+        check_threshold(name or "gate", threshold)
     if name is None:
         if config_fixed_step is not None and 0 <= config_fixed_step < steps:
             return FixedPolicy(config_fixed_step + 1)

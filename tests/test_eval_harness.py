@@ -226,6 +226,77 @@ def test_records_of_another_model_are_refused(tiny, fake_task: Task, tmp_path: P
         assert records.read_text() == text  # left as it was
 
 
+@pytest.mark.parametrize(("change", "setting"), [
+    ({"num_fewshot": 3}, "num_fewshot"), ({"chat": True}, "chat"), ({"max_new_tokens": 64}, "max_new_tokens"),
+    ({"kv_mode": "shared"}, "kv_mode"), ({"decoder": "eager"}, "decoder"),
+])
+def test_records_made_with_other_settings_are_refused(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+                                                       change: dict, setting: str) -> None:
+    """A rerun with other answer-changing settings reported the first run's answers as its own."""
+    items = [Item(id=f"g{k}", messages=[{"role": "user", "content": f"{k}+1="}], answer=str(k + 1)) for k in range(2)]
+    task = Task("fakegen", "generate", "math_equiv", lambda shots: items, max_new_tokens=2)
+    monkeypatch.setitem(harness.get_task.__globals__["TASKS"], "fakegen", task)
+    records = tmp_path / "r.jsonl"
+    run_eval(tiny, EvalSettings(task="fakegen", steps=[2], limit=2), records)
+    before = records.read_text()
+    with pytest.raises(LooplmError, match=f"made with {setting} "):
+        run_eval(tiny, EvalSettings(task="fakegen", steps=[2], limit=2, **change), records)
+    assert records.read_text() == before
+    other = tmp_path / "other.jsonl"
+    run_eval(tiny, EvalSettings(task="fakegen", steps=[2], limit=2, shard=(1, 2), **change), other)
+    with pytest.raises(LooplmError, match=f"was made with {setting} .*merge runs of one task, model and settings"):
+        merge_records([records, other])
+    bf16 = looplm.load(tiny.source, dtype="bfloat16")  # the same model name, other weights' dtype
+    with pytest.raises(LooplmError, match="made with dtype 'float32', not 'bfloat16'"):
+        run_eval(bf16, EvalSettings(task="fakegen", steps=[2], limit=2), records)
+
+
+def test_records_rows_without_their_fields_are_one_error(tiny, fake_task: Task, tmp_path: Path) -> None:  # noqa: ANN001
+    records = tmp_path / "r.jsonl"
+    run_eval(tiny, EvalSettings(task="fake", steps=[1], limit=2), records)
+    lines = records.read_text().splitlines()
+    records.write_text("\n".join([lines[0], '{"id": "q1"}', *lines[1:]]) + "\n")
+    with pytest.raises(LooplmError, match=r"r.jsonl:2 is not a looplm eval record \(no key, steps"):
+        run_eval(tiny, EvalSettings(task="fake", steps=[1], limit=2), records)
+    with pytest.raises(LooplmError, match=r"r.jsonl:2 is not a looplm eval record"):
+        merge_records([records])
+
+
+def test_a_records_folder_that_cannot_be_made_is_one_error(tiny, fake_task: Task, tmp_path: Path) -> None:  # noqa: ANN001
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(LooplmError, match="cannot create the folder of the records file"):
+        run_eval(tiny, EvalSettings(task="fake", steps=[1], limit=1), blocker / "sub" / "r.jsonl")
+
+
+@pytest.mark.parametrize(("policy", "needle"), [
+    ("gate:5", r"exit_threshold must be in \(0, 1\], got 5.0"), ("confidence:-1", r"probability in \[0, 1\], got -1.0"),
+    ("kl:-0.5", "KL divergence, >= 0"),
+])
+def test_thresholds_are_checked_before_any_work(tiny, fake_task: Task, tmp_path: Path, policy: str,  # noqa: ANN001
+                                                needle: str) -> None:
+    records = tmp_path / "r.jsonl"
+    with pytest.raises(looplm.errors.GenerationError, match=needle):
+        run_eval(tiny, EvalSettings(task="fake", steps=[4], policies=parse_policies(policy), limit=1), records)
+    assert not records.exists()
+    kl = run_eval(tiny, EvalSettings(task="fake", steps=[4], policies=parse_policies("kl:50"), limit=1))
+    assert kl["results"][-1]["exit_threshold"] == 50.0  # a divergence may exceed 1
+
+
+def test_an_empty_shard_has_no_accuracy_and_loglik_tasks_refuse_decoding_options(tiny, fake_task: Task,  # noqa: ANN001
+                                                                                   tmp_path: Path) -> None:
+    from looplm.eval.report import plot_results, results_table
+
+    empty = run_eval(tiny, EvalSettings(task="fake", steps=[1, 2], limit=2, shard=(3, 4)))
+    assert [(r["n"], r["accuracy"], r["mean_steps"]) for r in empty["results"]] == [(0, None, None)] * 2
+    results_table(empty)  # "-" where nothing was scored
+    plot_results(empty, tmp_path / "empty.png")
+    for change, flag in (({"skip_compute": True}, "--skip-compute"), ({"kv_mode": "shared"}, "--kv-mode shared"),
+                         ({"max_new_tokens": 16}, "--max-new-tokens")):
+        with pytest.raises(LooplmError, match=f"fake is scored by log-likelihood, with no decoding: {flag} applies"):
+            run_eval(tiny, EvalSettings(task="fake", steps=[1], limit=1, **change))
+
+
 def test_option_parsing() -> None:
     assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
     for bad in ("4/4", "x", "1/0"):

@@ -94,6 +94,14 @@ def parse_policies(text: str | None, default_threshold: float | None = None) -> 
 # -- records -----------------------------------------------------------------------------------
 
 
+# Header keys that change the answers: records made under other values are not this run's.
+# (Loop counts and exit policies are per row: a resumed run may add or drop configurations.)
+# A key an older records file lacks is not compared.
+SETTINGS_KEYS = ("task", "model", "metric", "chat", "num_fewshot", "max_new_tokens", "skip_compute", "kv_mode",
+                 "decoder", "dtype", "quantization")
+ROW_KEYS = ("id", "key", "steps", "exit_policy", "exit_threshold", "correct", "step_sum", "step_count")
+
+
 class Records:
     """Append-only JSONL: a header line, then one line per scored (item, configuration)."""
 
@@ -106,16 +114,20 @@ class Records:
                 raise LooplmError(f"{path} is not a looplm eval records file (its first line is no header); "
                                   "delete it or pass another --records file")
             old = lines[0]["header"]
-            for key in ("task", "model"):
-                if old.get(key) != header.get(key):
-                    raise LooplmError(f"{path} holds records of {key} {old.get(key)!r}, not {header.get(key)!r}; "
-                                      "delete it or pass another --records file")
-            self.rows = [row for row in lines[1:] if "id" in row]
+            for key in SETTINGS_KEYS:
+                if key in old and old[key] != header.get(key):
+                    raise LooplmError(f"{path} holds records made with {key} {old[key]!r}, not {header.get(key)!r}; "
+                                      "rerun with the same settings, or delete it or pass another --records file")
+            self.rows = record_rows(path, lines)
             if not path.read_bytes().endswith(b"\n"):  # a killed run left half a line: drop it
                 text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in [lines[0], *self.rows])
                 path.write_text(text, encoding="utf-8")
         elif path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LooplmError(f"cannot create the folder of the records file {path} "
+                                  f"({exc.strerror or exc})") from None
             self._append(json.dumps({"header": header}) + "\n", mode="w")
         self.done = {(row["id"], row["key"]) for row in self.rows}
 
@@ -132,6 +144,18 @@ class Records:
         except OSError as exc:  # e.g. the disk is full
             raise LooplmError(f"could not write the records file {self.path} ({exc.strerror or exc}); the items "
                               "scored before are in it, and a rerun with it goes on from them") from None
+
+
+def record_rows(path: Path, lines: list[dict]) -> list[dict]:
+    """The scored rows after the header; a LooplmError naming the line of a row that lacks a field."""
+    rows = []
+    for number, row in enumerate(lines[1:], 2):
+        if not isinstance(row, dict) or any(key not in row for key in ROW_KEYS):
+            missing = [key for key in ROW_KEYS if not isinstance(row, dict) or key not in row]
+            raise LooplmError(f"{path}:{number} is not a looplm eval record (no {', '.join(missing)}); "
+                              "the records file is corrupt")
+        rows.append(row)
+    return rows
 
 
 def read_records(path: Path) -> list[dict]:
@@ -161,8 +185,9 @@ def summarize(task: str, model: str, metric: str, configs: list[Config], rows: l
         count = sum(row["step_count"] for row in picked)
         results.append({
             **config.as_dict(),
-            "accuracy": sum(bool(row["correct"]) for row in picked) / len(picked) if picked else 0.0,
-            "mean_steps": sum(row["step_sum"] for row in picked) / count if count else 0.0,
+            # None when nothing was scored (an empty shard): 0.0 would read as a measured zero
+            "accuracy": sum(bool(row["correct"]) for row in picked) / len(picked) if picked else None,
+            "mean_steps": sum(row["step_sum"] for row in picked) / count if count else None,
             "n": len(picked),
         })
     return {"task": task, "model": model, "metric": metric, "results": results}
@@ -177,14 +202,16 @@ def merge_records(paths: list[Path]) -> dict:
         if not path.is_file():
             raise LooplmError(f"{path} not found; pass the records .jsonl files the shards wrote")
         lines = read_records(path)
-        this = lines[0].get("header") if lines else None
-        if this is None:
+        this = lines[0].get("header") if lines and isinstance(lines[0], dict) else None
+        if not isinstance(this, dict) or not {"task", "model"} <= this.keys():
             raise LooplmError(f"{path} has no header line; is it a looplm eval records file?")
-        if header is not None and (this["task"], this["model"]) != (header["task"], header["model"]):
-            raise LooplmError(f"{path} is a {this['task']} run of {this['model']}, the first file "
-                              f"a {header['task']} run of {header['model']}; merge runs of one task and model")
+        if header is not None:
+            for key in SETTINGS_KEYS:
+                if key in this and key in header and this[key] != header[key]:
+                    raise LooplmError(f"{path} was made with {key} {this[key]!r}, {paths[0]} with {header[key]!r}; "
+                                      "merge runs of one task, model and settings")
         header = header or this
-        rows += [row for row in lines[1:] if "id" in row]
+        rows += record_rows(path, lines)
     configs, seen = [], set()
     for row in rows:
         if row["key"] not in seen:
@@ -199,6 +226,13 @@ def merge_records(paths: list[Path]) -> dict:
 
 def plan(settings: EvalSettings) -> tuple[Task, list[Item]]:
     task = get_task(settings.task)
+    if task.kind == "loglik":  # one scoring pass, no decoding: these would be silently ignored
+        ignored = [flag for flag, given in (("--skip-compute", settings.skip_compute),
+                                            ("--kv-mode shared", settings.kv_mode != "full"),
+                                            ("--max-new-tokens", settings.max_new_tokens is not None)) if given]
+        if ignored:
+            raise LooplmError(f"{task.name} is scored by log-likelihood, with no decoding: {', '.join(ignored)} "
+                              "applies to generation tasks only")
     if task.needs_code_execution and not settings.allow_code_execution:
         raise LooplmError(f"{task.name} runs model-written code; pass --allow-code-execution to allow it "
                           "(each program runs in a subprocess with a timeout and no network)")
@@ -215,9 +249,13 @@ def run_eval(model, settings: EvalSettings, records_path: Path | None = None,  #
     configs = [_with_threshold(model, config) for config in settings.configs()]
     for config in configs:
         model.resolve_steps(config.steps)  # validates the range before any work
+    _policies(model, configs)  # thresholds are checked before any work, as generate checks them
+    quantization = getattr(model, "quantization", None)
     header = {"task": task.name, "model": model.source, "metric": task.metric,
-              "chat": settings.chat, "num_fewshot": settings.num_fewshot,
-              "skip_compute": settings.skip_compute, "kv_mode": settings.kv_mode, "decoder": settings.decoder}
+              "chat": settings.chat, "num_fewshot": settings.num_fewshot, "max_new_tokens": settings.max_new_tokens,
+              "skip_compute": settings.skip_compute, "kv_mode": settings.kv_mode, "decoder": settings.decoder,
+              "dtype": str(model.dtype).removeprefix("torch."),
+              "quantization": None if quantization is None else quantization.to_json()}
     records = Records(records_path, header)
     if task.kind == "loglik":
         _run_loglik(model, task, items, configs, settings, records, progress)

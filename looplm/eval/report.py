@@ -24,8 +24,9 @@ def results_table(results: dict) -> Table:
         table.add_column(name, justify=justify)
     for r in results["results"]:
         threshold = "" if r["exit_threshold"] is None else f"{r['exit_threshold']:g}"
-        table.add_row(str(r["steps"]), r["exit_policy"], threshold, f"{100 * r['accuracy']:.1f}%",
-                      f"{r['mean_steps']:.2f}", str(r["n"]))
+        scored = r["n"] > 0  # an empty shard has no accuracy
+        table.add_row(str(r["steps"]), r["exit_policy"], threshold, f"{100 * r['accuracy']:.1f}%" if scored else "-",
+                      f"{r['mean_steps']:.2f}" if scored else "-", str(r["n"]))
     return table
 
 
@@ -38,8 +39,9 @@ def plot_results(results: dict, path: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise LooplmError("the accuracy plot needs matplotlib; run: pip install matplotlib") from exc
-    fixed = sorted((r for r in results["results"] if r["exit_policy"] == "last"), key=lambda r: r["steps"])
-    policies = [r for r in results["results"] if r["exit_policy"] != "last"]
+    scored = [r for r in results["results"] if r["n"] > 0]
+    fixed = sorted((r for r in scored if r["exit_policy"] == "last"), key=lambda r: r["steps"])
+    policies = [r for r in scored if r["exit_policy"] != "last"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     if fixed:
         ax.plot([r["mean_steps"] for r in fixed], [100 * r["accuracy"] for r in fixed], "o-", label="fixed depth")
