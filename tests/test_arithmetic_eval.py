@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +110,13 @@ def test_eval_results_format(tiny_dir: Path) -> None:
     for r in fixed["results"]:
         assert set(r) == RESULT_KEYS and r["n"] == 12 and 0.0 <= r["accuracy"] <= 1.0
         assert r["exit_policy"] == "last" and r["exit_threshold"] is None and r["mean_steps"] == r["steps"]
-    gated = evaluate_arithmetic(model, [4], n=6, exit_threshold=0.5)["results"][0]
-    assert gated["exit_policy"] == "threshold" and 1.0 <= gated["mean_steps"] <= 4.0
-    assert "| 4 | threshold 0.5 |" in format_table({"results": [gated]})
+    assert fixed["metric"] == "exact_match"
+    # A threshold adds the gate's row at the largest loop count; the fixed depths stay.
+    last, gated = evaluate_arithmetic(model, [2, 4], n=6, exit_threshold=0.5)["results"][1:]
+    assert (last["exit_policy"], last["steps"]) == ("last", 4)
+    assert (gated["exit_policy"], gated["steps"], gated["exit_threshold"]) == ("gate", 4, 0.5)
+    assert 1.0 <= gated["mean_steps"] <= 4.0
+    assert "| 4 | gate 0.5 |" in format_table({"results": [gated]})
 
 
 def test_eval_cli_writes_json(tiny_dir: Path, tmp_path: Path) -> None:
@@ -121,6 +126,14 @@ def test_eval_cli_writes_json(tiny_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [r["steps"] for r in data["results"]] == [1, 3] and "| 3 | last |" in result.stdout
+    # Default loop counts: 1..T of the model (this copy runs 3); --limit is --n, as in the other tasks
+    three = tmp_path / "three-loops"
+    shutil.copytree(tiny_dir, three)
+    config = json.loads((three / "config.json").read_text())
+    (three / "config.json").write_text(json.dumps({**config, "total_ut_steps": 3}))
+    default = CliRunner().invoke(app, ["eval", "arithmetic", "-m", str(three), "--limit", "2", "--output", str(out)])
+    assert default.exit_code == 0, default.output
+    assert [r["steps"] for r in json.loads(out.read_text())["results"]] == [1, 2, 3]
     bad = CliRunner().invoke(app, ["eval", "arithmetic", "-m", str(tiny_dir), "--steps", "1,x"])
     assert bad.exit_code == 1 and "--steps" in bad.output
 

@@ -33,18 +33,18 @@ def arithmetic(
     model: common.Model = None,
     dtype: common.Dtype = "float32",
     device: common.Device = "auto",
-    steps: Annotated[str, typer.Option(help="Loop counts to evaluate, comma-separated.")] = "1,2,3,4",
+    steps: Annotated[Optional[str], typer.Option(help="Loop counts, comma-separated (default 1..T).")] = None,
     exit_threshold: common.ExitThreshold = None,
-    n: Annotated[int, typer.Option("--n", help="Held-out problems.")] = 500,
+    n: Annotated[int, typer.Option("--n", "--limit", help="Held-out problems.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed that picks the held-out problems.")] = 1234,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results JSON here.")] = None,
     threads: common.Threads = None,
 ) -> None:
     """Exact-match accuracy on held-out arithmetic (1-digit chains of 2-4 terms, e.g. 7-8+9-5=), per loop count
-    (default: read the last loop)."""
+    (read at the last loop), and with --exit-threshold the gate's exit at the largest."""
     from looplm.eval.arithmetic import evaluate_arithmetic, format_table
 
-    step_list = parse_steps(steps)
+    step_list = parse_steps(steps) if steps else None
     if n < 1:
         raise LooplmError(f"--n must be at least 1, got {n}")
     if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
@@ -52,6 +52,7 @@ def arithmetic(
     check_writable(output, "--output")
     common.set_threads(threads)
     lm = common.load_model(model, dtype, device, None, needs_text=True)
+    step_list = step_list or list(range(1, lm.config.total_ut_steps + 1))
     results = evaluate_arithmetic(lm, step_list, n=n, seed=seed, exit_threshold=exit_threshold)
     common.stdout().print(format_table(results))
     _write(results, output, None, plot_default=False)

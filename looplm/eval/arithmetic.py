@@ -6,10 +6,14 @@ training never draws from. By default they follow the shipped model's task (1-di
 exactly as inside a training line, and the answer is read up to the first newline. Decoding is greedy and recomputes the whole (short) sequence each token,
 so the exit rule is applied here, explicitly, per token:
 
-- `exit_policy="last"`: run `steps` loops and read the last one's logits (fixed depth).
-- `exit_policy="threshold"`: run `steps` loops and read, per token, the first step whose
-  cumulative exit probability (fp32) reaches `exit_threshold`; `mean_steps` is the average
-  step read over answer tokens.
+- `exit_policy="last"`: run `steps` loops and read the last one's logits (fixed depth), one row
+  per loop count.
+- `exit_policy="gate"` (when an `exit_threshold` is given, one more row at the largest loop
+  count): read, per token, the first step whose cumulative exit probability (fp32) reaches
+  `exit_threshold`; `mean_steps` is the average step read over answer tokens.
+
+The results follow the other tasks' results.json (`task`, `model`, `metric`: "exact_match",
+`results`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from looplm.models.ouro import OuroForCausalLM
 from looplm.train.data import END_OF_TEXT, TINY_MAX_DIGITS, TINY_MAX_TERMS, Problem, arithmetic_problems
 
 TASK = "arithmetic"
+METRIC = "exact_match"
 
 
 @torch.inference_mode()
@@ -108,18 +113,21 @@ def evaluate_arithmetic(
     if model.tokenizer is None:
         raise LooplmError("the arithmetic eval needs the model's tokenizer; this model was loaded without one")
     problems = arithmetic_problems(n, seed=seed, held_out=True, max_digits=max_digits, max_terms=max_terms)
+    rows: list[tuple[int, float | None]] = [(steps, None) for steps in steps_list]
+    if exit_threshold is not None:  # the gate at the largest loop count, beside the fixed depths
+        rows.append((max(steps_list), exit_threshold))
     results = []
-    for steps in steps_list:
-        correct, mean_steps = score_problems(model, problems, steps, exit_threshold, batch_size)
+    for steps, threshold in rows:
+        correct, mean_steps = score_problems(model, problems, steps, threshold, batch_size)
         results.append({
             "steps": steps,
-            "exit_policy": "last" if exit_threshold is None else "threshold",
-            "exit_threshold": exit_threshold,
+            "exit_policy": "last" if threshold is None else "gate",
+            "exit_threshold": threshold,
             "accuracy": sum(correct) / len(problems),
             "mean_steps": mean_steps,
             "n": len(problems),
         })
-    return {"task": TASK, "model": model.source, "results": results}
+    return {"task": TASK, "model": model.source, "metric": METRIC, "results": results}
 
 
 def _answer_token_count(tokenizer, row: list[int]) -> int:  # noqa: ANN001
@@ -133,7 +141,7 @@ def _answer_token_count(tokenizer, row: list[int]) -> int:  # noqa: ANN001
 def format_table(results: dict) -> str:
     lines = ["| steps | exit policy | accuracy | mean steps | n |", "|---|---|---|---|---|"]
     for r in results["results"]:
-        policy = r["exit_policy"] if r["exit_threshold"] is None else f"threshold {r['exit_threshold']}"
+        policy = r["exit_policy"] if r["exit_threshold"] is None else f"{r['exit_policy']} {r['exit_threshold']}"
         lines.append(f"| {r['steps']} | {policy} | {r['accuracy']:.3f} | {r['mean_steps']:.2f} | {r['n']} |")
     return "\n".join(lines)
 
