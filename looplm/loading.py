@@ -93,6 +93,8 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def resolve_path(path_or_id: str) -> Path:
     """A local path if it exists; otherwise an `owner/name` hub id fetched by huggingface_hub."""
+    if not str(path_or_id).strip():  # Path("") is the current directory
+        raise CheckpointError("the model path is empty; give a model directory, a .gguf file or a hub id")
     local = Path(path_or_id).expanduser()
     if local.exists():
         return local
@@ -110,11 +112,21 @@ def _download_from_hub(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))
     except Exception as exc:  # the hub raises many types; all mean "could not get it"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            reason = "HF_HUB_OFFLINE is set and the model is not in the local hub cache"
+        else:
+            reason = _first_sentence(str(exc)) or type(exc).__name__
         raise HubError(
-            f"{repo_id}: could not download from the Hugging Face hub ({reason[:160]}); "
+            f"{repo_id}: could not download from the Hugging Face hub ({reason}); "
             "if you are offline, download the model elsewhere and pass its local directory with -m PATH"
         ) from None
+
+
+def _first_sentence(text: str, most: int = 160) -> str:
+    """An error's first sentence, or its first words up to `most` characters: a one-line reason."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    sentence = line.split(". ", 1)[0].rstrip(".")
+    return sentence if len(sentence) <= most else sentence[:most].rsplit(" ", 1)[0] + " ..."
 
 
 def _quant_spec(quant: str | None, group_size: int) -> QuantSpec | None:

@@ -395,6 +395,14 @@ def test_seeds_differ_in_their_high_32_bits_too(gqa_model) -> None:  # noqa: ANN
                        torch.rand(4, generator=plain))
 
 
+def test_an_empty_stop_string_is_refused(gqa_model) -> None:  # noqa: ANN001
+    """"" is in every text: generation stopped after one token."""
+    gqa_model.tokenizer = looplm.load().tokenizer
+    for stop in ([""], "", ["ok", ""]):
+        with pytest.raises(GenerationError, match="stop strings must be non-empty strings"):
+            gqa_model.generate([5, 6, 7], 4, stop=stop)
+
+
 def test_probabilities_are_shift_invariant_and_finite() -> None:
     from looplm.sampling import SamplingParams, probabilities
 

@@ -187,7 +187,22 @@ def test_offline_hub_id_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError) as info:
         looplm.load("ByteDance/Ouro-1.4B-Thinking")
-    assert_one_line(info.value, "ByteDance/Ouro-1.4B-Thinking", "local directory")
+    assert_one_line(info.value, "ByteDance/Ouro-1.4B-Thinking", "local directory",
+                    "(HF_HUB_OFFLINE is set and the model is not in the local hub cache)")
+
+
+def test_hub_reasons_are_cut_at_a_sentence_and_an_empty_path_is_refused() -> None:
+    from looplm.loading import _first_sentence
+
+    text = ("Cannot find an appropriate cached snapshot folder for the specified revision on the local disk and "
+            "outgoing traffic has been disabled. To enable repo look-ups and downloads online, set ...")
+    assert _first_sentence(text) == ("Cannot find an appropriate cached snapshot folder for the specified revision "
+                                     "on the local disk and outgoing traffic has been disabled")
+    long = "word " * 60
+    assert _first_sentence(long).endswith("word ...") and len(_first_sentence(long)) <= 164
+    for empty in ("", "  "):
+        with pytest.raises(CheckpointError, match="the model path is empty"):
+            looplm.load(empty)
 
 
 def test_a_hub_id_in_the_local_hub_cache_loads_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
