@@ -297,6 +297,17 @@ def test_an_empty_shard_has_no_accuracy_and_loglik_tasks_refuse_decoding_options
             run_eval(tiny, EvalSettings(task="fake", steps=[1], limit=1, **change))
 
 
+def test_a_prompt_past_the_context_names_the_item_and_the_flags(tiny, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The engine's message spoke of "the server's context" and "max_tokens"."""
+    items = [Item(id="short", messages=[{"role": "user", "content": "1+1="}], answer="2"),
+             Item(id="long", messages=[{"role": "user", "content": "1+1= " * 300}], answer="2")]
+    task = Task("fakegen", "generate", "math_equiv", lambda shots: items, max_new_tokens=8)
+    monkeypatch.setitem(harness.get_task.__globals__["TASKS"], "fakegen", task)
+    with pytest.raises(LooplmError, match=r"item long's prompt \(\d+ tokens\) \+ 8 new tokens exceeds the model's "
+                                          r"context of 512; lower --num-fewshot or --max-new-tokens"):
+        run_eval(tiny, EvalSettings(task="fakegen", steps=[2], chat=False))
+
+
 def test_option_parsing() -> None:
     assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
     for bad in ("4/4", "x", "1/0"):

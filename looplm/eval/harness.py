@@ -336,6 +336,11 @@ def _run_generate(model, task: Task, items: list[Item], configs: list[Config], s
     max_new = settings.max_new_tokens or task.max_new_tokens
     jobs = [(config, item) for config in configs for item in items if (item.id, config.key) not in records.done]
     prompts = [model.tokenizer.encode(_render(model.tokenizer, item, settings.chat)) for _, item in jobs]
+    context = model.config.max_position_embeddings
+    longest = max(range(len(jobs)), key=lambda j: len(prompts[j]), default=None)
+    if longest is not None and len(prompts[longest]) + max_new > context:
+        raise LooplmError(f"item {jobs[longest][1].id}'s prompt ({len(prompts[longest])} tokens) + {max_new} new tokens "
+                          f"exceeds the model's context of {context}; lower --num-fewshot or --max-new-tokens")
     advance = progress(len(jobs)) if progress else None
     if not jobs:  # all done by an earlier run
         return
