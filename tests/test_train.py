@@ -371,6 +371,24 @@ def test_resume_gives_identical_next_losses(data_dir: Path, tmp_path: Path) -> N
     assert split == full
 
 
+def test_resume_drops_a_cut_short_last_log_line_and_refuses_a_broken_one_before_it(data_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path / "full"))
+    out, log = tmp_path / "split", tmp_path / "split" / "train_log.jsonl"
+    train(_config(data_dir, out, stop_at=3))
+    with log.open("a") as f:  # what a crash or a full disk leaves: half a row
+        f.write('{"step": 4, "lr": 0.1, "lo')
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3]
+    train(_config(data_dir, out, resume=True))
+    assert [r["loss"] for r in read_log(log)] == [r["loss"] for r in read_log(tmp_path / "full" / "train_log.jsonl")]
+    lines = log.read_text().splitlines()
+    lines[2] = lines[2][:20]  # the row of step 2, cut short in the middle of the file
+    log.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(LooplmError, match=r"train_log.jsonl:3 is not a JSON row; the training log is corrupt"):
+        train(_config(data_dir, out, steps=8, resume=True))
+    assert log.read_text() == "".join(line + "\n" for line in lines)
+
+
 def test_stage2_trains_only_the_gate(data_dir: Path, tmp_path: Path) -> None:
     train(_config(data_dir, tmp_path / "s1", steps=3))
     train(_config(data_dir, tmp_path / "s2", init_from=tmp_path / "s1", model_config=None, stage=2, steps=3))

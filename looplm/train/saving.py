@@ -30,12 +30,12 @@ def save_pretrained(out: Path, model: OuroForCausalLM, raw_config: dict, tokeniz
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         state[name] = tensor.detach().to("cpu", torch.bfloat16).contiguous()
-    _atomic(out / "model.safetensors", lambda tmp: save_safetensors(state, tmp))
+    atomic_write(out / "model.safetensors", lambda tmp: save_safetensors(state, tmp))
     config = {**raw_config, "torch_dtype": "bfloat16"}
-    _atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     eos = config.get("eos_token_id")
     generation = {"eos_token_id": eos if isinstance(eos, list) else [eos], "pad_token_id": config.get("pad_token_id")}
-    _atomic(out / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(generation, indent=2) + "\n"))
+    atomic_write(out / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(generation, indent=2) + "\n"))
     if tokenizer is not None:
         tokenizer.save(out)
 
@@ -57,10 +57,10 @@ def save_checkpoint(
         "step": step,
         "rng": rng,
     }
-    _atomic(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
-def _atomic(path: Path, write) -> None:  # noqa: ANN001
+def atomic_write(path: Path, write) -> None:  # noqa: ANN001
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)

@@ -45,7 +45,7 @@ from looplm.output_files import make_output_dir
 from looplm.tokenizer import Tokenizer
 from looplm.train.data import TokenBatches
 from looplm.train.objective import per_step_token_loss, stage1_loss, stage2_loss
-from looplm.train.saving import STATE_FILE, save_checkpoint
+from looplm.train.saving import STATE_FILE, atomic_write, save_checkpoint
 
 LOG_FILE, PLOT_FILE = "train_log.jsonl", "train_loss.png"
 RUN_FILES = (STATE_FILE, LOG_FILE, "config.json", "model.safetensors")  # an earlier run (or model) in out_dir
@@ -315,10 +315,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
 
     if rank == 0:
         make_output_dir(out, "--out")
-        if start_step > 0 and (out / LOG_FILE).exists():  # drop rows logged after the checkpoint by an interrupted run
-            lines = (out / LOG_FILE).read_text().splitlines()
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= start_step]
-            (out / LOG_FILE).write_text("".join(line + "\n" for line in kept))
+        if start_step > 0 and (out / LOG_FILE).exists():
+            with _disk_errors(out, "the training log", start_step):
+                _trim_log(out / LOG_FILE, start_step)
         if start_step == 0:
             header = {"event": "start", "world_size": world, "config": _jsonable(asdict(config)), "model": raw_config,
                       "parameters": sum(p.numel() for p in model.parameters())}
@@ -485,10 +484,37 @@ def _jsonable(value):  # noqa: ANN001, ANN202
     return str(value) if isinstance(value, Path) else value
 
 
+def _log_lines(path: Path) -> list[tuple[str, dict]]:
+    """Each line of a train_log.jsonl with its row. A cut-short last line (what a crash or a full disk leaves
+    mid-write) is dropped; a broken line before it is an error."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((number for number, line in enumerate(lines, 1) if line.strip()), default=0)
+    rows = []
+    for number, line in enumerate(lines[:last], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            if number == last:
+                break
+            raise LooplmError(f"{path}:{number} is not a JSON row; the training log is corrupt (only its last line "
+                              "may be cut short): repair or remove that line")
+        rows.append((line, row))
+    return rows
+
+
+def _trim_log(log: Path, step: int) -> None:
+    """Drop the rows logged after the checkpoint of `step` by an interrupted run (and a cut-short last line)."""
+    kept = [line for line, row in _log_lines(log) if row.get("step", 0) <= step]
+    atomic_write(log, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
 def read_log(path: Path) -> list[dict]:
-    """The per-step rows of a train_log.jsonl (the header line is skipped)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in rows if "step" in r]
+    """The per-step rows of a train_log.jsonl (the header line is skipped, a cut-short last line too)."""
+    return [row for _, row in _log_lines(Path(path)) if "step" in row]
 
 
 def plot_log(log: Path, png: Path) -> None:
