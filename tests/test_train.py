@@ -140,7 +140,7 @@ def test_masked_batches_count_only_answers(masked_data_dir: Path) -> None:
     assert arithmetic and all(0 < mask[row].sum() < 24 for row in arithmetic)
 
 
-def _config(data_dir: Path, out: Path, **overrides: object) -> TrainConfig:
+def _config(data_dir: Path | None, out: Path, **overrides: object) -> TrainConfig:
     base = dict(data_dir=data_dir, out_dir=out, model_config=dict(TINY_MODEL), steps=6, batch_size=4, seq_len=32,
                 lr=3e-3, warmup_steps=2, progress=False, device="cpu")
     base.update(overrides)
@@ -165,6 +165,11 @@ def test_bad_settings_are_refused_before_any_work(data_dir: Path, tmp_path: Path
     with pytest.raises(LooplmError, match=needle):
         train(_config(data_dir, tmp_path / "run", **setting))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_needs_a_data_directory(tmp_path: Path) -> None:
+    with pytest.raises(LooplmError, match=r"give a data directory \(--data\)"):
+        train(_config(None, tmp_path / "run"))
 
 
 def test_data_builder_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -387,6 +392,80 @@ def test_resume_drops_a_cut_short_last_log_line_and_refuses_a_broken_one_before_
     with pytest.raises(LooplmError, match=r"train_log.jsonl:3 is not a JSON row; the training log is corrupt"):
         train(_config(data_dir, out, steps=8, resume=True))
     assert log.read_text() == "".join(line + "\n" for line in lines)
+
+
+def test_resume_may_change_steps_and_data_with_a_warning_but_no_other_setting(data_dir: Path, masked_data_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path, steps=4, stop_at=3))
+    with pytest.raises(LooplmError, match=r"--lr 0.01 differs from the run's --lr 0.003 \(.*trainer_state.pt\); --lr "
+                                          r"cannot change on --resume: drop it to continue with --lr 0.003"):
+        train(_config(data_dir, tmp_path, lr=1e-2, resume=True))
+    with pytest.warns(UserWarning, match=r"--steps 8 \(the run was set for 4\) re-spans the cosine: the learning "
+                                         r"rate of step 4 is"):
+        train(_config(data_dir, tmp_path, steps=8, stop_at=4, resume=True))
+    with pytest.warns(UserWarning, match="--data .*masked.*: the run trained on .*data.* so far; its batches from step 5"):
+        train(_config(masked_data_dir, tmp_path, steps=8, stop_at=5, micro_batch=2, save_every=1, resume=True))
+    settings = torch.load(tmp_path / "trainer_state.pt", weights_only=True)["settings"]
+    assert settings["steps"] == 8 and settings["data_dir"] == str(masked_data_dir.resolve()) and settings["lr"] == 3e-3
+    events = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    resumes = [event for event in events if event.get("event") == "resume"]
+    assert [(event["step"], event["changed"]) for event in resumes] == [
+        (3, {"steps": [4, 8]}), (4, {"data_dir": [str(data_dir.resolve()), str(masked_data_dir.resolve())]})]
+
+
+def test_resume_from_a_state_without_settings_uses_the_config_with_a_warning(data_dir: Path, tmp_path: Path) -> None:
+    """What a trainer_state.pt saved before the settings were recorded does: the config as given."""
+    train(_config(data_dir, tmp_path / "full"))
+    out = tmp_path / "old"
+    train(_config(data_dir, out, stop_at=3))
+    state = torch.load(out / "trainer_state.pt", weights_only=True)
+    del state["settings"]
+    torch.save(state, out / "trainer_state.pt")
+    with pytest.warns(UserWarning, match="trainer_state.pt holds no training settings"):
+        train(_config(data_dir, out, resume=True))
+    full = [r["loss"] for r in read_log(tmp_path / "full" / "train_log.jsonl")]
+    assert [r["loss"] for r in read_log(out / "train_log.jsonl")] == full
+    assert json.loads((out / "train_log.jsonl").read_text().splitlines()[4])["saved_settings"] is False
+
+
+def _cli(*args: object):  # noqa: ANN202
+    from typer.testing import CliRunner
+
+    from looplm.cli import app
+
+    return CliRunner().invoke(app, ["train", "--no-progress", "--device", "cpu", *map(str, args)])
+
+
+def _one_line_error(result, needle: str) -> None:  # noqa: ANN001
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert needle in result.stderr
+
+
+def test_cli_resume_continues_with_the_runs_settings_and_model(data_dir: Path, tmp_path: Path) -> None:
+    """`--resume` alone (no --data, --model-config, --warmup, ...): the run's saved settings and model, so the
+    learning rates and losses are the uninterrupted run's; a flag set to another value is an error."""
+    (tmp_path / "model.json").write_text(json.dumps(TINY_MODEL))
+    run = ("--data", data_dir, "--model-config", tmp_path / "model.json", "--steps", 6, "--batch-size", 4,
+           "--seq-len", 32, "--lr", 3e-3, "--warmup", 3, "--seed", 7)
+    assert _cli(*run, "--out", tmp_path / "full").exit_code == 0
+    assert _cli(*run, "--out", tmp_path / "split", "--stop-at", 2).exit_code == 0
+    log = (tmp_path / "split" / "train_log.jsonl").read_text()
+    for args, needle in [(("--warmup", 50), "--warmup 50 differs from the run's --warmup 3"),
+                         (("--lr", 0.1), "--lr 0.1 differs from the run's --lr 0.003"),
+                         (("--seed", 0), "--seed 0 differs from the run's --seed 7"),
+                         (("--no-bf16",), "--no-bf16 differs from the run's --bf16"),
+                         (("--stage", 2), "--stage 2 differs from the run's --stage 1")]:
+        _one_line_error(_cli("--out", tmp_path / "split", "--resume", *args), needle)
+    assert (tmp_path / "split" / "train_log.jsonl").read_text() == log
+    result = _cli("--out", tmp_path / "split", "--resume")
+    assert result.exit_code == 0, result.output
+    full, split = (read_log(tmp_path / name / "train_log.jsonl") for name in ("full", "split"))
+    assert [r["lr"] for r in split] == [r["lr"] for r in full] and [r["loss"] for r in split] == [r["loss"] for r in full]
+    events = [row for row in map(json.loads, (tmp_path / "split" / "train_log.jsonl").read_text().splitlines())
+              if "event" in row]
+    assert [(event["event"], event.get("step")) for event in events] == [("start", None), ("resume", 2)]
+    assert events[1]["config"]["warmup_steps"] == 3 and events[1]["config"]["seed"] == 7
 
 
 def test_stage2_trains_only_the_gate(data_dir: Path, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 Files: config.json, model.safetensors (bf16), generation_config.json, tokenizer.json,
 tokenizer_config.json, and - for resuming only - trainer_state.pt (fp32 weights, optimizer
-state, step, RNG; read back with `torch.load(weights_only=True)`). Every file is written to a
+state, step, RNG and the run's training settings; read back with `torch.load(weights_only=True)`). Every file is written to a
 temporary name and renamed, so an interrupted save never leaves a torn checkpoint.
 """
 
@@ -48,14 +48,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     step: int,
     rng: dict,
+    settings: dict | None = None,
 ) -> None:
-    """`save_pretrained` plus trainer_state.pt for `--resume`."""
+    """`save_pretrained` plus trainer_state.pt for `--resume`; `settings`: what `--resume` continues with
+    (plain JSON-like values, so `weights_only` loading reads them)."""
     save_pretrained(out, model, raw_config, tokenizer)
     state = {
         "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "step": step,
         "rng": rng,
+        "settings": settings,
     }
     atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
