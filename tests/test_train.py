@@ -160,6 +160,10 @@ def test_unsupported_device_is_refused_before_training(data_dir: Path, tmp_path:
     ({"stage": 3}, "stage must be 1 or 2"), ({"lr": -1.0}, "lr must be > 0"), ({"seq_len": 1}, "seq_len must be"),
     ({"min_lr_ratio": 2.0}, "min_lr_ratio must be in"), ({"micro_batch": -1}, "micro_batch must be >= 0"),
     ({"stop_at": 0}, "stop_at must be at least 1"),
+    ({"resume": True, "overwrite": True}, "--resume continues the run in --out and --overwrite replaces it"),
+    ({"init_from": Path("base")}, "--model-config \\(a new model\\) and --init-from \\(a checkpoint\\) both give"),
+    ({"stop_at": 7}, "--stop-at 7 is past --steps 6"),
+    ({"seq_len": 200}, "--seq-len 200 is longer than the model's max_position_embeddings 128"),
 ])
 def test_bad_settings_are_refused_before_any_work(data_dir: Path, tmp_path: Path, setting: dict, needle: str) -> None:
     with pytest.raises(LooplmError, match=needle):
@@ -170,6 +174,22 @@ def test_bad_settings_are_refused_before_any_work(data_dir: Path, tmp_path: Path
 def test_a_fresh_run_needs_a_data_directory(tmp_path: Path) -> None:
     with pytest.raises(LooplmError, match=r"give a data directory \(--data\)"):
         train(_config(None, tmp_path / "run"))
+
+
+def test_a_warmup_as_long_as_the_run_is_a_warning(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"--warmup 4 is not below --steps 3: the learning rate rises for the whole "
+                                         r"run \(to 0.00225 of the peak 0.003\) and never decays"):
+        train(_config(data_dir, tmp_path, steps=3, warmup_steps=4))
+
+
+def test_a_loss_mask_that_marks_nothing_is_one_error(masked_data_dir: Path, tmp_path: Path) -> None:
+    def blank(d: Path) -> None:
+        np.save(d / "arithmetic.mask.npy", np.zeros_like(np.load(d / "arithmetic.mask.npy")))
+
+    broken = _broken_copy(masked_data_dir, tmp_path / "data", blank)
+    with pytest.raises(LooplmError, match=r"the loss mask of 'arithmetic' \(arithmetic.mask.npy\) marks no token"):
+        train(_config(broken, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_data_builder_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -392,6 +412,16 @@ def test_resume_drops_a_cut_short_last_log_line_and_refuses_a_broken_one_before_
     with pytest.raises(LooplmError, match=r"train_log.jsonl:3 is not a JSON row; the training log is corrupt"):
         train(_config(data_dir, out, steps=8, resume=True))
     assert log.read_text() == "".join(line + "\n" for line in lines)
+
+
+def test_resume_of_a_run_at_its_last_step_says_so(data_dir: Path, tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path, steps=3))
+    for steps in (3, 2):
+        with pytest.raises(LooplmError, match=f"is at step 3, already at --steps {steps}: nothing to train; give "
+                                              "--steps above 3 to continue the run"):
+            train(_config(data_dir, tmp_path, steps=steps, resume=True))
+    with pytest.raises(LooplmError, match="--stop-at 2: .* is already at step 3"):
+        train(_config(data_dir, tmp_path, steps=5, stop_at=2, resume=True))
 
 
 def test_resume_may_change_steps_and_data_with_a_warning_but_no_other_setting(data_dir: Path, masked_data_dir: Path,

@@ -100,6 +100,11 @@ class TrainConfig:
 
     def check(self) -> None:
         """Settings a run cannot start with, each a one-line error before any work."""
+        if self.resume and self.overwrite:
+            raise LooplmError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        if self.model_config is not None and self.init_from is not None:
+            raise LooplmError("--model-config (a new model) and --init-from (a checkpoint) both give the model: "
+                              "give one of them")
         if self.data_dir is None and not self.resume:
             raise LooplmError("give a data directory (--data)")
         bounds = [("stage", self.stage in (1, 2), "1 or 2"), ("steps", self.steps >= 1, "at least 1"),
@@ -338,8 +343,24 @@ def _resumed(config: TrainConfig, state: dict, state_file: Path) -> tuple[TrainC
     return replace(config, **updates), _Resume(state, step, changed, saved_settings=True)
 
 
-def _warn_about(config: TrainConfig, resume: _Resume) -> None:
-    """Warnings for the settings a resume changed (they run, but may not do what was meant)."""
+def _check_span(config: TrainConfig, done: int) -> None:
+    """--steps and --stop-at against each other and against the step a resumed run has reached."""
+    if done >= config.steps:
+        raise LooplmError(f"{config.out_dir} is at step {done}, already at --steps {config.steps}: nothing to train; "
+                          f"give --steps above {done} to continue the run")
+    if config.stop_at is not None and config.stop_at > config.steps:
+        raise LooplmError(f"--stop-at {config.stop_at} is past --steps {config.steps}; the run would end first")
+    if config.stop_at is not None and config.stop_at <= done:
+        raise LooplmError(f"--stop-at {config.stop_at}: {config.out_dir} is already at step {done}")
+
+
+def _warn_about(config: TrainConfig, resume: _Resume | None) -> None:
+    """Warnings for settings that run but may not do what was meant."""
+    if config.warmup_steps >= config.steps:
+        _warn(f"--warmup {config.warmup_steps} is not below --steps {config.steps}: the learning rate rises for the "
+              f"whole run (to {lr_at(config.steps - 1, config):.3g} of the peak {config.lr:.3g}) and never decays")
+    if resume is None:
+        return
     if "steps" in resume.changed:
         before = lr_at(resume.step, replace(config, steps=resume.changed["steps"][0]))
         after = lr_at(resume.step, config)
@@ -389,7 +410,8 @@ def train(config: TrainConfig) -> dict:
     if config.resume:
         state_file = Path(config.out_dir) / STATE_FILE
         config, resume = _resumed(config, _load_state(state_file), state_file)
-        _warn_about(config, resume)
+    _check_span(config, resume.step if resume else 0)
+    _warn_about(config, resume)
     rank, world, device = _setup_distributed(config.device)
     if device.type == "cpu":
         # Adam's second moments and small gradients go subnormal within a few steps; x86 CPUs then
@@ -426,6 +448,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, res
     tokenizer = Tokenizer.from_dir(config.data_dir)
     torch.manual_seed(config.seed)
     model, raw_config = _build_model(config, tokenizer)
+    if config.seq_len > model.config.max_position_embeddings:  # positions past it were never meant to be used
+        raise LooplmError(f"--seq-len {config.seq_len} is longer than the model's max_position_embeddings "
+                          f"{model.config.max_position_embeddings}; give a --seq-len up to it")
     if batches.max_token_id >= model.config.vocab_size:  # the embedding lookup would fail mid-run
         raise LooplmError(f"{config.data_dir} holds token id {batches.max_token_id}, past the model's vocab_size "
                           f"{model.config.vocab_size}; was it built with another tokenizer?")
