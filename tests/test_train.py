@@ -140,7 +140,7 @@ def test_masked_batches_count_only_answers(masked_data_dir: Path) -> None:
     assert arithmetic and all(0 < mask[row].sum() < 24 for row in arithmetic)
 
 
-def _config(data_dir: Path, out: Path, **overrides: object) -> TrainConfig:
+def _config(data_dir: Path | None, out: Path, **overrides: object) -> TrainConfig:
     base = dict(data_dir=data_dir, out_dir=out, model_config=dict(TINY_MODEL), steps=6, batch_size=4, seq_len=32,
                 lr=3e-3, warmup_steps=2, progress=False, device="cpu")
     base.update(overrides)
@@ -160,10 +160,35 @@ def test_unsupported_device_is_refused_before_training(data_dir: Path, tmp_path:
     ({"stage": 3}, "stage must be 1 or 2"), ({"lr": -1.0}, "lr must be > 0"), ({"seq_len": 1}, "seq_len must be"),
     ({"min_lr_ratio": 2.0}, "min_lr_ratio must be in"), ({"micro_batch": -1}, "micro_batch must be >= 0"),
     ({"stop_at": 0}, "stop_at must be at least 1"),
+    ({"resume": True, "overwrite": True}, "--resume continues the run in --out and --overwrite replaces it"),
+    ({"init_from": Path("base")}, "--model-config \\(a new model\\) and --init-from \\(a checkpoint\\) both give"),
+    ({"stop_at": 7}, "--stop-at 7 is past --steps 6"),
+    ({"seq_len": 200}, "--seq-len 200 is longer than the model's max_position_embeddings 128"),
 ])
 def test_bad_settings_are_refused_before_any_work(data_dir: Path, tmp_path: Path, setting: dict, needle: str) -> None:
     with pytest.raises(LooplmError, match=needle):
         train(_config(data_dir, tmp_path / "run", **setting))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_needs_a_data_directory(tmp_path: Path) -> None:
+    with pytest.raises(LooplmError, match=r"give a data directory \(--data\)"):
+        train(_config(None, tmp_path / "run"))
+
+
+def test_a_warmup_as_long_as_the_run_is_a_warning(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"--warmup 4 is not below --steps 3: the learning rate rises for the whole "
+                                         r"run \(to 0.00225 of the peak 0.003\) and never decays"):
+        train(_config(data_dir, tmp_path, steps=3, warmup_steps=4))
+
+
+def test_a_loss_mask_that_marks_nothing_is_one_error(masked_data_dir: Path, tmp_path: Path) -> None:
+    def blank(d: Path) -> None:
+        np.save(d / "arithmetic.mask.npy", np.zeros_like(np.load(d / "arithmetic.mask.npy")))
+
+    broken = _broken_copy(masked_data_dir, tmp_path / "data", blank)
+    with pytest.raises(LooplmError, match=r"the loss mask of 'arithmetic' \(arithmetic.mask.npy\) marks no token"):
+        train(_config(broken, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -369,6 +394,108 @@ def test_resume_gives_identical_next_losses(data_dir: Path, tmp_path: Path) -> N
     full = [r["loss"] for r in read_log(tmp_path / "full" / "train_log.jsonl")]
     split = [r["loss"] for r in read_log(tmp_path / "split" / "train_log.jsonl")]
     assert split == full
+
+
+def test_resume_drops_a_cut_short_last_log_line_and_refuses_a_broken_one_before_it(data_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path / "full"))
+    out, log = tmp_path / "split", tmp_path / "split" / "train_log.jsonl"
+    train(_config(data_dir, out, stop_at=3))
+    with log.open("a") as f:  # what a crash or a full disk leaves: half a row
+        f.write('{"step": 4, "lr": 0.1, "lo')
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3]
+    train(_config(data_dir, out, resume=True))
+    assert [r["loss"] for r in read_log(log)] == [r["loss"] for r in read_log(tmp_path / "full" / "train_log.jsonl")]
+    lines = log.read_text().splitlines()
+    lines[2] = lines[2][:20]  # the row of step 2, cut short in the middle of the file
+    log.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(LooplmError, match=r"train_log.jsonl:3 is not a JSON row; the training log is corrupt"):
+        train(_config(data_dir, out, steps=8, resume=True))
+    assert log.read_text() == "".join(line + "\n" for line in lines)
+
+
+def test_resume_of_a_run_at_its_last_step_says_so(data_dir: Path, tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path, steps=3))
+    for steps in (3, 2):
+        with pytest.raises(LooplmError, match=f"is at step 3, already at --steps {steps}: nothing to train; give "
+                                              "--steps above 3 to continue the run"):
+            train(_config(data_dir, tmp_path, steps=steps, resume=True))
+    with pytest.raises(LooplmError, match="--stop-at 2: .* is already at step 3"):
+        train(_config(data_dir, tmp_path, steps=5, stop_at=2, resume=True))
+
+
+def test_resume_may_change_steps_and_data_with_a_warning_but_no_other_setting(data_dir: Path, masked_data_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    train(_config(data_dir, tmp_path, steps=4, stop_at=3))
+    with pytest.raises(LooplmError, match=r"--lr 0.01 differs from the run's --lr 0.003 \(.*trainer_state.pt\); --lr "
+                                          r"cannot change on --resume: drop it to continue with --lr 0.003"):
+        train(_config(data_dir, tmp_path, lr=1e-2, resume=True))
+    with pytest.warns(UserWarning, match=r"--steps 8 \(the run was set for 4\) re-spans the cosine: the learning "
+                                         r"rate of step 4 is"):
+        train(_config(data_dir, tmp_path, steps=8, stop_at=4, resume=True))
+    with pytest.warns(UserWarning, match="--data .*masked.*: the run trained on .*data.* so far; its batches from step 5"):
+        train(_config(masked_data_dir, tmp_path, steps=8, stop_at=5, micro_batch=2, save_every=1, resume=True))
+    settings = torch.load(tmp_path / "trainer_state.pt", weights_only=True)["settings"]
+    assert settings["steps"] == 8 and settings["data_dir"] == str(masked_data_dir.resolve()) and settings["lr"] == 3e-3
+    events = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    resumes = [event for event in events if event.get("event") == "resume"]
+    assert [(event["step"], event["changed"]) for event in resumes] == [
+        (3, {"steps": [4, 8]}), (4, {"data_dir": [str(data_dir.resolve()), str(masked_data_dir.resolve())]})]
+
+
+def test_resume_from_a_state_without_settings_uses_the_config_with_a_warning(data_dir: Path, tmp_path: Path) -> None:
+    """What a trainer_state.pt saved before the settings were recorded does: the config as given."""
+    train(_config(data_dir, tmp_path / "full"))
+    out = tmp_path / "old"
+    train(_config(data_dir, out, stop_at=3))
+    state = torch.load(out / "trainer_state.pt", weights_only=True)
+    del state["settings"]
+    torch.save(state, out / "trainer_state.pt")
+    with pytest.warns(UserWarning, match="trainer_state.pt holds no training settings"):
+        train(_config(data_dir, out, resume=True))
+    full = [r["loss"] for r in read_log(tmp_path / "full" / "train_log.jsonl")]
+    assert [r["loss"] for r in read_log(out / "train_log.jsonl")] == full
+    assert json.loads((out / "train_log.jsonl").read_text().splitlines()[4])["saved_settings"] is False
+
+
+def _cli(*args: object):  # noqa: ANN202
+    from typer.testing import CliRunner
+
+    from looplm.cli import app
+
+    return CliRunner().invoke(app, ["train", "--no-progress", "--device", "cpu", *map(str, args)])
+
+
+def _one_line_error(result, needle: str) -> None:  # noqa: ANN001
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert needle in result.stderr
+
+
+def test_cli_resume_continues_with_the_runs_settings_and_model(data_dir: Path, tmp_path: Path) -> None:
+    """`--resume` alone (no --data, --model-config, --warmup, ...): the run's saved settings and model, so the
+    learning rates and losses are the uninterrupted run's; a flag set to another value is an error."""
+    (tmp_path / "model.json").write_text(json.dumps(TINY_MODEL))
+    run = ("--data", data_dir, "--model-config", tmp_path / "model.json", "--steps", 6, "--batch-size", 4,
+           "--seq-len", 32, "--lr", 3e-3, "--warmup", 3, "--seed", 7)
+    assert _cli(*run, "--out", tmp_path / "full").exit_code == 0
+    assert _cli(*run, "--out", tmp_path / "split", "--stop-at", 2).exit_code == 0
+    log = (tmp_path / "split" / "train_log.jsonl").read_text()
+    for args, needle in [(("--warmup", 50), "--warmup 50 differs from the run's --warmup 3"),
+                         (("--lr", 0.1), "--lr 0.1 differs from the run's --lr 0.003"),
+                         (("--seed", 0), "--seed 0 differs from the run's --seed 7"),
+                         (("--no-bf16",), "--no-bf16 differs from the run's --bf16"),
+                         (("--stage", 2), "--stage 2 differs from the run's --stage 1")]:
+        _one_line_error(_cli("--out", tmp_path / "split", "--resume", *args), needle)
+    assert (tmp_path / "split" / "train_log.jsonl").read_text() == log
+    result = _cli("--out", tmp_path / "split", "--resume")
+    assert result.exit_code == 0, result.output
+    full, split = (read_log(tmp_path / name / "train_log.jsonl") for name in ("full", "split"))
+    assert [r["lr"] for r in split] == [r["lr"] for r in full] and [r["loss"] for r in split] == [r["loss"] for r in full]
+    events = [row for row in map(json.loads, (tmp_path / "split" / "train_log.jsonl").read_text().splitlines())
+              if "event" in row]
+    assert [(event["event"], event.get("step")) for event in events] == [("start", None), ("resume", 2)]
+    assert events[1]["config"]["warmup_steps"] == 3 and events[1]["config"]["seed"] == 7
 
 
 def test_stage2_trains_only_the_gate(data_dir: Path, tmp_path: Path) -> None:

@@ -351,6 +351,9 @@ class TokenBatches:
             if mask is not None and mask.shape != stream.shape:
                 raise LooplmError(f"{data_dir}: the loss mask of '{name}' has {mask.numel()} entries for "
                                   f"{stream.numel()} tokens; rebuild the data directory")
+            if mask is not None and meta[name]["weight"] > 0 and not bool(mask.any()):  # one pass over the mask
+                raise LooplmError(f"{data_dir}: the loss mask of '{name}' ({meta[name]['loss_mask']}) marks no token, "
+                                  "so its windows would teach nothing; rebuild the data directory")
         self.seq_len, self.seed = seq_len, seed
 
     def _windows(self, step: int, batch_size: int) -> list[tuple[int, int]]:

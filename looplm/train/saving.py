@@ -2,7 +2,7 @@
 
 Files: config.json, model.safetensors (bf16), generation_config.json, tokenizer.json,
 tokenizer_config.json, and - for resuming only - trainer_state.pt (fp32 weights, optimizer
-state, step, RNG; read back with `torch.load(weights_only=True)`). Every file is written to a
+state, step, RNG and the run's training settings; read back with `torch.load(weights_only=True)`). Every file is written to a
 temporary name and renamed, so an interrupted save never leaves a torn checkpoint.
 """
 
@@ -30,12 +30,12 @@ def save_pretrained(out: Path, model: OuroForCausalLM, raw_config: dict, tokeniz
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         state[name] = tensor.detach().to("cpu", torch.bfloat16).contiguous()
-    _atomic(out / "model.safetensors", lambda tmp: save_safetensors(state, tmp))
+    atomic_write(out / "model.safetensors", lambda tmp: save_safetensors(state, tmp))
     config = {**raw_config, "torch_dtype": "bfloat16"}
-    _atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     eos = config.get("eos_token_id")
     generation = {"eos_token_id": eos if isinstance(eos, list) else [eos], "pad_token_id": config.get("pad_token_id")}
-    _atomic(out / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(generation, indent=2) + "\n"))
+    atomic_write(out / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(generation, indent=2) + "\n"))
     if tokenizer is not None:
         tokenizer.save(out)
 
@@ -48,19 +48,22 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     step: int,
     rng: dict,
+    settings: dict | None = None,
 ) -> None:
-    """`save_pretrained` plus trainer_state.pt for `--resume`."""
+    """`save_pretrained` plus trainer_state.pt for `--resume`; `settings`: what `--resume` continues with
+    (plain JSON-like values, so `weights_only` loading reads them)."""
     save_pretrained(out, model, raw_config, tokenizer)
     state = {
         "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "step": step,
         "rng": rng,
+        "settings": settings,
     }
-    _atomic(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
-def _atomic(path: Path, write) -> None:  # noqa: ANN001
+def atomic_write(path: Path, write) -> None:  # noqa: ANN001
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)

@@ -10,8 +10,13 @@ Contract:
 - Distributed: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DDP, gloo on CPU and
   nccl on GPU. Only rank 0 writes files.
 - Output directory = an HF-layout checkpoint (`looplm.train.saving`) loadable by `looplm.load`,
-  plus `trainer_state.pt` (fp32 weights, AdamW state, step, RNG) for `resume`, `train_log.jsonl`
-  (one row per step) and `train_loss.png`.
+  plus `trainer_state.pt` (fp32 weights, AdamW state, step, RNG and the run's `RUN_SETTINGS`) for
+  `resume`, `train_log.jsonl` (a start event, one row per step, a resume event per resume) and
+  `train_loss.png`.
+- Resume continues the run with its saved settings: a setting not set on purpose (`explicit`)
+  takes the saved value, one set to another value is an error, except `CHANGEABLE_ON_RESUME`.
+  The model comes from the output directory's config.json unless `model_config` / `init_from`
+  is given. A state saved before the settings were recorded resumes with the config as given.
 - AdamW (betas 0.9/0.95), linear warmup then cosine decay to `min_lr_ratio * lr`, gradient
   clipping at `clip`, bf16 autocast (CPU and CUDA) and optional per-layer activation
   checkpointing.
@@ -27,8 +32,9 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,15 +51,24 @@ from looplm.output_files import make_output_dir
 from looplm.tokenizer import Tokenizer
 from looplm.train.data import TokenBatches
 from looplm.train.objective import per_step_token_loss, stage1_loss, stage2_loss
-from looplm.train.saving import STATE_FILE, save_checkpoint
+from looplm.train.saving import STATE_FILE, atomic_write, save_checkpoint
 
 LOG_FILE, PLOT_FILE = "train_log.jsonl", "train_loss.png"
 RUN_FILES = (STATE_FILE, LOG_FILE, "config.json", "model.safetensors")  # an earlier run (or model) in out_dir
+# What shapes a run's trajectory (schedule, objective, data and its order, numerics): saved in trainer_state.pt and
+# taken back on resume. The other fields are per command (device, micro_batch, save_every, stop_at, ...).
+RUN_SETTINGS = ("stage", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                "betas", "clip", "beta", "bf16", "seed", "data_dir")
+# Of those, what a resumed run may change: `steps` re-spans the cosine (a longer or shorter run; the recipe in
+# scripts/train_tiny_ouro.sh does it), `data_dir` moves to another data directory with the same tokenizer (a
+# curriculum phase, see looplm.train.data.build_arithmetic_phase).
+CHANGEABLE_ON_RESUME = ("steps", "data_dir")
+_FLAGS = {"warmup_steps": "--warmup", "data_dir": "--data", "bf16": "--bf16/--no-bf16", "betas": "betas", "clip": "clip"}
 
 
 @dataclass
 class TrainConfig:
-    data_dir: Path
+    data_dir: Path | None  # None only with resume: the saved run's
     out_dir: Path
     model_config: dict | None = None  # config.json dict for a new model (vocab_size defaults to the tokenizer's)
     init_from: Path | None = None  # or start from this HF-layout checkpoint
@@ -79,9 +94,19 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the log header, e.g. a recipe name
+    # With resume: the fields set on purpose (the command line's flags); the other RUN_SETTINGS take the saved
+    # run's values. None: every field counts as set (the Python API).
+    explicit: tuple[str, ...] | None = None
 
     def check(self) -> None:
         """Settings a run cannot start with, each a one-line error before any work."""
+        if self.resume and self.overwrite:
+            raise LooplmError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        if self.model_config is not None and self.init_from is not None:
+            raise LooplmError("--model-config (a new model) and --init-from (a checkpoint) both give the model: "
+                              "give one of them")
+        if self.data_dir is None and not self.resume:
+            raise LooplmError("give a data directory (--data)")
         bounds = [("stage", self.stage in (1, 2), "1 or 2"), ("steps", self.steps >= 1, "at least 1"),
                   ("batch_size", self.batch_size >= 1, "at least 1"), ("micro_batch", self.micro_batch >= 0, ">= 0"),
                   ("seq_len", self.seq_len >= 2, "at least 2"), ("lr", self.lr > 0, "> 0"),
@@ -199,6 +224,8 @@ def _build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[OuroForCaus
         model.tokenizer = None
         return model.train(), raw
     if config.model_config is None:
+        if config.resume:
+            return _run_model(Path(config.out_dir))
         raise LooplmError("give a model config (--model-config) for a new model, or a checkpoint (--init-from)")
     raw = {"architectures": ["OuroForCausalLM"], "model_type": "ouro", **config.model_config}
     raw.setdefault("vocab_size", tokenizer.vocab_size)
@@ -212,18 +239,143 @@ def _build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[OuroForCaus
     return model, raw
 
 
-def _resume(state_file: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load a saved run's model, optimizer and RNG state; the step it had reached."""
+def _run_model(out: Path) -> tuple[OuroForCausalLM, dict]:
+    """The architecture of the run being resumed, from its config.json (the weights come from its state)."""
+    config_file = out / "config.json"
+    if not config_file.is_file():
+        raise LooplmError(f"{config_file} is missing: give the run's model config (--model-config) to resume it")
     try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LooplmError(f"{config_file}: cannot read it ({exc}); give the run's --model-config to resume") from None
+    return OuroForCausalLM(OuroConfig.from_dict(raw, source=str(config_file))), raw
+
+
+@dataclass
+class _Resume:
+    state: dict  # trainer_state.pt as saved
+    step: int  # the step it had reached
+    changed: dict  # {setting: [saved, now]} of CHANGEABLE_ON_RESUME set to another value
+    saved_settings: bool  # False: a state saved before settings were recorded (the config is used as given)
+
+
+def _load_state(state_file: Path) -> dict:
+    if not state_file.exists():
+        raise LooplmError(f"{state_file}: nothing to resume from; drop --resume to start fresh")
+    with _unusable_state(state_file):
         state = torch.load(state_file, map_location="cpu", weights_only=True)
+        int(state["step"])
+        if not isinstance(state.get("settings", {}), (dict, type(None))):
+            raise TypeError(f"settings is a {type(state['settings']).__name__}")
+    return state
+
+
+def _restore(state: dict, state_file: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a saved run's model, optimizer and RNG state."""
+    with _unusable_state(state_file):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
-        return int(state["step"])
+
+
+@contextlib.contextmanager
+def _unusable_state(state_file: Path) -> Iterator[None]:
+    try:
+        yield
     except Exception as exc:  # unpickling, a missing key, shapes of another model: all say the file is not this run's
         reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         raise LooplmError(f"{state_file}: cannot resume from it ({reason}); it is corrupt or from another model "
                           "or settings") from None
+
+
+def run_settings(config: TrainConfig) -> dict:
+    """The config's RUN_SETTINGS as plain values (what trainer_state.pt keeps); the data directory absolute, so a
+    resume from another working directory finds it."""
+    return {name: _setting(config, name) for name in RUN_SETTINGS}
+
+
+def _setting(config: TrainConfig, name: str):  # noqa: ANN202
+    value = getattr(config, name)
+    if name == "data_dir" and value is not None:
+        return str(Path(value).resolve())
+    return _jsonable(value)
+
+
+def _from_saved(name: str, value):  # noqa: ANN001, ANN202
+    return tuple(value) if name == "betas" else Path(value) if name == "data_dir" else value
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _as_flag(name: str, value: object) -> str:
+    if name == "bf16":
+        return "--bf16" if value else "--no-bf16"
+    return f"{_flag(name)} {value}"
+
+
+def _resumed(config: TrainConfig, state: dict, state_file: Path) -> tuple[TrainConfig, _Resume]:
+    """The config a resume continues with: the saved settings, except those set on purpose to the same value or,
+    for CHANGEABLE_ON_RESUME, to a new one; any other new value is an error (it would change the run midway)."""
+    step = int(state["step"])
+    saved = state.get("settings")
+    if saved is None:
+        _warn(f"{state_file} holds no training settings (saved by an older looplm): resuming with this command's "
+              "settings as given or defaulted; they must match the run's (--lr, --warmup, --steps, --seed, ...)")
+        if config.data_dir is None:
+            raise LooplmError(f"give the run's data directory (--data): {state_file} does not record it")
+        return config, _Resume(state, step, {}, saved_settings=False)
+    given = set(RUN_SETTINGS if config.explicit is None else config.explicit)
+    updates, changed = {}, {}
+    for name in RUN_SETTINGS:
+        if name not in saved:  # a setting added after this state was saved: the config's
+            continue
+        old, new = saved[name], _setting(config, name)
+        if name not in given or new is None:
+            updates[name] = _from_saved(name, old)
+        elif new != old and name in CHANGEABLE_ON_RESUME:
+            changed[name] = [old, new]
+        elif new != old:
+            raise LooplmError(f"{_as_flag(name, new)} differs from the run's {_as_flag(name, old)} ({state_file}); "
+                              f"{_flag(name)} cannot change on --resume: drop it to continue with "
+                              f"{_as_flag(name, old)}, or start a new run (another --out)")
+    return replace(config, **updates), _Resume(state, step, changed, saved_settings=True)
+
+
+def _check_span(config: TrainConfig, done: int) -> None:
+    """--steps and --stop-at against each other and against the step a resumed run has reached."""
+    if done >= config.steps:
+        raise LooplmError(f"{config.out_dir} is at step {done}, already at --steps {config.steps}: nothing to train; "
+                          f"give --steps above {done} to continue the run")
+    if config.stop_at is not None and config.stop_at > config.steps:
+        raise LooplmError(f"--stop-at {config.stop_at} is past --steps {config.steps}; the run would end first")
+    if config.stop_at is not None and config.stop_at <= done:
+        raise LooplmError(f"--stop-at {config.stop_at}: {config.out_dir} is already at step {done}")
+
+
+def _warn_about(config: TrainConfig, resume: _Resume | None) -> None:
+    """Warnings for settings that run but may not do what was meant."""
+    if config.warmup_steps >= config.steps:
+        _warn(f"--warmup {config.warmup_steps} is not below --steps {config.steps}: the learning rate rises for the "
+              f"whole run (to {lr_at(config.steps - 1, config):.3g} of the peak {config.lr:.3g}) and never decays")
+    if resume is None:
+        return
+    if "steps" in resume.changed:
+        before = lr_at(resume.step, replace(config, steps=resume.changed["steps"][0]))
+        after = lr_at(resume.step, config)
+        if not math.isclose(before, after, rel_tol=1e-9):
+            _warn(f"--steps {config.steps} (the run was set for {resume.changed['steps'][0]}) re-spans the cosine: "
+                  f"the learning rate of step {resume.step + 1} is {after:.3g}, not {before:.3g}")
+    if "data_dir" in resume.changed:
+        old, new = resume.changed["data_dir"]
+        _warn(f"--data {new}: the run trained on {old} so far; its batches from step {resume.step + 1} on come from "
+              "the new directory (it must share the run's tokenizer)")
+
+
+def _warn(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line
+        warnings.warn(message, stacklevel=4)  # at the caller of train()
 
 
 def _rng_state() -> dict:
@@ -254,13 +406,19 @@ def _params_for_decay(model: nn.Module) -> list[dict]:
 def train(config: TrainConfig) -> dict:
     config.check()
     _check_fresh_out(Path(config.out_dir), config)  # before any process group: every rank fails alike
+    resume = None
+    if config.resume:
+        state_file = Path(config.out_dir) / STATE_FILE
+        config, resume = _resumed(config, _load_state(state_file), state_file)
+    _check_span(config, resume.step if resume else 0)
+    _warn_about(config, resume)
     rank, world, device = _setup_distributed(config.device)
     if device.type == "cpu":
         # Adam's second moments and small gradients go subnormal within a few steps; x86 CPUs then
         # run those ops ~10x slower. Flushing them to zero changes nothing that matters here.
         torch.set_flush_denormal(True)
     try:
-        return _train(config, rank, world, device)
+        return _train(config, rank, world, device, resume)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -276,7 +434,7 @@ def _check_fresh_out(out: Path, config: TrainConfig) -> None:
                           "starts a new one there, or choose another --out")
 
 
-def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+def _train(config: TrainConfig, rank: int, world: int, device: torch.device, resume: _Resume | None) -> dict:
     out = Path(config.out_dir)
     if config.batch_size % world:
         raise LooplmError(f"batch_size {config.batch_size} is not a multiple of the {world} processes")
@@ -290,6 +448,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     tokenizer = Tokenizer.from_dir(config.data_dir)
     torch.manual_seed(config.seed)
     model, raw_config = _build_model(config, tokenizer)
+    if config.seq_len > model.config.max_position_embeddings:  # positions past it were never meant to be used
+        raise LooplmError(f"--seq-len {config.seq_len} is longer than the model's max_position_embeddings "
+                          f"{model.config.max_position_embeddings}; give a --seq-len up to it")
     if batches.max_token_id >= model.config.vocab_size:  # the embedding lookup would fail mid-run
         raise LooplmError(f"{config.data_dir} holds token id {batches.max_token_id}, past the model's vocab_size "
                           f"{model.config.vocab_size}; was it built with another tokenizer?")
@@ -304,21 +465,18 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         foreach=device.type == "cuda",
     )
     start_step = 0
-    state_file = out / STATE_FILE
-    if config.resume:
-        if not state_file.exists():
-            raise LooplmError(f"{state_file}: nothing to resume from; drop --resume to start fresh")
-        start_step = _resume(state_file, model, optimizer)
+    if resume is not None:
+        _restore(resume.state, out / STATE_FILE, model, optimizer)
+        start_step, resume.state = resume.step, {}  # the copy of the weights is not needed any more
     module: nn.Module = StepLogits(model, config.stage)
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
     if rank == 0:
         make_output_dir(out, "--out")
-        if start_step > 0 and (out / LOG_FILE).exists():  # drop rows logged after the checkpoint by an interrupted run
-            lines = (out / LOG_FILE).read_text().splitlines()
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= start_step]
-            (out / LOG_FILE).write_text("".join(line + "\n" for line in kept))
+        if resume is not None:
+            with _disk_errors(out, "the training log", start_step):
+                _log_resume(out / LOG_FILE, config, resume, world)
         if start_step == 0:
             header = {"event": "start", "world_size": world, "config": _jsonable(asdict(config)), "model": raw_config,
                       "parameters": sum(p.numel() for p in model.parameters())}
@@ -369,7 +527,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
             if (config.save_every and (step + 1) % config.save_every == 0) or last:
                 if rank == 0:
                     with _disk_errors(out, "the checkpoint", step + 1):
-                        save_checkpoint(out, model, raw_config, tokenizer, optimizer, step + 1, _rng_state())
+                        save_checkpoint(out, model, raw_config, tokenizer, optimizer, step + 1, _rng_state(),
+                                        run_settings(config))
                     plot_log(out / LOG_FILE, out / PLOT_FILE)
                 if world > 1:
                     dist.barrier()
@@ -485,10 +644,40 @@ def _jsonable(value):  # noqa: ANN001, ANN202
     return str(value) if isinstance(value, Path) else value
 
 
+def _log_lines(path: Path) -> list[tuple[str, dict]]:
+    """Each line of a train_log.jsonl with its row. A cut-short last line (what a crash or a full disk leaves
+    mid-write) is dropped; a broken line before it is an error."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((number for number, line in enumerate(lines, 1) if line.strip()), default=0)
+    rows = []
+    for number, line in enumerate(lines[:last], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            if number == last:
+                break
+            raise LooplmError(f"{path}:{number} is not a JSON row; the training log is corrupt (only its last line "
+                              "may be cut short): repair or remove that line")
+        rows.append((line, row))
+    return rows
+
+
+def _log_resume(log: Path, config: TrainConfig, resume: _Resume, world: int) -> None:
+    """Drop the rows logged after the checkpoint by an interrupted run (and a cut-short last line), then record
+    the resume: its step and the settings it continues with."""
+    kept = [line for line, row in _log_lines(log) if row.get("step", 0) <= resume.step] if log.exists() else []
+    event = {"event": "resume", "step": resume.step, "world_size": world, "config": _jsonable(asdict(config)),
+             "changed": resume.changed, "saved_settings": resume.saved_settings}
+    atomic_write(log, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept) + json.dumps(event) + "\n"))
+
+
 def read_log(path: Path) -> list[dict]:
-    """The per-step rows of a train_log.jsonl (the header line is skipped)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in rows if "step" in r]
+    """The per-step rows of a train_log.jsonl (start and resume events are skipped, a cut-short last line too)."""
+    return [row for _, row in _log_lines(Path(path)) if "step" in row and "event" not in row]
 
 
 def plot_log(log: Path, png: Path) -> None:
