@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,29 +103,32 @@ class OuroConfig:
         default_steps = 4 if model_type == "ouro" else 1
         steps = _positive_int(raw.get("total_ut_steps", default_steps), "total_ut_steps", source)
         threshold = raw.get("early_exit_threshold", 1.0 if model_type == "ouro" else None)
-        if threshold is not None and not isinstance(threshold, (int, float)):
-            raise ConfigError(f"{source}: early_exit_threshold must be a number, got {threshold!r}")
+        if threshold is not None:  # any finite value has the reference's meaning (above 1: never early)
+            threshold = _finite(threshold, "early_exit_threshold", source)
         exit_step = raw.get("early_exit_step")
-        if exit_step is not None and not isinstance(exit_step, int):
+        if exit_step is not None and (isinstance(exit_step, bool) or not isinstance(exit_step, int)):
             raise ConfigError(f"{source}: early_exit_step must be an integer, got {exit_step!r}")
+        tied = raw.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):  # "yes" would tie, and silently drop the file's lm_head
+            raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
 
         return cls(
             model_type=model_type,
             **ints,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=_positive(raw.get("rope_theta", 10000.0), "rope_theta", source),
+            rms_norm_eps=_positive(raw.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
             max_position_embeddings=_positive_int(
                 raw.get("max_position_embeddings", 4096), "max_position_embeddings", source
             ),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=tied,
             total_ut_steps=steps,
-            early_exit_threshold=None if threshold is None else float(threshold),
+            early_exit_threshold=threshold,
             early_exit_step=exit_step,
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=_id_tuple(raw.get("eos_token_id")),
-            pad_token_id=raw.get("pad_token_id"),
+            bos_token_id=_optional_id(raw.get("bos_token_id"), "bos_token_id", source),
+            eos_token_ids=token_ids(raw.get("eos_token_id"), "eos_token_id", source),
+            pad_token_id=_optional_id(raw.get("pad_token_id"), "pad_token_id", source),
         )
 
     @classmethod
@@ -147,6 +151,8 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); is it the right file?") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -162,9 +168,35 @@ def _positive_int(value: Any, key: str, source: str) -> int:
     return value
 
 
-def _id_tuple(value: Any) -> tuple[int, ...]:
+def _finite(value: Any, key: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positive(value: Any, key: str, source: str) -> float:
+    number = _finite(value, key, source)
+    if number <= 0:  # rope_theta 0 or a negative norm epsilon gives NaN
+        raise ConfigError(f"{source}: '{key}' must be positive, got {value!r}")
+    return number
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _optional_id(value: Any, key: str, source: str) -> int | None:
+    if value is not None and not _is_id(value):
+        raise ConfigError(f"{source}: '{key}' must be a token id (an integer >= 0), got {value!r}")
+    return value
+
+
+def token_ids(value: Any, key: str, source: str) -> tuple[int, ...]:
+    """A token id or a list of them (HF writes either) as a tuple; a ConfigError naming `key`
+    otherwise ("12" used to become ids 1 and 2)."""
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    ids = [value] if not isinstance(value, list) else value
+    if not all(_is_id(v) for v in ids):
+        raise ConfigError(f"{source}: '{key}' must be a token id or a list of token ids, got {value!r}")
+    return tuple(ids)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from looplm.config import OuroConfig, read_json
+from looplm.config import OuroConfig, read_json, token_ids
 from looplm.devices import resolve_device
 from looplm.errors import CheckpointError, ConfigError, HubError
 from looplm.kernels.cpu import apply_kernels, int4_layout
 from looplm.models.ouro import OuroForCausalLM
 from looplm.quant import Int8Linear, QuantSpec, quantize_model
 from looplm.quant.checkpoint import check_requested, load_quantized, stored_spec
-from looplm.weights import empty_model, fill_weights, index_weights
+from looplm.weights import check_layer_count, empty_model, fill_weights, index_weights
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
@@ -143,11 +143,12 @@ def _load_directory(path: Path, dtype: torch.dtype, device: torch.device, spec=N
         stored = stored_spec(read_json(path / "config.json"), path)
         check_requested(path, stored, spec)
     entries = index_weights(path, quantized=stored is not None)
+    check_layer_count(config, entries, path)
     if stored is not None or spec is not None:
         model = load_quantized(path, config, entries, dtype, device, stored or spec, stored=stored is not None,
                                int4_layout=int4_layout)
     else:
-        model = empty_model(config, dtype, device)
+        model = empty_model(config, dtype, device, entries, path)
         fill_weights(model, entries, path)
     model.tokenizer = _load_tokenizer(path)
     model.generation_defaults = _generation_defaults(path, config, model.tokenizer)
@@ -170,21 +171,38 @@ def _generation_defaults(path: Path, config: OuroConfig, tokenizer) -> dict:  # 
     """
     gen_file = path / "generation_config.json"
     raw = read_json(gen_file) if gen_file.exists() else {}
-    eos = set(config.eos_token_ids)
-    gen_eos = raw.get("eos_token_id")
-    if gen_eos is not None:
-        eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+    eos = set(config.eos_token_ids) | set(token_ids(raw.get("eos_token_id"), "eos_token_id", str(gen_file)))
     if tokenizer is not None:
         eos.update(_tokenizer_stop_ids(tokenizer))
     defaults: dict = {"eos_token_ids": sorted(eos)}
     pad = raw.get("pad_token_id", config.pad_token_id)
     if pad is None and tokenizer is not None:
         pad = tokenizer.pad_id
-    defaults["pad_token_id"] = pad if pad is not None else (min(eos) if eos else 0)
+    defaults["pad_token_id"] = token_ids(pad, "pad_token_id", str(gen_file))[0] if pad is not None else (
+        min(eos) if eos else 0)
     for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens"):
-        if key in raw:
+        if raw.get(key) is not None:
             defaults[key] = raw[key]
+    if raw.get("do_sample") is False:  # HF decodes greedily then, whatever temperature the file names
+        defaults["temperature"] = 0.0
+    _check_sampling_defaults(defaults, gen_file)
     return defaults
+
+
+def _check_sampling_defaults(defaults: dict, source: Path) -> None:
+    """A ConfigError naming the file, not a message that reads as if the user passed a bad flag."""
+    from looplm.errors import GenerationError
+    from looplm.sampling import SamplingParams
+
+    sampling = {key: defaults[key] for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                if key in defaults}
+    try:
+        SamplingParams(**sampling)
+    except GenerationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    most = defaults.get("max_new_tokens")
+    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+        raise ConfigError(f"{source}: max_new_tokens must be a positive integer, got {most!r}")
 
 
 def _tokenizer_stop_ids(tokenizer) -> set[int]:  # noqa: ANN001 - looplm.tokenizer.Tokenizer

@@ -29,6 +29,9 @@ def index_weights(path: Path, quantized: bool = False) -> dict[str, TensorEntry]
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_json}: missing 'weight_map'")
         files = sorted(set(weight_map.values()))
+        for name in files:  # shards sit beside the index: never open a path it points elsewhere
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{index_json}: weight_map names {name!r}, not a file in the model directory")
     elif single.exists():
         files = ["model.safetensors"]
     else:
@@ -50,9 +53,31 @@ def index_weights(path: Path, quantized: bool = False) -> dict[str, TensorEntry]
     return entries
 
 
-def empty_model(config: OuroConfig, dtype: torch.dtype, device: torch.device) -> OuroForCausalLM:
+def check_layer_count(config: OuroConfig, entries: dict[str, TensorEntry], path: Path) -> None:
+    """The config's num_hidden_layers against the layers the weights hold, before a model is built
+    (a config that says 10**9 layers took minutes of building, then failed)."""
+    layers = {int(parts[2]) for parts in (name.split(".") for name in entries)
+              if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()}
+    count = config.num_hidden_layers
+    if len(layers) != count or (layers and max(layers) != count - 1):  # distinct ints: 0..count-1 exactly
+        held = f"{len(layers)} (indices {min(layers)}-{max(layers)})" if layers else "none"
+        raise CheckpointError(f"{path}: config.json says num_hidden_layers {config.num_hidden_layers}, the weights "
+                              f"hold layers {held}")
+
+
+def empty_model(config: OuroConfig, dtype: torch.dtype, device: torch.device,
+                entries: dict[str, TensorEntry] | None = None, path: Path | None = None) -> OuroForCausalLM:
+    """The model with uninitialised weights; given the checkpoint's `entries`, their names and shapes
+    are checked first, on the meta device, so a config whose sizes disagree with the weights (a
+    hidden_size of 10**12) is an error before any memory is taken."""
     with torch.device("meta"):
         model = OuroForCausalLM(config)
+    if entries is not None:
+        for name, param in _expected_entries(model, entries, path):
+            if tuple(param.shape) != entries[name].shape:
+                entry = entries[name]
+                raise CheckpointError(f"{entry.path}: tensor '{name}' has shape {list(entry.shape)}, the config "
+                                      f"expects {list(param.shape)}")
     materialize(model, dtype, device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -74,7 +99,10 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> N
             setattr(module, name, empty)
 
 
-def fill_weights(model: OuroForCausalLM, entries: dict[str, TensorEntry], path: Path) -> None:
+def _expected_entries(model: OuroForCausalLM, entries: dict[str, TensorEntry],
+                      path: Path | None) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters paired by name with the checkpoint's tensors; a CheckpointError when
+    one is missing or the checkpoint has one the config does not."""
     expected = dict(model.named_parameters())  # tied lm_head is listed once, as the embedding
     entries = {k: v for k, v in entries.items() if not k.endswith(IGNORED_TENSOR_SUFFIXES)}
     if model.config.tie_word_embeddings:
@@ -87,6 +115,10 @@ def fill_weights(model: OuroForCausalLM, entries: dict[str, TensorEntry], path: 
         raise CheckpointError(
             f"{entries[extra[0]].path}: {len(extra)} unexpected tensor(s) for this config, e.g. '{extra[0]}'"
         )
+    return list(expected.items())
+
+
+def fill_weights(model: OuroForCausalLM, entries: dict[str, TensorEntry], path: Path) -> None:
     with torch.no_grad():
-        for name, param in expected.items():
+        for name, param in _expected_entries(model, entries, path):
             read_into(entries[name], param.data)

@@ -163,7 +163,70 @@ def test_extra_tensor(ckpt: Path) -> None:
     save_file(weights, str(ckpt / "model.safetensors"))
     with pytest.raises(CheckpointError) as info:
         looplm.load(ckpt)
-    assert_one_line(info.value, "unexpected", "layers.2")
+    assert_one_line(info.value, "says num_hidden_layers 2, the weights hold layers 3 (indices 0-2)")
+    del weights["model.layers.2.mlp.up_proj.weight"]
+    weights["model.layers.1.mlp.extra.weight"] = torch.zeros(2, 2)
+    save_file(weights, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "unexpected", "layers.1.mlp.extra")
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("num_hidden_layers", 10**9, "says num_hidden_layers 1000000000, the weights hold layers 2"),  # took minutes
+    ("hidden_size", 10**12, "'model.embed_tokens.weight' has shape [300, 64], the config expects [300, 1000000"),
+    ("intermediate_size", 10**12, "mlp.gate_proj.weight' has shape"),  # tried to allocate 8e15 bytes
+    ("vocab_size", 10**12, "'model.embed_tokens.weight' has shape"),
+    ("rope_theta", "x", "'rope_theta' must be a finite number, got 'x'"),
+    ("rope_theta", 0, "'rope_theta' must be positive"),
+    ("rms_norm_eps", -1, "'rms_norm_eps' must be positive"),
+    ("eos_token_id", "zero", "'eos_token_id' must be a token id or a list of token ids, got 'zero'"),
+    ("eos_token_id", "12", "got '12'"),  # became stop ids 1 and 2
+    ("eos_token_id", [0.9], "got [0.9]"),
+    ("pad_token_id", -1, "'pad_token_id' must be a token id"),
+    ("tie_word_embeddings", "yes", "tie_word_embeddings must be true or false, got 'yes'"),
+    ("early_exit_threshold", float("nan"), "'early_exit_threshold' must be a finite number"),
+])
+def test_config_values_are_checked_before_the_model_is_built(ckpt: Path, key: str, value: object,
+                                                             needle: str) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises((ConfigError, CheckpointError)) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, needle)
+
+
+def test_config_and_generation_config_files_that_are_not_utf8_or_hold_bad_values(ckpt: Path) -> None:
+    (ckpt / "generation_config.json").write_bytes(b'{"temperature": "\xff"}')
+    with pytest.raises(ConfigError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "generation_config.json: not UTF-8 text")
+    for bad, needle in (({"eos_token_id": "0"}, "'eos_token_id' must be a token id"),
+                        ({"eos_token_id": {"a": 1}}, "'eos_token_id' must be a token id"),
+                        ({"temperature": "hot"}, "generation_config.json: temperature must be >= 0, got 'hot'"),
+                        ({"max_new_tokens": 0}, "generation_config.json: max_new_tokens must be a positive integer")):
+        (ckpt / "generation_config.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError) as info:
+            looplm.load(ckpt)
+        assert_one_line(info.value, needle)
+
+
+@pytest.mark.parametrize("shard", ["../../etc/passwd", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_an_index_cannot_point_outside_the_model_directory(ckpt: Path, shard: str) -> None:
+    names = load_file(str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {name: shard for name in names}}))
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, f"weight_map names {shard!r}, not a file in the model directory")
+
+
+def test_do_sample_false_makes_the_default_greedy(ckpt: Path) -> None:
+    """Hugging Face decodes greedily when generation_config.json says do_sample false, whatever
+    temperature it names; looplm sampled at that temperature."""
+    (ckpt / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7, "top_p": 0.9}))
+    assert looplm.load(ckpt).generation_defaults["temperature"] == 0.0
+    (ckpt / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7}))
+    assert looplm.load(ckpt).generation_defaults["temperature"] == 0.7
 
 
 def test_shape_mismatch(ckpt: Path) -> None:
