@@ -102,9 +102,12 @@ class SpeculativeDecoder:
         logits, exit_step = self.model.readout(out, self.policy, position=-1)
         return sample(logits, self.sampling, self.generator), exit_step
 
-    def round(self, pending: torch.Tensor) -> RoundResult:
-        """Draft from `pending` [B] (the last emitted token, not yet in the cache), verify, accept."""
-        model, k, gamma = self.model, self.draft.steps, self.draft.tokens
+    def round(self, pending: torch.Tensor, most: int | None = None) -> RoundResult:
+        """Draft from `pending` [B] (the last emitted token, not yet in the cache), verify, accept;
+        at most `most` drafts (the tokens the budget has left: a round emits no more than it drafts,
+        and drafts past the budget were work and statistics for tokens never returned)."""
+        model, k = self.model, self.draft.steps
+        gamma = self.draft.tokens if most is None else max(1, min(self.draft.tokens, most))
         start = self.cache.length
         inputs, draft_probs, states, gates = [pending], [], [], []
         for i in range(gamma):
@@ -207,7 +210,7 @@ def speculative_tokens(job: TokenJob, draft: DraftParams) -> Iterator[tuple[torc
     while remaining > 0:
         begin = time.perf_counter()
         with torch.inference_mode():
-            result = decoder.round(pending)
+            result = decoder.round(pending, most=remaining)
         stats.decode_s += device_elapsed(begin, model.device)
         stats.draft_rounds += 1
         stats.draft_proposed += result.proposed

@@ -37,8 +37,23 @@ def test_greedy_tokens_and_exit_steps_equal_normal_decoding(gqa_model, draft_ste
         assert spec == normal
         assert stats.steps_per_token == normal_stats.steps_per_token
         assert stats.new_tokens == 17 and stats.draft_rounds >= 16 / draft_tokens
-        assert stats.draft_proposed == stats.draft_rounds * draft_tokens
-        assert 0 <= stats.draft_accepted <= stats.draft_proposed
+        # a round drafts draft_tokens, or fewer near the end: never more than the budget has left
+        assert stats.draft_rounds <= stats.draft_proposed <= stats.draft_rounds * draft_tokens
+        assert 0 <= stats.draft_accepted <= min(stats.draft_proposed, 16)  # accepted drafts are returned tokens
+
+
+@pytest.mark.filterwarnings("ignore:speculative decoding of a batch")
+def test_no_round_drafts_past_the_token_budget(gqa_model) -> None:  # noqa: ANN001
+    """2 new tokens with 8 drafts a round reported "drafts accepted 4/8": drafts past the budget
+    were computed, counted and thrown away."""
+    prompt = random_prompts(300, [6], seed=5)
+    for new_tokens in (2, 3, 5):
+        tokens, stats = generate(gqa_model, prompt, new_tokens, eos_token_ids=[], return_stats=True, draft_steps=2,
+                                 draft_tokens=8)
+        assert tokens == generate(gqa_model, prompt, new_tokens, eos_token_ids=[])
+        assert stats.draft_accepted <= new_tokens - 1
+        if new_tokens == 2:  # one round, which may draft one token
+            assert (stats.draft_rounds, stats.draft_proposed) == (1, 1)
 
 
 @pytest.mark.parametrize("policy", ["last", "confidence", "kl", "fixed", "weighted"])
