@@ -205,6 +205,13 @@ def test_cli_checks_its_files_and_options_before_loading_the_model(tmp_path: Pat
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
+def test_cli_refuses_a_read_only_output_before_loading_the_model(tmp_path: Path, read_only_file: Path) -> None:
+    source = write_lines(tmp_path / "in.jsonl", {"prompt": "x"})
+    result = invoke(str(source), "-o", str(read_only_file), "-m", str(tmp_path / "no-model"))
+    assert result.exit_code == 1
+    assert result.stderr == f"error: --output {read_only_file} exists and is not writable (read-only)\n", result.stderr
+
+
 def test_cli_interrupted_says_how_to_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import looplm.server.offline as offline
 
