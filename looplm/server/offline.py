@@ -16,8 +16,8 @@ its request finishes, so a stopped run loses only the requests in flight; run it
 same output file and it keeps the finished lines and runs only the rest (requests that failed
 are dropped from the file and tried again).
 
-Structural faults in the input (a line that is not a JSON object, an unknown url, `stream`,
-a repeated custom_id) stop the run before any request is sent, naming the line.
+Structural faults in the input (a line that is not a JSON object or not strict JSON, an unknown
+url, `stream`, a repeated custom_id) stop the run before any request is sent, naming the line.
 """
 
 from __future__ import annotations
@@ -86,11 +86,34 @@ def read_requests(path: Path | str) -> list[BatchRequest]:
     return requests
 
 
-def _parse_line(line: str, number: int, where: str) -> BatchRequest:
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _load_json(line: str, where: str) -> object:
+    """A line as strict JSON. Python's json reads NaN and Infinity, 1e999 (as inf) and lone surrogate
+    escapes, but the request is sent as strict UTF-8 JSON, where they would stop the whole batch."""
     try:
-        item = json.loads(line)
+        item = json.loads(line, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise LooplmError(f"{where}: not JSON ({exc.msg})") from None
+    except RecursionError:
+        raise LooplmError(f"{where}: not JSON (nested too deeply)") from None
+    except ValueError as exc:  # NaN or Infinity, or an integer past Python's 4300 digits
+        reason = str(exc) if "JSON number" in str(exc) else "an integer of over 4300 digits"
+        raise LooplmError(f"{where}: not JSON ({reason})") from None
+    try:
+        json.dumps(item, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LooplmError(f"{where}: a string holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), "
+                          "which is not Unicode text") from None
+    except ValueError:
+        raise LooplmError(f"{where}: a number is beyond a 64-bit float's range") from None
+    return item
+
+
+def _parse_line(line: str, number: int, where: str) -> BatchRequest:
+    item = _load_json(line, where)
     if not isinstance(item, dict):
         raise LooplmError(f"{where}: a request is a JSON object, got {type(item).__name__}")
     if "body" in item or "url" in item:  # OpenAI's batch line
