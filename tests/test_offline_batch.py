@@ -117,6 +117,22 @@ def test_resume_keeps_finished_lines_and_drops_failed_and_cut_ones(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
 
 
+def test_only_newlines_end_lines_so_a_raw_line_separator_in_a_string_is_read(tmp_path: Path) -> None:
+    # JSON leaves U+2028 and U+0085 raw in strings (as our output does, with ensure_ascii=False), while
+    # str.splitlines ends lines there: a finished batch whose reply held one could never be resumed
+    text = "a\u2028b\x85c"
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"custom_id": "q", "prompt": text}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    requests = read_requests(source)
+    assert requests[0].body["prompt"] == text
+    out = tmp_path / "out.jsonl"
+    row = output_row("q", 200)
+    row["response"]["body"] = {"choices": [{"text": text}]}
+    out.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert resume(out, requests) == {"q"}
+    assert json.loads(out.read_text(encoding="utf-8")) == row  # kept as it was
+
+
 def test_resume_refuses_an_output_of_another_batch(tmp_path: Path) -> None:
     requests = read_requests(write_lines(tmp_path / "in.jsonl", {"custom_id": "a", "prompt": "x"}))
     other = write_lines(tmp_path / "other.jsonl", output_row("zz", 200))

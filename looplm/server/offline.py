@@ -72,7 +72,7 @@ def read_requests(path: Path | str) -> list[BatchRequest]:
         raise LooplmError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
     requests: list[BatchRequest] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_jsonl_lines(text), 1):
         if not line.strip():
             continue
         request = _parse_line(line, number, f"{path}:{number}")
@@ -84,6 +84,12 @@ def read_requests(path: Path | str) -> list[BatchRequest]:
     if not requests:
         raise LooplmError(f"{path} holds no requests (one JSON object per line)")
     return requests
+
+
+def _jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL text. Only "\n" ends a line: `str.splitlines` also splits at U+2028, U+0085
+    and others, which JSON (and our output, written with ensure_ascii=False) leaves raw in strings."""
+    return text.split("\n")
 
 
 def _refuse_constant(name: str) -> None:
@@ -154,7 +160,7 @@ def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
     kept: list[str] = []
     done: set[str] = set()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _jsonl_lines(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise LooplmError(f"cannot read the output file {path} ({getattr(exc, 'strerror', None) or exc})") from None
     for number, line in enumerate(lines, 1):
@@ -175,7 +181,8 @@ def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
                               "have; pass another output file or delete it")
         done.add(custom_id)
         kept.append(line)
-    if len(kept) < len(lines):  # through a temporary file: a crash here must not lose the kept lines
+    dropped = len(kept) < sum(1 for line in lines if line.strip())
+    if dropped:  # through a temporary file: a crash here must not lose the kept lines
         temporary = path.with_name(path.name + ".resume-tmp")
         temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(temporary, path)
