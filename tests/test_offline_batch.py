@@ -111,10 +111,30 @@ def test_resume_keeps_finished_lines_and_drops_failed_and_cut_ones(tmp_path: Pat
     out = write_lines(tmp_path / "out.jsonl", output_row("a", 200), output_row("b", 400), output_row("c", 200),
                       output_row("gone", 500))
     with out.open("a") as f:
-        f.write('{"custom_id": "d", "resp')  # a killed run's last line
+        f.write('{"id": "batch_req_1f2e", "custom_id": "d", "resp')  # a killed run's last line
     assert resume(out, requests) == {"a", "c"}
     assert list(results(out)) == ["a", "c"]  # the failed lines go: they are tried again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
+
+
+def test_resume_refuses_and_leaves_alone_a_file_that_is_not_batch_output(tmp_path: Path) -> None:
+    requests = read_requests(write_lines(tmp_path / "in.jsonl", {"custom_id": "a", "prompt": "x"},
+                                         {"custom_id": "b", "prompt": "y"}))
+    cases = {  # each was erased, or emptied of its lines, by a run with it as the output
+        "notes.txt": "my important notes\n",
+        "no-newline.txt": "my important notes",  # a last line, but not one of ours cut short
+        "input.jsonl": (tmp_path / "in.jsonl").read_text(),  # its lines read as failed results
+        "cut-early.jsonl": '{"id": "batch_req_1f2e", "custom_id": "a", "resp\n' + json.dumps(output_row("b", 200)),
+        "null-response.jsonl": json.dumps({**output_row("a", 200), "response": None}) + "\n",
+        "no-error-key.jsonl": json.dumps({"id": "x", "custom_id": "a", "response": {"status_code": 200}}) + "\n",
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(LooplmError, match=rf"{name}:1 is not a batch output line, so {name} is left as it is"):
+            resume(path, requests)
+        assert path.read_text() == text, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*cases, "in.jsonl"])
 
 
 def test_only_newlines_end_lines_so_a_raw_line_separator_in_a_string_is_read(tmp_path: Path) -> None:
@@ -230,6 +250,17 @@ def test_cli_checks_its_files_and_options_before_loading_the_model(tmp_path: Pat
         result = invoke(*args)
         assert result.exit_code == 1, args
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("text", ["my important notes\n", '{"custom_id": "a", "prompt": "an input file"}\n'])
+def test_cli_refuses_an_output_that_is_not_batch_output_before_loading_the_model(tmp_path: Path, text: str) -> None:
+    source = write_lines(tmp_path / "in.jsonl", {"prompt": "x"})
+    notes = tmp_path / "notes.txt"
+    notes.write_text(text)
+    result = invoke(str(source), "-o", str(notes), "-m", str(tmp_path / "no-model"))
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "notes.txt:1 is not a batch output line" in result.stderr
+    assert notes.read_text() == text
 
 
 def test_cli_refuses_a_read_only_output_before_loading_the_model(tmp_path: Path, read_only_file: Path) -> None:

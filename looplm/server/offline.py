@@ -14,7 +14,8 @@ The output is OpenAI's batch output format, one line per request, in the order r
 request the server refuses keeps its 4xx status and error body. Each line is written as soon as
 its request finishes, so a stopped run loses only the requests in flight; run it again with the
 same output file and it keeps the finished lines and runs only the rest (requests that failed
-are dropped from the file and tried again).
+are dropped from the file and tried again). An existing output file that is not batch output is
+refused, untouched (see `resume`).
 
 Structural faults in the input (a line that is not a JSON object or not strict JSON, an unknown
 url, `stream`, a repeated custom_id) stop the run before any request is sent, naming the line.
@@ -151,9 +152,18 @@ def _parse_line(line: str, number: int, where: str) -> BatchRequest:
     return BatchRequest(custom_id, url, body, number)
 
 
+# What an output line holds, and how `output_line`'s lines start once json.dumps writes them.
+OUTPUT_KEYS = ("id", "custom_id", "response", "error")
+OUTPUT_LINE_START = '{"id": "batch_req_'
+
+
 def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
     """The custom_ids an earlier run finished in the output file `path`. The file is rewritten with
-    only those lines: failed requests are tried again, and a line cut short by a kill is dropped."""
+    only those lines: failed requests are tried again, and a line cut short by a kill is dropped.
+
+    A file that is not batch output is refused and left alone, so `-o` never erases notes or an
+    input file: every line must be an output line (`_result`). The one exception is a last line
+    that a killed run was writing: no newline after it, and it starts as our lines do."""
     if not path.exists() or not path.stat().st_size:
         return set()
     wanted = {request.custom_id for request in requests}
@@ -166,14 +176,13 @@ def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            custom_id, status = row["custom_id"], (row.get("response") or {}).get("status_code")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            if number == len(lines):  # the last line of a killed run
+        result = _result(line)
+        if result is None:
+            if number == len(lines) and line.startswith(OUTPUT_LINE_START):  # cut short: a newline ends ours
                 continue
-            raise LooplmError(f"{path}:{number} is not a batch output line; pass another output file or "
-                              "delete it") from None
+            raise LooplmError(f"{path}:{number} is not a batch output line, so {path.name} is left as it is; pass "
+                              "another output file (or delete it, if it is an old batch's output)")
+        custom_id, status = result
         if status != 200 or custom_id in done:  # failed: tried again (if still asked for)
             continue
         if custom_id not in wanted:
@@ -187,6 +196,22 @@ def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
         temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(temporary, path)
     return done
+
+
+def _result(line: str) -> tuple[str, object] | None:
+    """(custom_id, status_code) of a batch output line, or None for any other line: an object with
+    `id`, `custom_id` and `error`, and a `response` object with a `status_code`."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(row, dict) or any(key not in row for key in OUTPUT_KEYS):
+        return None
+    custom_id, response = row["custom_id"], row["response"]
+    if not isinstance(row["id"], str) or not isinstance(custom_id, str) or not isinstance(response, dict) \
+            or "status_code" not in response:
+        return None
+    return custom_id, response["status_code"]
 
 
 async def _send(client, request: BatchRequest) -> tuple[int, dict]:  # noqa: ANN001
