@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from pathlib import Path
@@ -117,6 +118,26 @@ def test_resume_keeps_finished_lines_and_drops_failed_and_cut_ones(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
 
 
+def test_a_failed_rewrite_is_one_error_and_leaves_the_file_as_it_was(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = read_requests(write_lines(tmp_path / "in.jsonl", {"custom_id": "a", "prompt": "x"}))
+    out = write_lines(tmp_path / "out.jsonl", output_row("a", 200), output_row("a", 500))
+    before = out.read_text()
+    write_text = Path.write_text
+
+    def disk_full(self: Path, text: str, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
+        write_text(self, text[:10], *args, **kwargs)  # the temporary file is made, then the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(LooplmError, match=r"could not rewrite .*out.jsonl without its failed and cut-short lines "
+                                          r"\(No space left on device\); it is as it was$"):
+        resume(out, requests)
+    monkeypatch.undo()
+    assert out.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no *.resume-tmp left
+
+
 def test_resume_refuses_and_leaves_alone_a_file_that_is_not_batch_output(tmp_path: Path) -> None:
     requests = read_requests(write_lines(tmp_path / "in.jsonl", {"custom_id": "a", "prompt": "x"},
                                          {"custom_id": "b", "prompt": "y"}))
@@ -212,6 +233,14 @@ def test_a_full_disk_is_one_error(tmp_path: Path, model) -> None:  # noqa: ANN00
     source = write_lines(tmp_path / "in.jsonl", {"prompt": "Once", "max_tokens": 2})
     with pytest.raises(LooplmError, match="could not write /dev/full .No space left on device.; the requests finished"):
         run_batch(model, plan_batch(source, "/dev/full"), "tiny", max_batch=1)
+
+
+def test_an_output_that_became_unwritable_after_the_plan_is_one_error(tmp_path: Path, model) -> None:  # noqa: ANN001
+    source = write_lines(tmp_path / "in.jsonl", {"prompt": "Once", "max_tokens": 2})
+    plan = plan_batch(source, tmp_path / "out.jsonl")
+    (tmp_path / "out.jsonl").mkdir()  # e.g. while the model loaded
+    with pytest.raises(LooplmError, match=r"^cannot write .*out.jsonl \(Is a directory\)$"):
+        run_batch(model, plan, "tiny", max_batch=1)
 
 
 # -- the command line ------------------------------------------------------------------------------

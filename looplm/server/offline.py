@@ -24,6 +24,7 @@ url, `stream`, a repeated custom_id) stop the run before any request is sent, na
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -190,12 +191,23 @@ def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
                               "have; pass another output file or delete it")
         done.add(custom_id)
         kept.append(line)
-    dropped = len(kept) < sum(1 for line in lines if line.strip())
-    if dropped:  # through a temporary file: a crash here must not lose the kept lines
-        temporary = path.with_name(path.name + ".resume-tmp")
-        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(temporary, path)
+    if len(kept) < sum(1 for line in lines if line.strip()):
+        _rewrite(path, kept)
     return done
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    """Replace `path` by `lines` through a temporary file beside it, so a crash midway cannot lose
+    the kept lines. On failure `path` is as it was and the temporary file is gone."""
+    temporary = path.with_name(path.name + ".resume-tmp")
+    try:
+        temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:  # e.g. the disk is full
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise LooplmError(f"could not rewrite {path} without its failed and cut-short lines "
+                          f"({exc.strerror or exc}); it is as it was") from None
 
 
 def _result(line: str) -> tuple[str, object] | None:
@@ -235,7 +247,10 @@ async def _run(app, requests: list[BatchRequest], output: Path, in_flight: int, 
     transport = httpx.ASGITransport(app=app)
     pending = iter(requests)
     started = time.perf_counter()
-    out = output.open("a", encoding="utf-8")
+    try:
+        out = output.open("a", encoding="utf-8")
+    except OSError as exc:  # checked before the model loaded, but the file may have changed since
+        raise LooplmError(f"cannot write {output} ({exc.strerror or exc})") from None
 
     async def worker(client) -> None:  # noqa: ANN001
         for request in pending:  # the workers share one iterator: each request runs once
