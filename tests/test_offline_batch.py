@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -47,6 +48,11 @@ def greedy_chat(model, content: str, max_tokens: int) -> str:  # noqa: ANN001
 # -- reading the input ---------------------------------------------------------------------------
 
 
+# The documented id of a bare body without custom_id: line-N- and 8 hex digits of the SHA-256 of its
+# canonical JSON (keys sorted at every level, no spaces)
+YO_ID = "line-3-" + hashlib.sha256(b'{"max_tokens":3,"messages":[{"content":"yo","role":"user"}]}').hexdigest()[:8]
+
+
 def test_openai_lines_and_bare_bodies_are_read(tmp_path: Path) -> None:
     path = write_lines(
         tmp_path / "in.jsonl",
@@ -58,9 +64,21 @@ def test_openai_lines_and_bare_bodies_are_read(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a byte-order mark is skipped
     requests = read_requests(path)
     assert [(r.custom_id, r.url, r.line) for r in requests] == [
-        ("a", "/v1/chat/completions", 1), ("line-3", "/v1/chat/completions", 3), ("c", "/v1/completions", 4)]
+        ("a", "/v1/chat/completions", 1), (YO_ID, "/v1/chat/completions", 3), ("c", "/v1/completions", 4)]
     assert "model" not in requests[0].body  # the batch's model answers every request
     assert requests[2].body == {"prompt": "Once", "n": 2}
+
+
+def test_a_bare_bodys_id_changes_with_the_request_and_only_with_it(tmp_path: Path) -> None:
+    def line_id(*items: object) -> str:
+        return read_requests(write_lines(tmp_path / "in.jsonl", *items))[-1].custom_id
+
+    first = line_id({"prompt": "hello", "max_tokens": 2})
+    assert re.fullmatch(r"line-1-[0-9a-f]{8}", first)
+    assert line_id('{ "max_tokens" : 2 , "prompt": "hello", "model": "gpt-4o" }') == first  # same request
+    assert line_id({"prompt": "goodbye", "max_tokens": 2}) != first
+    assert line_id({"prompt": "hello", "max_tokens": 3}) != first
+    assert line_id({"prompt": "x"}, {"prompt": "hello", "max_tokens": 2}) == "line-2-" + first[7:]
 
 
 @pytest.mark.parametrize(("line", "message"), [
@@ -297,6 +315,18 @@ def test_cli_refuses_a_read_only_output_before_loading_the_model(tmp_path: Path,
     result = invoke(str(source), "-o", str(read_only_file), "-m", str(tmp_path / "no-model"))
     assert result.exit_code == 1
     assert result.stderr == f"error: --output {read_only_file} exists and is not writable (read-only)\n", result.stderr
+
+
+def test_cli_refuses_to_resume_from_a_changed_bare_request(tmp_path: Path) -> None:
+    out = tmp_path / "res.jsonl"
+    first = write_lines(tmp_path / "v1.jsonl", {"prompt": "hello", "max_tokens": 2})
+    assert invoke(str(first), "-o", str(out), "--dtype", "float32").exit_code == 0
+    before = out.read_text()
+    second = write_lines(tmp_path / "v2.jsonl", {"prompt": "goodbye", "max_tokens": 2})  # as many lines
+    result = invoke(str(second), "-o", str(out), "-m", str(tmp_path / "no-model"))
+    assert result.exit_code == 1, result.stderr  # was: "all 1 requests are already in res.jsonl"
+    assert result.stderr.count("\n") == 1 and "which the input does not have" in result.stderr
+    assert out.read_text() == before
 
 
 def test_cli_interrupted_says_how_to_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,10 +4,11 @@ The input is OpenAI's Batch API format, one request per line:
 `{"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}`
 (`url` may also be `/v1/completions`). A line may also be a bare request body with `messages`
 (chat) or `prompt` (completions), optionally with its own `custom_id`; without one its id is
-`line-N`. A request's `model` is ignored: the batch runs the model it was started with. Every
-request goes through the same FastAPI app as `looplm serve`, over an in-process transport (no
-socket), so validation, chat templates, stop strings, `<think>` splitting and usage are the
-server's own, and the engine batches the requests continuously.
+`line-N-` and a digest of the body (`_line_id`), so an edited request is a new one. A request's
+`model` is ignored: the batch runs the model it was started with. Every request goes through the
+same FastAPI app as `looplm serve`, over an in-process transport (no socket), so validation, chat
+templates, stop strings, `<think>` splitting and usage are the server's own, and the engine
+batches the requests continuously.
 
 The output is OpenAI's batch output format, one line per request, in the order requests finish:
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}`. A
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -137,7 +139,7 @@ def _parse_line(line: str, number: int, where: str) -> BatchRequest:
             raise LooplmError(f"{where}: custom_id is missing (each line of an OpenAI batch names its request)")
     else:  # a bare request body
         body = dict(item)
-        custom_id = body.pop("custom_id", f"line-{number}")
+        custom_id = body.pop("custom_id") if "custom_id" in body else _line_id(number, body)
         if "messages" in body:
             url = ROUTES[0]
         elif "prompt" in body:
@@ -151,6 +153,16 @@ def _parse_line(line: str, number: int, where: str) -> BatchRequest:
         raise LooplmError(f"{where}: stream is not supported in a batch (each reply is written whole)")
     body = {key: value for key, value in body.items() if key != "model"}  # the batch's model answers
     return BatchRequest(custom_id, url, body, number)
+
+
+def _line_id(number: int, body: dict) -> str:
+    """A bare body's custom_id without one of its own: `line-N-` and 8 hex digits of the SHA-256 of
+    the body's canonical JSON (keys sorted, no spaces, `model` left out as the batch ignores it). An
+    edited request gets a new id, so a rerun into the same output is refused (it holds a result for an
+    id the input lacks) instead of keeping the old request's result."""
+    canonical = json.dumps({key: value for key, value in body.items() if key != "model"}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    return f"line-{number}-{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:8]}"
 
 
 # What an output line holds, and how `output_line`'s lines start once json.dumps writes them.
@@ -188,7 +200,8 @@ def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
             continue
         if custom_id not in wanted:
             raise LooplmError(f"{path} holds a result for custom_id {custom_id!r}, which the input does not "
-                              "have; pass another output file or delete it")
+                              "have (another batch's output, or a request changed since); pass another output "
+                              "file or delete it")
         done.add(custom_id)
         kept.append(line)
     if len(kept) < sum(1 for line in lines if line.strip()):
