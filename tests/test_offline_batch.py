@@ -246,6 +246,26 @@ def test_a_batch_gives_the_servers_replies_and_a_rerun_only_retries_failures(tmp
     assert rows["bad"]["id"] != first["bad"]  # tried again
 
 
+def test_a_request_the_server_fails_on_unexpectedly_is_a_500_line_not_a_stopped_batch(
+        tmp_path: Path, model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    encode = model.tokenizer.encode
+
+    def buggy(text: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if "boom" in text:
+            raise RuntimeError("a bug")
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(model.tokenizer, "encode", buggy)
+    source = write_lines(tmp_path / "in.jsonl", {"custom_id": "ok", "prompt": "Once", "max_tokens": 2},
+                         {"custom_id": "boom", "prompt": "boom", "max_tokens": 2})
+    summary = run_batch(model, plan_batch(source, tmp_path / "out.jsonl"), "tiny", max_batch=2)
+    rows = results(tmp_path / "out.jsonl")
+    assert (summary.succeeded, summary.failed_ids) == (1, ["boom"])
+    assert rows["ok"]["response"]["status_code"] == 200
+    assert rows["boom"]["response"]["status_code"] == 500
+    assert "a bug" in rows["boom"]["response"]["body"]["error"]["message"]
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_a_full_disk_is_one_error(tmp_path: Path, model) -> None:  # noqa: ANN001
     source = write_lines(tmp_path / "in.jsonl", {"prompt": "Once", "max_tokens": 2})

@@ -257,7 +257,9 @@ async def _run(app, requests: list[BatchRequest], output: Path, in_flight: int, 
                summary: BatchSummary, advance: Callable[[int], None] | None) -> None:
     import httpx
 
-    transport = httpx.ASGITransport(app=app)
+    # A request the app fails on unexpectedly is answered 500 and recorded like any failed request:
+    # by default the transport re-raises it, which stopped the whole batch and lost those in flight.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     pending = iter(requests)
     started = time.perf_counter()
     try:
