@@ -136,6 +136,16 @@ def test_resume_keeps_finished_lines_and_drops_failed_and_cut_ones(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
 
 
+def test_resume_ends_a_last_line_without_its_newline(tmp_path: Path) -> None:
+    requests = read_requests(write_lines(tmp_path / "in.jsonl", *({"custom_id": i, "prompt": i} for i in "ab")))
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps(output_row("a", 200)))  # e.g. saved by an editor that drops the last newline
+    assert resume(out, requests) == {"a"}
+    with out.open("a") as f:  # as the run appends the next result
+        f.write(json.dumps(output_row("b", 200)) + "\n")
+    assert list(results(out)) == ["a", "b"]  # was one glued line, refused by the next resume
+
+
 def test_a_failed_rewrite_is_one_error_and_leaves_the_file_as_it_was(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     requests = read_requests(write_lines(tmp_path / "in.jsonl", {"custom_id": "a", "prompt": "x"}))

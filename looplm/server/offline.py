@@ -204,7 +204,9 @@ def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
                               "file or delete it")
         done.add(custom_id)
         kept.append(line)
-    if len(kept) < sum(1 for line in lines if line.strip()):
+    # Rewritten too when the file does not end with a newline (edited by hand, say): the next line
+    # appended would be glued to its last one, and both would be lost to the next resume.
+    if len(kept) < sum(1 for line in lines if line.strip()) or lines[-1]:
         _rewrite(path, kept)
     return done
 
