@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import looplm
 from looplm.cli import app
 from looplm.errors import LooplmError
-from looplm.server.offline import plan_batch, read_requests, resume, run_batch
+from looplm.server.offline import OUTPUT_LINE_START, output_line, plan_batch, read_requests, resume, run_batch
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,12 @@ def test_resume_keeps_finished_lines_and_drops_failed_and_cut_ones(tmp_path: Pat
     assert resume(out, requests) == {"a", "c"}
     assert list(results(out)) == ["a", "c"]  # the failed lines go: they are tried again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
+
+
+def test_our_output_lines_start_as_resume_expects_of_a_cut_short_one(tmp_path: Path) -> None:
+    request = read_requests(write_lines(tmp_path / "in.jsonl", {"prompt": "x"}))[0]
+    line = json.dumps(output_line(request, 200, {"id": "cmpl-1"}), ensure_ascii=False)  # as _run writes it
+    assert line.startswith(OUTPUT_LINE_START)
 
 
 def test_resume_ends_a_last_line_without_its_newline(tmp_path: Path) -> None:
