@@ -18,7 +18,8 @@ PRINTED_ABOVE = "the JSON document is the last line printed above"
 
 def check_writable(path: Path | str | None, option: str, directory: bool = False) -> None:
     """A LooplmError unless `path` can be created or replaced as a file (missing folders may be made),
-    or, with `directory`, created as a directory or written into."""
+    or, with `directory`, created as a directory or written into. An existing file must be writable:
+    every writer opens it in place, so a read-only one would fail only after the run."""
     if path is None:
         return
     path = Path(path).expanduser()
@@ -26,6 +27,8 @@ def check_writable(path: Path | str | None, option: str, directory: bool = False
         raise LooplmError(f"{option} {path} exists and is not a directory")
     if not directory and path.is_dir():
         raise LooplmError(f"{option} {path} is a directory; give a file name")
+    if not directory and path.exists() and not os.access(path, os.W_OK):
+        raise LooplmError(f"{option} {path} exists and is not writable (read-only)")
     existing = next(folder for folder in ((path,) if directory else ()) + tuple(path.parents) if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise LooplmError(f"{option} {path}: cannot write there ({existing} is not a writable directory)")

@@ -100,3 +100,22 @@ def decode_greedily(decoder, ids: torch.Tensor, mask: torch.Tensor | None, new_t
         tokens.append(logits.argmax(-1))
         exits.append(exit_step.clone())
     return torch.stack(tokens, 1).tolist(), (torch.stack(exits, 1) + 1).tolist(), logits.clone()
+
+
+@pytest.fixture
+def read_only_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A file its user may not write. Root may write any file, so under root `os.access` is made to
+    answer by the owner's permission bits, as it does for everyone else."""
+    path = tmp_path / "read-only.txt"
+    path.write_text("kept\n")
+    path.chmod(0o444)
+    if os.geteuid() == 0:
+        real_access = os.access
+
+        def access(target, mode: int, **kwargs) -> bool:  # noqa: ANN001, ANN003
+            if mode & os.W_OK and not os.stat(target).st_mode & 0o200:
+                return False
+            return real_access(target, mode, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+    return path

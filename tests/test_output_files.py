@@ -23,6 +23,12 @@ def test_check_writable_accepts_new_files_and_refuses_directories(tmp_path: Path
         check_writable(tmp_path / "a-file" / "r.json", "--output")
 
 
+def test_check_writable_refuses_an_existing_file_it_may_not_write(read_only_file: Path) -> None:
+    with pytest.raises(LooplmError, match=r"^--output .*read-only.txt exists and is not writable \(read-only\)$"):
+        check_writable(read_only_file, "--output")
+    assert read_only_file.read_text() == "kept\n"
+
+
 def test_check_writable_for_directories_accepts_new_and_existing_ones(tmp_path: Path) -> None:
     check_writable(tmp_path / "new" / "run", "--out", directory=True)
     check_writable(tmp_path, "--out", directory=True)  # written into

@@ -17,7 +17,8 @@ def batch(
              "request body with messages (chat) or prompt (completions).", show_default=False)],
     output: Annotated[Path, common.option(
         "JSONL results in OpenAI's batch output format, one line per request as it finishes. If it exists, "
-        "its finished requests are kept and only the rest run.", "--output", "-o")],
+        "its finished requests are kept and only the rest run; a file that is not batch output is refused.",
+        "--output", "-o")],
     model: common.Model = None,
     dtype: common.Dtype = "bfloat16",
     device: common.Device = "auto",

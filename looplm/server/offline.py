@@ -4,25 +4,29 @@ The input is OpenAI's Batch API format, one request per line:
 `{"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}`
 (`url` may also be `/v1/completions`). A line may also be a bare request body with `messages`
 (chat) or `prompt` (completions), optionally with its own `custom_id`; without one its id is
-`line-N`. A request's `model` is ignored: the batch runs the model it was started with. Every
-request goes through the same FastAPI app as `looplm serve`, over an in-process transport (no
-socket), so validation, chat templates, stop strings, `<think>` splitting and usage are the
-server's own, and the engine batches the requests continuously.
+`line-N-` and a digest of the body (`_line_id`), so an edited request is a new one. A request's
+`model` is ignored: the batch runs the model it was started with. Every request goes through the
+same FastAPI app as `looplm serve`, over an in-process transport (no socket), so validation, chat
+templates, stop strings, `<think>` splitting and usage are the server's own, and the engine
+batches the requests continuously.
 
 The output is OpenAI's batch output format, one line per request, in the order requests finish:
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}`. A
 request the server refuses keeps its 4xx status and error body. Each line is written as soon as
 its request finishes, so a stopped run loses only the requests in flight; run it again with the
 same output file and it keeps the finished lines and runs only the rest (requests that failed
-are dropped from the file and tried again).
+are dropped from the file and tried again). An existing output file that is not batch output is
+refused, untouched (see `resume`).
 
-Structural faults in the input (a line that is not a JSON object, an unknown url, `stream`,
-a repeated custom_id) stop the run before any request is sent, naming the line.
+Structural faults in the input (a line that is not a JSON object or not strict JSON, an unknown
+url, `stream`, a repeated custom_id) stop the run before any request is sent, naming the line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import os
 import time
@@ -72,7 +76,7 @@ def read_requests(path: Path | str) -> list[BatchRequest]:
         raise LooplmError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
     requests: list[BatchRequest] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_jsonl_lines(text), 1):
         if not line.strip():
             continue
         request = _parse_line(line, number, f"{path}:{number}")
@@ -86,11 +90,40 @@ def read_requests(path: Path | str) -> list[BatchRequest]:
     return requests
 
 
-def _parse_line(line: str, number: int, where: str) -> BatchRequest:
+def _jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL text. Only "\n" ends a line: `str.splitlines` also splits at U+2028, U+0085
+    and others, which JSON (and our output, written with ensure_ascii=False) leaves raw in strings."""
+    return text.split("\n")
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _load_json(line: str, where: str) -> object:
+    """A line as strict JSON. Python's json reads NaN and Infinity, 1e999 (as inf) and lone surrogate
+    escapes, but the request is sent as strict UTF-8 JSON, where they would stop the whole batch."""
     try:
-        item = json.loads(line)
+        item = json.loads(line, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise LooplmError(f"{where}: not JSON ({exc.msg})") from None
+    except RecursionError:
+        raise LooplmError(f"{where}: not JSON (nested too deeply)") from None
+    except ValueError as exc:  # NaN or Infinity, or an integer past Python's 4300 digits
+        reason = str(exc) if "JSON number" in str(exc) else "an integer of over 4300 digits"
+        raise LooplmError(f"{where}: not JSON ({reason})") from None
+    try:
+        json.dumps(item, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LooplmError(f"{where}: a string holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), "
+                          "which is not Unicode text") from None
+    except ValueError:
+        raise LooplmError(f"{where}: a number is beyond a 64-bit float's range") from None
+    return item
+
+
+def _parse_line(line: str, number: int, where: str) -> BatchRequest:
+    item = _load_json(line, where)
     if not isinstance(item, dict):
         raise LooplmError(f"{where}: a request is a JSON object, got {type(item).__name__}")
     if "body" in item or "url" in item:  # OpenAI's batch line
@@ -106,7 +139,7 @@ def _parse_line(line: str, number: int, where: str) -> BatchRequest:
             raise LooplmError(f"{where}: custom_id is missing (each line of an OpenAI batch names its request)")
     else:  # a bare request body
         body = dict(item)
-        custom_id = body.pop("custom_id", f"line-{number}")
+        custom_id = body.pop("custom_id") if "custom_id" in body else _line_id(number, body)
         if "messages" in body:
             url = ROUTES[0]
         elif "prompt" in body:
@@ -122,41 +155,90 @@ def _parse_line(line: str, number: int, where: str) -> BatchRequest:
     return BatchRequest(custom_id, url, body, number)
 
 
+def _line_id(number: int, body: dict) -> str:
+    """A bare body's custom_id without one of its own: `line-N-` and 8 hex digits of the SHA-256 of
+    the body's canonical JSON (keys sorted, no spaces, `model` left out as the batch ignores it). An
+    edited request gets a new id, so a rerun into the same output is refused (it holds a result for an
+    id the input lacks) instead of keeping the old request's result."""
+    canonical = json.dumps({key: value for key, value in body.items() if key != "model"}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    return f"line-{number}-{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:8]}"
+
+
+# What an output line holds, and how `output_line`'s lines start once json.dumps writes them.
+OUTPUT_KEYS = ("id", "custom_id", "response", "error")
+OUTPUT_LINE_START = '{"id": "batch_req_'
+
+
 def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
     """The custom_ids an earlier run finished in the output file `path`. The file is rewritten with
-    only those lines: failed requests are tried again, and a line cut short by a kill is dropped."""
+    only those lines: failed requests are tried again, and a line cut short by a kill is dropped.
+
+    A file that is not batch output is refused and left alone, so `-o` never erases notes or an
+    input file: every line must be an output line (`_result`). The one exception is a last line
+    that a killed run was writing: no newline after it, and it starts as our lines do."""
     if not path.exists() or not path.stat().st_size:
         return set()
     wanted = {request.custom_id for request in requests}
     kept: list[str] = []
     done: set[str] = set()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _jsonl_lines(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise LooplmError(f"cannot read the output file {path} ({getattr(exc, 'strerror', None) or exc})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            custom_id, status = row["custom_id"], (row.get("response") or {}).get("status_code")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            if number == len(lines):  # the last line of a killed run
+        result = _result(line)
+        if result is None:
+            if number == len(lines) and line.startswith(OUTPUT_LINE_START):  # cut short: a newline ends ours
                 continue
-            raise LooplmError(f"{path}:{number} is not a batch output line; pass another output file or "
-                              "delete it") from None
+            raise LooplmError(f"{path}:{number} is not a batch output line, so {path.name} is left as it is; pass "
+                              "another output file (or delete it, if it is an old batch's output)")
+        custom_id, status = result
         if status != 200 or custom_id in done:  # failed: tried again (if still asked for)
             continue
         if custom_id not in wanted:
             raise LooplmError(f"{path} holds a result for custom_id {custom_id!r}, which the input does not "
-                              "have; pass another output file or delete it")
+                              "have (another batch's output, or a request changed since); pass another output "
+                              "file or delete it")
         done.add(custom_id)
         kept.append(line)
-    if len(kept) < len(lines):  # through a temporary file: a crash here must not lose the kept lines
-        temporary = path.with_name(path.name + ".resume-tmp")
-        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(temporary, path)
+    # Rewritten too when the file does not end with a newline (edited by hand, say): the next line
+    # appended would be glued to its last one, and both would be lost to the next resume.
+    if len(kept) < sum(1 for line in lines if line.strip()) or lines[-1]:
+        _rewrite(path, kept)
     return done
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    """Replace `path` by `lines` through a temporary file beside it, so a crash midway cannot lose
+    the kept lines. On failure `path` is as it was and the temporary file is gone."""
+    temporary = path.with_name(path.name + ".resume-tmp")
+    try:
+        temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:  # e.g. the disk is full
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise LooplmError(f"could not rewrite {path} without its failed and cut-short lines "
+                          f"({exc.strerror or exc}); it is as it was") from None
+
+
+def _result(line: str) -> tuple[str, object] | None:
+    """(custom_id, status_code) of a batch output line, or None for any other line: an object with
+    `id`, `custom_id` and `error`, and a `response` object with a `status_code`."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(row, dict) or any(key not in row for key in OUTPUT_KEYS):
+        return None
+    custom_id, response = row["custom_id"], row["response"]
+    if not isinstance(row["id"], str) or not isinstance(custom_id, str) or not isinstance(response, dict) \
+            or "status_code" not in response:
+        return None
+    return custom_id, response["status_code"]
 
 
 async def _send(client, request: BatchRequest) -> tuple[int, dict]:  # noqa: ANN001
@@ -177,10 +259,15 @@ async def _run(app, requests: list[BatchRequest], output: Path, in_flight: int, 
                summary: BatchSummary, advance: Callable[[int], None] | None) -> None:
     import httpx
 
-    transport = httpx.ASGITransport(app=app)
+    # A request the app fails on unexpectedly is answered 500 and recorded like any failed request:
+    # by default the transport re-raises it, which stopped the whole batch and lost those in flight.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     pending = iter(requests)
     started = time.perf_counter()
-    out = output.open("a", encoding="utf-8")
+    try:
+        out = output.open("a", encoding="utf-8")
+    except OSError as exc:  # checked before the model loaded, but the file may have changed since
+        raise LooplmError(f"cannot write {output} ({exc.strerror or exc})") from None
 
     async def worker(client) -> None:  # noqa: ANN001
         for request in pending:  # the workers share one iterator: each request runs once
