@@ -553,10 +553,33 @@ def test_inspect_ouro_tiny_numbers() -> None:
     assert data["kv_bytes_per_token"] == looplm.load(OURO_TINY).make_cache(1, 1).nbytes()
     assert data["kv_slots"] == 8 and data["stop_ids"] == [0] and data["tokenizer"] is None
     assert data["config"]["num_hidden_layers"] == 2
-    assert data["parameters"] == data["weight_bytes"]["int8"] == data["weight_bytes"]["bf16"] // 2
+    assert data["parameters"] == data["weight_bytes"]["bf16"] // 2
+    # int8: the 2 layers' projections (4 x 64x64 + 3 x 176x64 each) in bytes plus an fp32 scale per
+    # output row (4 x 64 + 2 x 176 + 64 per layer), the rest in bf16; int4 at group 128 does not fit 64 inputs
+    projections = 2 * (4 * 64 * 64 + 3 * 176 * 64)
+    assert data["weight_bytes"]["int8"] == projections + 4 * 2 * 672 + 2 * (data["parameters"] - projections)
+    assert data["weight_bytes"]["int4"] is None
     assert len(data["tensors"]) == 27 and data["tensors"][0]["dtype"] == "bfloat16"
     steps2 = json.loads(invoke("inspect", "-m", str(OURO_TINY), "--json", "--steps", "2", "--no-tensors").stdout)
     assert steps2["kv_bytes_per_token"] == 1024 and steps2["kv_slots"] == 4 and steps2["tensors"] == []
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_inspect_estimates_the_quantized_size_and_lists_every_stored_tensor(tmp_path: Path, bits: int) -> None:
+    """The estimate counted every parameter at 1 or 0.5 bytes (embeddings too, scales not); the
+    tensor list left out the quantized layers' buffers."""
+    out = tmp_path / f"q{bits}"
+    assert invoke("quantize", "--bits", str(bits), "-o", str(out)).exit_code == 0
+    estimate = json.loads(invoke("inspect", "--json").stdout)["weight_bytes"][f"int{bits}"]
+    stored = (out / "model.safetensors").stat().st_size
+    assert 0 < stored - estimate < 0.01 * stored  # the file adds only its JSON header
+    data = json.loads(invoke("inspect", "-m", str(out), "--json").stdout)
+    names = [t["name"] for t in data["tensors"]]
+    # 49 float tensors before; each of the 28 projections (4 layers x 7) now holds 2 (int8: weights and
+    # scales) or 3 (int4: weights, scales, minimums) buffers in the layout the kernels read
+    assert len(names) == 49 - 28 + 28 * (2 if bits == 8 else 3)
+    assert sum(name.startswith("model.layers.3.mlp.down_proj.") for name in names) == (2 if bits == 8 else 3)
+    assert f"(int{bits} layers, bfloat16, cpu)" in invoke("inspect", "-m", str(out), "--no-tensors").stdout
 
 
 # -- looplm.text helpers ------------------------------------------------------------------------

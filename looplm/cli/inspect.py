@@ -8,7 +8,6 @@ from rich.table import Table
 
 from looplm.cli import common
 
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}  # weights only: scales not counted
 TENSORS_SHOWN = 20
 
 
@@ -30,7 +29,7 @@ def summary(lm) -> dict:  # noqa: ANN001
         "parameters": params,
         "quantization": None if spec is None else spec.to_json(),
         "loaded_bytes": sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]),
-        "weight_bytes": {name: int(params * size) for name, size in BYTES_PER_PARAM.items()},
+        "weight_bytes": weight_bytes(lm, params),
         "kv_bytes_per_token": kv_per_token,
         "kv_bytes_per_token_shared": kv_shared,
         "kv_bytes_full_context": kv_per_token * config.max_position_embeddings,
@@ -44,10 +43,49 @@ def summary(lm) -> dict:  # noqa: ANN001
         },
         "runtime": runtime(lm),
         "tensors": [
-            {"name": name, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
-            for name, p in lm.named_parameters()
+            {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for name, t in stored_tensors(lm)
         ],
     }
+
+
+def weight_bytes(lm, params: int) -> dict[str, int | None]:  # noqa: ANN001
+    """The weights' size in each form: every parameter in fp32 or bf16; for int8 and int4 (group
+    128), the layer projections as `looplm quantize` stores them (scales and minimums included)
+    and everything else (embeddings, lm_head, norms, exit gate) in bf16, as it keeps them. int4 is
+    None where group 128 does not divide a projection's inputs (quantize refuses that)."""
+    import torch
+
+    from looplm.kernels.swap import is_layer_projection
+    from looplm.quant.model import QuantSpec, expected_shapes
+
+    projections = [(m.out_features, m.in_features) for name, m in lm.named_modules()
+                   if is_layer_projection(name) and hasattr(m, "in_features")]
+    rest = params - sum(out * inp for out, inp in projections)
+    sizes = {"fp32": 4 * params, "bf16": 2 * params}
+    for name, spec in (("int8", QuantSpec(8)), ("int4", QuantSpec(4, 128))):
+        if spec.bits == 4 and any(inp % spec.group_size for _, inp in projections):
+            sizes[name] = None
+            continue
+        stored = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                     for out, inp in projections for shape, dtype in expected_shapes(out, inp, spec).values())
+        sizes[name] = stored + 2 * rest
+    return sizes
+
+
+def stored_tensors(lm) -> list:  # noqa: ANN001
+    """(name, tensor) of every weight the model holds: parameters, and the quantized layers'
+    buffers (qweight, scales, mins), which named_parameters leaves out."""
+    tensors = dict(lm.named_parameters())
+    for module_name, module in lm.named_modules():
+        if hasattr(module, "in_features") and not list(module.parameters(recurse=False)):
+            tensors.update({f"{module_name}.{name}": t for name, t in module.named_buffers(recurse=False)})
+    return sorted(tensors.items(), key=lambda item: _natural(item[0]))
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts layer 2 before layer 10."""
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
 
 
 def runtime(lm) -> dict:  # noqa: ANN001
@@ -114,12 +152,14 @@ def inspect(
         print(json.dumps({**info, "tensors": shown}))
         return
     out = common.stdout()
-    title = f"{info['model']} ({info['dtype']}, {info['device']})"
+    quantized = info["quantization"]
+    weights = f"int{quantized['bits']} layers, {info['dtype']}" if quantized else info["dtype"]
+    title = f"{info['model']} ({weights}, {info['device']})"
     out.print(_table(title, list(info["config"].items()), ("config", "value")))
     kv_dtype = info["dtype"]
     out.print(_table("size", [
         ("parameters", f"{info['parameters']:,}"),
-        *((f"weights {name} (est.)", _size(n)) for name, n in info["weight_bytes"].items()),
+        *((f"weights {name} (est.)", "-" if n is None else _size(n)) for name, n in info["weight_bytes"].items()),
         (f"KV bytes per token ({kv_dtype})", f"{info['kv_bytes_per_token']:,}"),
         ("KV bytes per decoded token, --kv-mode shared", f"{info['kv_bytes_per_token_shared']:,}"),
         (f"KV at {info['config']['max_position_embeddings']:,} tokens", _size(info["kv_bytes_full_context"])),
