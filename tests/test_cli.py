@@ -195,7 +195,9 @@ def test_speculative_decoding_gives_the_same_text_and_reports_acceptance(default
     assert spec["new_ids"] == normal["new_ids"] and spec["steps_per_token"] == normal["steps_per_token"]
     assert normal["speculative"] is None
     drafts = spec["speculative"]
-    assert drafts["draft_steps"] == 3 and drafts["proposed"] == 5 * drafts["rounds"]
+    # 5 drafts a round, fewer only where the budget has fewer tokens left
+    assert drafts["draft_steps"] == 3 and drafts["rounds"] <= drafts["proposed"] <= 5 * drafts["rounds"]
+    assert drafts["accepted"] <= 31
     assert 0 < drafts["accepted"] <= drafts["proposed"] and drafts["acceptance"] == drafts["accepted"] / drafts["proposed"]
     stop = normal["text"][len(normal["text"]) // 2 :][:3]
     cut = json.loads(invoke(*args, "--draft-steps", "2", "--stop", stop).stdout)
