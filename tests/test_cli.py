@@ -111,6 +111,7 @@ def test_generate_penalty_options_reach_the_library(default_model) -> None:  # n
     expected = default_model.generate(ids, 16, repetition_penalty=1.3)[0]
     assert repeated == expected[: len(repeated)]
     assert_one_line_error(invoke(*args, "--min-p", "-0.1"), "min_p must be in [0, 1]")
+    assert_one_line_error(invoke(*args, "--temperature", "nan"), "temperature must be a finite number >= 0, got nan")
 
 
 def test_generation_config_sampling_defaults_reach_the_cli(tmp_path: Path, default_model) -> None:  # noqa: ANN001

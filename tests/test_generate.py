@@ -442,12 +442,29 @@ def test_sampling_with_penalties_is_reproducible_and_differs(gqa_model) -> None:
     ({"logit_bias": {300: 1}}, r"logit_bias token id 300 is outside the vocabulary \(0..299\)"),
     ({"frequency_penalty": 0.5, "draft_steps": 1}, "cannot take penalties or logit_bias"),
     ({"repetition_penalty": 1.1, "draft_steps": 1}, "cannot take penalties or logit_bias"),
-    ({"repetition_penalty": 0.0}, r"repetition_penalty must be > 0 \(1 = off\), got 0.0"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty must be a finite number > 0 \(1 = off\), got 0.0"),
     ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_penalties_and_bias(gqa_model, kwargs: dict, needle: str) -> None:  # noqa: ANN001
     with pytest.raises(GenerationError, match=needle):
         gqa_model.generate([5, 6, 7], 4, **kwargs)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"temperature": NAN}, "temperature"), ({"temperature": INF}, "temperature"), ({"top_p": NAN}, "top_p"),
+    ({"min_p": NAN}, "min_p"), ({"presence_penalty": NAN}, "presence_penalty"),
+    ({"frequency_penalty": -INF}, "frequency_penalty"), ({"repetition_penalty": NAN}, "repetition_penalty"),
+    ({"repetition_penalty": INF}, "repetition_penalty"), ({"logit_bias": ((7, NAN),)}, "logit_bias"),
+])
+def test_sampling_values_must_be_finite(kwargs: dict, name: str) -> None:
+    """NaN passed every `<` check, then made torch.multinomial raise mid-generation."""
+    from looplm.sampling import SamplingParams
+
+    with pytest.raises(GenerationError, match=f"^{name} "):
+        SamplingParams(**kwargs)
 
 
 def test_generation_never_reads_a_cache_position_before_writing_it(make_checkpoint, monkeypatch) -> None:  # noqa: ANN001
