@@ -17,6 +17,9 @@ from looplm.errors import GenerationError
 
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # and for each logit_bias value: [-100, 100]
+# Logits no token can be chosen from: NaN, +inf, or a row of only -inf. A -inf logit alone is a
+# token ruled out, and is allowed.
+BAD_LOGITS = "the model's logits are NaN or infinite at this step: its weights may be corrupt"
 # Temperatures below this are greedy (as in vLLM): dividing fp32 logits by 1e-38 overflows, and by
 # 5e-324 (0 in fp32) is a division by zero.
 GREEDY_BELOW = 1e-5
@@ -163,13 +166,14 @@ class TokenChooser:
         self.seen: torch.Tensor | None = None  # [B, V] bool, likewise
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """`[B, V]` logits -> `[B]` token ids."""
+        """`[B, V]` logits -> `[B]` token ids; a GenerationError when the model's logits are broken."""
         params = self.params
+        check_logits(logits)  # the model's own: a huge repetition penalty may make adjusted ones infinite
         if not params.adjusts_logits:
-            return sample(logits, params, self.generator)
+            return _choose(logits, params, self.generator)
         if params.repetition_penalty != 1 and self.seen is None:
             self.seen = self._prompt_tokens(logits)
-        tokens = sample(adjust_logits(logits, params, self.counts, self.seen), params, self.generator)
+        tokens = _choose(adjust_logits(logits, params, self.counts, self.seen), params, self.generator)
         if params.presence_penalty or params.frequency_penalty:
             if self.counts is None:
                 self.counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
@@ -189,8 +193,26 @@ class TokenChooser:
         return hits > 0
 
 
+def usable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`[B, V]` logits -> `[B]` bool: the rows a token can be chosen from (see BAD_LOGITS). One
+    reduction: a row's max is NaN if any logit is, +inf if any is, -inf if all are."""
+    return torch.isfinite(logits.amax(dim=-1))
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """A GenerationError (BAD_LOGITS) unless every row of `[..., V]` logits is usable: greedy
+    would otherwise pick an arbitrary token from NaN, and sampling fail in torch.multinomial."""
+    if not bool(usable_rows(logits).all()):
+        raise GenerationError(BAD_LOGITS)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`[B, V]` logits -> `[B]` token ids."""
+    """`[B, V]` logits -> `[B]` token ids; a GenerationError when a row's logits are NaN or infinite."""
+    check_logits(logits)
+    return _choose(logits, params, generator)
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     if params.greedy:
         return logits.argmax(dim=-1)
     return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
