@@ -48,15 +48,22 @@ def fit_context(model, history: list[dict], keep: int, max_new_tokens: int,  # n
                 enable_thinking: bool = False) -> int:
     """Drop the oldest exchanges (a user message and its reply), never the first `keep` messages
     (the system prompt) nor the newest message, until the rendered prompt and the reply's budget fit
-    the model's context; the number of exchanges dropped. If the newest message alone is too long,
-    generation says so."""
+    the model's context; the number of exchanges dropped. If the newest message does not fit even
+    with every exchange dropped, nothing is dropped and generation says it is too long."""
     from looplm.text import render_prompt
 
     limit = model.config.max_position_embeddings - max_new_tokens
-    dropped = 0
-    while len(history) > keep + 1 and len(model.tokenizer.encode(render_prompt(model, history, enable_thinking))) > limit:
-        del history[keep : keep + 2 if len(history) > keep + 2 else keep + 1]
+
+    def fits(messages: list[dict]) -> bool:
+        return len(model.tokenizer.encode(render_prompt(model, messages, enable_thinking))) <= limit
+
+    trial, dropped = list(history), 0
+    while not fits(trial):
+        if len(trial) <= keep + 1:  # too long even alone: dropping turns would lose them for nothing
+            return 0
+        del trial[keep : keep + 2 if len(trial) > keep + 2 else keep + 1]
         dropped += 1
+    history[:] = trial
     return dropped
 
 

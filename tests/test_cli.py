@@ -480,6 +480,30 @@ def test_chat_drops_the_oldest_exchanges_to_fit_the_context(monkeypatch: pytest.
     assert all(m["role"] != "assistant" or m["content"] for m in seen[-1])
 
 
+def test_a_chat_message_that_gets_no_reply_keeps_every_earlier_turn(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """Turns left the history to make room for a message that then failed, and never came back."""
+    saved = tmp_path / "conv.json"
+    too_long = " ".join(["word"] * 5000)  # too long even alone: nothing is dropped for it
+    result = invoke("chat", "--max-new-tokens", "4", input=f"hi\n{too_long}\nafter\n/save {saved}\n")
+    assert result.exit_code == 1 and "context" in result.stderr, result.output
+    assert "left the conversation" not in result.stderr
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hi", "after"]
+
+    def fake_stream(model, messages, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if messages[-1]["content"].startswith("fail"):
+            raise GenerationError("no reply for this one")
+        yield TextChunk("fine " * 10, finish_reason="stop")
+
+    monkeypatch.setattr("looplm.cli.chat.stream_text", fake_stream)
+    message = " ".join(["word"] * 20)  # 96 positions beside a 4000-token reply: two exchanges, not three
+    result = invoke("chat", "--max-new-tokens", "4000", input=f"{message}\n{message}\nfail {message}\n/save {saved}\n")
+    assert result.exit_code == 1, result.output
+    assert "oldest turn" in result.stderr and "no reply for this one" in result.stderr
+    assert [m["role"] for m in json.loads(saved.read_text())["messages"]] == ["user", "assistant"] * 2
+
+
 def test_chat_shows_reasoning_apart_and_keeps_answers_only(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[dict]] = []
 
