@@ -394,6 +394,32 @@ def test_chat_saves_and_loads_a_conversation(tmp_path: Path, monkeypatch: pytest
     assert "error: 2 /save commands failed" in result.stderr
 
 
+def test_a_failed_save_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    """/save wrote over the file in place: on a full disk, a 52-byte conversation became a cut-off
+    4096-byte one. A file-size limit fails the write the same way, without a full disk."""
+    resource = pytest.importorskip("resource")
+    from looplm.conversation import read_messages, write_messages
+
+    path = tmp_path / "conv.json"
+    old = [{"role": "user", "content": "hi"}]
+    write_messages(path, old)
+    os.chmod(path, 0o600)
+    before = path.read_bytes()
+    limit, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 100, hard))
+    try:
+        with pytest.raises(OSError):
+            write_messages(path, [{"role": "user", "content": "word " * 2000}])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_bytes() == before and read_messages(path) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["conv.json"]  # no temporary file left behind
+    write_messages(path, [*old, {"role": "assistant", "content": "hello"}])  # saving again replaces it
+    assert len(read_messages(path)) == 2 and path.stat().st_mode & 0o777 == 0o600
+
+
 def test_chat_takes_a_message_of_several_lines_between_triple_quotes(monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[str] = []
 
