@@ -39,6 +39,11 @@ def read_messages(path: Path | str) -> list[dict]:
                               '{"role": system|user|assistant, "content": text} object')
         if message["role"] == "system" and number > 0:
             raise LooplmError(f"conversation file {path}: only the first message may be a system message")
+        try:  # JSON's "\ud800" escapes read as lone surrogates: no model could take the text, nor /save write it
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise LooplmError(f"conversation file {path}: message {number} holds a lone surrogate "
+                              f"{message['content'][exc.start]!r}, which is not Unicode text") from None
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 

@@ -420,6 +420,32 @@ def test_a_failed_save_leaves_the_file_as_it_was(tmp_path: Path) -> None:
     assert len(read_messages(path)) == 2 and path.stat().st_mode & 0o777 == 0o600
 
 
+def test_text_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python hands arguments' bytes that are not UTF-8 over as lone surrogates, and stdin's raised
+    UnicodeDecodeError (a traceback; in chat, the end of the session and its later /save)."""
+    def unloaded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        pytest.fail("the model loaded first")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(looplm, "load", unloaded)
+        assert_one_line_error(invoke("generate", "hi \udcff"), "the prompt is not valid UTF-8: byte 0xff at character 3")
+        assert_one_line_error(invoke("generate", "-", input=b"caf\xe9\n"), "the prompt is not valid UTF-8: byte 0xe9")
+        assert_one_line_error(invoke("generate", "hi", "--system", "s\udce9"), "--system is not valid UTF-8")
+        assert_one_line_error(invoke("chat", "--system", "s\udcff"), "--system is not valid UTF-8: byte 0xff")
+        assert_one_line_error(invoke("generate", "hi", "--stop", "\udcff"), "--stop is not valid UTF-8")
+        conversation = tmp_path / "conv.json"
+        conversation.write_text('{"messages": [{"role": "user", "content": "a\\ud800"}]}')
+        assert_one_line_error(invoke("chat", "--load", str(conversation)), "message 0 holds a lone surrogate")
+
+    saved = tmp_path / "saved.json"
+    result = invoke("chat", "--max-new-tokens", "3", input=f"hi \xff\nsecond\n/save {saved}\n".encode("latin-1"))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: the message is not valid UTF-8: byte 0xff at character 3; convert it to UTF-8 first "
+                      "(e.g. iconv -f latin1 -t utf-8)", "error: 1 of 2 messages got no reply"]
+    assert [m["content"] for m in json.loads(saved.read_text())["messages"]][0] == "second"  # the chat went on
+
+
 def test_chat_takes_a_message_of_several_lines_between_triple_quotes(monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[str] = []
 

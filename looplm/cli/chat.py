@@ -78,6 +78,8 @@ def chat(
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
+    if system is not None:
+        common.check_text(system, "--system")
     loaded = read_messages(load) if load is not None else []
     if system and loaded and loaded[0]["role"] == "system":
         raise LooplmError(f"{load} has its own system message; leave out --system")
@@ -86,6 +88,7 @@ def chat(
     options = {**sampling.for_model(lm), **exits.as_kwargs(), "prompt_cache": conversation_cache(lm, exits)}
     session = ChatSession(lm, options, think, hide_think, show_steps, system, loaded)
     interactive = sys.stdin.isatty()
+    common.read_stdin_leniently()  # a line that is not UTF-8 fails alone, in `send`
     if interactive:
         common.stderr().print(HELP, style="dim")
     while True:
@@ -137,6 +140,12 @@ class ChatSession:
         was, the turns dropped to fit it included."""
         history = [*self.history, {"role": "user", "content": message}]
         self.sent += 1
+        try:
+            common.check_text(message, "the message")
+        except LooplmError as exc:  # before the try below: /reset would not help with this one
+            common.stderr().print(f"error: {common.one_line(exc)}")
+            self.failed += 1
+            return
         try:
             dropped = fit_context(self.lm, history, len(self.start), self.options["max_new_tokens"], self.think)
             if dropped:

@@ -25,6 +25,31 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def check_text(text: str, what: str) -> None:
+    """A LooplmError naming the first bad character of `text` that is not Unicode text. Python hands
+    over bytes that are not UTF-8 (in arguments, and on stdin after `read_stdin_leniently`) as lone
+    surrogates U+DC80..U+DCFF, which name the byte. Such text is refused, not decoded with U+FFFD in
+    place of the bytes: the model would answer a prompt other than the one written, and a file in
+    another encoding would lose every accented letter without a word."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        if "\udc80" <= char <= "\udcff":
+            raise LooplmError(f"{what} is not valid UTF-8: byte 0x{ord(char) - 0xDC00:02x} at character {exc.start}; "
+                              "convert it to UTF-8 first (e.g. iconv -f latin1 -t utf-8)") from None
+        raise LooplmError(f"{what} is not valid Unicode: a lone surrogate {char!r} at character {exc.start}") from None
+
+
+def read_stdin_leniently() -> None:
+    """Decode stdin's bytes that are not UTF-8 as arguments are decoded (to lone surrogates, which
+    `check_text` then names), where a UTF-8 locale other than C's raised UnicodeDecodeError in the
+    middle of reading (a traceback, and the lines after it lost)."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 def stderr() -> Console:
     # Built per call: the console then writes to whatever sys.stderr is now (CliRunner swaps it).
     return Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
@@ -236,6 +261,8 @@ class SamplingOptions:
 
         if self.max_new_tokens < 1:
             raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        for stop in self.stop or []:
+            check_text(stop, "--stop")
         if self.exit_threshold is not None and not 0.0 < self.exit_threshold <= 1.0:
             raise GenerationError(f"--exit-threshold must be in (0, 1], got {self.exit_threshold}")
         SamplingParams(self.temperature or 0.0, 1.0 if self.top_p is None else self.top_p, self.top_k or 0,
