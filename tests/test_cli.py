@@ -272,6 +272,40 @@ def test_python_m_entry_points_print_a_missing_model_as_an_error_line(module: st
     assert proc.stderr.strip().splitlines()[-1] == "error: /nonexistent: no such file or directory"
 
 
+def run_looplm(*args: str, **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
+    return subprocess.run([sys.executable, "-m", "looplm", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          stderr=subprocess.PIPE, timeout=300, check=False, **kwargs)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_one_line_in_a_real_process() -> None:
+    """`looplm generate hi > /dev/full` (a full disk) ended in an OSError traceback."""
+    with open("/dev/full", "wb") as full:
+        proc = run_looplm("generate", "hi", "--max-new-tokens", "2", stdout=full)
+    assert proc.returncode == 1 and proc.stderr == b"error: cannot write the output (No space left on device)\n"
+    reader = subprocess.Popen([sys.executable, "-m", "looplm", "generate", "hi", "--max-new-tokens", "40"], cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # as `| head` does once it has its lines: a closed pipe ends the command quietly
+    assert reader.communicate(timeout=300)[1] == b"" and reader.returncode == 1
+
+
+def test_output_buffered_until_exit_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    """Block-buffered stdout (a file, without PYTHONUNBUFFERED) is written at the exit, where
+    Python's own flush failed with "Exception ignored ... OSError" and exit code 120. A file-size
+    limit fails the write as a full disk does."""
+    resource = pytest.importorskip("resource")
+
+    def small_files() -> None:  # in the child: files stop at 5 bytes, with EFBIG rather than a signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    with open(tmp_path / "out.txt", "wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "looplm", "--version"], cwd=REPO, env=env, stdout=out,
+                              stderr=subprocess.PIPE, preexec_fn=small_files, timeout=300, check=False)
+    assert proc.returncode == 1 and proc.stderr == b"error: cannot write the output (File too large)\n"
+
+
 def test_ctrl_c_exits_130_quietly_in_a_real_process(make_checkpoint) -> None:  # noqa: ANN001
     # a random model: the embedded one may end its answer (eos) before the signal arrives
     proc = run_module("generate", "hi", "-m", str(make_checkpoint(max_position_embeddings=8192)),
