@@ -6,7 +6,11 @@ so a saved conversation is also a request for the server or `looplm batch`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 from looplm.errors import LooplmError
@@ -35,28 +39,55 @@ def read_messages(path: Path | str) -> list[dict]:
                               '{"role": system|user|assistant, "content": text} object')
         if message["role"] == "system" and number > 0:
             raise LooplmError(f"conversation file {path}: only the first message may be a system message")
+        try:  # JSON's "\ud800" escapes read as lone surrogates: no model could take the text, nor /save write it
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise LooplmError(f"conversation file {path}: message {number} holds a lone surrogate "
+                              f"{message['content'][exc.start]!r}, which is not Unicode text") from None
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def write_messages(path: Path | str, messages: list[dict]) -> None:
-    """Write the conversation file (OSError when the file cannot be written)."""
-    text = json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n"
-    Path(path).expanduser().write_text(text, encoding="utf-8")
+    """Write the conversation file (OSError when the file cannot be written). The text goes to a
+    temporary file beside it that is then renamed over it, so a full disk or a crash leaves the
+    file as it was, never cut off; a file that existed keeps its permissions."""
+    data = (json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    path = Path(os.path.realpath(Path(path).expanduser()))  # through a symlink: replace its target, keep the link
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename makes it the file
+        if path.is_file():
+            shutil.copymode(path, temporary)  # a conversation kept private stays private
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
 
 
 def fit_context(model, history: list[dict], keep: int, max_new_tokens: int,  # noqa: ANN001
                 enable_thinking: bool = False) -> int:
     """Drop the oldest exchanges (a user message and its reply), never the first `keep` messages
     (the system prompt) nor the newest message, until the rendered prompt and the reply's budget fit
-    the model's context; the number of exchanges dropped. If the newest message alone is too long,
-    generation says so."""
+    the model's context; the number of exchanges dropped. If the newest message does not fit even
+    with every exchange dropped, nothing is dropped and generation says it is too long."""
     from looplm.text import render_prompt
 
     limit = model.config.max_position_embeddings - max_new_tokens
-    dropped = 0
-    while len(history) > keep + 1 and len(model.tokenizer.encode(render_prompt(model, history, enable_thinking))) > limit:
-        del history[keep : keep + 2 if len(history) > keep + 2 else keep + 1]
+
+    def fits(messages: list[dict]) -> bool:
+        return len(model.tokenizer.encode(render_prompt(model, messages, enable_thinking))) <= limit
+
+    trial, dropped = list(history), 0
+    while not fits(trial):
+        if len(trial) <= keep + 1:  # too long even alone: dropping turns would lose them for nothing
+            return 0
+        del trial[keep : keep + 2 if len(trial) > keep + 2 else keep + 1]
         dropped += 1
+    history[:] = trial
     return dropped
 
 

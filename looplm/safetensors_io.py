@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -102,10 +103,17 @@ def _readinto_exact(fh, buffer: np.ndarray, entry: TensorEntry) -> None:  # noqa
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """`safetensors.torch.save_file`, with the file mode any new file gets here (the process
     umask): safetensors creates its files owner-only (0600), so a model saved for others to
-    load would not be readable by them."""
+    load would not be readable by them. A failed write (a full disk) is an OSError, as for any
+    other file, not safetensors' own error."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -7,6 +7,7 @@ OpenAI's presence and frequency penalties (output only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ from looplm.errors import GenerationError
 
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # and for each logit_bias value: [-100, 100]
+# Logits no token can be chosen from: NaN, +inf, or a row of only -inf. A -inf logit alone is a
+# token ruled out, and is allowed.
+BAD_LOGITS = "the model's logits are NaN or infinite at this step: its weights may be corrupt"
 # Temperatures below this are greedy (as in vLLM): dividing fp32 logits by 1e-38 overflows, and by
 # 5e-324 (0 in fp32) is a division by zero.
 GREEDY_BELOW = 1e-5
@@ -37,25 +41,26 @@ class SamplingParams:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        # Every value must be finite: NaN passes `<` checks and then breaks the sampler mid-request.
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_PENALTY:
+            if not _finite(value) or not abs(value) <= MAX_PENALTY:
                 raise GenerationError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
         for token, value in self.logit_bias:
-            if isinstance(token, bool) or not isinstance(token, int) or token < 0 or isinstance(value, bool) \
-                    or not isinstance(value, (int, float)) or not abs(value) <= MAX_LOGIT_BIAS:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0 or not _finite(value) \
+                    or not abs(value) <= MAX_LOGIT_BIAS:
                 raise GenerationError(f"logit_bias needs token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, "
                                       f"{MAX_LOGIT_BIAS:g}], got {token!r}: {value!r}")
-        penalty = self.repetition_penalty
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < float("inf"):
-            raise GenerationError(f"repetition_penalty must be > 0 (1 = off), got {penalty!r}")
-        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+        if not _finite(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be a finite number > 0 (1 = off), "
+                                  f"got {self.repetition_penalty!r}")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
             raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
 
     @property
@@ -73,6 +78,13 @@ class SamplingParams:
         outside = [token for token, _ in self.logit_bias if token >= vocab_size]
         if outside:
             raise GenerationError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def _finite(value: object) -> bool:
+    """A finite int or float; not a bool, whose True would pass as 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # isfinite(10**400) would overflow
 
 
 def logit_bias_pairs(bias: Mapping[int | str, float] | None) -> tuple[tuple[int, float], ...]:
@@ -154,13 +166,14 @@ class TokenChooser:
         self.seen: torch.Tensor | None = None  # [B, V] bool, likewise
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """`[B, V]` logits -> `[B]` token ids."""
+        """`[B, V]` logits -> `[B]` token ids; a GenerationError when the model's logits are broken."""
         params = self.params
+        check_logits(logits)  # the model's own: a huge repetition penalty may make adjusted ones infinite
         if not params.adjusts_logits:
-            return sample(logits, params, self.generator)
+            return _choose(logits, params, self.generator)
         if params.repetition_penalty != 1 and self.seen is None:
             self.seen = self._prompt_tokens(logits)
-        tokens = sample(adjust_logits(logits, params, self.counts, self.seen), params, self.generator)
+        tokens = _choose(adjust_logits(logits, params, self.counts, self.seen), params, self.generator)
         if params.presence_penalty or params.frequency_penalty:
             if self.counts is None:
                 self.counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
@@ -180,8 +193,26 @@ class TokenChooser:
         return hits > 0
 
 
+def usable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`[B, V]` logits -> `[B]` bool: the rows a token can be chosen from (see BAD_LOGITS). One
+    reduction: a row's max is NaN if any logit is, +inf if any is, -inf if all are."""
+    return torch.isfinite(logits.amax(dim=-1))
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """A GenerationError (BAD_LOGITS) unless every row of `[..., V]` logits is usable: greedy
+    would otherwise pick an arbitrary token from NaN, and sampling fail in torch.multinomial."""
+    if not bool(usable_rows(logits).all()):
+        raise GenerationError(BAD_LOGITS)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`[B, V]` logits -> `[B]` token ids."""
+    """`[B, V]` logits -> `[B]` token ids; a GenerationError when a row's logits are NaN or infinite."""
+    check_logits(logits)
+    return _choose(logits, params, generator)
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     if params.greedy:
         return logits.argmax(dim=-1)
     return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)

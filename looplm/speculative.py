@@ -37,7 +37,7 @@ from looplm.decode_job import TokenJob, device_elapsed
 from looplm.errors import GenerationError
 from looplm.exit import ExitPolicy
 from looplm.models.ouro import AttentionBias, OuroForCausalLM, StepOutput, positions_from_mask, rope_tables
-from looplm.sampling import SamplingParams, probabilities, sample
+from looplm.sampling import SamplingParams, check_logits, probabilities, sample
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,7 @@ def accept_drafts(drafts: torch.Tensor, draft_probs: list[torch.Tensor], target_
     `drafts` `[B, γ]`; `draft_probs[j]` the distribution draft j was sampled from (empty when
     greedy); `target_logits[j]` the full model's logits for the same position."""
     gamma = drafts.shape[1]
+    check_logits(torch.stack(target_logits))  # the drafts came from the first loops: the rest may still be broken
     if sampling.greedy:
         chosen = torch.stack([logits.argmax(-1) for logits in target_logits], dim=1)  # (B, γ)
         agree = drafts == chosen

@@ -111,6 +111,7 @@ def test_generate_penalty_options_reach_the_library(default_model) -> None:  # n
     expected = default_model.generate(ids, 16, repetition_penalty=1.3)[0]
     assert repeated == expected[: len(repeated)]
     assert_one_line_error(invoke(*args, "--min-p", "-0.1"), "min_p must be in [0, 1]")
+    assert_one_line_error(invoke(*args, "--temperature", "nan"), "temperature must be a finite number >= 0, got nan")
 
 
 def test_generation_config_sampling_defaults_reach_the_cli(tmp_path: Path, default_model) -> None:  # noqa: ANN001
@@ -273,6 +274,40 @@ def test_python_m_entry_points_print_a_missing_model_as_an_error_line(module: st
     assert proc.stderr.strip().splitlines()[-1] == "error: /nonexistent: no such file or directory"
 
 
+def run_looplm(*args: str, **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
+    return subprocess.run([sys.executable, "-m", "looplm", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          stderr=subprocess.PIPE, timeout=300, check=False, **kwargs)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_one_line_in_a_real_process() -> None:
+    """`looplm generate hi > /dev/full` (a full disk) ended in an OSError traceback."""
+    with open("/dev/full", "wb") as full:
+        proc = run_looplm("generate", "hi", "--max-new-tokens", "2", stdout=full)
+    assert proc.returncode == 1 and proc.stderr == b"error: cannot write the output (No space left on device)\n"
+    reader = subprocess.Popen([sys.executable, "-m", "looplm", "generate", "hi", "--max-new-tokens", "40"], cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # as `| head` does once it has its lines: a closed pipe ends the command quietly
+    assert reader.communicate(timeout=300)[1] == b"" and reader.returncode == 1
+
+
+def test_output_buffered_until_exit_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    """Block-buffered stdout (a file, without PYTHONUNBUFFERED) is written at the exit, where
+    Python's own flush failed with "Exception ignored ... OSError" and exit code 120. A file-size
+    limit fails the write as a full disk does."""
+    resource = pytest.importorskip("resource")
+
+    def small_files() -> None:  # in the child: files stop at 5 bytes, with EFBIG rather than a signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    with open(tmp_path / "out.txt", "wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "looplm", "--version"], cwd=REPO, env=env, stdout=out,
+                              stderr=subprocess.PIPE, preexec_fn=small_files, timeout=300, check=False)
+    assert proc.returncode == 1 and proc.stderr == b"error: cannot write the output (File too large)\n"
+
+
 def test_ctrl_c_exits_130_quietly_in_a_real_process(make_checkpoint) -> None:  # noqa: ANN001
     # a random model: the embedded one may end its answer (eos) before the signal arrives
     proc = run_module("generate", "hi", "-m", str(make_checkpoint(max_position_embeddings=8192)),
@@ -395,6 +430,58 @@ def test_chat_saves_and_loads_a_conversation(tmp_path: Path, monkeypatch: pytest
     assert "error: 2 /save commands failed" in result.stderr
 
 
+def test_a_failed_save_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    """/save wrote over the file in place: on a full disk, a 52-byte conversation became a cut-off
+    4096-byte one. A file-size limit fails the write the same way, without a full disk."""
+    resource = pytest.importorskip("resource")
+    from looplm.conversation import read_messages, write_messages
+
+    path = tmp_path / "conv.json"
+    old = [{"role": "user", "content": "hi"}]
+    write_messages(path, old)
+    os.chmod(path, 0o600)
+    before = path.read_bytes()
+    limit, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 100, hard))
+    try:
+        with pytest.raises(OSError):
+            write_messages(path, [{"role": "user", "content": "word " * 2000}])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_bytes() == before and read_messages(path) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["conv.json"]  # no temporary file left behind
+    write_messages(path, [*old, {"role": "assistant", "content": "hello"}])  # saving again replaces it
+    assert len(read_messages(path)) == 2 and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_text_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python hands arguments' bytes that are not UTF-8 over as lone surrogates, and stdin's raised
+    UnicodeDecodeError (a traceback; in chat, the end of the session and its later /save)."""
+    def unloaded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        pytest.fail("the model loaded first")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(looplm, "load", unloaded)
+        assert_one_line_error(invoke("generate", "hi \udcff"), "the prompt is not valid UTF-8: byte 0xff at character 3")
+        assert_one_line_error(invoke("generate", "-", input=b"caf\xe9\n"), "the prompt is not valid UTF-8: byte 0xe9")
+        assert_one_line_error(invoke("generate", "hi", "--system", "s\udce9"), "--system is not valid UTF-8")
+        assert_one_line_error(invoke("chat", "--system", "s\udcff"), "--system is not valid UTF-8: byte 0xff")
+        assert_one_line_error(invoke("generate", "hi", "--stop", "\udcff"), "--stop is not valid UTF-8")
+        conversation = tmp_path / "conv.json"
+        conversation.write_text('{"messages": [{"role": "user", "content": "a\\ud800"}]}')
+        assert_one_line_error(invoke("chat", "--load", str(conversation)), "message 0 holds a lone surrogate")
+
+    saved = tmp_path / "saved.json"
+    result = invoke("chat", "--max-new-tokens", "3", input=f"hi \xff\nsecond\n/save {saved}\n".encode("latin-1"))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: the message is not valid UTF-8: byte 0xff at character 3; convert it to UTF-8 first "
+                      "(e.g. iconv -f latin1 -t utf-8)", "error: 1 of 2 messages got no reply"]
+    assert [m["content"] for m in json.loads(saved.read_text())["messages"]][0] == "second"  # the chat went on
+
+
 def test_chat_takes_a_message_of_several_lines_between_triple_quotes(monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[str] = []
 
@@ -479,6 +566,30 @@ def test_chat_drops_the_oldest_exchanges_to_fit_the_context(monkeypatch: pytest.
     assert len(seen[-1]) < 1 + 2 * 5 - 1  # without dropping, the fifth prompt would hold 9 messages
     assert seen[-1][-1] == {"role": "user", "content": message}
     assert all(m["role"] != "assistant" or m["content"] for m in seen[-1])
+
+
+def test_a_chat_message_that_gets_no_reply_keeps_every_earlier_turn(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """Turns left the history to make room for a message that then failed, and never came back."""
+    saved = tmp_path / "conv.json"
+    too_long = " ".join(["word"] * 5000)  # too long even alone: nothing is dropped for it
+    result = invoke("chat", "--max-new-tokens", "4", input=f"hi\n{too_long}\nafter\n/save {saved}\n")
+    assert result.exit_code == 1 and "context" in result.stderr, result.output
+    assert "left the conversation" not in result.stderr
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hi", "after"]
+
+    def fake_stream(model, messages, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if messages[-1]["content"].startswith("fail"):
+            raise GenerationError("no reply for this one")
+        yield TextChunk("fine " * 10, finish_reason="stop")
+
+    monkeypatch.setattr("looplm.cli.chat.stream_text", fake_stream)
+    message = " ".join(["word"] * 20)  # 96 positions beside a 4000-token reply: two exchanges, not three
+    result = invoke("chat", "--max-new-tokens", "4000", input=f"{message}\n{message}\nfail {message}\n/save {saved}\n")
+    assert result.exit_code == 1, result.output
+    assert "oldest turn" in result.stderr and "no reply for this one" in result.stderr
+    assert [m["role"] for m in json.loads(saved.read_text())["messages"]] == ["user", "assistant"] * 2
 
 
 def test_chat_shows_reasoning_apart_and_keeps_answers_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -381,6 +381,49 @@ def test_extreme_but_valid_sampling_settings_give_a_token(params: dict) -> None:
         assert tokens.tolist() == [1, 2]  # the likeliest token of each row
 
 
+@pytest.mark.parametrize("params", [{}, {"temperature": 0.7}, {"repetition_penalty": 1.2},
+                                    {"temperature": 0.7, "presence_penalty": 1.0}])
+def test_nan_or_infinite_logits_are_a_generation_error(params: dict) -> None:
+    """Corrupt weights give NaN logits: greedy picked an arbitrary token from them and sampling
+    failed with torch.multinomial's traceback. A -inf logit alone (a token ruled out) is fine."""
+    from looplm.sampling import BAD_LOGITS, SamplingParams, TokenChooser, sample
+
+    sampling = SamplingParams(**params)
+    fine = torch.tensor([[1.0, 5.0, float("-inf")], [4.0, 0.0, 1.0]])
+    assert TokenChooser(sampling, torch.Generator().manual_seed(0))(fine).shape == (2,)
+    for bad in (float("nan"), float("inf")):
+        logits = fine.clone()
+        logits[1, 1] = bad
+        with pytest.raises(GenerationError, match=BAD_LOGITS):
+            TokenChooser(sampling, torch.Generator().manual_seed(0))(logits)
+        with pytest.raises(GenerationError, match=BAD_LOGITS):
+            sample(logits, sampling, torch.Generator().manual_seed(0))
+    with pytest.raises(GenerationError, match=BAD_LOGITS):
+        sample(torch.full((1, 3), float("-inf")), sampling)
+
+
+def test_a_model_with_nan_weights_fails_generation_in_one_line(make_checkpoint) -> None:  # noqa: ANN001
+    model = looplm.load(make_checkpoint(seed=3, total_ut_steps=3), dtype="float32")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3:] = float("nan")
+    prompt = random_prompts(300, [5])[0]
+    for kwargs in ({}, {"temperature": 0.7}, {"draft_steps": 1}, {"draft_steps": 1, "temperature": 0.7}):
+        with pytest.raises(GenerationError, match="logits are NaN or infinite"):
+            model.generate(prompt, 4, eos_token_ids=[], **kwargs)
+
+
+def test_speculative_verification_refuses_nan_logits() -> None:
+    """The draft's loops can be fine while the full model's deeper ones blow up."""
+    from looplm.sampling import SamplingParams
+    from looplm.speculative import accept_drafts
+
+    drafts = torch.tensor([[1, 2]])
+    target = [torch.tensor([[0.0, 9.0, 0.0]]), torch.tensor([[0.0, float("nan"), 9.0]])]
+    for sampling, draft_probs in ((SamplingParams(), []), (SamplingParams(temperature=0.7), [torch.full((1, 3), 1 / 3)] * 2)):
+        with pytest.raises(GenerationError, match="logits are NaN or infinite"):
+            accept_drafts(drafts, draft_probs, target, sampling, torch.Generator().manual_seed(0))
+
+
 def test_seeds_differ_in_their_high_32_bits_too(gqa_model) -> None:  # noqa: ANN001
     """torch's CPU generator keeps a seed's low 32 bits: 1 and 1 + 2**32 sampled the same tokens."""
     from looplm.sampling import make_generator
@@ -442,12 +485,29 @@ def test_sampling_with_penalties_is_reproducible_and_differs(gqa_model) -> None:
     ({"logit_bias": {300: 1}}, r"logit_bias token id 300 is outside the vocabulary \(0..299\)"),
     ({"frequency_penalty": 0.5, "draft_steps": 1}, "cannot take penalties or logit_bias"),
     ({"repetition_penalty": 1.1, "draft_steps": 1}, "cannot take penalties or logit_bias"),
-    ({"repetition_penalty": 0.0}, r"repetition_penalty must be > 0 \(1 = off\), got 0.0"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty must be a finite number > 0 \(1 = off\), got 0.0"),
     ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_penalties_and_bias(gqa_model, kwargs: dict, needle: str) -> None:  # noqa: ANN001
     with pytest.raises(GenerationError, match=needle):
         gqa_model.generate([5, 6, 7], 4, **kwargs)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"temperature": NAN}, "temperature"), ({"temperature": INF}, "temperature"), ({"top_p": NAN}, "top_p"),
+    ({"min_p": NAN}, "min_p"), ({"presence_penalty": NAN}, "presence_penalty"),
+    ({"frequency_penalty": -INF}, "frequency_penalty"), ({"repetition_penalty": NAN}, "repetition_penalty"),
+    ({"repetition_penalty": INF}, "repetition_penalty"), ({"logit_bias": ((7, NAN),)}, "logit_bias"),
+])
+def test_sampling_values_must_be_finite(kwargs: dict, name: str) -> None:
+    """NaN passed every `<` check, then made torch.multinomial raise mid-generation."""
+    from looplm.sampling import SamplingParams
+
+    with pytest.raises(GenerationError, match=f"^{name} "):
+        SamplingParams(**kwargs)
 
 
 def test_generation_never_reads_a_cache_position_before_writing_it(make_checkpoint, monkeypatch) -> None:  # noqa: ANN001

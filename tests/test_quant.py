@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -351,6 +352,23 @@ def test_cli_quantize_to_an_unwritable_place_fails_before_loading(make_checkpoin
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ") and "cannot write there" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_cli_quantize_that_cannot_write_its_weights_is_one_line(make_checkpoint, tmp_path: Path) -> None:  # noqa: ANN001
+    """On a full disk, safetensors' own error (not an OSError) escaped as a traceback. A file-size
+    limit fails the write the same way."""
+    resource = pytest.importorskip("resource")
+    path, out = make_checkpoint(), tmp_path / "q"
+    limit, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        result = CliRunner().invoke(app, ["quantize", "-m", str(path), "--bits", "8", "-o", str(out)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert result.exit_code == 1 and result.stderr == f"error: could not write {out} (File too large)\n", result.output
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # neither the output nor its staging directory
 
 
 def test_cli_quantize_error_exits_nonzero_without_traceback(make_checkpoint, tmp_path: Path) -> None:  # noqa: ANN001

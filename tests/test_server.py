@@ -462,6 +462,32 @@ def test_one_rows_failing_sampler_fails_only_that_row(model, monkeypatch: pytest
         engine.stop()
 
 
+def test_a_row_with_nan_or_infinite_logits_fails_alone(model) -> None:  # noqa: ANN001
+    """Broken weights (or a numeric blow-up in one row) give NaN logits: the greedy fast path
+    picked a token from them anyway, and sampling failed in torch.multinomial. Now such a row,
+    greedy or sampled, gets one error event and the others their tokens."""
+    from looplm.sampling import BAD_LOGITS, TokenChooser
+
+    engine = Engine(model, max_context=256)  # not started: only its sampling step runs
+    events: dict[int, list] = {}
+    rows = []
+    for i, params in enumerate([SamplingParams(), SamplingParams(), SamplingParams(temperature=0.7),
+                                SamplingParams(temperature=0.7), SamplingParams(repetition_penalty=1.5)]):
+        seq = Sequence([5], 4, engine.loop_config(), params, None, frozenset(), events.setdefault(i, []).append)
+        seq.chooser = TokenChooser(params, torch.Generator().manual_seed(0))
+        rows.append(seq)
+    logits = torch.zeros(5, 300)
+    logits[:, 7] = 30.0  # every usable row's likeliest token by far
+    logits[0, 9] = float("-inf")  # a token ruled out is fine
+    logits[1, 3] = float("nan")
+    logits[3, 4] = float("inf")
+    logits[4] = float("-inf")  # no token left to choose
+    assert engine._sample(rows, logits) == [7, None, 7, None, None]
+    assert events[0] == events[2] == []
+    for i in (1, 3, 4):
+        assert [(e.kind, e.message) for e in events[i]] == [("error", f"sampling failed: {BAD_LOGITS}")]
+
+
 class Row:
     def __init__(self, budget: int) -> None:
         self.start = self.next_position = self.last_token = 0

@@ -1,11 +1,12 @@
 """The `looplm` command line: one typer app (`common.app`), one short module per command."""
 
+import sys
 from typing import Annotated
 
 import typer
 
 from looplm.cli import batch, bench, chat, eval, generate, inspect, quantize, serve, train  # noqa: F401 - importing registers each command
-from looplm.cli.common import app
+from looplm.cli.common import app, exit_on_output_error, is_output_error
 
 __all__ = ["app", "main"]
 
@@ -28,4 +29,13 @@ def _root(
 
 
 def main() -> None:
-    app()
+    try:
+        try:
+            app()
+        finally:  # output still buffered is written here, where a failure is caught below
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except OSError as exc:  # stdout or stderr could not be written (a full disk)
+        if not is_output_error(exc):
+            raise
+        exit_on_output_error(exc)

@@ -6,7 +6,8 @@ answers go back into the history.
 `--show-steps` prints, after each reply, the mean loops per token and the loops skipping saved.
 A chat template that cannot render a conversation stops the command before the first message;
 with piped input, a message that got no reply makes the command exit 1 at the end. When the
-conversation outgrows the context, its oldest exchanges leave it (the system prompt stays).
+conversation outgrows the context, its oldest exchanges leave it (the system prompt stays), but
+only for a message that then fits and gets its reply: one that fails leaves the history whole.
 `/save FILE` writes the conversation as `{"messages": [...]}` (OpenAI's form: a request body for
 `looplm batch` or the server), and `--load FILE` starts from such a file.
 """
@@ -77,6 +78,8 @@ def chat(
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
+    if system is not None:
+        common.check_text(system, "--system")
     loaded = read_messages(load) if load is not None else []
     if system and loaded and loaded[0]["role"] == "system":
         raise LooplmError(f"{load} has its own system message; leave out --system")
@@ -85,6 +88,7 @@ def chat(
     options = {**sampling.for_model(lm), **exits.as_kwargs(), "prompt_cache": conversation_cache(lm, exits)}
     session = ChatSession(lm, options, think, hide_think, show_steps, system, loaded)
     interactive = sys.stdin.isatty()
+    common.read_stdin_leniently()  # a line that is not UTF-8 fails alone, in `send`
     if interactive:
         common.stderr().print(HELP, style="dim")
     while True:
@@ -132,28 +136,34 @@ class ChatSession:
         return True
 
     def send(self, message: str) -> None:
-        """Stream the reply to one user message; a message that gets none leaves the history as it was."""
-        self.history.append({"role": "user", "content": message})
+        """Stream the reply to one user message; a message that gets none leaves the history as it
+        was, the turns dropped to fit it included."""
+        history = [*self.history, {"role": "user", "content": message}]
         self.sent += 1
         try:
-            dropped = fit_context(self.lm, self.history, len(self.start), self.options["max_new_tokens"], self.think)
+            common.check_text(message, "the message")
+        except LooplmError as exc:  # before the try below: /reset would not help with this one
+            common.stderr().print(f"error: {common.one_line(exc)}")
+            self.failed += 1
+            return
+        try:
+            dropped = fit_context(self.lm, history, len(self.start), self.options["max_new_tokens"], self.think)
             if dropped:
                 common.stderr().print(f"(the {dropped} oldest turn{'s' if dropped > 1 else ''} left the "
                                       "conversation to fit the context)", style="dim")
-            reply, stats = _stream_reply(self.lm, self.history, self.options, self.think, self.hide_think)
+            reply, stats = _stream_reply(self.lm, history, self.options, self.think, self.hide_think)
             if self.show_steps and stats is not None:
                 common.stderr().print(steps_line(stats), style="dim")
-        except LooplmError as exc:  # e.g. the history outgrew the context: the REPL goes on
+        except LooplmError as exc:  # e.g. the message alone is longer than the context: the REPL goes on
             common.stderr().print(f"error: {common.one_line(exc)} (/reset starts over)")
             reply = None
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
             sys.stdout.write("\n")
             reply = None
         if reply is None:
-            self.history.pop()
             self.failed += 1
         else:
-            self.history.append({"role": "assistant", "content": split_reasoning(reply)[1]})
+            self.history = [*history, {"role": "assistant", "content": split_reasoning(reply)[1]}]
 
     def report_failures(self) -> None:
         """Name the messages that got no reply and the /saves that failed, and exit 1 if any did."""

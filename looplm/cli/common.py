@@ -1,15 +1,20 @@
 """The typer app, the options every command shares, model loading and error handling.
 
 Error contract: a `LooplmError` (bad input, bad files) is one line on stderr, "error: ...",
-and exit code 1; Ctrl-C exits 130 without a message; any other exception is a bug and keeps
-its full traceback (typer's pretty exceptions are off).
+and exit code 1; Ctrl-C exits 130 without a message; output that cannot be written (stdout on a
+full disk) is one line and exit code 1 (`looplm.cli.main`), a closed pipe (`| head`) exit code 1
+without a message; any other exception is a bug and keeps its full traceback (typer's pretty
+exceptions are off).
 """
 
+import contextlib
+import errno
+import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import click
 import typer
@@ -19,10 +24,38 @@ from typer.core import TyperGroup
 from looplm.errors import LooplmError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+# How writing stdout or stderr fails on a full disk, a file-size limit or a failing device: one line,
+# exit 1. A closed pipe (EPIPE, `looplm generate ... | head`) click already ends quietly with exit 1.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
 def one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+def check_text(text: str, what: str) -> None:
+    """A LooplmError naming the first bad character of `text` that is not Unicode text. Python hands
+    over bytes that are not UTF-8 (in arguments, and on stdin after `read_stdin_leniently`) as lone
+    surrogates U+DC80..U+DCFF, which name the byte. Such text is refused, not decoded with U+FFFD in
+    place of the bytes: the model would answer a prompt other than the one written, and a file in
+    another encoding would lose every accented letter without a word."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        if "\udc80" <= char <= "\udcff":
+            raise LooplmError(f"{what} is not valid UTF-8: byte 0x{ord(char) - 0xDC00:02x} at character {exc.start}; "
+                              "convert it to UTF-8 first (e.g. iconv -f latin1 -t utf-8)") from None
+        raise LooplmError(f"{what} is not valid Unicode: a lone surrogate {char!r} at character {exc.start}") from None
+
+
+def read_stdin_leniently() -> None:
+    """Decode stdin's bytes that are not UTF-8 as arguments are decoded (to lone surrogates, which
+    `check_text` then names), where a UTF-8 locale other than C's raised UnicodeDecodeError in the
+    middle of reading (a traceback, and the lines after it lost)."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
 
 
 def stderr() -> Console:
@@ -36,6 +69,26 @@ def stdout() -> Console:
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     print(f"warning: {one_line(message)}", file=sys.stderr)
+
+
+def is_output_error(exc: OSError) -> bool:
+    """Whether `exc` is stdout or stderr failing to take a write: file errors name their file, and
+    the library turns them into LooplmErrors (an OSError that names a file stays a bug, with its traceback)."""
+    return exc.filename is None and exc.errno in OUTPUT_ERRNOS
+
+
+def exit_on_output_error(exc: OSError) -> NoReturn:
+    """End the command after its output could not be written: one `error:` line where stderr still
+    takes it, then exit 1, with both streams sent to /dev/null so Python's own flush at exit cannot
+    fail again (which printed "Exception ignored" and exited 120)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"error: cannot write the output ({exc.strerror or exc})", file=sys.stderr, flush=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # closed, or not a real file
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+    raise SystemExit(EXIT_ERROR)
 
 
 class LooplmGroup(TyperGroup):
@@ -236,6 +289,8 @@ class SamplingOptions:
 
         if self.max_new_tokens < 1:
             raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        for stop in self.stop or []:
+            check_text(stop, "--stop")
         if self.exit_threshold is not None and not 0.0 < self.exit_threshold <= 1.0:
             raise GenerationError(f"--exit-threshold must be in (0, 1], got {self.exit_threshold}")
         SamplingParams(self.temperature or 0.0, 1.0 if self.top_p is None else self.top_p, self.top_k or 0,

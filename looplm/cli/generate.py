@@ -47,7 +47,11 @@ def generate(
 ) -> None:
     """Generate a completion for PROMPT and stream it to stdout; timings go to stderr."""
     if prompt == "-":
+        common.read_stdin_leniently()
         prompt = sys.stdin.read()
+    common.check_text(prompt, "the prompt")  # bytes that are not UTF-8 are refused, never replaced
+    if system is not None:
+        common.check_text(system, "--system")
     sampling = common.SamplingOptions(max_new_tokens, temperature, top_p, top_k, exit_threshold, seed, stop,
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,

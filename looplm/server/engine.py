@@ -37,7 +37,7 @@ from looplm.errors import GenerationError
 from looplm.exit import POLICY_NAMES, check_threshold
 from looplm.generate import KV_MODES
 from looplm.models.ouro import OuroForCausalLM
-from looplm.sampling import SamplingParams, TokenChooser, make_generator
+from looplm.sampling import BAD_LOGITS, SamplingParams, TokenChooser, make_generator, usable_rows
 from looplm.server.batch import Batch, ChunkedPrefill, LoopConfig, Prefill, loop_policy, prefill_prompts
 from looplm.server.prefix_store import PrefixStore
 
@@ -422,9 +422,15 @@ class Engine:
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int | None]:
         """Each row's next token; None for a row whose own sampling failed (it got an error
         event), so one request's settings can never fail the others in its batch."""
-        greedy = logits.argmax(dim=-1).tolist()  # one call for the plain greedy rows
+        # One call for the plain greedy rows; -1 marks a row whose logits are NaN or infinite.
+        greedy = torch.where(usable_rows(logits), logits.argmax(dim=-1), -1).tolist()
         chosen: list[int | None] = []
         for i, seq in enumerate(rows):
+            if greedy[i] < 0:  # broken weights, or a numeric blow-up in this row: fail it alone
+                log.warning("sampling failed: %s", BAD_LOGITS)
+                self._emit(seq, Event("error", message=f"sampling failed: {BAD_LOGITS}"))
+                chosen.append(None)
+                continue
             if seq.sampling.greedy and not seq.sampling.adjusts_logits:
                 chosen.append(greedy[i])
                 continue
