@@ -203,7 +203,7 @@ def test_config_and_generation_config_files_that_are_not_utf8_or_hold_bad_values
     assert_one_line(info.value, "generation_config.json: not UTF-8 text")
     for bad, needle in (({"eos_token_id": "0"}, "'eos_token_id' must be a token id"),
                         ({"eos_token_id": {"a": 1}}, "'eos_token_id' must be a token id"),
-                        ({"temperature": "hot"}, "generation_config.json: temperature must be >= 0, got 'hot'"),
+                        ({"temperature": "hot"}, "generation_config.json: temperature must be a finite number >= 0, got 'hot'"),
                         ({"max_new_tokens": 0}, "generation_config.json: max_new_tokens must be a positive integer")):
         (ckpt / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(ConfigError) as info:
