@@ -74,10 +74,12 @@ def test_generate_streams_text_and_timings() -> None:
     result = invoke("generate", "Hello", "--max-new-tokens", "8")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()
-    timings = re.search(r"(\d+) new tokens, [\d.]+ tok/s .* finish: (\w+)", result.stderr)
+    timings = re.search(r"(\d+) new tokens?, [\d.]+ tok/s .* finish: (\w+)", result.stderr)
     assert timings, result.stderr
     new_tokens, finish = int(timings.group(1)), timings.group(2)  # an eos may come before the 8th token
     assert (new_tokens, finish) == (8, "length") or (new_tokens < 8 and finish == "stop"), result.stderr
+    one = invoke("generate", "Hello", "--max-new-tokens", "1")
+    assert re.search(r"\b1 new token, ", one.stderr), one.stderr
 
 
 def test_generate_json_is_greedy_and_deterministic(default_model) -> None:  # noqa: ANN001
@@ -511,6 +513,12 @@ def test_chat_load_refuses_a_bad_file_before_the_model_loads(tmp_path: Path, con
         path.write_text(content)
     result = invoke("chat", "--load", str(path), "-m", str(tmp_path / "no-model"), input="hi\n")
     assert_one_line_error(result, message)
+
+
+def test_chat_refuses_a_reply_budget_that_leaves_no_room_for_a_message() -> None:
+    """Every message failed, each with a hint (/reset) that could not help."""
+    assert_one_line_error(invoke("chat", "--max-new-tokens", "5000", input="hi\n"),
+                          "--max-new-tokens 5000 leaves no room for a message in the model's context of 4096 tokens")
 
 
 def test_chat_load_with_its_own_system_message_refuses_system(tmp_path: Path) -> None:

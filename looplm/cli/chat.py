@@ -85,6 +85,10 @@ def chat(
         raise LooplmError(f"{load} has its own system message; leave out --system")
     common.set_threads(threads)
     lm = common.load_model(model, dtype, device, steps, quant, group_size, needs_text=True)
+    context = lm.config.max_position_embeddings
+    if max_new_tokens >= context:  # every message would fail, each with a hint that cannot help
+        raise LooplmError(f"--max-new-tokens {max_new_tokens} leaves no room for a message in the model's context "
+                          f"of {context} tokens; give fewer")
     options = {**sampling.for_model(lm), **exits.as_kwargs(), "prompt_cache": conversation_cache(lm, exits)}
     session = ChatSession(lm, options, think, hide_think, show_steps, system, loaded)
     interactive = sys.stdin.isatty()

@@ -77,7 +77,7 @@ def generate(
               if stats.draft_rounds else "")
     common.stderr().print(
         f"{setup}{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s * 1000:.1f} ms | "
-        f"{stats.new_tokens} new tokens, {stats.decode_tok_s:.1f} tok/s | "
+        f"{stats.new_tokens} new token{'' if stats.new_tokens == 1 else 's'}, {stats.decode_tok_s:.1f} tok/s | "
         f"mean exit step {chunk.mean_exit_step or 0:.2f} | {drafts}finish: {chunk.finish_reason}",
         style="dim",
     )
