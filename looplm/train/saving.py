@@ -71,3 +71,12 @@ def atomic_write(path: Path, write) -> None:  # noqa: ANN001
     except BaseException:  # a failed or interrupted write leaves neither a torn file nor its temporary
         tmp.unlink(missing_ok=True)
         raise
+
+
+def jsonable(value):  # noqa: ANN001, ANN202
+    """A value with Paths as strings and tuples as lists, for JSON (logs, saved settings)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value

@@ -13,10 +13,8 @@ Contract:
   plus `trainer_state.pt` (fp32 weights, AdamW state, step, RNG and the run's `RUN_SETTINGS`) for
   `resume`, `train_log.jsonl` (a start event, one row per step, a resume event per resume) and
   `train_loss.png`.
-- Resume continues the run with its saved settings: a setting not set on purpose (`explicit`)
-  takes the saved value, one set to another value is an error, except `CHANGEABLE_ON_RESUME`.
-  The model comes from the output directory's config.json unless `model_config` / `init_from`
-  is given. A state saved before the settings were recorded resumes with the config as given.
+- Resume continues the run with its saved settings (`looplm.train.resume`). The model comes from
+  the output directory's config.json unless `model_config` / `init_from` is given.
 - AdamW (betas 0.9/0.95), linear warmup then cosine decay to `min_lr_ratio * lr`, gradient
   clipping at `clip`, bf16 autocast (CPU and CUDA) and optional per-layer activation
   checkpointing.
@@ -51,20 +49,11 @@ from looplm.output_files import make_output_dir
 from looplm.tokenizer import Tokenizer
 from looplm.train.data import TokenBatches
 from looplm.train.objective import per_step_token_loss, stage1_loss, stage2_loss
-from looplm.train.saving import STATE_FILE, atomic_write, save_checkpoint
+from looplm.train.resume import Resume, load_state, restore, resumed, rng_state, run_settings
+from looplm.train.saving import STATE_FILE, atomic_write, jsonable, save_checkpoint
 
 LOG_FILE, PLOT_FILE = "train_log.jsonl", "train_loss.png"
 RUN_FILES = (STATE_FILE, LOG_FILE, "config.json", "model.safetensors")  # an earlier run (or model) in out_dir
-# What shapes a run's trajectory (schedule, objective, data and its order, numerics): saved in trainer_state.pt and
-# taken back on resume. The other fields are per command (device, micro_batch, save_every, stop_at, ...).
-RUN_SETTINGS = ("stage", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-                "betas", "clip", "beta", "bf16", "seed", "data_dir")
-# Of those, what a resumed run may change: `steps` re-spans the cosine (a longer or shorter run; the recipe in
-# scripts/train_tiny_ouro.sh does it), `data_dir` moves to another data directory with the same tokenizer (a
-# curriculum phase, see looplm.train.data.build_arithmetic_phase).
-CHANGEABLE_ON_RESUME = ("steps", "data_dir")
-_FLAGS = {"warmup_steps": "--warmup", "data_dir": "--data", "bf16": "--bf16/--no-bf16", "betas": "betas", "clip": "clip"}
-
 
 @dataclass
 class TrainConfig:
@@ -251,98 +240,6 @@ def _run_model(out: Path) -> tuple[OuroForCausalLM, dict]:
     return OuroForCausalLM(OuroConfig.from_dict(raw, source=str(config_file))), raw
 
 
-@dataclass
-class _Resume:
-    state: dict  # trainer_state.pt as saved
-    step: int  # the step it had reached
-    changed: dict  # {setting: [saved, now]} of CHANGEABLE_ON_RESUME set to another value
-    saved_settings: bool  # False: a state saved before settings were recorded (the config is used as given)
-
-
-def _load_state(state_file: Path) -> dict:
-    if not state_file.exists():
-        raise LooplmError(f"{state_file}: nothing to resume from; drop --resume to start fresh")
-    with _unusable_state(state_file):
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        int(state["step"])
-        if not isinstance(state.get("settings", {}), (dict, type(None))):
-            raise TypeError(f"settings is a {type(state['settings']).__name__}")
-    return state
-
-
-def _restore(state: dict, state_file: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a saved run's model, optimizer and RNG state."""
-    with _unusable_state(state_file):
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-
-
-@contextlib.contextmanager
-def _unusable_state(state_file: Path) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:  # unpickling, a missing key, shapes of another model: all say the file is not this run's
-        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-        raise LooplmError(f"{state_file}: cannot resume from it ({reason}); it is corrupt or from another model "
-                          "or settings") from None
-
-
-def run_settings(config: TrainConfig) -> dict:
-    """The config's RUN_SETTINGS as plain values (what trainer_state.pt keeps); the data directory absolute, so a
-    resume from another working directory finds it."""
-    return {name: _setting(config, name) for name in RUN_SETTINGS}
-
-
-def _setting(config: TrainConfig, name: str):  # noqa: ANN202
-    value = getattr(config, name)
-    if name == "data_dir" and value is not None:
-        return str(Path(value).resolve())
-    return _jsonable(value)
-
-
-def _from_saved(name: str, value):  # noqa: ANN001, ANN202
-    return tuple(value) if name == "betas" else Path(value) if name == "data_dir" else value
-
-
-def _flag(name: str) -> str:
-    return _FLAGS.get(name, "--" + name.replace("_", "-"))
-
-
-def _as_flag(name: str, value: object) -> str:
-    if name == "bf16":
-        return "--bf16" if value else "--no-bf16"
-    return f"{_flag(name)} {value}"
-
-
-def _resumed(config: TrainConfig, state: dict, state_file: Path) -> tuple[TrainConfig, _Resume]:
-    """The config a resume continues with: the saved settings, except those set on purpose to the same value or,
-    for CHANGEABLE_ON_RESUME, to a new one; any other new value is an error (it would change the run midway)."""
-    step = int(state["step"])
-    saved = state.get("settings")
-    if saved is None:
-        _warn(f"{state_file} holds no training settings (saved by an older looplm): resuming with this command's "
-              "settings as given or defaulted; they must match the run's (--lr, --warmup, --steps, --seed, ...)")
-        if config.data_dir is None:
-            raise LooplmError(f"give the run's data directory (--data): {state_file} does not record it")
-        return config, _Resume(state, step, {}, saved_settings=False)
-    given = set(RUN_SETTINGS if config.explicit is None else config.explicit)
-    updates, changed = {}, {}
-    for name in RUN_SETTINGS:
-        if name not in saved:  # a setting added after this state was saved: the config's
-            continue
-        old, new = saved[name], _setting(config, name)
-        if name not in given or new is None:
-            updates[name] = _from_saved(name, old)
-        elif new != old and name in CHANGEABLE_ON_RESUME:
-            changed[name] = [old, new]
-        elif new != old:
-            raise LooplmError(f"{_as_flag(name, new)} differs from the run's {_as_flag(name, old)} ({state_file}); "
-                              f"{_flag(name)} cannot change on --resume: drop it to continue with "
-                              f"{_as_flag(name, old)}, or start a new run (another --out)")
-    return replace(config, **updates), _Resume(state, step, changed, saved_settings=True)
-
-
 def _check_span(config: TrainConfig, done: int) -> None:
     """--steps and --stop-at against each other and against the step a resumed run has reached."""
     if done >= config.steps:
@@ -354,13 +251,17 @@ def _check_span(config: TrainConfig, done: int) -> None:
         raise LooplmError(f"--stop-at {config.stop_at}: {config.out_dir} is already at step {done}")
 
 
-def _warn_about(config: TrainConfig, resume: _Resume | None) -> None:
+def _warn_about(config: TrainConfig, resume: Resume | None) -> None:
     """Warnings for settings that run but may not do what was meant."""
     if config.warmup_steps >= config.steps:
         _warn(f"--warmup {config.warmup_steps} is not below --steps {config.steps}: the learning rate rises for the "
               f"whole run (to {lr_at(config.steps - 1, config):.3g} of the peak {config.lr:.3g}) and never decays")
     if resume is None:
         return
+    if not resume.saved_settings:
+        _warn(f"{Path(config.out_dir) / STATE_FILE} holds no training settings (saved by an older looplm): resuming "
+              "with this command's settings as given or defaulted; they must match the run's (--lr, --warmup, "
+              "--steps, --seed, ...)")
     if "steps" in resume.changed:
         before = lr_at(resume.step, replace(config, steps=resume.changed["steps"][0]))
         after = lr_at(resume.step, config)
@@ -376,20 +277,6 @@ def _warn_about(config: TrainConfig, resume: _Resume | None) -> None:
 def _warn(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line
         warnings.warn(message, stacklevel=4)  # at the caller of train()
-
-
-def _rng_state() -> dict:
-    # Batches come from their own (seed, step) generator; this covers any other torch randomness.
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _params_for_decay(model: nn.Module) -> list[dict]:
@@ -409,7 +296,7 @@ def train(config: TrainConfig) -> dict:
     resume = None
     if config.resume:
         state_file = Path(config.out_dir) / STATE_FILE
-        config, resume = _resumed(config, _load_state(state_file), state_file)
+        config, resume = resumed(config, load_state(state_file), state_file)
     _check_span(config, resume.step if resume else 0)
     _warn_about(config, resume)
     rank, world, device = _setup_distributed(config.device)
@@ -434,7 +321,7 @@ def _check_fresh_out(out: Path, config: TrainConfig) -> None:
                           "starts a new one there, or choose another --out")
 
 
-def _train(config: TrainConfig, rank: int, world: int, device: torch.device, resume: _Resume | None) -> dict:
+def _train(config: TrainConfig, rank: int, world: int, device: torch.device, resume: Resume | None) -> dict:
     out = Path(config.out_dir)
     if config.batch_size % world:
         raise LooplmError(f"batch_size {config.batch_size} is not a multiple of the {world} processes")
@@ -466,7 +353,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, res
     )
     start_step = 0
     if resume is not None:
-        _restore(resume.state, out / STATE_FILE, model, optimizer)
+        restore(resume.state, out / STATE_FILE, model, optimizer)
         start_step, resume.state = resume.step, {}  # the copy of the weights is not needed any more
     module: nn.Module = StepLogits(model, config.stage)
     if world > 1:
@@ -478,7 +365,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, res
             with _disk_errors(out, "the training log", start_step):
                 _log_resume(out / LOG_FILE, config, resume, world)
         if start_step == 0:
-            header = {"event": "start", "world_size": world, "config": _jsonable(asdict(config)), "model": raw_config,
+            header = {"event": "start", "world_size": world, "config": jsonable(asdict(config)), "model": raw_config,
                       "parameters": sum(p.numel() for p in model.parameters())}
             (out / LOG_FILE).write_text(json.dumps(header) + "\n")
     progress = _Progress(config.steps, start_step, enabled=config.progress and rank == 0)
@@ -527,7 +414,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, res
             if (config.save_every and (step + 1) % config.save_every == 0) or last:
                 if rank == 0:
                     with _disk_errors(out, "the checkpoint", step + 1):
-                        save_checkpoint(out, model, raw_config, tokenizer, optimizer, step + 1, _rng_state(),
+                        save_checkpoint(out, model, raw_config, tokenizer, optimizer, step + 1, rng_state(),
                                         run_settings(config))
                     plot_log(out / LOG_FILE, out / PLOT_FILE)
                 if world > 1:
@@ -636,14 +523,6 @@ class _Progress:
             self.bar.stop()
 
 
-def _jsonable(value):  # noqa: ANN001, ANN202
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
-
-
 def _log_lines(path: Path) -> list[tuple[str, dict]]:
     """Each line of a train_log.jsonl with its row. A cut-short last line (what a crash or a full disk leaves
     mid-write) is dropped; a broken line before it is an error."""
@@ -666,11 +545,11 @@ def _log_lines(path: Path) -> list[tuple[str, dict]]:
     return rows
 
 
-def _log_resume(log: Path, config: TrainConfig, resume: _Resume, world: int) -> None:
+def _log_resume(log: Path, config: TrainConfig, resume: Resume, world: int) -> None:
     """Drop the rows logged after the checkpoint by an interrupted run (and a cut-short last line), then record
     the resume: its step and the settings it continues with."""
     kept = [line for line, row in _log_lines(log) if row.get("step", 0) <= resume.step] if log.exists() else []
-    event = {"event": "resume", "step": resume.step, "world_size": world, "config": _jsonable(asdict(config)),
+    event = {"event": "resume", "step": resume.step, "world_size": world, "config": jsonable(asdict(config)),
              "changed": resume.changed, "saved_settings": resume.saved_settings}
     atomic_write(log, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept) + json.dumps(event) + "\n"))
 
