@@ -66,10 +66,59 @@ def read_gguf(path: Path, dtype: torch.dtype) -> GGUFCheckpoint:
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable GGUF metadata ({e})") from e
     config = _build_config(path, meta)
-    state_dict = _build_state_dict(path, reader, config, dtype)
+    # Everything that can be refused is checked before any tensor is unpacked: unpacking an 8B
+    # GGUF takes 16 GB in bf16, and a wrong head count made the un-permute fail with a traceback.
+    _check_config(path, config)
     chat_template = meta.get("tokenizer.chat_template")
     tokenizer = _build_tokenizer(path, meta, chat_template)
+    _check_tensor_shapes(path, reader, config)
+    state_dict = _build_state_dict(path, reader, config, dtype)
     return GGUFCheckpoint(config, state_dict, tokenizer, chat_template)
+
+
+def _check_config(path: Path, config: dict[str, Any]) -> None:
+    """The model config's own checks (positive sizes, heads that divide, an even head_dim), and
+    special token ids inside the vocabulary."""
+    from looplm.config import OuroConfig
+
+    OuroConfig.from_dict(config, source=f"{path} (GGUF metadata)")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token = config[key]
+        if token is not None and not 0 <= token < config["vocab_size"]:
+            raise CheckpointError(f"{path}: GGUF metadata's {key} {token} is outside the vocabulary "
+                                  f"(0..{config['vocab_size'] - 1})")
+
+
+def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape for every tensor the config implies (lm_head only if untied)."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q_rows = config["num_attention_heads"] * config["head_dim"]
+    kv_rows = config["num_key_value_heads"] * config["head_dim"]
+    per_layer = {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+                 "self_attn.q_proj": (q_rows, hidden), "self_attn.k_proj": (kv_rows, hidden),
+                 "self_attn.v_proj": (kv_rows, hidden), "self_attn.o_proj": (hidden, q_rows),
+                 "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in per_layer.items()})
+    return shapes
+
+
+def _check_tensor_shapes(path: Path, reader: Any, config: dict[str, Any]) -> None:
+    """Every tensor's name and shape (from the GGUF's tensor index) against the config, and none
+    missing, before any is unpacked."""
+    expected = _expected_shapes(config)
+    seen = set()
+    for t in reader.tensors:
+        hf = _hf_name(path, t.name, config["num_hidden_layers"])
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGML order is innermost first
+        if shape != expected[hf]:
+            raise CheckpointError(f"{path}: tensor {t.name!r} is {shape}, the metadata implies {expected[hf]}")
+        seen.add(hf)
+    missing = [name for name in expected if name not in seen and name != "lm_head.weight"]
+    if missing:
+        raise CheckpointError(f"{path}: GGUF lacks {len(missing)} tensors, e.g. {missing[0]!r}")
 
 
 def _open(path: Path) -> Any:
@@ -116,7 +165,7 @@ def _build_config(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "num_attention_heads": heads,
         # GGUF omits head_count_kv when it equals head_count (no GQA).
         "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(meta.get(f"{arch}.rope.dimension_count", hidden // heads)),
+        "head_dim": int(meta.get(f"{arch}.rope.dimension_count", hidden // heads if heads > 0 else 0)),
         "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "rms_norm_eps": _f32(_req(path, meta, f"{arch}.attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": int(_req(path, meta, f"{arch}.context_length")),
@@ -178,25 +227,10 @@ def _build_state_dict(
         # Copy out of the read-only mmap and cast now, so only one fp32 array is alive at a time.
         out[hf] = torch.tensor(arr, dtype=dtype)
         del arr
-    _check_complete(path, out, config)
     config["tie_word_embeddings"] = "lm_head.weight" not in out
     if config["tie_word_embeddings"]:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
-
-
-def _check_complete(path: Path, sd: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    needed = ["model.embed_tokens.weight", "model.norm.weight"]
-    for i in range(config["num_hidden_layers"]):
-        needed += [f"model.layers.{i}.{v}.weight" for v in _BLOCK_MAP.values()]
-    missing = [n for n in needed if n not in sd]
-    if missing:
-        raise CheckpointError(f"{path}: GGUF lacks {len(missing)} tensors, e.g. {missing[0]!r}")
-    emb = sd["model.embed_tokens.weight"]
-    if emb.shape != (config["vocab_size"], config["hidden_size"]):
-        raise CheckpointError(
-            f"{path}: token_embd is {tuple(emb.shape)}, expected ({config['vocab_size']}, {config['hidden_size']})"
-        )
 
 
 def _build_tokenizer(path: Path, meta: dict[str, Any], chat_template: str | None) -> "Tokenizer":

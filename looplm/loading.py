@@ -56,7 +56,7 @@ def load(
     else:
         path = resolve_path(str(path_or_id))
     layout = int4_layout(kernels, device, torch_dtype)
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":
         model = _load_gguf(path, torch_dtype, device)
         if spec is not None:
             quantize_model(model, spec, int4_layout=layout)

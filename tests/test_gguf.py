@@ -206,3 +206,72 @@ def test_unsupported_rope_scaling(tmp_path: Path) -> None:
     _write_tiny_gguf(path, "llama", {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
     with pytest.raises(CheckpointError, match="RoPE scaling 'yarn'"):
         read_gguf(path, torch.float32)
+
+
+def _write_llama_gguf(path: Path, meta: dict[str, object] | None = None, ff_rows: int = 16,
+                      pre: str = "default", eos: int = 3) -> None:
+    """A complete one-layer llama GGUF (hidden 8, 2 heads, feed-forward 16, 4 tokens); `meta`
+    overrides uint32 metadata, `ff_rows` the stored feed-forward tensors' size."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    values = {"block_count": 1, "embedding_length": 8, "feed_forward_length": 16, "attention.head_count": 2,
+              "attention.head_count_kv": 2, "context_length": 32, **(meta or {})}
+    for key, val in values.items():
+        w.add_uint32(f"llama.{key}", val)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(["a", "b", "c", "<|im_end|>"])
+    w.add_token_types([1, 1, 1, 3])
+    w.add_eos_token_id(eos)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (4, 8), "output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,),
+              "blk.0.ffn_norm.weight": (8,), "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (8, 8),
+              "blk.0.attn_v.weight": (8, 8), "blk.0.attn_output.weight": (8, 8),
+              "blk.0.ffn_gate.weight": (ff_rows, 8), "blk.0.ffn_up.weight": (ff_rows, 8),
+              "blk.0.ffn_down.weight": (8, ff_rows)}
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize(("meta", "kwargs", "needle"), [
+    ({"attention.head_count": 0}, {}, "'num_attention_heads' must be a positive integer, got 0"),  # ZeroDivisionError
+    ({"attention.head_count_kv": 0}, {}, "'num_key_value_heads' must be a positive integer, got 0"),
+    ({"attention.head_count": 3, "attention.head_count_kv": 3}, {},  # the un-permute's reshape failed
+     "'blk.0.attn_q.weight' is (8, 8), the metadata implies (6, 8)"),
+    ({"feed_forward_length": 17}, {}, "'blk.0.ffn_gate.weight' is (16, 8), the metadata implies (17, 8)"),
+    ({}, {"pre": "falcon"}, "pre-tokenizer 'falcon' is not supported"),
+    ({}, {"eos": 4_000_000_000}, "eos_token_id 4000000000 is outside the vocabulary (0..3)"),
+])
+def test_bad_gguf_metadata_is_refused_before_any_tensor_is_unpacked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   meta: dict, kwargs: dict, needle: str) -> None:
+    """Head counts of 0 or 3 failed with a traceback (a division, the un-permute's reshape), and an
+    unsupported tokenizer or a wrong size was found only after every tensor had been unpacked
+    (16 GB for an 8B model in bf16)."""
+    import gguf.quants
+
+    good = tmp_path / "good.gguf"
+    _write_llama_gguf(good)
+    assert read_gguf(good, torch.float32).config["num_attention_heads"] == 2  # the writer makes a loadable file
+    path = tmp_path / "bad.gguf"
+    _write_llama_gguf(path, meta, **kwargs)
+    unpacked = []
+    real = gguf.quants.dequantize
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: unpacked.append(1) or real(*a))
+    with pytest.raises(LooplmError) as info:
+        read_gguf(path, torch.float32)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert unpacked == []
+
+
+def test_an_upper_case_suffix_is_a_gguf_too(tmp_path: Path) -> None:
+    import looplm
+
+    path = tmp_path / "tiny.GGUF"
+    _write_llama_gguf(path)
+    assert looplm.load(path, dtype="float32").config.num_hidden_layers == 1
