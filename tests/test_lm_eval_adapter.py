@@ -65,6 +65,29 @@ def test_loglikelihood_per_request_steps(adapter) -> None:  # noqa: ANN001
     assert results[3][0] < 0
 
 
+def test_a_context_ending_in_spaces_is_scored_as_lm_eval_scores_it(adapter) -> None:  # noqa: ANN001
+    """lm-eval moves a context's trailing spaces into the continuation ("A: " + "4" is "A:" + " 4");
+    looplm scored a lone space token, then "4" without its space (-2.06 against -4.33 on a tiny model)."""
+    spaced, moved = adapter.loglikelihood([_instance("loglikelihood", ("Q: 2+2?\nA: ", "4")),
+                                           _instance("loglikelihood", ("Q: 2+2?\nA:", " 4"))])
+    assert spaced == moved
+
+
+def test_bad_lengths_and_stops_are_one_line_errors_or_ignored(adapter) -> None:  # noqa: ANN001
+    """A continuation longer than the window raised a bare IndexError; `until: [""]` generated every
+    request and then failed in str.split (all answers lost); max_gen_toks -1 generated one token."""
+    from looplm.eval.lm_eval_adapter import LooplmLM
+
+    short = LooplmLM(model=adapter.model, steps=4, batch_size=3, max_length=8)
+    with pytest.raises(looplm.LooplmError, match="longer than the 8-token window"):
+        short.loglikelihood([_instance("loglikelihood", ("a", "the sky is very blue today"))])
+    empty_stop = adapter.generate_until([_instance("generate_until", ("Once upon", {"until": [""], "max_gen_toks": 3}))])
+    plain = adapter.generate_until([_instance("generate_until", ("Once upon", {"max_gen_toks": 3}))])
+    assert empty_stop == plain
+    with pytest.raises(looplm.LooplmError, match="max_gen_toks must be at least 1, got -1"):
+        adapter.generate_until([_instance("generate_until", ("Once upon", {"max_gen_toks": -1}))])
+
+
 def test_rolling_windows_cover_every_token(adapter) -> None:  # noqa: ANN001
     text = "a long text " * 12  # 144 bytes > max_length 64: several windows
     (total,) = adapter.loglikelihood_rolling([_instance("loglikelihood_rolling", (text,))])

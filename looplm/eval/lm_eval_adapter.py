@@ -180,12 +180,15 @@ class LooplmLM(LM):
                               f"(it reads {', '.join(GENERATION_KEYS)})")
         loop = self._loop(request, kwargs)
         until = kwargs.get("until") or []
-        until = (until,) if isinstance(until, str) else tuple(until)
+        until = tuple(stop for stop in ([until] if isinstance(until, str) else until) if stop)  # "" is in every text
+        max_new = int(kwargs.get("max_gen_toks", 256))
+        if max_new < 1:
+            raise LooplmError(f"generation_kwargs max_gen_toks must be at least 1, got {max_new}")
         sampling = {"repetition_penalty": float(kwargs.get("repetition_penalty", 1.0))}
         if kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0)) > 0:
             sampling.update(temperature=float(kwargs.get("temperature", 1.0)), top_p=float(kwargs.get("top_p", 1.0)),
                             top_k=int(kwargs.get("top_k", 0)), min_p=float(kwargs.get("min_p", 0.0)))
-        return loop, until, int(kwargs.get("max_gen_toks", 256)), tuple(sorted(sampling.items()))
+        return loop, until, max_new, tuple(sorted(sampling.items()))
 
     def _score(self, requests, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:  # noqa: ANN001
         groups: dict[tuple, list[int]] = defaultdict(list)

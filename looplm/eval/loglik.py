@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from looplm.cpu_load import adjust_threads
+from looplm.errors import LooplmError
 from looplm.exit import ExitPolicy
 from looplm.models.ouro import OuroForCausalLM, StepOutput
 
@@ -51,7 +52,14 @@ class Scored:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:  # noqa: ANN001
-    """Context and continuation ids; the split is taken from the joint encoding (BPE merges across it)."""
+    """Context and continuation ids; the split is taken from the joint encoding (BPE merges across it).
+
+    As lm-evaluation-harness does (`TemplateLM._encode_pair`), spaces that end the context move to
+    the start of the continuation: "A: " + "4" is scored as "A:" + " 4", the way BPE tokenizers
+    write a word, not as a lone space token followed by "4"."""
+    stripped = context.rstrip()
+    if stripped and stripped != context:
+        context, continuation = stripped, context[len(stripped):] + continuation
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
     if whole[: len(ctx)] != ctx or len(whole) == len(ctx):  # merged across the boundary: encode apart
@@ -85,6 +93,9 @@ def score_requests(
         for index in chunk:
             context, continuation = requests[index]
             assert continuation, f"request {index} has an empty continuation"
+            if len(continuation) > max_length:  # no context would be left to predict its first token from
+                raise LooplmError(f"a continuation of {len(continuation)} tokens is longer than the "
+                                  f"{max_length}-token window it is scored in; it cannot be scored")
             sequence = (context + continuation)[-(max_length + 1):]
             rows.append(sequence[:-1])  # the input; targets are the sequence shifted by one
             spans.append((len(sequence) - 1 - len(continuation), sequence[-len(continuation):]))
