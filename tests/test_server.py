@@ -810,6 +810,76 @@ def test_looplm_serve_command(tmp_path) -> None:  # noqa: ANN001
         process.wait(timeout=30)
 
 
+def test_a_stop_signal_ends_running_streams_and_the_process(tmp_path) -> None:  # noqa: ANN001
+    """SIGTERM (or Ctrl-C) during a long stream: uvicorn waits for open connections before the app
+    and its engine shut down, so the server kept streaming for minutes (and a second Ctrl-C
+    aborted it). Now the stream ends with an error event and [DONE], and the process exits."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LOOPLM_HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "looplm", "serve", "--port", str(port), "--threads", "1", "--max-context", "4096"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # startup only
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "looplm serve did not come up"
+                time.sleep(0.2)
+        body = {"prompt": "ROMEO:", "max_tokens": 4000, "stream": True, "ignore_eos": True, "loops": 8}
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                if len(events) == 3:
+                    process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) is not None
+        assert events[-1] == "[DONE]" and "shutting down" in events[-2]
+        assert len(events) < 1000  # it stopped, it did not finish 4000 tokens
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def test_serve_listens_before_loading_and_refuses_an_empty_api_key() -> None:
+    """Two servers started at once on one port both bound it (SO_REUSEADDR) and the second died in
+    uvicorn's listen after loading its model; an empty key turned authentication off."""
+    from typer.testing import CliRunner
+
+    from looplm.cli import app
+    from looplm.cli.serve import _listen
+    from looplm.errors import LooplmError
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = _listen("127.0.0.1", port)
+    try:
+        with pytest.raises(LooplmError, match=f"cannot listen on 127.0.0.1:{port}"):
+            _listen("127.0.0.1", port)
+    finally:
+        first.close()
+    with pytest.raises(LooplmError, match="is not a valid host name"):
+        _listen("a..b", 8000)
+    for key in ("", "  "):
+        result = CliRunner().invoke(app, ["serve", "--api-key", key, "--port", "1"])
+        assert result.exit_code == 1 and "--api-key (or $LOOPLM_API_KEY) is empty" in result.output
+
+
 def test_prefill_chunks_group_by_length_within_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     from looplm.server import engine as engine_module
 

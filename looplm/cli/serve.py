@@ -37,7 +37,12 @@ def serve(
 
     from looplm.server import build_app
     from looplm.server import served_model_name as name_for
+    from looplm.server.uvicorn_server import GRACE_S, EngineStoppingServer
 
+    if api_key is not None:
+        api_key = api_key.strip()  # the header's value is compared stripped too
+        if not api_key:  # --api-key "$KEY" with KEY unset would serve openly
+            raise LooplmError("--api-key (or $LOOPLM_API_KEY) is empty; give a key, or leave the option out")
     common.set_threads(threads)
     common.check_engine_options(max_context, max_batch, prefill_chunk, prefix_cache_mb)
     if max_queue < 1:
@@ -50,7 +55,8 @@ def serve(
     app = build_app(lm, name, api_key, max_context, max_batch, max_queue, prefill_chunk, prefix_cache_mb)
     shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     common.stderr().print(f"serving '{name}' at http://{shown_host}:{port}/v1 (Ctrl-C stops)")
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[listener])
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACE_S)
+    EngineStoppingServer(config, app.state.engine).run(sockets=[listener])
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -62,10 +68,16 @@ def _listen(host: str, port: int) -> socket.socket:
                                                              flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
         raise LooplmError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
+    except UnicodeError:  # a label the IDNA codec refuses ("a..b", 64 characters or more)
+        raise LooplmError(f"--host {host!r} is not a valid host name") from None
     listener = socket.socket(family, kind, proto)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart right after a stop
     try:
         listener.bind(address)
+        # Listening now, not when uvicorn starts: two sockets with SO_REUSEADDR can both bind a
+        # port, so a second server started at the same moment loaded its model, said it was
+        # serving, then died in uvicorn's listen().
+        listener.listen(2048)
     except OSError as exc:
         listener.close()
         raise LooplmError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host, "

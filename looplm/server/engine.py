@@ -143,10 +143,15 @@ class Engine:
             self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Stop after the current step without waiting: every sequence still queued or running gets
+        an error event ("the server is shutting down"), which ends its stream."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
+
+    def stop(self) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
