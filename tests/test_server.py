@@ -856,13 +856,13 @@ def test_a_stop_signal_ends_running_streams_and_the_process(tmp_path) -> None:  
 def test_serve_listens_before_loading_and_refuses_an_empty_api_key() -> None:
     """Two servers started at once on one port both bound it (SO_REUSEADDR) and the second died in
     uvicorn's listen after loading its model; an empty key turned authentication off."""
+    import socket
+
     from typer.testing import CliRunner
 
     from looplm.cli import app
     from looplm.cli.serve import _listen
     from looplm.errors import LooplmError
-
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
