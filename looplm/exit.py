@@ -245,6 +245,17 @@ def check_threshold(name: str, threshold: float) -> None:
         raise GenerationError(f"exit_threshold must be in (0, 1], got {threshold!r}")
 
 
+def check_exit_options(policy: str | None, threshold: float | None) -> None:
+    """A GenerationError for a threshold the policy would not read (`last`, `fixed`, `weighted`:
+    it used to be ignored in silence) or one outside the range of the rule that reads it. None
+    is the reference's default rule, the gate."""
+    if threshold is None:
+        return
+    if policy in ("last", "fixed", "weighted"):
+        raise GenerationError(f"exit_policy '{policy}' reads no threshold; leave out exit_threshold ({threshold})")
+    check_threshold(policy if policy in ("confidence", "kl") else "gate", threshold)
+
+
 def make_policy(
     name: str | None,
     threshold: float | None,

@@ -27,7 +27,7 @@ import torch
 
 from looplm.decode_job import GenerationStats, TokenJob, device_elapsed
 from looplm.errors import GenerationError
-from looplm.exit import ExitPolicy, check_threshold, make_policy
+from looplm.exit import ExitPolicy, check_exit_options, make_policy
 from looplm.models.ouro import OuroForCausalLM, check_token_ids, positions_from_mask
 from looplm.prompt_cache import PromptCache
 from looplm.sampling import SamplingParams, TokenChooser, logit_bias_pairs, make_generator
@@ -273,8 +273,7 @@ def stream_generate(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if exit_threshold is not None:  # kl reads a divergence; every other rule a mass in (0, 1]
-        check_threshold(exit_policy if exit_policy == "kl" else "gate", exit_threshold)
+    check_exit_options(exit_policy, exit_threshold)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, logit_bias=logit_bias_pairs(logit_bias),
                               repetition_penalty=repetition_penalty, min_p=min_p)

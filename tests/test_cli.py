@@ -333,6 +333,8 @@ def test_corrupt_config_is_one_line_error(tmp_path: Path) -> None:
         (["--max-new-tokens", "0"], "max-new-tokens"),
         (["--top-p", "0"], "top_p"),
         (["--exit-threshold", "1.5"], "exit-threshold"),
+        (["--exit-policy", "last", "--exit-threshold", "0.5"], "exit_policy 'last' reads no threshold"),
+        (["--exit-policy", "kl", "--exit-threshold", "-1"], "KL divergence, >= 0"),
         (["--steps", "9"], "steps"),
         (["--dtype", "int3"], "dtype"),
         (["--stop", ""], "stop"),

@@ -438,6 +438,25 @@ def test_seeds_differ_in_their_high_32_bits_too(gqa_model) -> None:  # noqa: ANN
                        torch.rand(4, generator=plain))
 
 
+def test_one_threshold_rule_per_exit_policy_everywhere(gqa_model) -> None:  # noqa: ANN001
+    """generate, the server and the CLI disagreed: kl above 1 passed here and not there,
+    confidence 0 was refused as if it were the gate, a threshold for `last` was ignored."""
+    from looplm.server.engine import Engine
+
+    engine = Engine(gqa_model, max_context=64)
+    for policy, threshold in (("kl", 2.5), ("kl", 0.0), ("confidence", 0.0), ("confidence", 1.0), ("gate", 1.0),
+                              (None, 0.3)):
+        gqa_model.generate([5, 6, 7], 2, exit_policy=policy, exit_threshold=threshold)
+        engine.loop_config(None, policy, threshold)
+    for policy, threshold, needle in (("last", 0.5, "reads no threshold"), ("weighted", 0.5, "reads no threshold"),
+                                      ("gate", 0.0, r"in \(0, 1\]"), ("confidence", 1.5, r"in \[0, 1\]"),
+                                      ("kl", -0.1, ">= 0"), (None, 2.0, r"in \(0, 1\]")):
+        with pytest.raises(GenerationError, match=needle):
+            gqa_model.generate([5, 6, 7], 2, exit_policy=policy, exit_threshold=threshold)
+        with pytest.raises(GenerationError, match=needle):
+            engine.loop_config(None, policy, threshold)
+
+
 def test_an_empty_stop_string_is_refused(gqa_model) -> None:  # noqa: ANN001
     """"" is in every text: generation stopped after one token."""
     gqa_model.tokenizer = looplm.load().tokenizer

@@ -78,6 +78,7 @@ def chat(
                                       presence_penalty, frequency_penalty, repetition_penalty, min_p)
     exits = common.DecodeOptions(exit_policy, kv_mode, skip_compute, decoder, draft_steps, draft_tokens,
                                  draft_confidence)
+    exits.check_threshold(exit_threshold)
     if system is not None:
         common.check_text(system, "--system")
     loaded = read_messages(load) if load is not None else []

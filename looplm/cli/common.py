@@ -262,6 +262,16 @@ class DecodeOptions:
         if not 0.0 <= self.draft_confidence < 1.0:
             raise GenerationError(f"--draft-confidence must be in [0, 1), got {self.draft_confidence}")
 
+    def check_threshold(self, exit_threshold: float | None) -> None:
+        """--exit-threshold against --exit-policy, before the model loads (the library checks again)."""
+        from looplm.errors import GenerationError
+        from looplm.exit import check_exit_options
+
+        try:
+            check_exit_options(self.exit_policy, exit_threshold)
+        except GenerationError as exc:
+            raise GenerationError(f"--exit-threshold {exit_threshold:g}: {exc}") from None
+
     def as_kwargs(self) -> dict:
         return {"exit_policy": self.exit_policy, "kv_mode": self.kv_mode, "skip_compute": self.skip_compute,
                 "decoder": self.decoder, "draft_steps": self.draft_steps, "draft_tokens": self.draft_tokens,
@@ -291,8 +301,6 @@ class SamplingOptions:
             raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         for stop in self.stop or []:
             check_text(stop, "--stop")
-        if self.exit_threshold is not None and not 0.0 < self.exit_threshold <= 1.0:
-            raise GenerationError(f"--exit-threshold must be in (0, 1], got {self.exit_threshold}")
         SamplingParams(self.temperature or 0.0, 1.0 if self.top_p is None else self.top_p, self.top_k or 0,
                        self.presence_penalty, self.frequency_penalty, (),
                        1.0 if self.repetition_penalty is None else self.repetition_penalty, self.min_p or 0.0)

@@ -43,12 +43,13 @@ def arithmetic(
     """Exact-match accuracy on held-out arithmetic (1-digit chains of 2-4 terms, e.g. 7-8+9-5=), per loop count
     (read at the last loop), and with --exit-threshold the gate's exit at the largest."""
     from looplm.eval.arithmetic import evaluate_arithmetic, format_table
+    from looplm.exit import check_threshold
 
     step_list = parse_steps(steps) if steps else None
     if n < 1:
         raise LooplmError(f"--n must be at least 1, got {n}")
-    if exit_threshold is not None and not 0.0 < exit_threshold <= 1.0:
-        raise LooplmError(f"--exit-threshold must be in (0, 1], got {exit_threshold}")
+    if exit_threshold is not None:  # the gate's
+        check_threshold("gate", exit_threshold)
     check_writable(output, "--output")
     common.set_threads(threads)
     lm = common.load_model(model, dtype, device, None, needs_text=True)

@@ -34,7 +34,7 @@ import torch
 
 from looplm.cpu_load import adjust_threads
 from looplm.errors import GenerationError
-from looplm.exit import POLICY_NAMES, check_threshold
+from looplm.exit import POLICY_NAMES, check_exit_options
 from looplm.generate import KV_MODES
 from looplm.models.ouro import OuroForCausalLM
 from looplm.sampling import BAD_LOGITS, SamplingParams, TokenChooser, make_generator, usable_rows
@@ -172,8 +172,7 @@ class Engine:
             raise GenerationError(f"loops must be in [1, {most}], got {loops}")
         if exit_policy is not None and exit_policy not in POLICY_NAMES:
             raise GenerationError(f"exit_policy must be one of {', '.join(POLICY_NAMES)}, got {exit_policy!r}")
-        if exit_threshold is not None:  # kl reads a divergence; every other rule a mass in (0, 1]
-            check_threshold(exit_policy if exit_policy == "kl" else "gate", exit_threshold)
+        check_exit_options(exit_policy, exit_threshold)
         if kv_mode not in KV_MODES:
             raise GenerationError(f"kv_mode must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
         steps = self.model.config.total_ut_steps if loops is None else loops
