@@ -114,12 +114,31 @@ class CompareOptions:
             raise ConfigError(f"--turn-tokens must be 0 (skip) or a positive integer, got {self.turn_tokens!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be a positive integer, got {self.threads!r}")
+        if not self.shapes:  # it measured the memory bandwidth, then printed an empty table
+            raise ConfigError("--shapes names no shape (choose from " + ", ".join(self.rows) + ")")
         for shape in self.shapes:
             if shape not in self.rows:
                 raise ConfigError(f"unknown shape '{shape}' (choose {', '.join(self.rows)})")
             unknown = [row for row in self.rows[shape] if row not in VARIANTS]
             if unknown:
                 raise ConfigError(f"unknown row(s) {', '.join(unknown)} (choose {', '.join(VARIANTS)})")
+            if any(VARIANTS[row].quant == "int4" for row in self.rows[shape]):
+                self._check_group_size(shape)
+
+    def _check_group_size(self, shape: str) -> None:
+        """The int4 group size against the shape's layer widths, before any row runs (the int4 rows
+        failed after every other row had been measured)."""
+        from looplm.bench import SHAPES
+        from looplm.quant import QuantSpec
+
+        try:
+            QuantSpec(4, self.group_size)
+        except LooplmError as exc:
+            raise ConfigError(f"--group-size: {exc}") from None
+        widths = (SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"])
+        if any(width % self.group_size for width in widths):
+            raise ConfigError(f"--group-size {self.group_size} does not divide the {shape} shape's layer widths "
+                              f"{widths[0]} and {widths[1]}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import torch
 import looplm
 from looplm.bench import SHAPES, bench_home, ensure_checkpoint, machine_info
 from looplm.cache import KVCache, kv_bytes_per_token
-from looplm.errors import exit_code_of
-from looplm.exit import make_policy
+from looplm.errors import LooplmError, exit_code_of
+from looplm.exit import check_threshold, make_policy
 from looplm.models.ouro import OuroForCausalLM
 from looplm.output_files import PRINTED_ABOVE, check_writable, write_result
 
@@ -155,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
+    for flag, value in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens), ("--repeats", args.repeats)):
+        if value < 1:  # before the checkpoint is built and loaded, not a traceback after
+            raise LooplmError(f"{flag} must be a positive integer, got {value}")
+    check_threshold("gate", args.gate_threshold)
     check_writable(args.json_out, "--json-out")
     result = run(args.shape, args.prompt_len, args.new_tokens, args.repeats, args.gate_threshold,
                  args.workdir or bench_home())

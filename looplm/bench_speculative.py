@@ -299,18 +299,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --draft-tokens takes positive integers (e.g. 2,4,6), --confidences numbers in (0, 1); "
               "--new-tokens, --repeats and --rounds must be positive", file=sys.stderr)
         return 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    try:  # every option before part 1 runs (it takes minutes)
+        from looplm.bench import SHAPES
+
+        if args.shape != "none" and args.shape not in SHAPES:
+            raise LooplmError(f"unknown shape '{args.shape}' (choose {', '.join(SHAPES)}, or none)")
+        if args.threads is not None and args.threads < 1:
+            raise LooplmError(f"--threads must be a positive integer, got {args.threads}")
+        if args.prompt_len < 1:
+            raise LooplmError(f"--prompt-len must be a positive integer, got {args.prompt_len}")
         check_writable(args.json_out, "--json-out")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         result: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
         result["acceptance"] = measure_acceptance(args.new_tokens, draft_tokens, confidences, args.repeats, log,
                                                   args.model, args.dtype)
         if args.shape != "none":
-            from looplm.bench import SHAPES
-
-            if args.shape not in SHAPES:
-                raise LooplmError(f"unknown shape '{args.shape}' (choose {', '.join(SHAPES)}, or none)")
             result["cost"] = measure_round_cost(args.shape, draft_tokens, args.rounds, args.prompt_len, args.workdir,
                                                 log)
             result["projections"] = projections(result["acceptance"], result["cost"])

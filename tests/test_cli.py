@@ -705,6 +705,23 @@ def test_inspect_estimates_the_quantized_size_and_lists_every_stored_tensor(tmp_
     assert f"(int{bits} layers, bfloat16, cpu)" in invoke("inspect", "-m", str(out), "--no-tensors").stdout
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--shapes", ","], "--shapes names no shape"),  # measured the bandwidth, then an empty table
+    (["--shapes", "tiny", "--rows-tiny", "int4", "--group-size", "7"], "int4 group size must be one of"),
+    (["--shapes", "tiny", "--rows-tiny", "int4"], "--group-size 128 does not divide the tiny shape's layer widths"),
+    (["--exit", "--shape", "tiny", "--repeats", "-1"], "--repeats must be a positive integer"),  # a traceback
+    (["--exit", "--shape", "tiny", "--new-tokens", "0"], "--new-tokens must be a positive integer"),
+    (["--exit", "--shape", "tiny", "--gate-threshold", "7"], r"exit_threshold must be in (0, 1], got 7.0"),
+    (["--speculative", "--shape", "bogus"], "unknown shape 'bogus'"),  # after minutes of part 1
+    (["--speculative", "--threads", "-1"], "--threads must be a positive integer"),
+])
+def test_bench_options_are_checked_before_any_work(args: list[str], needle: str) -> None:
+    proc = run_module("bench", *args, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and needle in err and "Traceback" not in err, err
+    assert out == ""  # nothing measured, nothing printed
+
+
 # -- looplm.text helpers ------------------------------------------------------------------------
 
 
