@@ -702,7 +702,8 @@ def test_inspect_estimates_the_quantized_size_and_lists_every_stored_tensor(tmp_
     # scales) or 3 (int4: weights, scales, minimums) buffers in the layout the kernels read
     assert len(names) == 49 - 28 + 28 * (2 if bits == 8 else 3)
     assert sum(name.startswith("model.layers.3.mlp.down_proj.") for name in names) == (2 if bits == 8 else 3)
-    assert f"(int{bits} layers, bfloat16, cpu)" in invoke("inspect", "-m", str(out), "--no-tensors").stdout
+    group = " g128" if bits == 4 else ""  # int8 has no groups
+    assert f"(int{bits}{group} layers, bfloat16, cpu)" in invoke("inspect", "-m", str(out), "--no-tensors").stdout
 
 
 @pytest.mark.parametrize(("args", "needle"), [

@@ -331,12 +331,19 @@ def test_cli_quantize_round_trip(make_checkpoint, tmp_path: Path) -> None:  # no
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--bits", "3"], "bits must be 8 or 4"), (["--bits", "4", "--group-size", "100"], "group size must be one of"),
-     (["--bits", "4", "--group-size", "128"], "does not divide")],
+     (["--bits", "4", "--group-size", "128"], "does not divide"),
+     (["--bits", "8", "--group-size", "64"], "--group-size applies to int4")],  # it was ignored
 )
 def test_cli_quantize_errors_are_one_line(make_checkpoint, tmp_path: Path, args: list[str], message: str) -> None:  # noqa: ANN001, E501
     result = CliRunner().invoke(app, ["quantize", "-m", str(make_checkpoint()), "-o", str(tmp_path / "q"), *args])
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_cli_quantize_refuses_an_empty_output(make_checkpoint) -> None:  # noqa: ANN001
+    """-o "" wrote into the current directory."""
+    result = CliRunner().invoke(app, ["quantize", "-m", str(make_checkpoint()), "-o", ""])
+    assert result.exit_code == 1 and result.stderr == "error: --output is empty; give the directory to write\n"
 
 
 def test_cli_quantize_to_an_unwritable_place_fails_before_loading(make_checkpoint, tmp_path: Path,  # noqa: ANN001

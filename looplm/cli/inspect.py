@@ -153,7 +153,8 @@ def inspect(
         return
     out = common.stdout()
     quantized = info["quantization"]
-    weights = f"int{quantized['bits']} layers, {info['dtype']}" if quantized else info["dtype"]
+    group = f" g{quantized['group_size']}" if quantized and quantized.get("group_size") else ""
+    weights = f"int{quantized['bits']}{group} layers, {info['dtype']}" if quantized else info["dtype"]
     title = f"{info['model']} ({weights}, {info['device']})"
     out.print(_table(title, list(info["config"].items()), ("config", "value")))
     kv_dtype = info["dtype"]
