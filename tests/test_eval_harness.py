@@ -308,6 +308,19 @@ def test_a_prompt_past_the_context_names_the_item_and_the_flags(tiny, monkeypatc
         run_eval(tiny, EvalSettings(task="fakegen", steps=[2], chat=False))
 
 
+def test_only_the_lm_eval_adapter_moves_a_contexts_trailing_whitespace(tiny) -> None:  # noqa: ANN001
+    """lm-eval's rule (trailing whitespace joins the continuation) would also move a chat
+    prompt's final newline, the template's, into every scored answer in `looplm eval`."""
+    from looplm.eval.loglik import encode_pair
+
+    tok = tiny.tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "Sky?"}])
+    assert chat.endswith("\n")
+    assert encode_pair(tok, chat, "blue") == (tok.encode(chat), tok.encode(chat + "blue")[len(tok.encode(chat)):])
+    moved = encode_pair(tok, "A: ", "4", lm_eval_whitespace=True)
+    assert moved == encode_pair(tok, "A:", " 4") and moved != encode_pair(tok, "A: ", "4")
+
+
 def test_option_parsing() -> None:
     assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
     for bad in ("4/4", "x", "1/0"):

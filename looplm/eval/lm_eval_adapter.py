@@ -106,7 +106,7 @@ class LooplmLM(LM):
         for request in requests:
             context, continuation = request.args[0], request.args[1]
             if context:
-                pairs.append(encode_pair(self.tokenizer, context, continuation))
+                pairs.append(encode_pair(self.tokenizer, context, continuation, lm_eval_whitespace=True))
             else:  # score from the first token: the eos token stands in for the missing context
                 pairs.append(([self.prefix_token_id], self.tokenizer.encode(continuation)))
         results = self._score(requests, pairs)

@@ -51,14 +51,17 @@ class Scored:
     tokens: int
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:  # noqa: ANN001
+def encode_pair(tokenizer, context: str, continuation: str,  # noqa: ANN001
+                lm_eval_whitespace: bool = False) -> tuple[list[int], list[int]]:
     """Context and continuation ids; the split is taken from the joint encoding (BPE merges across it).
 
-    As lm-evaluation-harness does (`TemplateLM._encode_pair`), spaces that end the context move to
-    the start of the continuation: "A: " + "4" is scored as "A:" + " 4", the way BPE tokenizers
-    write a word, not as a lone space token followed by "4"."""
+    `lm_eval_whitespace` (the lm-eval adapter) follows lm-evaluation-harness's
+    `TemplateLM._encode_pair`: whitespace that ends the context moves to the start of the
+    continuation, so "A: " + "4" is scored as "A:" + " 4", the way BPE tokenizers write a word,
+    not as a lone space token followed by "4". `looplm eval`'s own contexts end in no space, and a
+    chat prompt's final newline belongs to its template, so it keeps the split as given."""
     stripped = context.rstrip()
-    if stripped and stripped != context:
+    if lm_eval_whitespace and stripped and stripped != context:
         context, continuation = stripped, context[len(stripped):] + continuation
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
