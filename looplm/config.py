@@ -168,10 +168,21 @@ def _positive_int(value: Any, key: str, source: str) -> int:
     return value
 
 
+def is_finite_number(value: object) -> bool:
+    """A finite int or float; not a bool, whose True would pass as 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # isfinite(10**400) would overflow
+
+
 def _finite(value: Any, key: str, source: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        number = float(value) if is_finite_number(value) else math.nan
+    except OverflowError:  # an int past float's range (JSON allows 1 followed by 400 zeros)
+        number = math.nan
+    if not math.isfinite(number):
         raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
-    return float(value)
+    return number
 
 
 def _positive(value: Any, key: str, source: str) -> float:

@@ -7,12 +7,12 @@ OpenAI's presence and frequency penalties (output only).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from looplm.config import is_finite_number
 from looplm.errors import GenerationError
 
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
@@ -42,25 +42,25 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Every value must be finite: NaN passes `<` checks and then breaks the sampler mid-request.
-        if not _finite(self.temperature) or self.temperature < 0:
+        if not is_finite_number(self.temperature) or self.temperature < 0:
             raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if not is_finite_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not _finite(value) or not abs(value) <= MAX_PENALTY:
+            if not is_finite_number(value) or not abs(value) <= MAX_PENALTY:
                 raise GenerationError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
         for token, value in self.logit_bias:
-            if isinstance(token, bool) or not isinstance(token, int) or token < 0 or not _finite(value) \
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0 or not is_finite_number(value) \
                     or not abs(value) <= MAX_LOGIT_BIAS:
                 raise GenerationError(f"logit_bias needs token ids >= 0 and values in [-{MAX_LOGIT_BIAS:g}, "
                                       f"{MAX_LOGIT_BIAS:g}], got {token!r}: {value!r}")
-        if not _finite(self.repetition_penalty) or not self.repetition_penalty > 0:
+        if not is_finite_number(self.repetition_penalty) or not self.repetition_penalty > 0:
             raise GenerationError(f"repetition_penalty must be a finite number > 0 (1 = off), "
                                   f"got {self.repetition_penalty!r}")
-        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+        if not is_finite_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
 
     @property
@@ -78,13 +78,6 @@ class SamplingParams:
         outside = [token for token, _ in self.logit_bias if token >= vocab_size]
         if outside:
             raise GenerationError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{vocab_size - 1})")
-
-
-def _finite(value: object) -> bool:
-    """A finite int or float; not a bool, whose True would pass as 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return isinstance(value, int) or math.isfinite(value)  # isfinite(10**400) would overflow
 
 
 def logit_bias_pairs(bias: Mapping[int | str, float] | None) -> tuple[tuple[int, float], ...]:

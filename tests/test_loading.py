@@ -179,6 +179,7 @@ def test_extra_tensor(ckpt: Path) -> None:
     ("vocab_size", 10**12, "'model.embed_tokens.weight' has shape"),
     ("rope_theta", "x", "'rope_theta' must be a finite number, got 'x'"),
     ("rope_theta", 0, "'rope_theta' must be positive"),
+    ("rope_theta", 10**400, "'rope_theta' must be a finite number"),  # float() of it overflows
     ("rms_norm_eps", -1, "'rms_norm_eps' must be positive"),
     ("eos_token_id", "zero", "'eos_token_id' must be a token id or a list of token ids, got 'zero'"),
     ("eos_token_id", "12", "got '12'"),  # became stop ids 1 and 2
