@@ -255,14 +255,21 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str | None]:
     return config, template
 
 
-def _check_encodable(text: str) -> None:
-    """A TokenizerError naming the first lone surrogate (e.g. JSON's "\\ud800"): text with one
-    is not valid Unicode, so it has no UTF-8 bytes to tokenize."""
+def first_lone_surrogate(text: str) -> int | None:
+    """Where `text` stops being Unicode text with UTF-8 bytes to tokenize (its first lone
+    surrogate: JSON's "\\ud800", or a byte that was not UTF-8, which Python hands over in
+    arguments as U+DC80..U+DCFF), or None."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise TokenizerError(f"text is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
-                             f"{exc.start}") from None
+        return exc.start
+    return None
+
+
+def _check_encodable(text: str) -> None:
+    index = first_lone_surrogate(text)
+    if index is not None:
+        raise TokenizerError(f"text is not valid Unicode: a lone surrogate {text[index]!r} at character {index}")
 
 
 def _validate_messages(messages: Any) -> None:

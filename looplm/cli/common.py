@@ -39,14 +39,16 @@ def check_text(text: str, what: str) -> None:
     surrogates U+DC80..U+DCFF, which name the byte. Such text is refused, not decoded with U+FFFD in
     place of the bytes: the model would answer a prompt other than the one written, and a file in
     another encoding would lose every accented letter without a word."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        char = text[exc.start]
-        if "\udc80" <= char <= "\udcff":
-            raise LooplmError(f"{what} is not valid UTF-8: byte 0x{ord(char) - 0xDC00:02x} at character {exc.start}; "
-                              "convert it to UTF-8 first (e.g. iconv -f latin1 -t utf-8)") from None
-        raise LooplmError(f"{what} is not valid Unicode: a lone surrogate {char!r} at character {exc.start}") from None
+    from looplm.tokenizer import first_lone_surrogate
+
+    index = first_lone_surrogate(text)
+    if index is None:
+        return
+    char = text[index]
+    if "\udc80" <= char <= "\udcff":
+        raise LooplmError(f"{what} is not valid UTF-8: byte 0x{ord(char) - 0xDC00:02x} at character {index}; "
+                          "convert it to UTF-8 first (e.g. iconv -f latin1 -t utf-8)")
+    raise LooplmError(f"{what} is not valid Unicode: a lone surrogate {char!r} at character {index}")
 
 
 def read_stdin_leniently() -> None:
