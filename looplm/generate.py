@@ -281,6 +281,10 @@ def stream_generate(
     steps = model.resolve_steps(steps)
     if kv_mode not in KV_MODES:
         raise GenerationError(f"kv_mode must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
+    if not use_cache and (kv_mode != "full" or skip_compute):  # they shape the cache: ignored in silence before
+        given = " and ".join(what for what, on in ((f"kv_mode='{kv_mode}'", kv_mode != "full"),
+                                                   ("skip_compute", skip_compute)) if on)
+        raise GenerationError(f"{given} needs the KV cache; use_cache=False recomputes every step of every position")
     draft = None
     if draft_steps is not None:
         draft = DraftParams(steps=draft_steps, tokens=draft_tokens, min_confidence=draft_confidence)

@@ -457,6 +457,14 @@ def test_one_threshold_rule_per_exit_policy_everywhere(gqa_model) -> None:  # no
             engine.loop_config(None, policy, threshold)
 
 
+def test_cache_options_without_a_cache_are_refused(gqa_model) -> None:  # noqa: ANN001
+    for kwargs, needle in (({"kv_mode": "shared"}, "kv_mode='shared' needs the KV cache"),
+                           ({"skip_compute": True}, "skip_compute needs the KV cache"),
+                           ({"kv_mode": "shared", "skip_compute": True}, "kv_mode='shared' and skip_compute")):
+        with pytest.raises(GenerationError, match=needle):
+            gqa_model.generate([5, 6, 7], 2, use_cache=False, **kwargs)
+
+
 def test_an_empty_stop_string_is_refused(gqa_model) -> None:  # noqa: ANN001
     """"" is in every text: generation stopped after one token."""
     gqa_model.tokenizer = looplm.load().tokenizer
