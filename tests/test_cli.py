@@ -349,6 +349,8 @@ def test_corrupt_config_is_one_line_error(tmp_path: Path) -> None:
         (["--draft-steps", "1", "--draft-tokens", "0"], "--draft-tokens"),
         (["--draft-steps", "1", "--draft-confidence", "1"], "--draft-confidence"),
         (["--draft-steps", "1", "--kv-mode", "shared"], "full KV cache"),
+        (["--draft-tokens", "4"], "give --draft-steps too"),  # ignored before
+        (["--draft-confidence", "0.5"], "give --draft-steps too"),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], needle: str) -> None:

@@ -203,11 +203,12 @@ DraftSteps = Annotated[Optional[int], option(
     "only when most drafts are accepted (docs/speculative.md).", "--draft-steps",
     default_in_help=True,
 )]
-DraftTokens = Annotated[int, option("Tokens drafted per speculative round, at most (with --draft-steps).",
-                                    "--draft-tokens")]
-DraftConfidence = Annotated[float, option(
+DraftTokens = Annotated[Optional[int], option(
+    "Tokens drafted per speculative round, at most (with --draft-steps; default 2).", "--draft-tokens",
+    default_in_help=True)]
+DraftConfidence = Annotated[Optional[float], option(
     "End a speculative round's drafting at the first draft the draft gives less than this probability "
-    "(0: always draft --draft-tokens).", "--draft-confidence")]
+    "(with --draft-steps; default 0: always draft --draft-tokens).", "--draft-confidence", default_in_help=True)]
 
 # -- the serving engine's options (`looplm serve` and `looplm batch`) ------------------------------
 
@@ -243,11 +244,17 @@ class DecodeOptions:
     skip_compute: bool
     decoder: str = "auto"
     draft_steps: Optional[int] = None
-    draft_tokens: int = 2
-    draft_confidence: float = 0.0
+    draft_tokens: Optional[int] = None  # None: 2 (given without draft_steps: an error, not ignored)
+    draft_confidence: Optional[float] = None  # None: 0.0
 
     def __post_init__(self) -> None:
         from looplm.errors import GenerationError
+
+        if self.draft_steps is None and (self.draft_tokens is not None or self.draft_confidence is not None):
+            raise GenerationError("--draft-tokens and --draft-confidence shape speculative rounds: give --draft-steps "
+                                  "too, or leave them out")
+        object.__setattr__(self, "draft_tokens", 2 if self.draft_tokens is None else self.draft_tokens)
+        object.__setattr__(self, "draft_confidence", 0.0 if self.draft_confidence is None else self.draft_confidence)
         from looplm.exit import POLICY_NAMES
         from looplm.generate import DECODERS, KV_MODES
 
