@@ -350,6 +350,8 @@ def test_corrupt_config_is_one_line_error(tmp_path: Path) -> None:
         (["--draft-steps", "1", "--draft-confidence", "1"], "--draft-confidence"),
         (["--draft-steps", "1", "--kv-mode", "shared"], "full KV cache"),
         (["--draft-tokens", "4"], "give --draft-steps too"),  # ignored before
+        (["--group-size", "64"], "--group-size applies with --quant int4"),  # likewise
+        (["--quant", "int8", "--group-size", "64"], "--group-size applies with --quant int4"),
         (["--draft-confidence", "0.5"], "give --draft-steps too"),
     ],
 )

@@ -24,7 +24,7 @@ def batch(
     device: common.Device = "auto",
     steps: common.Steps = None,
     quant: common.Quant = None,
-    group_size: common.GroupSize = 128,
+    group_size: common.GroupSize = None,
     max_tokens: Annotated[Optional[int], common.option(
         "max_tokens for requests that set neither max_tokens nor max_completion_tokens (default: the server's "
         "rule, up to --max-context).", default_in_help=True)] = None,

@@ -43,7 +43,7 @@ def chat(
     device: common.Device = "auto",
     steps: common.Steps = None,
     quant: common.Quant = None,
-    group_size: common.GroupSize = 128,
+    group_size: common.GroupSize = None,
     max_new_tokens: common.MaxNewTokens = 512,
     temperature: common.Temperature = None,
     top_p: common.TopP = None,

@@ -138,7 +138,9 @@ Quant = Annotated[Optional[str], option(
     "Weight-only quantization of the layer projections while loading: int8 or int4 (default: none; a "
     "checkpoint written by `looplm quantize` loads quantized without it).", "--quant", default_in_help=True,
 )]
-GroupSize = Annotated[int, option("Input columns per int4 scale: 32, 64, 128 or 256.", "--group-size")]
+GroupSize = Annotated[Optional[int], option(
+    "With --quant int4: input columns per scale, 32, 64, 128 (the default) or 256.", "--group-size",
+    default_in_help=True)]
 
 # -- sampling options shared by generate and chat ----------------------------------------------
 
@@ -367,13 +369,15 @@ def set_threads(threads: Optional[int]) -> None:
 
 def load_model(  # noqa: ANN201
     model: Optional[str], dtype: str, device: str, steps: Optional[int], quant: Optional[str] = None,
-    group_size: int = 128, needs_text: bool = False,
+    group_size: Optional[int] = None, needs_text: bool = False,
 ):
     """`looplm.load` with a spinner on an interactive stderr (`device` may be 'auto').
     `needs_text`: the command reads or writes text, so a model directory without a tokenizer is
     refused before its weights are read (seconds to minutes for a real checkpoint)."""
     from looplm import load
 
+    if group_size is not None and quant != "int4":  # it was ignored in silence
+        raise LooplmError("--group-size applies with --quant int4 (int8 has one scale per output channel)")
     if needs_text and model is not None:
         path = Path(model).expanduser()
         if path.is_dir() and not (path / "tokenizer.json").exists():
@@ -382,7 +386,7 @@ def load_model(  # noqa: ANN201
             OuroConfig.from_file(path / "config.json")  # a missing or broken config is the first thing to fix
             raise LooplmError(f"{path} has no tokenizer.json, so this command cannot take text; copy the model's "
                               "tokenizer.json (and tokenizer_config.json) into it")
-    options = {"dtype": dtype, "device": device, "steps": steps, "quant": quant, "group_size": group_size}
+    options = {"dtype": dtype, "device": device, "steps": steps, "quant": quant, "group_size": group_size or 128}
     console = stderr()
     if not console.is_terminal:
         return load(model, **options)

@@ -19,7 +19,7 @@ def generate(
     device: common.Device = "auto",
     steps: common.Steps = None,
     quant: common.Quant = None,
-    group_size: common.GroupSize = 128,
+    group_size: common.GroupSize = None,
     max_new_tokens: common.MaxNewTokens = 128,
     temperature: common.Temperature = None,
     top_p: common.TopP = None,

@@ -134,7 +134,7 @@ def inspect(
     device: common.Device = "cpu",
     steps: common.Steps = None,
     quant: common.Quant = None,
-    group_size: common.GroupSize = 128,
+    group_size: common.GroupSize = None,
     tensors: Annotated[Optional[bool], common.option(
         f"List every tensor / none (default: the first {TENSORS_SHOWN}; all with --json).",
         "--tensors/--no-tensors", default_in_help=True,

@@ -18,7 +18,7 @@ def serve(
     device: common.Device = "auto",
     steps: common.Steps = None,
     quant: common.Quant = None,
-    group_size: common.GroupSize = 128,
+    group_size: common.GroupSize = None,
     host: Annotated[str, common.option("Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, common.option("TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(
