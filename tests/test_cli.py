@@ -521,6 +521,18 @@ def test_chat_load_refuses_a_bad_file_before_the_model_loads(tmp_path: Path, con
     assert_one_line_error(result, message)
 
 
+def test_more_threads_than_cpus_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from looplm import cpu_load
+
+    monkeypatch.setattr(cpu_load, "allowed_cpus", lambda: {0, 1})
+    before = __import__("torch").get_num_threads()
+    try:
+        result = invoke("generate", "hi", "--threads", "64", "--max-new-tokens", "1")
+    finally:
+        __import__("torch").set_num_threads(before)
+    assert result.exit_code == 0 and "--threads 64 is more than the 2 CPUs this process may use" in result.stderr
+
+
 def test_chat_refuses_a_reply_budget_that_leaves_no_room_for_a_message() -> None:
     """Every message failed, each with a hint (/reset) that could not help."""
     assert_one_line_error(invoke("chat", "--max-new-tokens", "5000", input="hi\n"),

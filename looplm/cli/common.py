@@ -356,6 +356,12 @@ def set_threads(threads: Optional[int]) -> None:
     import torch
 
     if threads is not None:
+        from looplm.cpu_load import allowed_cpus
+
+        cpus = allowed_cpus()
+        if cpus is not None and threads > len(cpus):  # oversubscribed threads wait on each other at every op
+            stderr().print(f"warning: --threads {threads} is more than the {len(cpus)} CPUs this process may use; "
+                           "every op will wait on the extra threads", style="yellow")
         torch.set_num_threads(threads)
         return
     from looplm.cpu_load import use_free_cores
