@@ -6,11 +6,7 @@ so a saved conversation is also a request for the server or `looplm batch`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from looplm.errors import LooplmError
@@ -48,24 +44,12 @@ def read_messages(path: Path | str) -> list[dict]:
 
 
 def write_messages(path: Path | str, messages: list[dict]) -> None:
-    """Write the conversation file (OSError when the file cannot be written). The text goes to a
-    temporary file beside it that is then renamed over it, so a full disk or a crash leaves the
-    file as it was, never cut off; a file that existed keeps its permissions."""
-    data = (json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
-    path = Path(os.path.realpath(Path(path).expanduser()))  # through a symlink: replace its target, keep the link
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())  # on disk before the rename makes it the file
-        if path.is_file():
-            shutil.copymode(path, temporary)  # a conversation kept private stays private
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        raise
+    """Write the conversation file (OSError when the file cannot be written) through
+    `looplm.output_files.replace_text`: a full disk or a crash leaves the file as it was, never cut
+    off, and a file that existed keeps its permissions (a conversation kept private stays private)."""
+    from looplm.output_files import replace_text
+
+    replace_text(path, json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n")
 
 
 def fit_context(model, history: list[dict], keep: int, max_new_tokens: int,  # noqa: ANN001

@@ -6,7 +6,10 @@ directory would lose that hour; `check_writable` makes it fail first instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,4 +61,25 @@ def write_result(path: Path | str, content: str | Callable[[Path], None], kept: 
         raise LooplmError(f"could not write {path} ({exc.strerror or exc}); {kept}") from None
 
 
-__all__ = ["PRINTED_ABOVE", "check_writable", "make_output_dir", "write_result"]
+def replace_text(path: Path | str, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary file beside it, synced, then renamed over
+    it: a full disk or a crash leaves the old file, never a cut-off one, and the temporary goes on
+    failure (the OSError is raised). A file that existed keeps its permissions; through a symlink
+    the target is replaced and the link kept."""
+    path = Path(os.path.realpath(Path(path).expanduser()))
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "xb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename makes it the file
+        if path.is_file():
+            shutil.copymode(path, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["PRINTED_ABOVE", "check_writable", "make_output_dir", "replace_text", "write_result"]

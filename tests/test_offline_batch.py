@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -157,13 +158,11 @@ def test_a_failed_rewrite_is_one_error_and_leaves_the_file_as_it_was(tmp_path: P
     requests = read_requests(write_lines(tmp_path / "in.jsonl", {"custom_id": "a", "prompt": "x"}))
     out = write_lines(tmp_path / "out.jsonl", output_row("a", 200), output_row("a", 500))
     before = out.read_text()
-    write_text = Path.write_text
 
-    def disk_full(self: Path, text: str, *args, **kwargs) -> int:  # noqa: ANN002, ANN003
-        write_text(self, text[:10], *args, **kwargs)  # the temporary file is made, then the disk fills
+    def disk_full(fd: int) -> None:  # the temporary file is written, then the disk is found full on sync
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(LooplmError, match=r"could not rewrite .*out.jsonl without its failed and cut-short lines "
                                           r"\(No space left on device\); it is as it was$"):
         resume(out, requests)

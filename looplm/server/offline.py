@@ -25,10 +25,8 @@ url, `stream`, a repeated custom_id) stop the run before any request is sent, na
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -212,15 +210,13 @@ def resume(path: Path, requests: list[BatchRequest]) -> set[str]:
 
 
 def _rewrite(path: Path, lines: list[str]) -> None:
-    """Replace `path` by `lines` through a temporary file beside it, so a crash midway cannot lose
-    the kept lines. On failure `path` is as it was and the temporary file is gone."""
-    temporary = path.with_name(path.name + ".resume-tmp")
+    """Replace `path` by `lines` (`replace_text`: a crash midway cannot lose the kept lines). On
+    failure `path` is as it was and no temporary file is left."""
+    from looplm.output_files import replace_text
+
     try:
-        temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(temporary, path)
+        replace_text(path, "".join(line + "\n" for line in lines))
     except OSError as exc:  # e.g. the disk is full
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
         raise LooplmError(f"could not rewrite {path} without its failed and cut-short lines "
                           f"({exc.strerror or exc}); it is as it was") from None
 
