@@ -17,6 +17,8 @@ ROLES = ("system", "user", "assistant")
 def read_messages(path: Path | str) -> list[dict]:
     """The messages of a conversation file, checked: a JSON object with `messages` (or a bare list),
     each a system (first only), user or assistant message with text content."""
+    from looplm.tokenizer import first_lone_surrogate  # tokenizers and jinja2: not at the CLI's start
+
     path = Path(path).expanduser()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -35,11 +37,10 @@ def read_messages(path: Path | str) -> list[dict]:
                               '{"role": system|user|assistant, "content": text} object')
         if message["role"] == "system" and number > 0:
             raise LooplmError(f"conversation file {path}: only the first message may be a system message")
-        try:  # JSON's "\ud800" escapes read as lone surrogates: no model could take the text, nor /save write it
-            message["content"].encode("utf-8")
-        except UnicodeEncodeError as exc:
+        bad = first_lone_surrogate(message["content"])  # JSON's "\ud800": no model could take it, nor /save write it
+        if bad is not None:
             raise LooplmError(f"conversation file {path}: message {number} holds a lone surrogate "
-                              f"{message['content'][exc.start]!r}, which is not Unicode text") from None
+                              f"{message['content'][bad]!r}, which is not Unicode text")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
