@@ -236,8 +236,8 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability reaches top_p (always the top one)."""
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-    cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - torch.softmax(sorted_scores, dim=-1) >= top_p  # mass before this token
+    probs = torch.softmax(sorted_scores, dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token
     drop_sorted[..., 0] = False  # a top_p that rounds to 0 in fp32 still keeps the likeliest token
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))
