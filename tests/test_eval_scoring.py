@@ -21,6 +21,23 @@ def test_extraction() -> None:
     assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\nDone") == "def f():\n    return 1\n"
 
 
+@pytest.mark.parametrize(("reply", "answer"), [
+    ("The answer is 18. Check: 18 = 9 + 9.", "18"),  # the stated answer, not the last number
+    ("So the answer is: $1,234.", "1234"),
+    ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ("the answer is .5", ".5"),  # a leading point is part of the number
+    ("it costs .75 more", ".75"),
+    ("so \\boxed{18.}", "18"),  # a full stop inside the box
+    ("\\boxed{1, 2, ...}", "1, 2, ..."),  # an ellipsis is not a full stop
+    ("\\boxed 5. The set is {1,2}", "5"),  # no brace right after the command: the next word
+    ("\\fbox 7 done", "7"),
+    ("x = \\boxed{\\frac{1}{2", None),  # cut off inside the box: no answer, not the last number
+    ("\\boxed{3} first, then \\boxed{\\frac{1}{2", None),
+])
+def test_answer_extraction_edge_cases(reply: str, answer: str | None) -> None:
+    assert extract_answer(reply) == answer
+
+
 @pytest.mark.parametrize(("prediction", "reference", "equal"), [
     ("1,018", "1018", True), ("\\frac{1}{2}", "0.5", True), ("18", "17", False), (None, "1", False),
     ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})", True), ("x^2+2x+1", "(x+1)^2", True),
