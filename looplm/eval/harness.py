@@ -289,12 +289,13 @@ def _run_loglik(model, task: Task, items: list[Item], configs: list[Config], set
     chunk_items = max(1, settings.batch_size // 4)  # items per progress update
     for start in range(0, len(pending), chunk_items):
         chunk = pending[start : start + chunk_items]
-        scored = []
+        scored, choice_lengths = [], []
         for item in chunk:
             context, choices = item.context, item.choices
             if settings.chat:
                 context = tokenizer.apply_chat_template([{"role": "user", "content": context}])
                 choices = [choice.lstrip() for choice in choices]
+            choice_lengths.append([len(choice) for choice in choices])  # acc_norm divides by what was scored
             pairs = [encode_pair(tokenizer, context, choice) for choice in choices]
             context_ids = pairs[0][0]  # the same for every choice
             if len(context_ids) + max(len(c) for _, c in pairs) <= model.config.max_position_embeddings:
@@ -302,14 +303,14 @@ def _run_loglik(model, task: Task, items: list[Item], configs: list[Config], set
             else:  # too long: cut from the left, whole sequences
                 scored += score_requests(model, pairs, configs, policies, settings.batch_size)
         begin = 0
-        for item in chunk:
+        for item, lengths in zip(chunk, choice_lengths):
             mine = scored[begin : begin + len(item.choices)]
             begin += len(item.choices)
             for config in configs:
                 if (item.id, config.key) in records.done:
                     continue
                 logprobs = [s.logprob[config.key] for s in mine]
-                normed = [lp / max(1, len(choice)) for lp, choice in zip(logprobs, item.choices)]
+                normed = [lp / max(1, length) for lp, length in zip(logprobs, lengths)]
                 pick = _argmax(normed if task.metric == "acc_norm" else logprobs)
                 records.add({
                     "id": item.id, "key": config.key, **config.as_dict(), "correct": pick == item.label,

@@ -8,7 +8,8 @@ Two kinds of task:
 
 Prompt formats (all 0-shot unless `num_fewshot` is given, which only gsm8k supports):
 - hellaswag: `"{activity_label}: {ctx}"` + `" {ending}"`; accuracy is length-normalised
-  (`acc_norm`: log-likelihood / characters of the ending), as lighteval and lm-eval report it.
+  (`acc_norm`: log-likelihood / characters of the scored continuation, its leading space
+  included, as lighteval divides; lm-eval divides by the ending's bytes without the space).
 - mmlu: the cloze form, `"Question: {question}\\nAnswer:"` + `" {answer text}"`, `acc_norm`.
   This is the "MMLU (cloze)" setting of the SmolLM2 model cards.
 - gpqa: the four answers shuffled with a fixed seed and lettered A-D; choices `" A"`..`" D"`, `acc`.
