@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e '.[dev,lm-eval]'  # lm-eval: the adapter's tests (it keeps torch as is)
-python -m looplm.kernels  # compile the C++ CPU kernels now (about a minute), not on first use
+python -m looplm.kernels  # compile the C++ CPU kernels now (one to three minutes), not on first use

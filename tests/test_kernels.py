@@ -337,6 +337,27 @@ def test_a_left_over_build_lock_does_not_block_loading() -> None:
         lock.unlink(missing_ok=True)
 
 
+def test_an_unusable_kernel_cache_falls_back_to_torch_ops(tmp_path) -> None:  # noqa: ANN001
+    """A cache path that cannot be created (here: below a regular file; the same path as a
+    read-only home) is a build failure like any other: loading warns once and uses torch ops,
+    `python -m looplm.kernels` prints one error line."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "LOOPLM_KERNEL_CACHE": str(blocker / "kernels")}
+    code = "import looplm; print(looplm.load(None).kernels)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "None"  # no looplm kernels
+    assert "cannot create the kernel cache" in proc.stderr and "LOOPLM_KERNEL_CACHE" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "looplm.kernels"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: cannot create")
+
+
 # -- integer dot-product kernels (csrc/qdot.cpp) ---------------------------------------------------
 
 

@@ -3,8 +3,10 @@
 The extension is compiled with torch's own toolchain helper into a cache directory keyed by
 the source hash and the torch/Python versions, so an upgrade never loads a stale build.
 `scripts/setup.sh` builds it at install time (`python -m looplm.kernels`); a
-process that finds no build compiles it on first use (about a minute on 2 cores) and says
-so on stderr.
+process that finds no build compiles it on first use (one to three minutes on 2 cores) and
+says so on stderr. The cache is `$LOOPLM_KERNEL_CACHE`, else `~/.cache/looplm/kernels`; when it
+cannot be created or written, the build fails like any other (`KernelBuildError`) and loading
+falls back to torch ops with a warning.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LOOPLM_KERNEL_CACHE") or Path.home() / ".cache" / "looplm" / "kernels"
-    return Path(root)
+    root = os.environ.get("LOOPLM_KERNEL_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "looplm" / "kernels"
 
 
 def build_name() -> str:
@@ -77,16 +79,21 @@ def load_extension(verbose: bool = False) -> ModuleType:
 
     name = build_name()
     directory = cache_dir() / name
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KernelBuildError(f"cannot create the kernel cache {directory} ({error.strerror or error}); "
+                               "set LOOPLM_KERNEL_CACHE to a writable directory") from error
     library = _built_library(directory, name)
     if library is not None:
         try:
             return _import_library(name, library)
         except ImportError as error:  # a half-written or foreign build: rebuild it
             print(f"looplm: rebuilding CPU kernels ({error})", file=sys.stderr)
-    print(f"looplm: compiling CPU kernels into {directory} (one time, about a minute)", file=sys.stderr)
-    _clear_stale_lock(directory)
+    print(f"looplm: compiling CPU kernels into {directory} (one time, one to three minutes)", file=sys.stderr)
     try:
+        _clear_stale_lock(directory)
+        _put_ninja_on_path()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's toolchain chatter (compiler version notes)
             return cpp_extension.load(
@@ -94,6 +101,20 @@ def load_extension(verbose: bool = False) -> ModuleType:
             )
     except Exception as error:  # compiler missing, headers missing, link errors: all one story for the user
         raise KernelBuildError(f"could not build looplm's CPU kernels ({_short_reason(error)})") from error
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH. The `ninja` wheel (a dependency of looplm) puts
+    the binary in its environment's scripts folder, which is not on PATH when a virtual
+    environment's `looplm` runs without the environment activated."""
+    try:
+        import ninja
+    except ImportError:
+        return  # a system ninja, or the build says that none was found
+    folder = getattr(ninja, "BIN_DIR", None)
+    path = os.environ.get("PATH", "")
+    if folder and folder not in path.split(os.pathsep):
+        os.environ["PATH"] = folder + os.pathsep + path if path else folder
 
 
 def _short_reason(error: Exception) -> str:
