@@ -571,3 +571,22 @@ def test_default_model_is_the_packaged_tiny_ouro(tmp_path: Path, monkeypatch: py
     with pytest.warns(UserWarning, match="RANDOM"):
         fallback = default_model.default_model_dir()
     assert fallback.name == default_model.DEFAULT_NAME
+
+
+def test_cli_model_config_tiny_ouro_is_the_embedded_architecture(data_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model-config tiny-ouro` needs no file from the repository (a wheel install has none); the
+    vocabulary and token ids come from the run's tokenizer, not the embedded model's."""
+    from looplm.default_model import PACKAGED_DIR
+    from looplm.tokenizer import Tokenizer
+
+    monkeypatch.chdir(tmp_path)  # no ./tiny-ouro here
+    result = _cli("--data", data_dir, "--model-config", "tiny-ouro", "--steps", 1, "--batch-size", 2,
+                  "--seq-len", 16, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    embedded = json.loads((PACKAGED_DIR / "config.json").read_text())
+    tokenizer = Tokenizer.from_dir(data_dir)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "total_ut_steps"):
+        assert saved[key] == embedded[key], key
+    assert saved["vocab_size"] == tokenizer.vocab_size and saved["eos_token_id"] == tokenizer.eos_id

@@ -25,6 +25,23 @@ def _opt(help: str, *names: str):  # noqa: A002, ANN202
 _FIELDS = {"data": "data_dir", "out": "out_dir", "warmup": "warmup_steps"}
 
 
+# Named architectures for --model-config, so that a new run needs no file from the repository.
+_PRESETS = {"tiny-ouro": "the embedded default model"}
+_TOKENIZER_KEYS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")  # the run's tokenizer sets these
+
+
+def _read_model_config(value: Path) -> dict:
+    if str(value) in _PRESETS and not value.exists():
+        from looplm.default_model import PACKAGED_DIR
+
+        raw = json.loads((PACKAGED_DIR / "config.json").read_text())
+        return {key: item for key, item in raw.items() if key not in _TOKENIZER_KEYS}
+    try:
+        return json.loads(value.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LooplmError(f"{value}: cannot read the model config ({exc})") from None
+
+
 def _explicit(ctx: typer.Context) -> tuple[str, ...]:
     """The TrainConfig fields whose options the command line gave (not left at their defaults)."""
     from looplm.train.trainer import TrainConfig
@@ -43,7 +60,9 @@ def train(
     data: Annotated[Optional[Path], _opt("Data directory (tokenizer + token files + data.json; see "
                                          "looplm.train.data). With --resume: the run's unless given (a new one "
                                          "must share its tokenizer).")] = None,
-    model_config: Annotated[Optional[Path], _opt("JSON model config for a new model.")] = None,
+    model_config: Annotated[Optional[Path], _opt("JSON model config for a new model, or 'tiny-ouro': the "
+                                                 "embedded model's architecture (token ids and vocabulary from "
+                                                 "the data's tokenizer).")] = None,
     init_from: Annotated[Optional[Path], _opt("Start from this checkpoint directory instead.")] = None,
     stage: Annotated[int, _opt("1: LM + gate (expected loss - beta * entropy); 2: gate only, LM frozen.")] = 1,
     steps: Annotated[int, _opt("Optimizer steps; the cosine ends there. With --resume it may change (a longer "
@@ -75,12 +94,7 @@ def train(
     from looplm.train.trainer import TrainConfig
     from looplm.train.trainer import train as run
 
-    raw = None
-    if model_config is not None:
-        try:
-            raw = json.loads(model_config.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LooplmError(f"{model_config}: cannot read the model config ({exc})") from None
+    raw = None if model_config is None else _read_model_config(model_config)
     config = TrainConfig(
         data_dir=data, out_dir=out, model_config=raw, init_from=init_from, stage=stage, steps=steps,
         batch_size=batch_size, micro_batch=micro_batch, seq_len=seq_len, lr=lr, min_lr_ratio=min_lr_ratio,

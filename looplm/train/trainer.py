@@ -220,6 +220,8 @@ def _build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[OuroForCaus
     raw.setdefault("vocab_size", tokenizer.vocab_size)
     if raw["vocab_size"] < tokenizer.vocab_size:
         raise LooplmError(f"vocab_size {raw['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if tokenizer.bos_id is not None:
+        raw.setdefault("bos_token_id", tokenizer.bos_id)
     raw.setdefault("eos_token_id", tokenizer.eos_id)
     raw.setdefault("pad_token_id", tokenizer.pad_id)
     raw.setdefault("torch_dtype", "bfloat16")
