@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +270,7 @@ class StaticDecoder:
                       for k, v in zip(self.keys, self.values)]
         self.host_length = 0  # mirrors `length` without a device sync, for the overflow check
         self.prompts_served = 0  # prefills so far (a reused decoder has served earlier requests)
+        self.in_use = False  # a generation is reading this decoder's state (see `borrow_static_decoder`)
         self.setup_seconds = 0.0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -422,6 +425,30 @@ def static_decoder(
     return decoder
 
 
+_BORROWING = threading.Lock()
+
+
+@contextmanager
+def borrow_static_decoder(
+    model: OuroForCausalLM, batch_size: int, needed_len: int, steps: int, policy: ExitPolicy, mode: str,
+) -> Iterator[StaticDecoder]:
+    """`static_decoder` for one generation: the model's kept decoder while no other generation
+    holds it, else a decoder of this generation's own (built, used, dropped). A decoder's
+    buffers are one generation's state, so two generations interleaved (two threads, two
+    streams advanced in turns) on one decoder would overwrite each other's."""
+    with _BORROWING:
+        decoder = static_decoder(model, batch_size, needed_len, steps, policy, mode)
+        kept = not decoder.in_use
+        decoder.in_use = True
+    if not kept:  # built outside the lock: capturing a graph takes seconds
+        decoder = StaticDecoder(model, batch_size, decoder.max_len, steps, policy, mode)
+        decoder.in_use = True
+    try:
+        yield decoder
+    finally:
+        decoder.in_use = False
+
+
 def release_static_decoder(model: OuroForCausalLM) -> bool:
     """Free the decoder `static_decoder` keeps with `model` (its K/V buffers and captured graph);
     True if there was one. The next static request builds a new one."""
@@ -434,27 +461,27 @@ def static_tokens(job: TokenJob, mode: str) -> Iterator[tuple[torch.Tensor, torc
     model, stats = job.model, job.stats
     batch, prompt_len = job.ids.shape
     start = time.perf_counter()
-    decoder = static_decoder(model, batch, prompt_len + job.max_new_tokens, job.steps, job.policy, mode)
-    stats.setup_s = device_elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
-    choose = TokenChooser(job.sampling, job.generator, job.ids, job.mask)
-    start = time.perf_counter()
-    logits, exit_step = decoder.prefill(job.ids, job.mask)
-    token = choose(logits)
-    stats.prefill_s = device_elapsed(start, model.device)
-    stats.new_tokens = 1
-    # A CUDA graph's outputs are overwritten by the next step: hand out copies.
-    yield token, exit_step.clone()
-    for _ in range(job.max_new_tokens - 1):
+    with borrow_static_decoder(model, batch, prompt_len + job.max_new_tokens, job.steps, job.policy, mode) as decoder:
+        stats.setup_s = device_elapsed(start, model.device) if decoder.prompts_served == 0 else 0.0
+        choose = TokenChooser(job.sampling, job.generator, job.ids, job.mask)
         start = time.perf_counter()
-        logits, exit_step = decoder.step(token)
+        logits, exit_step = decoder.prefill(job.ids, job.mask)
         token = choose(logits)
-        stats.decode_s += device_elapsed(start, model.device)
-        stats.new_tokens += 1
+        stats.prefill_s = device_elapsed(start, model.device)
+        stats.new_tokens = 1
+        # A CUDA graph's outputs are overwritten by the next step: hand out copies.
         yield token, exit_step.clone()
+        for _ in range(job.max_new_tokens - 1):
+            start = time.perf_counter()
+            logits, exit_step = decoder.step(token)
+            token = choose(logits)
+            stats.decode_s += device_elapsed(start, model.device)
+            stats.new_tokens += 1
+            yield token, exit_step.clone()
 
 
 __all__ = [
-    "ATTENTIONS", "CAPACITY_BUCKET", "MODES", "PrefillSlotCache", "StaticDecoder", "StaticSlot",
+    "ATTENTIONS", "CAPACITY_BUCKET", "MODES", "PrefillSlotCache", "StaticDecoder", "StaticSlot", "borrow_static_decoder",
     "flex_attention_over_valid_keys", "fuse_layer_projections", "fused_layer_pass", "layer_pass",
     "matmul_attention_over_valid_keys", "release_static_decoder", "resolve_mode", "static_decoder",
     "static_tokens",

@@ -207,6 +207,24 @@ def test_static_decoder_is_reused_while_it_fits(gqa_model) -> None:  # noqa: ANN
     assert static_decoder(gqa_model, 1, CAPACITY_BUCKET + 1, 3, _gate(gqa_model), "eager") is not latest
 
 
+def test_interleaved_generations_do_not_share_a_static_decoder(gqa_model) -> None:  # noqa: ANN001
+    """Two streams on one model advanced in turns (or two threads) each get their own decoder
+    state: the kept decoder serves one, the other gets one of its own. Afterwards the kept one
+    is free again and reused."""
+    first, second = random_prompts(300, [7, 5], seed=1)  # one batch size and capacity bucket: one key
+    alone = [generate(gqa_model, [p], 10, eos_token_ids=[], decoder="eager")[0] for p in (first, second)]
+    streams = [stream_generate(gqa_model, [p], 10, eos_token_ids=[], decoder="eager") for p in (first, second)]
+    turns = [[], []]
+    for a, b in zip(*streams):
+        turns[0].append(a.tokens[0])
+        turns[1].append(b.tokens[0])
+    assert turns == alone
+    kept = static_decoder(gqa_model, 1, 17, 3, _gate(gqa_model), "eager")
+    assert not kept.in_use
+    _, stats = generate(gqa_model, [first], 4, eos_token_ids=[], decoder="eager", return_stats=True)
+    assert stats.setup_s == 0.0  # the kept decoder, not a new one
+
+
 def _gate(model):  # noqa: ANN001, ANN202
     from looplm.exit import make_policy
 
