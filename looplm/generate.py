@@ -446,7 +446,9 @@ def hits_stop(model: OuroForCausalLM, produced: list[int], stop_strings: list[st
     """Whether the text of `produced` (new token ids) now contains one of `stop_strings`."""
     if not stop_strings:
         return False
-    # Only the tail can contain a newly completed stop string; decode a bounded window.
-    longest = max(len(s) for s in stop_strings)
+    # Only the tail can contain a newly completed stop string; decode a bounded window. Its size
+    # is in bytes, not characters: a byte-level BPE may spend a token per byte (a CJK character
+    # is 3 tokens there), and every token is at least one byte.
+    longest = max(len(s.encode("utf-8", errors="surrogatepass")) for s in stop_strings)
     tail = model.tokenizer.decode(produced[-(longest + 8) :], skip_special_tokens=False)
     return any(s in tail for s in stop_strings)

@@ -189,6 +189,20 @@ def test_stop_string(make_checkpoint) -> None:  # noqa: ANN001
     assert len(stopped) <= 6 and needle in model.tokenizer.decode(stopped, skip_special_tokens=False)
 
 
+def test_a_stop_string_of_many_byte_tokens_is_found() -> None:
+    """The embedded model's BPE spells a CJK character as 3 byte tokens: a 5-character stop
+    string is 15 tokens, which a window of characters + 8 tokens never held whole."""
+    from looplm.generate import hits_stop
+
+    model = looplm.load(None, dtype="float32")
+    stop = "最终答案是"
+    tokens = model.tokenizer.encode("思考。" + stop)
+    assert len(model.tokenizer.encode(stop)) > len(stop) + 8  # the case the window must cover
+    assert hits_stop(model, tokens, [stop])
+    assert hits_stop(model, tokens + model.tokenizer.encode("🙂🙂"), ["是🙂🙂"])
+    assert not hits_stop(model, tokens[:-1], [stop])
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
