@@ -142,16 +142,25 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
 class ReasoningStream:
     """Feed streamed text; get back `(is_reasoning, text)` pieces with the think tags removed.
 
-    Start with `in_reasoning=True` when the prompt itself ended with `<think>`. A tag split
-    across chunks is held back until it is complete.
+    Start with `in_reasoning=True` when the prompt itself ended with `<think>`; a model that
+    opens the block again anyway (`<think>` first, after whitespace at most) has that tag
+    dropped too. A tag split across chunks is held back until it is complete.
     """
 
     def __init__(self, in_reasoning: bool = False) -> None:
         self.in_reasoning = in_reasoning
         self._held = ""
+        self._may_reopen = in_reasoning  # the prompt opened the block; the reply may open it again
 
     def feed(self, text: str) -> list[tuple[bool, str]]:
         self._held += text
+        if self._may_reopen:
+            start = self._held.lstrip()
+            if start.startswith(THINK_OPEN):
+                self._held = start[len(THINK_OPEN):]
+            elif THINK_OPEN.startswith(start):
+                return []  # whitespace or part of the tag so far: wait for more
+            self._may_reopen = False
         pieces = []
         while True:
             tag = THINK_CLOSE if self.in_reasoning else THINK_OPEN

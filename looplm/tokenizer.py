@@ -352,4 +352,7 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
         reasoning, answer = text[:end], text[end + len("</think>") :]
     else:
         return None, text.strip()
-    return (reasoning.strip() or None), answer.strip()
+    reasoning = reasoning.strip()
+    if reasoning.startswith("<think>"):  # the prompt opened the block and the reply opened it again
+        reasoning = reasoning[len("<think>"):].strip()
+    return (reasoning or None), answer.strip()

@@ -763,6 +763,19 @@ def test_reasoning_stream_handles_split_tags() -> None:
     assert opened.feed("a</think>b") == [(True, "a"), (False, "b")]
 
 
+@pytest.mark.parametrize("parts", [["<think>\nTwo and two.</think>4"], ["\n<th", "ink>", "\nTwo and two.</think>4"],
+                                   ["", "<", "think>Two and two.", "</think>", "4"]])
+def test_reasoning_stream_drops_a_think_tag_the_reply_repeats(parts: list[str]) -> None:
+    """The prompt opened the block (enable_thinking) and the model opened it again: the second
+    tag is a tag, not reasoning text."""
+    stream = ReasoningStream(in_reasoning=True)
+    pieces = [piece for part in parts for piece in stream.feed(part)] + stream.flush()
+    reasoning = "".join(t for r, t in pieces if r)
+    assert reasoning.strip() == "Two and two." and "".join(t for r, t in pieces if not r) == "4"
+    later = ReasoningStream(in_reasoning=True)  # only at the start: later text stays as written
+    assert "".join(t for _, t in later.feed("x <think> y</think>z") + later.flush()) == "x <think> yz"
+
+
 def test_bench_compare_table_runs_on_the_tiny_shape(tmp_path: Path) -> None:
     proc = run_module("bench", "--shapes", "tiny", "--rows-tiny", "no-cache,bf16,int8", "--prompt-len", "8",
                       "--new-tokens", "3", "--baseline-tokens", "2", "--repeats", "2", "--turn-tokens", "1",

@@ -256,6 +256,7 @@ def test_bad_tokenizer_config(tmp_path: Path, content: str) -> None:
         ("<think>\n\n</think>\n\nAnswer", (None, "Answer")),
         ("", (None, "")),
         ("<think>a</think>b</think>c", ("a", "b</think>c")),
+        ("<think>\n<think>\nagain\n</think>4", ("again", "4")),  # the prompt opened it, the reply again
     ],
 )
 def test_split_reasoning(text: str, expected: tuple[str | None, str]) -> None:
