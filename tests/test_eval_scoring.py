@@ -25,6 +25,8 @@ def test_extraction() -> None:
     ("The answer is 18. Check: 18 = 9 + 9.", "18"),  # the stated answer, not the last number
     ("So the answer is: $1,234.", "1234"),
     ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ("the answer is not 5, it is 7", "7"),  # words after "answer is": the last number, as before
+    ("The answer is \\frac{3}{4}. Done", "\\frac{3}{4}"),
     ("the answer is .5", ".5"),  # a leading point is part of the number
     ("it costs .75 more", ".75"),
     ("so \\boxed{18.}", "18"),  # a full stop inside the box

@@ -2,8 +2,8 @@
 
 - `extract_answer(text)`: the last `\\boxed{...}` (braces balanced; None when the reply was cut
   off inside it), else what follows the last `####`, else what follows the last "answer is"
-  (a number there, else the math up to the end of that sentence), else the last number in the
-  text, else None.
+  (a number there, or math in `$...$` or LaTeX up to the end of that sentence), else the last
+  number in the text, else None.
 - `math_equal(prediction, reference)`: mathematical equivalence with `math-verify` (sympy-based;
   `1/2` == `0.5` == `\\frac{1}{2}`, `(3, \\frac{\\pi}{2})` == `\\left( 3, \\frac{\\pi}{2} \\right)`),
   never a string compare.
@@ -58,14 +58,18 @@ def extract_answer(text: str) -> str | None:
 
 
 def _stated_answer(text: str) -> str | None:
-    """What follows the last "answer is": a number at its start, else the rest of that sentence."""
+    """What follows the last "answer is": a number, or math in `$...$` / LaTeX up to the end of
+    the sentence. Words ("the answer is not 5, it is 7") are no stated answer."""
     phrases = list(_ANSWER_IS.finditer(text))
     if not phrases:
         return None
-    rest = text[phrases[-1].end():].split("\n", 1)[0].lstrip("$ ")
+    line = text[phrases[-1].end():].split("\n", 1)[0]
+    rest = line.lstrip("$ ")
     number = _NUMBER.match(rest)
     if number:
         return number.group().replace(",", "")
+    if not (line.startswith("$") or rest.startswith("\\")):
+        return None
     sentence = _SENTENCE_END.split(rest, maxsplit=1)[0]
     return _drop_full_stop(sentence.strip().strip("$").strip()) or None
 
