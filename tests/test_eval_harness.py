@@ -91,6 +91,28 @@ def test_shared_context_scoring_equals_whole_sequences(tiny) -> None:  # noqa: A
             assert b.logprob[key] == pytest.approx(a.logprob[key], abs=1e-4), key
 
 
+def test_shared_context_copies_stay_under_the_budget(tiny, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """With room for one context copy, the choices run one at a time and score the same."""
+    from looplm.eval import loglik
+
+    tok = tiny.tokenizer
+    context = tok.encode("Question: which colour is the sky on a clear day?\nAnswer:")
+    choices = [tok.encode(c) for c in (" blue", " green", " a very long red answer", "!")]
+    configs = [Config(2), Config(4), Config(4, "gate", 0.5)]
+    policies = {configs[2].key: harness.make_policy("gate", 0.5, 4, 1.0)}
+    together = loglik.score_choices(tiny, context, choices, configs, policies)
+    groups = []
+    run_on_context = loglik._run_on_context
+    monkeypatch.setattr(loglik, "_run_on_context", lambda *a: groups.append(len(a[3])) or run_on_context(*a))
+    monkeypatch.setattr(loglik, "CONTEXT_COPY_BYTES", 1)
+    alone = loglik.score_choices(tiny, context, choices, configs, policies)
+    assert groups == [1, 1, 1, 1]
+    for a, b in zip(together, alone, strict=True):
+        assert a.tokens == b.tokens and a.step_sum == b.step_sum and a.greedy == b.greedy
+        for key in a.logprob:
+            assert b.logprob[key] == pytest.approx(a.logprob[key], abs=1e-5), key
+
+
 def test_results_format_resume_and_merge(tiny, fake_task: Task, tmp_path: Path) -> None:  # noqa: ANN001
     settings = EvalSettings(task="fake", steps=[1, 2, 4], policies=[("gate", 0.5)], limit=4, batch_size=8)
     records = tmp_path / "r.jsonl"

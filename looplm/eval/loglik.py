@@ -18,10 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from looplm.cache import KVCache
 from looplm.cpu_load import adjust_threads
 from looplm.errors import LooplmError
 from looplm.exit import ExitPolicy
 from looplm.models.ouro import OuroForCausalLM, StepOutput
+
+# score_choices copies the context's K/V once per continuation; the copies made at once stay
+# under this (a 2000-token context at the 1.4B shape is 1.5 GiB a copy: one choice at a time).
+CONTEXT_COPY_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,8 @@ def score_choices(
     The context is prefilled into a KV cache (batch 1, every step), the cache is copied to one
     row per continuation, and the continuations run together on top of it. For multiple choice
     with long questions (MMLU) this is several times less work than scoring each pair whole.
+    The copies are bounded: continuations run in groups whose copies fit `CONTEXT_COPY_BYTES`
+    (at least one at a time), so a long context does not take one full copy per choice at once.
     """
     assert context and all(continuations), "context and every continuation need at least one token"
     adjust_threads()  # one question at a time: follows other processes' load between them
@@ -150,23 +157,33 @@ def score_choices(
     # The context's last state predicts every continuation's first token.
     parts = [(prefix.hidden_states[:, 0, -1:], prefix.gate_lambda[:, 0, -1:], prefix.exit_probs[:, 0, -1:])] * count
     if width > 0:
-        shared = type(cache).over(cache.keys.repeat(1, count, 1, 1, 1), cache.values.repeat(1, count, 1, 1, 1),
-                                  max_steps, cache.length)
-        ids = torch.tensor([c[:-1] + [0] * (width + 1 - len(c)) for c in continuations], device=device)
-        positions = torch.arange(len(context), len(context) + width, device=device).expand(count, width)
-        key_valid = torch.ones(count, len(context) + width, dtype=torch.bool, device=device)
-        rest = model.run_steps(ids, positions, key_valid, shared, max_steps)  # right pads: causal, never seen
-        parts = [
-            (torch.cat([h, rest.hidden_states[:, j, : len(c) - 1]], dim=1),
-             torch.cat([g, rest.gate_lambda[:, j, : len(c) - 1]], dim=1),
-             torch.cat([p, rest.exit_probs[:, j, : len(c) - 1]], dim=1))
-            for j, ((h, g, p), c) in enumerate(zip(parts, continuations))
-        ]
+        group = max(1, CONTEXT_COPY_BYTES // (cache.keys.nbytes + cache.values.nbytes))
+        for first in range(0, count, group):
+            chosen = range(first, min(count, first + group))
+            rest = _run_on_context(model, cache, len(context), [continuations[j] for j in chosen], width, max_steps)
+            for row, j in enumerate(chosen):
+                (h, g, p), used = parts[j], len(continuations[j]) - 1
+                parts[j] = (torch.cat([h, rest.hidden_states[:, row, :used]], dim=1),
+                            torch.cat([g, rest.gate_lambda[:, row, :used]], dim=1),
+                            torch.cat([p, rest.exit_probs[:, row, :used]], dim=1))
     flat = StepOutput(hidden_states=torch.cat([h for h, _, _ in parts], dim=1),  # (T, N, H)
                       gate_lambda=torch.cat([g for _, g, _ in parts], dim=1),
                       exit_probs=torch.cat([p for _, _, p in parts], dim=1))
     targets = torch.tensor([tok for c in continuations for tok in c], device=device)
     return _score_tokens(model, flat, targets, [len(c) for c in continuations], configs, policies)
+
+
+def _run_on_context(model: OuroForCausalLM, cache: KVCache, context_len: int, continuations: list[list[int]],
+                    width: int, steps: int) -> StepOutput:
+    """Every step's states for the continuations' input tokens (right-padded to `width`), each
+    row on its own copy of the context's K/V."""
+    count, device = len(continuations), model.device
+    rows = type(cache).over(cache.keys.repeat(1, count, 1, 1, 1), cache.values.repeat(1, count, 1, 1, 1),
+                            steps, cache.length)
+    ids = torch.tensor([c[:-1] + [0] * (width + 1 - len(c)) for c in continuations], device=device)
+    positions = torch.arange(context_len, context_len + width, device=device).expand(count, width)
+    key_valid = torch.ones(count, context_len + width, dtype=torch.bool, device=device)
+    return model.run_steps(ids, positions, key_valid, rows, steps)  # right pads: causal, never seen
 
 
 def _score_tokens(
