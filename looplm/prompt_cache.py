@@ -48,6 +48,8 @@ class PromptCache:
         kept = self._shared_prefix(model, prompt, steps)
         if self.cache is None or self.cache.max_len < capacity or kept == 0:
             size = -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
+            if kept:  # a conversation growing: double, so that the copies below happen every few turns, not each
+                size = max(size, min(2 * self.cache.max_len, model.config.max_position_embeddings))
             bigger = model.make_cache(1, size, steps, zeroed=False)  # written before read, as in generate
             if kept:
                 bigger.keys[..., :kept, :] = self.cache.keys[..., :kept, :]

@@ -53,6 +53,17 @@ def test_growing_past_the_capacity_copies_the_kept_prefix(gqa_model) -> None:  #
     assert out == gqa_model.generate(longer, 5, eos_token_ids=[])
 
 
+def test_a_growing_conversation_doubles_its_buffer(gqa_model) -> None:  # noqa: ANN001
+    """Turns of ~300 tokens each: capacities 512 then 1024 (the context), not a copy every turn."""
+    cache, history, sizes = PromptCache(), [], []
+    for turn in range(3):
+        history = history + random_prompts(300, [300], seed=10 + turn)[0]
+        reply = gqa_model.generate(history, 2, eos_token_ids=[], prompt_cache=cache)[0]
+        history = history + reply
+        sizes.append(cache.cache.max_len)
+    assert sizes == [2 * CAPACITY_BUCKET, 4 * CAPACITY_BUCKET, 4 * CAPACITY_BUCKET]
+
+
 def test_sampling_with_a_seed_is_unchanged(gqa_model) -> None:  # noqa: ANN001
     prompt = random_prompts(300, [25], seed=6)[0]
     cache = PromptCache()
