@@ -58,20 +58,27 @@ def fit_context(model, history: list[dict], keep: int, max_new_tokens: int,  # n
     """Drop the oldest exchanges (a user message and its reply), never the first `keep` messages
     (the system prompt) nor the newest message, until the rendered prompt and the reply's budget fit
     the model's context; the number of exchanges dropped. If the newest message does not fit even
-    with every exchange dropped, nothing is dropped and generation says it is too long."""
+    with every exchange dropped, nothing is dropped and generation says it is too long.
+
+    Once it must drop, it drops until the prompt takes at most 3/4 of its budget: the turns after
+    that add to a history that stays put, so their prompts keep the K/V of the one before (a
+    `PromptCache`) instead of shifting by one exchange, and being read again whole, every turn."""
     from looplm.text import render_prompt
 
     limit = model.config.max_position_embeddings - max_new_tokens
 
-    def fits(messages: list[dict]) -> bool:
-        return len(model.tokenizer.encode(render_prompt(model, messages, enable_thinking))) <= limit
+    def fits(messages: list[dict], budget: int) -> bool:
+        return len(model.tokenizer.encode(render_prompt(model, messages, enable_thinking))) <= budget
 
+    if fits(history, limit):
+        return 0
+    room = limit - limit // 4
     trial, dropped = list(history), 0
-    while not fits(trial):
-        if len(trial) <= keep + 1:  # too long even alone: dropping turns would lose them for nothing
-            return 0
+    while len(trial) > keep + 1 and not fits(trial, room):
         del trial[keep : keep + 2 if len(trial) > keep + 2 else keep + 1]
         dropped += 1
+    if not fits(trial, limit):  # too long even alone: dropping turns would lose them for nothing
+        return 0
     history[:] = trial
     return dropped
 

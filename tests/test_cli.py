@@ -594,6 +594,27 @@ def test_chat_drops_the_oldest_exchanges_to_fit_the_context(monkeypatch: pytest.
     assert all(m["role"] != "assistant" or m["content"] for m in seen[-1])
 
 
+def test_after_dropping_turns_the_next_turns_keep_the_history_in_place(default_model) -> None:  # noqa: ANN001
+    """fit_context drops down to 3/4 of the prompt budget, so the following short turns fit without
+    another drop, and each prompt starts with the one before (its cached K/V stays usable)."""
+    from looplm.conversation import fit_context
+
+    tok, limit = default_model.tokenizer, default_model.config.max_position_embeddings - 3800
+
+    def length(messages: list[dict]) -> int:
+        return len(tok.encode(tok.apply_chat_template(messages)))
+
+    exchange = [{"role": "user", "content": "word " * 12}, {"role": "assistant", "content": "fine " * 12}]
+    history = [{"role": "system", "content": "be brief"}] + exchange * 12 + [{"role": "user", "content": "next"}]
+    assert length(history) > limit
+    assert fit_context(default_model, history, 1, 3800) > 0
+    assert length(history) <= limit - limit // 4 and history[0]["role"] == "system"
+    for _ in range(2):  # two more short exchanges: no drop, the history only grows at its end
+        before = [dict(m) for m in history]
+        history += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+        assert fit_context(default_model, history, 1, 3800) == 0 and history[: len(before)] == before
+
+
 def test_a_chat_message_that_gets_no_reply_keeps_every_earlier_turn(monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path) -> None:
     """Turns left the history to make room for a message that then failed, and never came back."""
