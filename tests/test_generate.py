@@ -189,6 +189,18 @@ def test_stop_string(make_checkpoint) -> None:  # noqa: ANN001
     assert len(stopped) <= 6 and needle in model.tokenizer.decode(stopped, skip_special_tokens=False)
 
 
+def test_direct_calls_refuse_sequences_longer_than_the_context(gqa_model) -> None:  # noqa: ANN001
+    """forward_steps, step_logprobs and calling the model refuse what generate refuses."""
+    context = gqa_model.config.max_position_embeddings
+    fits, too_long = torch.zeros(1, context, dtype=torch.long), torch.zeros(1, context + 1, dtype=torch.long)
+    with torch.inference_mode():
+        assert gqa_model.forward_steps(fits, with_logits=False).hidden_states.shape[2] == context
+        for call in (lambda ids: gqa_model.forward_steps(ids), lambda ids: gqa_model(ids),
+                     lambda ids: gqa_model.step_logprobs(ids, ids)):
+            with pytest.raises(GenerationError, match=f"exceeds the context of {context} tokens"):
+                call(too_long)
+
+
 def test_a_stop_string_of_many_byte_tokens_is_found() -> None:
     """The embedded model's BPE spells a CJK character as 3 byte tokens: a 5-character stop
     string is 15 tokens, which a window of characters + 8 tokens never held whole."""

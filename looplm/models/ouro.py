@@ -445,8 +445,12 @@ class OuroForCausalLM(nn.Module):
         with_logits: bool = True,
     ) -> StepOutput:
         """All per-step logits `[T, B, S, vocab]` (unless `with_logits` is False) and the exit pdf
-        `[T, B, S]`, without a cache."""
+        `[T, B, S]`, without a cache. Sequences longer than the context are refused, as in
+        `generate` (RoPE past `max_position_embeddings` is outside what the model was trained on)."""
         check_token_ids(input_ids, self.config.vocab_size)
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise GenerationError(f"input of {input_ids.shape[1]} tokens exceeds the context of "
+                                  f"{self.config.max_position_embeddings} tokens")
         steps = self.resolve_steps(steps)
         positions = positions_from_mask(attention_mask, input_ids)
         key_valid = None if attention_mask is None else attention_mask.bool()
