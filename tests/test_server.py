@@ -985,3 +985,18 @@ def test_cancelling_a_request_during_its_chunked_prefill(model) -> None:  # noqa
         assert engine.prefilling == 0 and not any(e.kind == "error" for e in events)
     finally:
         engine.stop()
+
+
+def test_without_max_tokens_each_prompt_may_fill_the_rest_of_the_context(model) -> None:  # noqa: ANN001
+    """A batch of prompts without max_tokens: each one's budget is its own rest of the context,
+    not the longest prompt's; a prompt that fills the context says so, not "max_tokens (1)"."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(model, NAME, max_context=64, max_batch=4)) as http:
+        reply = http.post("/v1/completions", json={"model": NAME, "prompt": [[5] * 10, [5] * 60], "temperature": 0,
+                                                   "ignore_eos": True}).json()
+        lengths = {choice["index"]: choice["finish_reason"] for choice in reply["choices"]}
+        assert lengths == {0: "length", 1: "length"} and reply["usage"]["completion_tokens"] == (64 - 10) + (64 - 60)
+        full = http.post("/v1/completions", json={"model": NAME, "prompt": [[5] * 64]})
+        assert full.status_code == 400
+        assert "fills the server's context of 64 tokens" in full.json()["error"]["message"]

@@ -200,9 +200,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
             raise ApiError(400, f"this request asks for {sequences} sequences (n x prompts); the server queues "
                                 f"at most {engine.max_queue} at once (--max-queue)", param="n")
         longest = max(len(p) for p in prompts)
-        max_tokens = body.token_budget if body.token_budget is not None else max(1, engine.max_context - longest)
+        max_tokens = body.token_budget  # None: each prompt gets the rest of the context
         try:
-            engine.check_length(longest, max_tokens)
+            if max_tokens is None and longest >= engine.max_context:
+                raise GenerationError(f"the prompt ({longest} tokens) fills the server's context of "
+                                      f"{engine.max_context} tokens and leaves no room for a completion; shorten it")
+            engine.check_length(longest, max_tokens or 0)
             loop = engine.loop_config(body.loops, body.exit_policy, body.exit_threshold, body.kv_mode,
                                       body.skip_compute)
             sampling = SamplingParams(

@@ -53,7 +53,7 @@ class Session:
         self,
         prompts: list[list[int]],
         n: int,
-        max_tokens: int,
+        max_tokens: int | None,
         loop: LoopConfig,
         sampling: SamplingParams,
         seed: int | None,
@@ -65,14 +65,16 @@ class Session:
     ) -> None:
         """Queue every choice; raises `QueueFull` (after cancelling what was queued) or `GenerationError`.
         `logprobs`: None, or how many alternatives to report beside each token's log-probability;
-        `echo_logprobs`: report the prompt tokens' too, first (then `max_tokens` may be 0)."""
+        `echo_logprobs`: report the prompt tokens' too, first (then `max_tokens` may be 0).
+        `max_tokens=None`: each prompt may fill the rest of the context."""
         try:
             for prompt in prompts:
                 self.prompt_tokens += len(prompt)
                 for choice in range(n):
                     index = len(self.choices)
                     choice_seed = None if seed is None else seed + index
-                    seq = Sequence(prompt, max_tokens, loop, sampling, choice_seed, self.eos_ids, self._hand_off(index),
+                    budget = self.engine.max_context - len(prompt) if max_tokens is None else max_tokens
+                    seq = Sequence(prompt, budget, loop, sampling, choice_seed, self.eos_ids, self._hand_off(index),
                                    logprobs, echo_logprobs)
                     if choice == 0:
                         self._first_choices.append(seq)
