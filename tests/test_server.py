@@ -1000,3 +1000,43 @@ def test_without_max_tokens_each_prompt_may_fill_the_rest_of_the_context(model) 
         full = http.post("/v1/completions", json={"model": NAME, "prompt": [[5] * 64]})
         assert full.status_code == 400
         assert "fills the server's context of 64 tokens" in full.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("failing", ["looplm.server.prefix_store.PrefixStore.put", "looplm.server.batch.Batch.leave"])
+def test_a_failure_while_a_row_leaves_does_not_stop_the_engine(model, monkeypatch: pytest.MonkeyPatch,
+                                                                failing: str) -> None:  # noqa: ANN001
+    """An allocation failure copying a finished row's K/V (into the prefix store, or compacting the
+    batch) once killed the worker thread: later requests hung while /health said ok. Now the store
+    is skipped, or the sequences still in flight get an error, and the next requests are answered."""
+    from fastapi.testclient import TestClient
+
+    module_path, cls_name, method = failing.rsplit(".", 2)
+    cls = getattr(__import__(module_path, fromlist=[cls_name]), cls_name)
+    real, calls = getattr(cls, method), []
+
+    def fail_once(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, fail_once)
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+    with TestClient(build_app(model, NAME, max_context=256)) as http:
+        first = http.post("/v1/completions", json=body)
+        assert first.status_code == 200  # the row had its answer before it left
+        for _ in range(2):
+            reply = http.post("/v1/completions", json=body)
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+        assert http.get("/health").json()["status"] == "ok"
+    assert calls
+
+
+def test_health_says_so_when_the_engine_has_stopped(model) -> None:  # noqa: ANN001
+    from fastapi.testclient import TestClient
+
+    app = build_app(model, NAME, max_context=256)
+    with TestClient(app) as http:
+        app.state.engine.stop()
+        reply = http.get("/health")
+        assert reply.status_code == 503 and reply.json()["status"] == "engine stopped"

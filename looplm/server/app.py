@@ -101,7 +101,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
     # -- plain endpoints ------------------------------------------------------------------------
 
     @app.api_route("/health", methods=["GET", "HEAD"])
-    async def health() -> dict:
+    async def health() -> Any:
+        if not engine.alive:  # a load balancer must stop sending requests that nothing would answer
+            return JSONResponse({"status": "engine stopped", "model": model_name}, status_code=503)
         return {"status": "ok", "model": model_name, "running": engine.running, "queue_depth": engine.queue_depth}
 
     @app.get("/metrics")

@@ -143,6 +143,11 @@ class Engine:
             self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it was started and has not ended)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def request_stop(self) -> None:
         """Stop after the current step without waiting: every sequence still queued or running gets
         an error event ("the server is shutting down"), which ends its stream."""
@@ -243,15 +248,24 @@ class Engine:
                     if self._stopping:
                         break
                     cancelled, self._cancelled = self._cancelled, set()
-                for seq in cancelled:
-                    self._retire(seq)
-                adjust_threads()  # follows other processes' load, when the command chose the threads
-                self._admit()
-                for batch in list(self.batches):
-                    if batch.rows:
-                        self._step(batch)
-                self.batches = [batch for batch in self.batches if batch.rows]
+                try:
+                    self._round(cancelled)
+                except Exception as exc:  # e.g. out of memory while a row left its batch
+                    # Each step guards its own failures; this is the net under everything else, so that
+                    # one failure ends the sequences in flight with an error, never the worker.
+                    log.exception("engine round failed")
+                    self._fail_in_flight(f"the engine failed: {exc}")
         self._fail_all("the server is shutting down")
+
+    def _round(self, cancelled: set[Sequence]) -> None:
+        for seq in cancelled:
+            self._retire(seq)
+        adjust_threads()  # follows other processes' load, when the command chose the threads
+        self._admit()
+        for batch in list(self.batches):
+            if batch.rows:
+                self._step(batch)
+        self.batches = [batch for batch in self.batches if batch.rows]
 
     def _admit(self) -> None:
         """Admit waiting sequences up to `max_batch`, then run this round's one prefill pass: the
@@ -397,8 +411,11 @@ class Engine:
             row = batch.rows.index(seq)
             ids = (seq.prompt_ids + seq.tokens)[: batch.length - seq.start]
             columns = slice(seq.start, batch.length)
-            self.prefix_store.put(batch.loop.steps, ids, batch.keys[:, row, :, columns],
-                                  batch.values[:, row, :, columns])
+            try:
+                self.prefix_store.put(batch.loop.steps, ids, batch.keys[:, row, :, columns],
+                                      batch.values[:, row, :, columns])
+            except Exception:  # the store only saves later work (e.g. no memory for its copy): go on without
+                log.exception("could not store a finished sequence's K/V")
         batch.leave(seq)
 
     def _deliver(self, seq: Sequence, token: int, loops: int, logits: torch.Tensor) -> bool:
@@ -467,8 +484,14 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         with self._wake:
             waiting, self._waiting = list(self._waiting), collections.deque()
+        for seq in waiting:
+            self._emit(seq, Event("error", message=message))
+        self._fail_in_flight(message)
+
+    def _fail_in_flight(self, message: str) -> None:
+        """End every admitted sequence (prefilling or decoding) with an error; the queue waits on."""
         pending = self._ready + [seq for _, seqs in self._chunked for seq in seqs]
-        for seq in waiting + pending + [seq for batch in self.batches for seq in batch.rows]:
+        for seq in pending + [seq for batch in self.batches for seq in batch.rows]:
             self._emit(seq, Event("error", message=message))
         self.batches, self._ready, self._chunked = [], [], []
 
