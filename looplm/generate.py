@@ -334,6 +334,8 @@ def stream_generate(
         model, ids, mask, max_new_tokens, sampling, generator, policy, use_cache, steps, stats, kv_mode, skip_compute,
         decoder, draft, prompt_cache,
     )
+    if prompt_cache is not None:
+        tokens_iter = prompt_cache.hold(tokens_iter)
     for index, (tokens, exit_steps) in enumerate(tokens_iter):
         event = StepEvent(index=index, tokens={}, exit_steps={})
         for row in sorted(running):

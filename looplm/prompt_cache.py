@@ -17,15 +17,19 @@ would, and the static and speculative decoders keep caches of their own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+from looplm.errors import GenerationError
 
 if TYPE_CHECKING:  # types only: the model makes the cache
     from looplm.cache import KVCache
     from looplm.models.ouro import OuroForCausalLM
 
 CAPACITY_BUCKET = 256  # grow the buffers in steps of this many positions, not every turn
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,10 +40,24 @@ class PromptCache:
     cache: KVCache | None = None
     ids: list[int] = field(default_factory=list)  # the tokens in `cache`, position by position
     steps: int | None = None
+    model: weakref.ref | None = field(default=None, repr=False)  # whose K/V `cache` holds
+    in_use: bool = field(default=False, repr=False)  # a generation is writing into `cache`
 
     def clear(self) -> None:
         """Forget the conversation (and free its buffers)."""
-        self.cache, self.ids, self.steps = None, [], None
+        self.cache, self.ids, self.steps, self.model = None, [], None, None
+
+    def hold(self, tokens: Iterator[T]) -> Iterator[T]:
+        """`tokens` (a generation using this cache), refused while another generation uses it: the
+        two would write their K/V and token ids into one buffer."""
+        if self.in_use:
+            raise GenerationError("this PromptCache is in use by a generation still running; give each "
+                                  "conversation in flight a PromptCache of its own")
+        self.in_use = True
+        try:
+            yield from tokens
+        finally:
+            self.in_use = False
 
     def prepare(self, model: OuroForCausalLM, prompt: list[int], capacity: int, steps: int) -> tuple[KVCache, int]:
         """The cache to generate `prompt` with, holding `capacity` positions, and how many prompt
@@ -55,13 +73,16 @@ class PromptCache:
                 bigger.keys[..., :kept, :] = self.cache.keys[..., :kept, :]
                 bigger.values[..., :kept, :] = self.cache.values[..., :kept, :]
             self.cache = bigger
+        self.model = weakref.ref(model)
         self.cache.length = kept
         self.ids, self.steps = list(prompt[:kept]), steps
         return self.cache, kept
 
     def _shared_prefix(self, model: OuroForCausalLM, prompt: list[int], steps: int) -> int:
         cache = self.cache
-        if cache is None or self.steps != steps or cache.keys.dtype != model.dtype or cache.keys.device != model.device:
+        if cache is None or self.model is None or self.model() is not model or self.steps != steps:
+            return 0  # another model's K/V (or another loop count's) serve nothing here
+        if cache.keys.dtype != model.dtype or cache.keys.device != model.device:  # the model moved since
             return 0
         return reusable_prefix(self.ids[: cache.length], prompt)
 

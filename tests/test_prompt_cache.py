@@ -64,6 +64,34 @@ def test_a_growing_conversation_doubles_its_buffer(gqa_model) -> None:  # noqa: 
     assert sizes == [2 * CAPACITY_BUCKET, 4 * CAPACITY_BUCKET, 4 * CAPACITY_BUCKET]
 
 
+def test_a_cache_serves_one_generation_at_a_time(gqa_model) -> None:  # noqa: ANN001
+    """Two generations in flight on one PromptCache would write into one buffer: the second is
+    refused until the first ends, then the cache serves again."""
+    from looplm.generate import stream_generate
+
+    prompt = random_prompts(300, [20], seed=6)[0]
+    cache = PromptCache()
+    first = stream_generate(gqa_model, prompt, 4, eos_token_ids=[], prompt_cache=cache)
+    next(first)
+    with pytest.raises(GenerationError, match="in use by a generation still running"):
+        next(stream_generate(gqa_model, prompt, 4, eos_token_ids=[], prompt_cache=cache))
+    rest = list(first)
+    assert len(rest) == 3 and not cache.in_use
+    assert gqa_model.generate(prompt, 4, eos_token_ids=[], prompt_cache=cache) == gqa_model.generate(
+        prompt, 4, eos_token_ids=[])
+
+
+def test_another_models_cache_is_not_reused(gqa_model, make_checkpoint) -> None:  # noqa: ANN001
+    """Same shape, other weights: its K/V would be silently wrong here."""
+    other = looplm.load(make_checkpoint(seed=6, num_attention_heads=4, num_key_value_heads=2, total_ut_steps=3,
+                                        max_position_embeddings=1024), dtype="float32")
+    prompt = random_prompts(300, [20], seed=7)[0]
+    cache = PromptCache()
+    other.generate(prompt, 4, eos_token_ids=[], prompt_cache=cache)
+    out, stats = gqa_model.generate(prompt + [5], 4, eos_token_ids=[], prompt_cache=cache, return_stats=True)
+    assert stats.cached_tokens == 0 and out == gqa_model.generate(prompt + [5], 4, eos_token_ids=[])
+
+
 def test_sampling_with_a_seed_is_unchanged(gqa_model) -> None:  # noqa: ANN001
     prompt = random_prompts(300, [25], seed=6)[0]
     cache = PromptCache()
