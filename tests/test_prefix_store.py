@@ -115,3 +115,10 @@ def test_usage_reports_cached_prompt_tokens(model) -> None:  # noqa: ANN001
         assert first["usage"]["prompt_tokens"] <= cached < second["usage"]["prompt_tokens"]
         metrics = httpx.get(running.url + "/metrics", timeout=10).text
         assert f"looplm_cached_prompt_tokens_total {cached}" in metrics
+        # n choices share one prompt pass: the counter rises by what that pass took from the store, once.
+        messages += [second["choices"][0]["message"] | {"reasoning_content": None},
+                     {"role": "user", "content": "and after that?"}]
+        third = httpx.post(running.url + "/v1/chat/completions", json={**body, "n": 3}, timeout=60).json()
+        again = third["usage"]["prompt_tokens_details"]["cached_tokens"]
+        metrics = httpx.get(running.url + "/metrics", timeout=10).text
+        assert again > 0 and f"looplm_cached_prompt_tokens_total {cached + again}" in metrics

@@ -132,7 +132,7 @@ class Engine:
         self.prompt_tokens_total = 0
         self.decode_steps_total = 0
         self.prefills_total = 0  # prompt passes run (one per request prompt, however many choices)
-        self.cached_prompt_tokens_total = 0  # prompt tokens taken from the prefix store instead of run
+        self.cached_prompt_tokens_total = 0  # prompt tokens taken from the prefix store, once per prompt pass
         self.peak_running = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -328,6 +328,7 @@ class Engine:
         if finished is not None:
             self._chunked.pop(0)
             self.prefills_total += 1
+            self.cached_prompt_tokens_total += prefill.kept  # once per prompt pass, as prefills_total
             for seq in seqs:
                 self._start_safely(seq, finished, 0)
 
@@ -369,7 +370,6 @@ class Engine:
     def _start(self, seq: Sequence, prefill: Prefill, row: int) -> None:
         """A prefilled sequence's first token, then its place in a batch (unless that token ended it)."""
         self.prompt_tokens_total += len(seq.prompt_ids)
-        self.cached_prompt_tokens_total += seq.cached_tokens
         if prefill.every is not None:
             self._emit(seq, Event("prompt", prompt_logprobs=self._prompt_logprobs(seq, prefill.every)))
         if seq.max_tokens == 0:  # only the prompt's log-probabilities were asked for
