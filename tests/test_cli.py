@@ -231,6 +231,29 @@ def test_generate_system_and_think_use_the_chat_template_and_json_splits_reasoni
     assert json.loads(invoke("generate", "q", "--json").stdout)["reasoning"] is None
 
 
+@pytest.mark.parametrize(("opens", "think", "expected"), [
+    (True, False, ("Let me compute 2+2 and", "")),  # a Thinking template opens the block by itself: cut off inside it
+    (False, True, (None, "The answer is 4.")),  # --think on a template that ignores it: a plain reply
+])
+def test_generate_json_splits_by_the_prompt_as_rendered(monkeypatch: pytest.MonkeyPatch, opens: bool, think: bool,
+                                                         expected: tuple) -> None:
+    from looplm.generate import GenerationStats
+
+    reply = expected[0] or expected[1]
+
+    def fake_stream(model, request, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        yield TextChunk(reply, finish_reason="length", stats=GenerationStats())
+
+    monkeypatch.setattr("looplm.cli.generate.stream_text", fake_stream)
+    ending = "<|im_start|>assistant\n<think>\n" if opens else "<|im_start|>assistant\n"
+    monkeypatch.setattr("looplm.cli.generate.render_prompt", lambda model, request, thinking: "...\n" + ending)
+    result = invoke("generate", "What is 2+2?", "--chat", "--json", *(["--think"] if think else []))
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["reasoning"], data["answer"]) == expected
+    assert ("does not open a <think> block" in result.stderr) == (think and not opens)
+
+
 def test_compiling_a_model_on_the_cpu_kernels_is_a_clear_error() -> None:
     """The default bf16 CPU model runs looplm's C++ kernels, which Dynamo cannot trace."""
     result = invoke("generate", "hi", "--decoder", "compile", "--max-new-tokens", "2", "--device", "cpu")

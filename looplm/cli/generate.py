@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from looplm.cli import common
-from looplm.text import THINK_OPEN, stream_text
+from looplm.text import THINK_OPEN, render_prompt, stream_text
 from looplm.tokenizer import split_reasoning
 
 
@@ -62,6 +62,12 @@ def generate(
     chat = chat or system is not None or think
     system_message = [{"role": "system", "content": system}] if system is not None else []
     request = [*system_message, {"role": "user", "content": prompt}] if chat else prompt
+    # A Thinking template opens <think> at the end of the prompt (by itself, or for --think): the
+    # reply starts inside the block. Read from the prompt as rendered, not from the flag.
+    opens_reasoning = chat and render_prompt(lm, request, think).rstrip().endswith(THINK_OPEN)
+    if think and not opens_reasoning:
+        common.stderr().print("warning: --think: this model's chat template does not open a <think> block "
+                              "(it ignores enable_thinking); the reply is generated as usual", style="yellow")
     text = []
     for chunk in stream_text(lm, request, enable_thinking=think, **sampling.for_model(lm), **exits.as_kwargs()):
         text.append(chunk.text)
@@ -70,7 +76,7 @@ def generate(
             sys.stdout.flush()
     stats = chunk.stats
     if as_json:
-        print(json.dumps(_json_report(lm, chunk, "".join(text), chat, think, exits)))
+        print(json.dumps(_json_report(lm, chunk, "".join(text), chat, opens_reasoning, exits)))
         return
     sys.stdout.write("\n")
     setup = f"{stats.decoder} decoder built in {stats.setup_s:.2f} s | " if stats.setup_s else ""
@@ -84,11 +90,13 @@ def generate(
     )
 
 
-def _json_report(lm, chunk, text: str, chat: bool, think: bool, exits: common.DecodeOptions) -> dict:  # noqa: ANN001
+def _json_report(lm, chunk, text: str, chat: bool, opens_reasoning: bool,  # noqa: ANN001
+                 exits: common.DecodeOptions) -> dict:
     """`--json`'s one object: text, ids, timings and the loops used. With a chat template, a
-    Thinking model's <think> text is also given apart from the answer."""
+    Thinking model's <think> text is also given apart from the answer (`opens_reasoning`: the
+    prompt ended inside a <think> block, so a reply cut off before </think> is all reasoning)."""
     stats = chunk.stats
-    reasoning, answer = split_reasoning((THINK_OPEN if think else "") + text) if chat else (None, None)
+    reasoning, answer = split_reasoning((THINK_OPEN if opens_reasoning else "") + text) if chat else (None, None)
     return {
         "model": lm.source,
         "text": text,
