@@ -151,6 +151,10 @@ def _load_directory(path: Path, dtype: torch.dtype, device: torch.device, spec=N
         model = empty_model(config, dtype, device, entries, path)
         fill_weights(model, entries, path)
     model.tokenizer = _load_tokenizer(path)
+    if model.tokenizer is not None and model.tokenizer.vocab_size > config.vocab_size:
+        # A smaller embedding than the tokenizer: some text encodes to ids the model has no row for.
+        raise CheckpointError(f"{path}: the tokenizer has {model.tokenizer.vocab_size} tokens but config.json's "
+                              f"vocab_size is {config.vocab_size}; they belong to different models")
     model.generation_defaults = _generation_defaults(path, config, model.tokenizer)
     return model
 

@@ -59,6 +59,10 @@ def check_layer_count(config: OuroConfig, entries: dict[str, TensorEntry], path:
     layers = {int(parts[2]) for parts in (name.split(".") for name in entries)
               if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()}
     count = config.num_hidden_layers
+    if not layers and count > 0:  # not a count mismatch: the tensors are named another way
+        sample = ", ".join(sorted(entries)[:3]) or "no tensors"
+        raise CheckpointError(f"{path}: no 'model.layers.N.*' tensors, the Ouro/HF layout's names (found {sample}); "
+                              "is this checkpoint in another layout?")
     if len(layers) != count or (layers and max(layers) != count - 1):  # distinct ints: 0..count-1 exactly
         held = f"{len(layers)} (indices {min(layers)}-{max(layers)})" if layers else "none"
         raise CheckpointError(f"{path}: config.json says num_hidden_layers {config.num_hidden_layers}, the weights "

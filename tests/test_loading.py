@@ -157,6 +157,32 @@ def test_missing_tensor(ckpt: Path) -> None:
     assert_one_line(info.value, "missing", "up_proj")
 
 
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+def test_tensors_named_in_another_layout(ckpt: Path, prefix: str) -> None:
+    """Names without 'model.' (or under 'transformer.') are another layout, not a layer count."""
+    weights = {prefix + name.removeprefix("model."): t for name, t in load_file(str(ckpt / "model.safetensors")).items()}
+    save_file(weights, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, "no 'model.layers.N.*' tensors", f"found {prefix}")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(ckpt: Path) -> None:
+    if not (ckpt / "tokenizer.json").exists():
+        pytest.skip("this checkpoint has no tokenizer")
+    config = json.loads((ckpt / "config.json").read_text())
+    size = looplm.load(ckpt).tokenizer.vocab_size
+    weights = load_file(str(ckpt / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in weights:
+            weights[name] = weights[name][: size - 1].clone()
+    save_file(weights, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps({**config, "vocab_size": size - 1}))
+    with pytest.raises(CheckpointError) as info:
+        looplm.load(ckpt)
+    assert_one_line(info.value, f"the tokenizer has {size} tokens but config.json's vocab_size is {size - 1}")
+
+
 def test_extra_tensor(ckpt: Path) -> None:
     weights = load_file(str(ckpt / "model.safetensors"))
     weights["model.layers.2.mlp.up_proj.weight"] = torch.zeros(2, 2)
