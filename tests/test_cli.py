@@ -747,6 +747,26 @@ def test_inspect_ouro_tiny_numbers() -> None:
     assert steps2["kv_bytes_per_token"] == 1024 and steps2["kv_slots"] == 4 and steps2["tensors"] == []
 
 
+def test_inspect_says_which_config_values_are_defaults(tmp_path: Path) -> None:
+    """A config.json without total_ut_steps or early_exit_threshold loads with the class defaults
+    (4 and 1.0, spec 1.1); inspect says they were not in the file."""
+    from conftest import small_config
+
+    from looplm.default_model import write_random_checkpoint
+
+    write_random_checkpoint(tmp_path, small_config(), seed=0)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("total_ut_steps", "early_exit_threshold"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    data = json.loads(invoke("inspect", "-m", str(tmp_path), "--json", "--no-tensors").stdout)
+    assert {"total_ut_steps", "early_exit_threshold"} <= set(data["config_defaults"])
+    assert data["config"]["total_ut_steps"] == 4 and data["config"]["early_exit_threshold"] == 1.0
+    text = invoke("inspect", "-m", str(tmp_path), "--no-tensors").stdout
+    assert "(default: not in config.json)" in text
+    assert json.loads(invoke("inspect", "--json", "--no-tensors").stdout)["config_defaults"] == []  # embedded
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_inspect_estimates_the_quantized_size_and_lists_every_stored_tensor(tmp_path: Path, bits: int) -> None:
     """The estimate counted every parameter at 1 or 0.5 bytes (embeddings too, scales not); the

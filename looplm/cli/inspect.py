@@ -24,6 +24,7 @@ def summary(lm) -> dict:  # noqa: ANN001
     return {
         "model": lm.source,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
+        "config_defaults": config_defaults(lm),
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),
         "parameters": params,
@@ -47,6 +48,22 @@ def summary(lm) -> dict:  # noqa: ANN001
             for name, t in stored_tensors(lm)
         ],
     }
+
+
+# Keys whose value, when config.json leaves them out, is the model class's default (spec 1.1).
+DEFAULTED_KEYS = ("total_ut_steps", "early_exit_threshold", "num_key_value_heads", "head_dim", "rope_theta",
+                  "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings")
+
+
+def config_defaults(lm) -> list[str]:  # noqa: ANN001
+    """The keys above that the model directory's config.json does not set (so a default is used)."""
+    from pathlib import Path
+
+    path = Path(lm.source) / "config.json"
+    if not path.is_file():  # the embedded model, a GGUF file, a hub id
+        return []
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return [key for key in DEFAULTED_KEYS if key not in raw]
 
 
 def weight_bytes(lm, params: int) -> dict[str, int | None]:  # noqa: ANN001
@@ -156,7 +173,10 @@ def inspect(
     group = f" g{quantized['group_size']}" if quantized and quantized.get("group_size") else ""
     weights = f"int{quantized['bits']}{group} layers, {info['dtype']}" if quantized else info["dtype"]
     title = f"{info['model']} ({weights}, {info['device']})"
-    out.print(_table(title, list(info["config"].items()), ("config", "value")))
+    defaulted = set(info["config_defaults"])
+    rows = [(key, f"{value} (default: not in config.json)" if key in defaulted else value)
+            for key, value in info["config"].items()]
+    out.print(_table(title, rows, ("config", "value")))
     kv_dtype = info["dtype"]
     out.print(_table("size", [
         ("parameters", f"{info['parameters']:,}"),
