@@ -139,6 +139,11 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
     return best
 
 
+def prompt_opens_reasoning(prompt: str) -> bool:
+    """A Thinking chat template that ends the prompt with `<think>`: generation starts inside it."""
+    return prompt.rstrip().endswith(THINK_OPEN)
+
+
 class ReasoningStream:
     """Feed streamed text; get back `(is_reasoning, text)` pieces with the think tags removed.
 

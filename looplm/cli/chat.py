@@ -24,7 +24,7 @@ from rich.text import Text
 from looplm.cli import common
 from looplm.conversation import fit_context, read_messages, write_messages
 from looplm.errors import LooplmError
-from looplm.text import THINK_OPEN, ReasoningStream, render_prompt, stream_text
+from looplm.text import THINK_OPEN, ReasoningStream, prompt_opens_reasoning, render_prompt, stream_text
 from looplm.tokenizer import split_reasoning
 
 if TYPE_CHECKING:
@@ -247,7 +247,7 @@ def _stream_reply(lm, history: list[dict], options: dict, think: bool,  # noqa: 
                   hide_think: bool) -> tuple[str, GenerationStats | None]:
     """Print the reply as it streams (reasoning dim, then a blank line, then the answer); return its text and stats."""
     out = common.stdout()
-    opens_reasoning = render_prompt(lm, history, think).rstrip().endswith(THINK_OPEN)
+    opens_reasoning = prompt_opens_reasoning(render_prompt(lm, history, think))
     splitter = ReasoningStream(in_reasoning=opens_reasoning)
     parts, section = [], None  # section: is the text being shown reasoning (True) or answer (False)
     for chunk in stream_text(lm, history, enable_thinking=think, **options):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from looplm.cli import common
-from looplm.text import THINK_OPEN, render_prompt, stream_text
+from looplm.text import THINK_OPEN, prompt_opens_reasoning, render_prompt, stream_text
 from looplm.tokenizer import split_reasoning
 
 
@@ -64,7 +64,7 @@ def generate(
     request = [*system_message, {"role": "user", "content": prompt}] if chat else prompt
     # A Thinking template opens <think> at the end of the prompt (by itself, or for --think): the
     # reply starts inside the block. Read from the prompt as rendered, not from the flag.
-    opens_reasoning = chat and render_prompt(lm, request, think).rstrip().endswith(THINK_OPEN)
+    opens_reasoning = chat and prompt_opens_reasoning(render_prompt(lm, request, think))
     if think and not opens_reasoning:
         common.stderr().print("warning: --think: this model's chat template does not open a <think> block "
                               "(it ignores enable_thinking); the reply is generated as usual", style="yellow")

@@ -33,7 +33,7 @@ from looplm.sampling import SamplingParams, logit_bias_pairs
 from looplm.server.engine import Engine, QueueFull, TokenLogprob
 from looplm.server.logprobs import CompletionLogprobs, chat_logprobs
 from looplm.server.metrics import Metrics
-from looplm.server.reasoning import Delta, prompt_opens_reasoning
+from looplm.server.reasoning import Delta
 from looplm.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,6 +43,7 @@ from looplm.server.schemas import (
     error_body,
 )
 from looplm.server.session import EngineFailed, Session
+from looplm.text import prompt_opens_reasoning
 from looplm.tokenizer import Tokenizer
 
 log = logging.getLogger("looplm.server")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from looplm.text import THINK_OPEN, ReasoningStream, _find_stop, _stop_prefix_len
+from looplm.text import ReasoningStream, _find_stop, _stop_prefix_len
 from looplm.tokenizer import Tokenizer
 
 
@@ -29,11 +29,6 @@ class Delta:
         self.reasoning += other.reasoning
         self.content += other.content
         return self
-
-
-def prompt_opens_reasoning(prompt: str) -> bool:
-    """A Thinking chat template that ends the prompt with `<think>`: generation starts inside it."""
-    return prompt.rstrip().endswith(THINK_OPEN)
 
 
 class ChoiceText:
