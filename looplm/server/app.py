@@ -205,10 +205,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, mana
         longest = max(len(p) for p in prompts)
         max_tokens = body.token_budget  # None: each prompt gets the rest of the context
         try:
-            if max_tokens is None and longest >= engine.max_context:
-                raise GenerationError(f"the prompt ({longest} tokens) fills the server's context of "
-                                      f"{engine.max_context} tokens and leaves no room for a completion; shorten it")
-            engine.check_length(longest, max_tokens or 0)
+            engine.check_length(longest, max_tokens)
             loop = engine.loop_config(body.loops, body.exit_policy, body.exit_threshold, body.kv_mode,
                                       body.skip_compute)
             sampling = SamplingParams(

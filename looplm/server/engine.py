@@ -183,10 +183,14 @@ class Engine:
         steps = self.model.config.total_ut_steps if loops is None else loops
         return LoopConfig(steps, exit_policy, exit_threshold, kv_mode, bool(skip_compute))
 
-    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+    def check_length(self, prompt_len: int, max_tokens: int | None) -> None:
+        """`max_tokens=None`: the request takes the rest of the context, which must hold one token."""
         if prompt_len < 1:
             raise GenerationError("the prompt is empty: give at least one token")
-        if prompt_len + max_tokens > self.max_context:
+        if max_tokens is None and prompt_len >= self.max_context:
+            raise GenerationError(f"the prompt ({prompt_len} tokens) fills the server's context of "
+                                  f"{self.max_context} tokens and leaves no room for a completion; shorten it")
+        if prompt_len + (max_tokens or 0) > self.max_context:
             raise GenerationError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the server's context of "
                 f"{self.max_context} tokens; shorten the prompt or lower max_tokens"
