@@ -58,15 +58,14 @@ def check_layer_count(config: OuroConfig, entries: dict[str, TensorEntry], path:
     (a config that says 10**9 layers took minutes of building, then failed)."""
     layers = {int(parts[2]) for parts in (name.split(".") for name in entries)
               if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()}
-    count = config.num_hidden_layers
-    if not layers and count > 0:  # not a count mismatch: the tensors are named another way
+    if not layers:  # not a count mismatch (the config holds at least one layer): the tensors are named another way
         sample = ", ".join(sorted(entries)[:3]) or "no tensors"
         raise CheckpointError(f"{path}: no 'model.layers.N.*' tensors, the Ouro/HF layout's names (found {sample}); "
                               "is this checkpoint in another layout?")
-    if len(layers) != count or (layers and max(layers) != count - 1):  # distinct ints: 0..count-1 exactly
-        held = f"{len(layers)} (indices {min(layers)}-{max(layers)})" if layers else "none"
-        raise CheckpointError(f"{path}: config.json says num_hidden_layers {config.num_hidden_layers}, the weights "
-                              f"hold layers {held}")
+    count = config.num_hidden_layers
+    if len(layers) != count or max(layers) != count - 1:  # distinct ints: 0..count-1 exactly
+        raise CheckpointError(f"{path}: config.json says num_hidden_layers {count}, the weights hold layers "
+                              f"{len(layers)} (indices {min(layers)}-{max(layers)})")
 
 
 def empty_model(config: OuroConfig, dtype: torch.dtype, device: torch.device,
