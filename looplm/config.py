@@ -69,6 +69,7 @@ class OuroConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> OuroConfig:
+        """The config of a config.json dict; the keys in DEFAULTED_KEYS may be left out."""
         def need(key: str) -> Any:
             if key not in raw or raw[key] is None:
                 raise ConfigError(f"{source}: required key '{key}' is missing")
@@ -141,6 +142,12 @@ def check_steps(steps: int, most: int = MAX_STEPS) -> None:
         raise ConfigError(f"steps must be an integer from {MIN_STEPS} to {most}, got {steps!r}")
     if steps < 2 or steps > 4:
         warnings.warn(f"steps={steps} is outside the trained range 2-4; quality is expected to drop", stacklevel=3)
+
+
+# The keys `OuroConfig.from_dict` gives a default (the model class's, spec 1.1) when config.json
+# leaves them out; `looplm inspect` says which ones a checkpoint relied on.
+DEFAULTED_KEYS = ("total_ut_steps", "early_exit_threshold", "num_key_value_heads", "head_dim", "rope_theta",
+                  "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings")
 
 
 def read_json(path: Path) -> dict[str, Any]:

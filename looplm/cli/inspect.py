@@ -50,14 +50,11 @@ def summary(lm) -> dict:  # noqa: ANN001
     }
 
 
-# Keys whose value, when config.json leaves them out, is the model class's default (spec 1.1).
-DEFAULTED_KEYS = ("total_ut_steps", "early_exit_threshold", "num_key_value_heads", "head_dim", "rope_theta",
-                  "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings")
-
-
 def config_defaults(lm) -> list[str]:  # noqa: ANN001
-    """The keys above that the model directory's config.json does not set (so a default is used)."""
+    """The `looplm.config.DEFAULTED_KEYS` the model directory's config.json does not set (so a default is used)."""
     from pathlib import Path
+
+    from looplm.config import DEFAULTED_KEYS
 
     path = Path(lm.source) / "config.json"
     if not path.is_file():  # the embedded model, a GGUF file, a hub id
