@@ -25,13 +25,14 @@ def _opt(help: str, *names: str):  # noqa: A002, ANN202
 _FIELDS = {"data": "data_dir", "out": "out_dir", "warmup": "warmup_steps"}
 
 
-# Named architectures for --model-config, so that a new run needs no file from the repository.
-_PRESETS = {"tiny-ouro": "the embedded default model"}
+# --model-config's one named architecture, the embedded model's, so that a new run needs no file
+# from the repository.
+_PRESET = "tiny-ouro"
 _TOKENIZER_KEYS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")  # the run's tokenizer sets these
 
 
 def _read_model_config(value: Path) -> dict:
-    if str(value) in _PRESETS and not value.exists():
+    if str(value) == _PRESET and not value.exists():
         from looplm.default_model import PACKAGED_DIR
 
         raw = json.loads((PACKAGED_DIR / "config.json").read_text())

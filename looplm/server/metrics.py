@@ -52,7 +52,8 @@ class Metrics:
         metric("decode_steps_total", "counter", "Batched decode steps run.", [("", engine.decode_steps_total)])
         metric("prefills_total", "counter", "Prompt passes run (the n choices of a prompt share one).",
                [("", engine.prefills_total)])
-        metric("cached_prompt_tokens_total", "counter", "Prompt tokens whose K/V came from the prefix store (once per prompt pass, as prefills_total).",
+        metric("cached_prompt_tokens_total", "counter",
+               "Prompt tokens whose K/V came from the prefix store (once per prompt pass, as prefills_total).",
                [("", engine.cached_prompt_tokens_total)])
         store = engine.prefix_store
         metric("prefix_store_bytes", "gauge", "K/V bytes the prefix store holds.", [("", store.nbytes if store else 0)])
